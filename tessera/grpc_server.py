@@ -1,0 +1,169 @@
+"""grpc.aio server scaffolding shared by every service.
+
+``start_server`` binds (a taken port is a startup error, not a silent rebind),
+registers health and reflection, installs the one interceptor that maps the
+``TesseraError`` tree to status codes, and returns a handle the service's
+``build_app`` hands to its caller. Health starts NOT_SERVING; the service
+flips it once its config or snapshot has loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tessera.errors import ConfigError, TesseraError
+from tessera.settings import GrpcSettings
+
+log = structlog.get_logger("tessera.grpc")
+
+Register = Callable[[grpc.aio.Server], None]
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, TesseraError):
+        return exc.code, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Binds per-RPC log context and maps TesseraError to a status; logs the unexpected once."""
+
+    async def intercept_service(  # noqa: C901 - one wrapper per RPC shape
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        rpc = details.method
+        request_id = next((v for k, v in details.invocation_metadata or () if k == "x-request-id"), "")
+
+        def bind() -> None:
+            structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id)
+
+        async def fail(ctx: Any, exc: BaseException) -> None:
+            code, message = _status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("rpc_failed", exc_info=exc)
+            await ctx.abort(code, message)
+
+        if handler.unary_unary:
+            inner_uu: Any = handler.unary_unary
+
+            async def uu(req: Any, ctx: Any) -> Any:
+                bind()
+                try:
+                    return await inner_uu(req, ctx)
+                except Exception as exc:
+                    if _is_abort(exc):
+                        raise
+                    await fail(ctx, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                uu, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_stream or handler.unary_stream:
+            streaming: Any = handler.stream_stream or handler.unary_stream
+
+            async def ss(req: Any, ctx: Any) -> AsyncIterator[Any]:
+                bind()
+                try:
+                    async for item in streaming(req, ctx):
+                        yield item
+                except Exception as exc:
+                    if _is_abort(exc):
+                        raise
+                    await fail(ctx, exc)
+
+            factory = (
+                grpc.stream_stream_rpc_method_handler
+                if handler.stream_stream
+                else grpc.unary_stream_rpc_method_handler
+            )
+            return factory(ss, handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # ctx.abort() raises AbortError; it already carries the status.
+    return type(exc).__name__ == "AbortError"
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    services: tuple[str, ...]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.services):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    settings: GrpcSettings,
+    register: Iterable[Register],
+    *,
+    services: Iterable[str],
+    reuse_port: bool = False,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] | None = None,
+) -> RunningServer:
+    """Bind, register and start; health begins NOT_SERVING."""
+    options = [
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.max_send_message_length", 8 * 1024 * 1024),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+    chosen = list(interceptors) if interceptors is not None else [ErrorInterceptor()]
+    server = grpc.aio.server(interceptors=chosen, options=options)
+    for add in register:
+        add(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = tuple(services)
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        msg = f"cannot listen on {address}: address already in use or not available"
+        raise ConfigError(msg) from exc
+    if port == 0:
+        msg = f"cannot listen on {address}: address already in use or not available"
+        raise ConfigError(msg)
+    await server.start()
+    running = RunningServer(server=server, port=port, health=health_servicer, services=names)
+    await running.set_serving(False)
+    return running
+
+
+async def wait_for_termination(stop: Callable[[], Awaitable[None]]) -> None:
+    """Block until SIGTERM or SIGINT, then run ``stop`` once."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await done.wait()
+    log.info("shutdown_requested")
+    await stop()

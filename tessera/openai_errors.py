@@ -1,0 +1,48 @@
+"""OpenAI-shaped error bodies (ARCHITECTURE §10), defined once for every producer."""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+
+# code -> (HTTP status, OpenAI error type, default message)
+ERRORS: Final[dict[str, tuple[int, str, str]]] = {
+    "missing_api_key": (
+        401,
+        "invalid_request_error",
+        "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key'.",
+    ),
+    "invalid_api_key": (401, "invalid_request_error", "Incorrect API key provided."),
+    "api_key_revoked": (401, "invalid_request_error", "This API key has been revoked."),
+    "api_key_expired": (401, "invalid_request_error", "This API key has expired."),
+    "model_not_found": (
+        404,
+        "invalid_request_error",
+        "The model does not exist or you do not have access to it.",
+    ),
+    "not_found": (404, "invalid_request_error", "Unknown request URL."),
+    "invalid_json": (400, "invalid_request_error", "The request body is not valid JSON."),
+    "missing_model": (
+        400,
+        "invalid_request_error",
+        "You must provide a model parameter in the JSON request body.",
+    ),
+    "request_too_large": (413, "invalid_request_error", "The request body is too large."),
+    "rate_limit_exceeded": (429, "rate_limit_error", "Rate limit reached. Retry later."),
+    "insufficient_quota": (429, "insufficient_quota", "You exceeded your current quota."),
+    "no_healthy_backend": (503, "server_error", "No healthy backend is available for this model."),
+    "upstream_timeout": (504, "server_error", "The model backend did not answer in time."),
+}
+
+
+def error_body(code: str, message: str | None = None, param: str | None = None) -> dict[str, object]:
+    _status, kind, default = ERRORS[code]
+    return {"error": {"message": message or default, "type": kind, "code": code, "param": param}}
+
+
+def error_json(code: str, message: str | None = None, param: str | None = None) -> str:
+    return json.dumps(error_body(code, message, param), separators=(",", ":"))
+
+
+def status_of(code: str) -> int:
+    return ERRORS[code][0]

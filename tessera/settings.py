@@ -1,0 +1,71 @@
+"""Settings fragments shared by the services.
+
+Each service composes these ``BaseModel``s into one ``BaseSettings`` (env prefix
+``TESSERA_``, ``__`` nesting), built once in its ``main``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+SETTINGS_CONFIG = SettingsConfigDict(
+    env_prefix="TESSERA_",
+    env_nested_delimiter="__",
+    secrets_dir="/var/run/secrets/tessera",
+    extra="ignore",
+)
+
+
+class _Fragment(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GrpcSettings(_Fragment):
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535, description="0 = ephemeral (tests)")
+    grace_seconds: float = 2.0
+
+
+class MetricsSettings(_Fragment):
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics; 0 = ephemeral")
+    enabled: bool = True
+
+
+class LogSettings(_Fragment):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class PolicySettings(_Fragment):
+    """Where a data-plane service subscribes to the control plane's policy stream."""
+
+    url: str = "127.0.0.1:50052"
+    node_id: str = ""
+    reconnect_max_seconds: float = 1.0
+
+
+class PepperSettings(_Fragment):
+    file: Path = Path("pepper")
+
+
+class DatabaseSettings(_Fragment):
+    url: SecretStr = SecretStr("sqlite+aiosqlite:///tessera.db")
+
+
+class RedisSettings(_Fragment):
+    url: SecretStr = SecretStr("memory://")
+
+
+def redact_url(url: str) -> str:
+    """A DSN safe to log: the password (if any) replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
