@@ -108,9 +108,7 @@ class RunningServer:
 
     async def set_serving(self, serving: bool) -> None:
         status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ("", *self.services):
             await self.health.set(name, status)

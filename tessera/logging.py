@@ -28,9 +28,7 @@ def configure_logging(settings: LogSettings, *, service: str, stream: Any = None
     out = stream or sys.stdout
     use_json = settings.format == "json" or (settings.format == "auto" and not out.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if use_json
-        else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
     )
     final: list[Any] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
     if use_json:

@@ -31,6 +31,7 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "rate_limit_exceeded": (429, "rate_limit_error", "Rate limit reached. Retry later."),
     "insufficient_quota": (429, "insufficient_quota", "You exceeded your current quota."),
     "no_healthy_backend": (503, "server_error", "No healthy backend is available for this model."),
+    "service_unavailable": (503, "server_error", "The authentication service is unavailable."),
     "upstream_timeout": (504, "server_error", "The model backend did not answer in time."),
 }
 

@@ -26,7 +26,7 @@ from tessera.settings import PolicySettings
 
 log = structlog.get_logger("tessera.policy")
 
-POLICY_VERSION = Gauge("tessera_policy_connected", "1 while the policy stream is connected")
+POLICY_CONNECTED = Gauge("tessera_policy_connected", "1 while the policy stream is connected")
 POLICY_UPDATES = Counter("tessera_policy_updates_total", "Policy versions applied", ["result"])
 
 
@@ -69,18 +69,20 @@ class PolicySubscriber:
             try:
                 async with grpc.aio.insecure_channel(self._settings.url) as channel:
                     stub = policy_pb2_grpc.PolicyServiceStub(channel)
-                    await self._consume(stub)
+                    if await self._consume(stub):
+                        delay = 0.05  # the stream worked: start the backoff afresh
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
                 log.warning("policy_stream_lost", code=exc.code().name, url=self._settings.url)
             except Exception:
                 log.exception("policy_stream_error")
-            POLICY_VERSION.set(0)
+            POLICY_CONNECTED.set(0)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._settings.reconnect_max_seconds)
 
-    async def _consume(self, stub: Any) -> None:
+    async def _consume(self, stub: Any) -> bool:
+        """Follow one stream until it ends; True if at least one version was applied."""
         acks: asyncio.Queue[str] = asyncio.Queue()
 
         async def requests() -> AsyncIterator[policy_pb2.StreamPolicyRequest]:
@@ -92,9 +94,10 @@ class PolicySubscriber:
                 )
 
         pending: dict[str, policy_pb2.Resource] | None = None
+        applied = False
         call = stub.Stream(requests())
         async for msg in call:
-            POLICY_VERSION.set(1)
+            POLICY_CONNECTED.set(1)
             if msg.reset:
                 pending = {}
             elif pending is None:
@@ -117,4 +120,6 @@ class PolicySubscriber:
             POLICY_UPDATES.labels("applied").inc()
             log.info("policy_applied", version=msg.version, resources=len(self._resources))
             self.ready.set()
+            applied = True
             acks.put_nowait(msg.version)
+        return applied

@@ -12,10 +12,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+SECRETS_DIR = Path("/var/run/secrets/tessera")
+
 SETTINGS_CONFIG = SettingsConfigDict(
     env_prefix="TESSERA_",
     env_nested_delimiter="__",
-    secrets_dir="/var/run/secrets/tessera",
+    # Kubernetes mounts secrets here; elsewhere (tests, `tessera up`) there is none.
+    secrets_dir=SECRETS_DIR if SECRETS_DIR.is_dir() else None,
     extra="ignore",
 )
 

@@ -405,9 +405,12 @@ class AddModelRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     VISIBILITY_FIELD_NUMBER: _builtins.int
+    REPLACE_BACKENDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     visibility: _builtins.str
     """default public"""
+    replace_backends: _builtins.bool
+    """the model's backends become exactly this one"""
     @_builtins.property
     def backend(self) -> Global___Backend: ...
     def __init__(
@@ -416,10 +419,11 @@ class AddModelRequest(_message.Message):
         name: _builtins.str = ...,
         backend: Global___Backend | None = ...,
         visibility: _builtins.str = ...,
+        replace_backends: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "name", b"name", "visibility", b"visibility"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "name", b"name", "replace_backends", b"replace_backends", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

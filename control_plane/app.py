@@ -1,0 +1,158 @@
+"""Composition root of the control plane."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import structlog
+from aiohttp import web
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from control_plane.admin_servicer import AdminServiceServicer
+from control_plane.db.engine import make_engine, make_sessionmaker
+from control_plane.db.migrate import current_revision, head_revision
+from control_plane.http_api import build_http_app
+from control_plane.policy_servicer import PolicyCache, PolicyServiceServicer
+from control_plane.publisher import Publisher
+from control_plane.settings import ControlPlaneSettings
+from control_plane.xds.ads_servicer import AggregatedDiscoveryServiceServicer
+from control_plane.xds.cache import SnapshotCache
+from control_plane.xds.translate import GatewayConfig
+from tessera import keys
+from tessera.admin.v1 import admin_pb2_grpc
+from tessera.errors import ConfigError
+from tessera.grpc_server import RunningServer, start_server
+from tessera.metrics import MetricsServer, serve_metrics
+from tessera.policy.v1 import policy_pb2_grpc
+from tessera.settings import redact_url
+
+log = structlog.get_logger("control_plane")
+
+ADMIN_SERVICE = "tessera.admin.v1.AdminService"
+POLICY_SERVICE = "tessera.policy.v1.PolicyService"
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+
+@dataclass
+class App:
+    admin: RunningServer
+    xds: RunningServer
+    http_runner: web.AppRunner
+    http_port: int
+    metrics: MetricsServer
+    engine: AsyncEngine
+    publisher: Publisher
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def admin_port(self) -> int:
+        return self.admin.port
+
+    @property
+    def xds_port(self) -> int:
+        return self.xds.port
+
+    @property
+    def metrics_port(self) -> int:
+        return self.metrics.port
+
+    async def stop(self, grace: float = 1.0) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(self.admin.stop(grace), self.xds.stop(grace))
+        await self.http_runner.cleanup()
+        self.metrics.shutdown()
+        await self.engine.dispose()
+
+
+async def check_schema(engine: AsyncEngine) -> None:
+    current, head = await current_revision(engine), head_revision()
+    if current != head:
+        msg = (
+            f"database schema is at revision {current or 'empty'}, expected {head}: "
+            "run `tessera control-plane migrate`"
+        )
+        raise ConfigError(msg)
+
+
+async def _start_http(
+    settings: ControlPlaneSettings, publisher_ref: list[Publisher]
+) -> tuple[web.AppRunner, int]:
+    app = build_http_app(lambda: publisher_ref[0].state if publisher_ref else None)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_address=False)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        msg = f"cannot listen on {settings.http.host}:{settings.http.port}: {exc.strerror}"
+        raise ConfigError(msg) from exc
+    server = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
+    sockets = getattr(server, "sockets", None) or []
+    return runner, int(sockets[0].getsockname()[1]) if sockets else settings.http.port
+
+
+async def build_app(settings: ControlPlaneSettings) -> App:
+    url = settings.database.url.get_secret_value()
+    engine = make_engine(url)
+    try:
+        await check_schema(engine)
+    except ConfigError:
+        await engine.dispose()
+        raise
+    pepper = keys.load_pepper(settings.pepper.file)
+    sessionmaker = make_sessionmaker(engine)
+
+    publisher_ref: list[Publisher] = []
+    http_runner, http_port = await _start_http(settings, publisher_ref)
+    gw = settings.gateway
+    gateway = GatewayConfig(
+        host=gw.host,
+        port=gw.port,
+        control_plane_http_host=gw.control_plane_http_host,
+        control_plane_http_port=gw.control_plane_http_port or http_port,
+        access_log_path=str(gw.access_log_path) if gw.access_log_path else None,
+        max_request_bytes=gw.max_request_bytes,
+    )
+    xds_cache, policy_cache = SnapshotCache(), PolicyCache()
+    publisher = Publisher(sessionmaker, gateway, xds_cache, policy_cache)
+    publisher_ref.append(publisher)
+    await publisher.publish()
+
+    admin_servicer = AdminServiceServicer(
+        sessionmaker, publisher, admin_token=settings.admin_token.get_secret_value(), pepper=pepper
+    )
+    admin = await start_server(
+        settings.admin,
+        [lambda s: admin_pb2_grpc.add_AdminServiceServicer_to_server(admin_servicer, s)],
+        services=[ADMIN_SERVICE],
+    )
+    xds = await start_server(
+        settings.xds,
+        [
+            lambda s: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+                AggregatedDiscoveryServiceServicer(xds_cache), s
+            ),
+            lambda s: policy_pb2_grpc.add_PolicyServiceServicer_to_server(
+                PolicyServiceServicer(policy_cache), s
+            ),
+        ],
+        services=[ADS_SERVICE, POLICY_SERVICE],
+    )
+    metrics = serve_metrics(settings.metrics)
+    await admin.set_serving(True)
+    await xds.set_serving(True)
+    app = App(admin, xds, http_runner, http_port, metrics, engine, publisher)
+    app.tasks.append(asyncio.create_task(publisher.refresh_forever(settings.refresh_seconds)))
+    log.info(
+        "control_plane_listening",
+        admin_port=admin.port,
+        xds_port=xds.port,
+        http_port=http_port,
+        metrics_port=metrics.port,
+        database=redact_url(url),
+    )
+    return app

@@ -1,0 +1,122 @@
+"""Publisher side of the policy stream (``tessera.policy.v1.PolicyService``).
+
+On subscribe: the full resource map in chunks of at most ``CHUNK_BYTES`` (first
+``reset=True``, last ``complete=True``); then, for every newer snapshot, one
+delta message with the upserts and deletes against what this stream last got.
+Subscribers ack versions; acks are logged and counted, never waited on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from prometheus_client import Counter, Gauge
+
+from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
+
+log = structlog.get_logger("control_plane.policy")
+
+CHUNK_BYTES = 4 * 1024 * 1024 - 64 * 1024  # headroom under gRPC's 4 MB default
+POLICY_STREAMS = Gauge("tessera_policy_streams", "Open policy streams")
+POLICY_ACKS = Counter("tessera_policy_acks_total", "Policy versions acked by subscribers")
+
+
+@dataclass(frozen=True)
+class PolicySnapshot:
+    serial: int
+    resources: Mapping[str, policy_pb2.Resource]
+
+    @property
+    def version(self) -> str:
+        return str(self.serial)
+
+
+class PolicyCache:
+    def __init__(self) -> None:
+        self._snapshot: PolicySnapshot | None = None
+        self._changed = asyncio.Condition()
+
+    @property
+    def snapshot(self) -> PolicySnapshot | None:
+        return self._snapshot
+
+    async def set(self, snapshot: PolicySnapshot) -> None:
+        async with self._changed:
+            self._snapshot = snapshot
+            self._changed.notify_all()
+
+    async def wait_newer(self, serial: int) -> PolicySnapshot:
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self._snapshot is not None and self._snapshot.serial > serial
+            )
+            assert self._snapshot is not None  # noqa: S101 - guaranteed by the predicate
+            return self._snapshot
+
+
+def full_snapshot_messages(snap: PolicySnapshot) -> list[policy_pb2.StreamPolicyResponse]:
+    msgs: list[policy_pb2.StreamPolicyResponse] = []
+    current = policy_pb2.StreamPolicyResponse(version=snap.version, reset=True)
+    size = 0
+    for res in snap.resources.values():
+        n = res.ByteSize() + 8
+        if size + n > CHUNK_BYTES and current.upserts:
+            msgs.append(current)
+            current = policy_pb2.StreamPolicyResponse(version=snap.version)
+            size = 0
+        current.upserts.append(res)
+        size += n
+    current.complete = True
+    msgs.append(current)
+    return msgs
+
+
+def delta_message(
+    old: Mapping[str, policy_pb2.Resource], new: PolicySnapshot
+) -> policy_pb2.StreamPolicyResponse:
+    upserts = [r for k, r in new.resources.items() if old.get(k) != r]
+    deletes = [k for k in old if k not in new.resources]
+    return policy_pb2.StreamPolicyResponse(
+        version=new.version, complete=True, upserts=upserts, deletes=deletes
+    )
+
+
+class PolicyServiceServicer(policy_pb2_grpc.PolicyServiceServicer):
+    def __init__(self, cache: PolicyCache) -> None:
+        self._cache = cache
+
+    async def Stream(
+        self, request_iterator: AsyncIterator[policy_pb2.StreamPolicyRequest], context: Any
+    ) -> AsyncIterator[policy_pb2.StreamPolicyResponse]:
+        del context
+        first = await anext(request_iterator, None)
+        if first is None:
+            return
+        node, service = first.node_id, first.service
+        log.info("policy_subscribed", node=node, subscriber=service)
+
+        async def read_acks() -> None:
+            async for req in request_iterator:
+                if req.ack_version:
+                    POLICY_ACKS.inc()
+                    log.debug("policy_acked", node=node, version=req.ack_version)
+
+        acks = asyncio.create_task(read_acks())
+        POLICY_STREAMS.inc()
+        try:
+            snap = await self._cache.wait_newer(-1)
+            for msg in full_snapshot_messages(snap):
+                yield msg
+            sent = snap.resources
+            while True:
+                snap = await self._cache.wait_newer(snap.serial)
+                yield delta_message(sent, snap)
+                sent = snap.resources
+        finally:
+            POLICY_STREAMS.dec()
+            acks.cancel()
+            log.info("policy_unsubscribed", node=node, subscriber=service)

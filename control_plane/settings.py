@@ -1,0 +1,54 @@
+"""Control-plane settings, built once in ``__main__``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings
+
+from tessera.settings import (
+    SETTINGS_CONFIG,
+    DatabaseSettings,
+    GrpcSettings,
+    LogSettings,
+    MetricsSettings,
+    PepperSettings,
+)
+
+
+class HttpSettings(BaseModel):
+    """The control plane's HTTP handlers Envoy routes to (``/v1/models``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+
+
+class GatewaySettings(BaseModel):
+    """What the control plane tells Envoy over xDS about the gateway listener."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    # Address Envoy uses to reach this control plane's HTTP handlers.
+    control_plane_http_host: str = "127.0.0.1"
+    control_plane_http_port: int = Field(default=0, ge=0, le=65535, description="0 = http.port")
+    access_log_path: Path | None = None
+    max_request_bytes: int = 16 * 1024 * 1024
+
+
+class ControlPlaneSettings(BaseSettings):
+    model_config = SETTINGS_CONFIG
+
+    admin: GrpcSettings = GrpcSettings(port=50051)
+    xds: GrpcSettings = GrpcSettings(port=50052)
+    http: HttpSettings = HttpSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log: LogSettings = LogSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    pepper: PepperSettings = PepperSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    # Local platform-admin credential (admin.json); principals and roles arrive with the admin issue.
+    admin_token: SecretStr = SecretStr("")
+    refresh_seconds: float = Field(default=5.0, gt=0, description="periodic re-read of the store")

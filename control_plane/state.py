@@ -1,0 +1,167 @@
+"""The store as one immutable value, loaded in one read transaction.
+
+Everything the control plane publishes (policy stream, xDS, ``/v1/models``) is a
+pure function of a ``State``; equal states publish nothing new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control_plane.db.repositories import (
+    ApiKeyRepository,
+    LimitRepository,
+    ModelRepository,
+    TenantRepository,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendState:
+    url: str
+    kind: str
+    weight: int
+    priority: int
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelState:
+    name: str
+    visibility: str
+    backends: tuple[BackendState, ...]
+    created_unix: int
+
+
+@dataclass(frozen=True, slots=True)
+class TenantState:
+    id: str
+    name: str
+    suspended: bool
+    allowed_models: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    id: str
+    key_id: str
+    tenant_id: str
+    digest: bytes
+    prefix: str
+    revoked: bool
+    expires_unix: int
+    allowed_models: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    id: str
+    tenant_id: str
+    key_id: str
+    model: str
+    kind: str
+    window_seconds: int
+    limit: int
+    shadow: bool
+    fail_closed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    tenants: tuple[TenantState, ...] = ()
+    keys: tuple[KeyState, ...] = ()
+    models: tuple[ModelState, ...] = ()
+    limits: tuple[LimitState, ...] = ()
+
+
+def unix(dt: datetime | None) -> int:
+    if dt is None:
+        return 0
+    if dt.tzinfo is None:  # SQLite returns naive datetimes; we only ever store UTC
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp())
+
+
+async def load_state(session: AsyncSession) -> State:
+    tenants = await TenantRepository(session).all()
+    keys = await ApiKeyRepository(session).all()
+    models = await ModelRepository(session).all()
+    limits = await LimitRepository(session).all()
+    return State(
+        tenants=tuple(
+            sorted(
+                (
+                    TenantState(t.id, t.name, t.status == "suspended", tuple(t.allowed_models))
+                    for t in tenants
+                ),
+                key=lambda t: t.id,
+            )
+        ),
+        keys=tuple(
+            sorted(
+                (
+                    KeyState(
+                        id=k.id,
+                        key_id=k.key_id,
+                        tenant_id=k.tenant_id,
+                        digest=k.digest,
+                        prefix=k.prefix,
+                        revoked=k.revoked_at is not None,
+                        expires_unix=unix(k.expires_at),
+                        allowed_models=tuple(k.allowed_models),
+                    )
+                    for k in keys
+                ),
+                key=lambda k: k.id,
+            )
+        ),
+        models=tuple(
+            sorted(
+                (
+                    ModelState(
+                        name=m.name,
+                        visibility=m.visibility,
+                        backends=tuple(BackendState(b.url, b.kind, b.weight, b.priority) for b in m.backends),
+                        created_unix=unix(m.created_at),
+                    )
+                    for m in models
+                ),
+                key=lambda m: m.name,
+            )
+        ),
+        limits=tuple(
+            sorted(
+                (
+                    LimitState(
+                        id=lim.id,
+                        tenant_id=lim.tenant_id,
+                        key_id=lim.key_id or "",
+                        model=lim.model or "",
+                        kind=lim.kind,
+                        window_seconds=lim.window_seconds,
+                        limit=lim.limit,
+                        shadow=lim.shadow,
+                        fail_closed=lim.fail_closed,
+                    )
+                    for lim in limits
+                ),
+                key=lambda lim: lim.id,
+            )
+        ),
+    )

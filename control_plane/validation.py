@@ -1,0 +1,126 @@
+"""Input validation for admin requests: each failure names the field and the reason."""
+
+from __future__ import annotations
+
+import base64
+import re
+from urllib.parse import urlsplit
+
+from tessera.errors import InvalidArgumentError
+
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+BACKEND_KINDS = frozenset({"vllm", "dynamo", "trtllm", "llamacpp", "openai-compatible"})
+WINDOWS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+LIMIT_KINDS = frozenset({"requests"})
+_DURATION = re.compile(r"(\d+)(h|m|s)")
+_DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
+MAX_PAGE = 500
+DEFAULT_PAGE = 50
+
+
+def tenant_name(value: str) -> str:
+    if not TENANT_NAME.match(value):
+        raise InvalidArgumentError(
+            "name", "must be 1-63 lower-case letters, digits or '-', starting with a letter or digit"
+        )
+    return value
+
+
+def model_name(value: str, field: str = "name") -> str:
+    if not MODEL_NAME.match(value):
+        raise InvalidArgumentError(
+            field, "must be 1-128 characters of letters, digits, '.', '_', '/' or '-', starting alphanumeric"
+        )
+    return value
+
+
+def model_names(values: list[str], field: str) -> list[str]:
+    return sorted({model_name(v, field) for v in values})
+
+
+def backend_url(value: str) -> str:
+    """``scheme://host:port`` with no path (ARCHITECTURE §10)."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidArgumentError("backend.url", f"invalid URL: {exc}") from exc
+    if parts.scheme not in {"http", "https"}:
+        raise InvalidArgumentError("backend.url", "scheme must be http or https")
+    if not parts.hostname:
+        raise InvalidArgumentError("backend.url", "a host is required")
+    if port is None:
+        raise InvalidArgumentError("backend.url", "an explicit port is required (scheme://host:port)")
+    if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username:
+        raise InvalidArgumentError(
+            "backend.url", "must be scheme://host:port with no path, query or credentials"
+        )
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def backend_kind(value: str) -> str:
+    kind = value or "openai-compatible"
+    if kind not in BACKEND_KINDS:
+        raise InvalidArgumentError("backend.kind", f"must be one of {', '.join(sorted(BACKEND_KINDS))}")
+    return kind
+
+
+def visibility(value: str) -> str:
+    vis = value or "public"
+    if vis not in {"public", "restricted"}:
+        raise InvalidArgumentError("visibility", "must be public or restricted")
+    return vis
+
+
+def duration_seconds(value: str, field: str) -> int:
+    """Go-style durations: ``90s``, ``15m``, ``24h``, ``1h30m``."""
+    pos, total = 0, 0
+    for m in _DURATION.finditer(value):
+        if m.start() != pos:
+            break
+        total += int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if not value or pos != len(value) or total <= 0:
+        raise InvalidArgumentError(field, "must be a positive Go-style duration such as 90s, 15m or 24h")
+    return total
+
+
+def window_seconds(value: str) -> int:
+    if value not in WINDOWS:
+        raise InvalidArgumentError("window", f"must be one of {', '.join(WINDOWS)}")
+    return WINDOWS[value]
+
+
+def window_name(seconds: int) -> str:
+    return next((k for k, v in WINDOWS.items() if v == seconds), f"{seconds}s")
+
+
+def limit_kind(value: str) -> str:
+    if value not in LIMIT_KINDS:
+        raise InvalidArgumentError("kind", f"must be one of {', '.join(sorted(LIMIT_KINDS))}")
+    return value
+
+
+def fail_mode(value: str) -> bool:
+    """True when the limit fails closed."""
+    if value not in {"", "open", "closed"}:
+        raise InvalidArgumentError("fail_mode", "must be open or closed")
+    return value == "closed"
+
+
+def page(page_size: int, page_token: str) -> tuple[int, str]:
+    if page_size < 0:
+        raise InvalidArgumentError("page_size", "must not be negative")
+    size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
+    if not page_token:
+        return size, ""
+    try:
+        after = base64.urlsafe_b64decode(page_token.encode()).decode()
+    except ValueError as exc:
+        raise InvalidArgumentError("page_token", "is not a token this API returned") from exc
+    return size, after
+
+
+def next_token(items_len: int, size: int, last: str) -> str:
+    return base64.urlsafe_b64encode(last.encode()).decode() if items_len == size else ""

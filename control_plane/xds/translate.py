@@ -1,0 +1,406 @@
+"""State → Envoy resources as proto3-JSON dicts (pure; ``resources.py`` types them).
+
+Request path (decode order): json_to_metadata (body ``model`` → ``ai.gw:model``;
+it clears the route cache, so the route is chosen by model) → ext_authz →
+ratelimit → router. There is no default route to a backend: a request whose
+model is missing, unparsable or unknown is answered by Envoy itself with an
+OpenAI-shaped error. ``/v1/models`` is answered by the control plane's HTTP
+handler, never by a backend.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from control_plane.state import BackendState, ModelState, State
+from tessera.openai_errors import error_body, error_json
+
+LISTENER_NAME = "tessera_gateway"
+ROUTES_NAME = "tessera_routes"
+EXT_AUTHZ_CLUSTER = "tessera_ext_authz"  # static, in the bootstrap
+RATELIMIT_CLUSTER = "tessera_ratelimit"  # static, in the bootstrap
+CP_HTTP_CLUSTER = "tessera_control_plane_http"
+RATELIMIT_DOMAIN = "tessera"
+MODEL_NS = "ai.gw"
+AUTHZ_NS = "envoy.filters.http.ext_authz"
+MISSING = ":missing"  # metadata sentinels; ':' can never start a model name
+INVALID = ":invalid"
+
+T = "type.googleapis.com/"
+HCM = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ADS = {"ads": {}, "resource_api_version": "V3"}
+JSON_CT = {"header": {"key": "content-type", "value": "application/json"}}
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    host: str
+    port: int
+    control_plane_http_host: str
+    control_plane_http_port: int
+    access_log_path: str | None
+    max_request_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class XdsResources:
+    """Resources by type, each a name → proto3-JSON dict."""
+
+    listeners: dict[str, dict[str, Any]]
+    routes: dict[str, dict[str, Any]]
+    clusters: dict[str, dict[str, Any]]
+    endpoints: dict[str, dict[str, Any]]
+
+
+def cluster_name(model: str) -> str:
+    return f"model/{model}"
+
+
+def _meta_match(value: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"filter": MODEL_NS, "path": [{"key": "model"}], "value": value}]
+
+
+def _status_filter(code: int) -> dict[str, Any]:
+    return {
+        "status_code_filter": {
+            "comparison": {"op": "EQ", "value": {"default_value": code, "runtime_key": f"tessera.lr.{code}"}}
+        }
+    }
+
+
+def _mapper(flt: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "filter": flt,
+        "body_format_override": {"json_format": body, "content_type": "application/json"},
+    }
+
+
+def _local_reply_config() -> dict[str, Any]:
+    """Envoy's own replies (no route, 413, 429, 503, 504) in OpenAI's error shape."""
+    model_known = {
+        "metadata_filter": {
+            "matcher": {
+                "filter": MODEL_NS,
+                "path": [{"key": "model"}],
+                "value": {"string_match": {"safe_regex": {"regex": "^[^:].*"}}},
+            }
+        }
+    }
+    unknown_model = error_body(
+        "model_not_found",
+        message="The model `%DYNAMIC_METADATA(ai.gw:model)%` does not exist or you do not have access to it.",
+        param="model",
+    )
+    return {
+        "mappers": [
+            _mapper({"and_filter": {"filters": [_status_filter(404), model_known]}}, unknown_model),
+            _mapper(_status_filter(404), error_body("not_found")),
+            _mapper(_status_filter(413), error_body("request_too_large")),
+            _mapper(_status_filter(429), error_body("rate_limit_exceeded")),
+            _mapper(
+                {
+                    "and_filter": {
+                        "filters": [_status_filter(503), {"response_flag_filter": {"flags": ["UAEX"]}}]
+                    }
+                },
+                error_body("service_unavailable"),
+            ),
+            _mapper(_status_filter(503), error_body("no_healthy_backend")),
+            _mapper(_status_filter(504), error_body("upstream_timeout")),
+        ]
+    }
+
+
+def _access_log(path: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": T + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": path,
+                "log_format": {
+                    "json_format": {
+                        "time": "%START_TIME%",
+                        "request_id": "%REQ(X-REQUEST-ID)%",
+                        "method": "%REQ(:METHOD)%",
+                        "path": "%REQ(:PATH)%",
+                        "status": "%RESPONSE_CODE%",
+                        "flags": "%RESPONSE_FLAGS%",
+                        "tenant_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:tenant_id)%",
+                        "key_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:key_id)%",
+                        "model": "%DYNAMIC_METADATA(ai.gw:model)%",
+                        "upstream": "%UPSTREAM_HOST%",
+                        "duration_ms": "%DURATION%",
+                        "bytes_received": "%BYTES_RECEIVED%",
+                        "bytes_sent": "%BYTES_SENT%",
+                    }
+                },
+            },
+        }
+    ]
+
+
+def _http_filters() -> list[dict[str, Any]]:
+    kv = {"metadata_namespace": MODEL_NS, "key": "model"}
+    return [
+        {
+            "name": "envoy.filters.http.json_to_metadata",
+            "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+                "request_rules": {
+                    "rules": [
+                        {
+                            "selectors": [{"key": "model"}],
+                            "on_present": {**kv, "type": "STRING"},
+                            "on_missing": {**kv, "value": MISSING},
+                            "on_error": {**kv, "value": INVALID},
+                        }
+                    ],
+                    "allow_content_types_regex": {"regex": "^application/json(;.*)?$"},
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.ext_authz",
+            "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXT_AUTHZ_CLUSTER}, "timeout": "0.5s"},
+                # Fail closed: failure_mode_allow would forward the raw key upstream.
+                "failure_mode_allow": False,
+                "status_on_error": {"code": 503},
+                "metadata_context_namespaces": [MODEL_NS],
+            },
+        },
+        {
+            "name": "envoy.filters.http.ratelimit",
+            "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                "domain": RATELIMIT_DOMAIN,
+                "timeout": "0.25s",
+                # An unreachable ratelimit service lets traffic through (ARCHITECTURE §7).
+                "failure_mode_deny": False,
+                "rate_limit_service": {
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": RATELIMIT_CLUSTER}},
+                },
+                # Filter-level (not route-level) so later hits_addend settings are honoured.
+                "rate_limits": [
+                    {
+                        "actions": [
+                            _authz_descriptor("tenant_id"),
+                            _authz_descriptor("key_id"),
+                            {
+                                "metadata": {
+                                    "descriptor_key": "model",
+                                    "metadata_key": {"key": MODEL_NS, "path": [{"key": "model"}]},
+                                    "default_value": MISSING,
+                                }
+                            },
+                        ]
+                    }
+                ],
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": T + "envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+
+
+def _authz_descriptor(key: str) -> dict[str, Any]:
+    return {"metadata": {"descriptor_key": key, "metadata_key": {"key": AUTHZ_NS, "path": [{"key": key}]}}}
+
+
+def listener(cfg: GatewayConfig) -> dict[str, Any]:
+    hcm: dict[str, Any] = {
+        "@type": HCM,
+        "stat_prefix": "gateway",
+        "codec_type": "AUTO",
+        # The client address is the peer, never X-Forwarded-For.
+        "use_remote_address": True,
+        # Envoy mints every request id: a client-sent x-request-id is dropped before
+        # the connection manager looks at it, so nobody can pick a ledger row's id.
+        "early_header_mutation_extensions": [
+            {
+                "name": "tessera.drop_client_request_id",
+                "typed_config": {
+                    "@type": T
+                    + "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                    "mutations": [{"remove": "x-request-id"}],
+                },
+            }
+        ],
+        "rds": {"route_config_name": ROUTES_NAME, "config_source": ADS},
+        # Long generations: no overall request timeout; idle streams end after 5 minutes.
+        "request_timeout": "0s",
+        "stream_idle_timeout": "300s",
+        "http_filters": _http_filters(),
+        "local_reply_config": _local_reply_config(),
+    }
+    if cfg.access_log_path:
+        hcm["access_log"] = _access_log(cfg.access_log_path)
+    return {
+        "name": LISTENER_NAME,
+        "address": {"socket_address": {"address": cfg.host, "port_value": cfg.port}},
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
+
+
+def _direct(name: str, match: dict[str, Any], code: str) -> dict[str, Any]:
+    from tessera.openai_errors import status_of  # noqa: PLC0415 - keep the module header short
+
+    return {
+        "name": name,
+        "match": match,
+        "direct_response": {"status": status_of(code), "body": {"inline_string": error_json(code)}},
+        "response_headers_to_add": [{**JSON_CT, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+    }
+
+
+def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
+    no_ratelimit = {
+        "envoy.filters.http.ratelimit": {
+            "@type": T + "envoy.config.route.v3.FilterConfig",
+            "disabled": True,
+        }
+    }
+    routes: list[dict[str, Any]] = [
+        {
+            "name": "models_list",
+            "match": {"path": "/v1/models"},
+            "route": {"cluster": CP_HTTP_CLUSTER, "timeout": "5s"},
+            "typed_per_filter_config": no_ratelimit,
+        },
+        _direct(
+            "invalid_json",
+            {"prefix": "/", "dynamic_metadata": _meta_match({"string_match": {"exact": INVALID}})},
+            "invalid_json",
+        ),
+        _direct(
+            "missing_model",
+            {"prefix": "/", "dynamic_metadata": _meta_match({"string_match": {"exact": MISSING}})},
+            "missing_model",
+        ),
+    ]
+    routes.extend(
+        {
+            "name": f"model:{m.name}",
+            "match": {"prefix": "/v1/", "dynamic_metadata": _meta_match({"string_match": {"exact": m.name}})},
+            # No overall timeout: a long generation is never cut; idle streams end after 5 min.
+            "route": {"cluster": cluster_name(m.name), "timeout": "0s", "idle_timeout": "300s"},
+        }
+        for m in state.models
+        if m.backends
+    )
+    routes.extend(
+        [
+            # A model that is not registered: Envoy answers 404 model_not_found itself.
+            {
+                "name": "unknown_model",
+                "match": {"prefix": "/v1/", "dynamic_metadata": _meta_match({"present_match": True})},
+                "direct_response": {"status": 404},
+            },
+            # Not a JSON body at all: there is no model to route on.
+            _direct("no_model", {"prefix": "/v1/"}, "missing_model"),
+            {"name": "not_found", "match": {"prefix": "/"}, "direct_response": {"status": 404}},
+        ]
+    )
+    return {
+        "name": ROUTES_NAME,
+        "virtual_hosts": [
+            {
+                "name": "gateway",
+                "domains": ["*"],
+                "request_body_buffer_limit": cfg.max_request_bytes,
+                "routes": routes,
+            }
+        ],
+    }
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _locality_groups(backends: tuple[BackendState, ...]) -> list[dict[str, Any]]:
+    # Envoy priorities must be dense from 0: rank the configured priorities.
+    ranks = {p: i for i, p in enumerate(sorted({b.priority for b in backends}))}
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for b in backends:
+        groups.setdefault(ranks[b.priority], []).append(
+            {
+                "endpoint": {"address": {"socket_address": {"address": b.host, "port_value": b.port}}},
+                "load_balancing_weight": max(1, b.weight),
+            }
+        )
+    return [{"priority": p, "lb_endpoints": eps} for p, eps in sorted(groups.items())]
+
+
+def model_cluster(m: ModelState) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The model's cluster, and its ClusterLoadAssignment when served over EDS."""
+    name = cluster_name(m.name)
+    cla = {"cluster_name": name, "endpoints": _locality_groups(m.backends)}
+    cluster: dict[str, Any] = {
+        "name": name,
+        "connect_timeout": "5s",
+        "lb_policy": "ROUND_ROBIN",
+    }
+    if all(_is_ip(b.host) for b in m.backends):
+        cluster |= {"type": "EDS", "eds_cluster_config": {"eds_config": ADS}}
+        eds: dict[str, Any] | None = cla
+    else:
+        cluster |= {"type": "STRICT_DNS", "load_assignment": cla}
+        eds = None
+    tls_hosts = [b.host for b in m.backends if b.scheme == "https"]
+    if tls_hosts:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": tls_hosts[0],
+            },
+        }
+    return cluster, eds
+
+
+def _cp_http_cluster(cfg: GatewayConfig) -> dict[str, Any]:
+    addr = {
+        "socket_address": {"address": cfg.control_plane_http_host, "port_value": cfg.control_plane_http_port}
+    }
+    return {
+        "name": CP_HTTP_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": CP_HTTP_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr}}]}],
+        },
+    }
+
+
+def resources_from_state(state: State, cfg: GatewayConfig) -> XdsResources:
+    clusters = {CP_HTTP_CLUSTER: _cp_http_cluster(cfg)}
+    endpoints: dict[str, dict[str, Any]] = {}
+    for m in state.models:
+        if not m.backends:
+            continue
+        cluster, cla = model_cluster(m)
+        clusters[cluster["name"]] = cluster
+        if cla is not None:
+            endpoints[cla["cluster_name"]] = cla
+    return XdsResources(
+        listeners={LISTENER_NAME: listener(cfg)},
+        routes={ROUTES_NAME: route_config(state, cfg)},
+        clusters=clusters,
+        endpoints=endpoints,
+    )

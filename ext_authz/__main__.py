@@ -1,0 +1,58 @@
+"""``python -m ext_authz [serve|check-config]`` (also ``tessera ext-authz …``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import structlog
+from pydantic import ValidationError
+
+from ext_authz.app import build_app
+from ext_authz.settings import ExtAuthzSettings
+from tessera.errors import ConfigError
+from tessera.grpc_server import wait_for_termination
+from tessera.keys import load_pepper
+from tessera.logging import configure_logging
+
+log = structlog.get_logger("ext_authz")
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ext_authz", description="Tessera ext_authz service")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="answer Envoy's Authorization/Check (default)")
+    sub.add_parser("check-config", help="validate settings and the pepper, then exit")
+    return parser
+
+
+async def _serve(settings: ExtAuthzSettings) -> None:
+    app = await build_app(settings)
+    await wait_for_termination(app.stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = ExtAuthzSettings()
+    except ValidationError as exc:
+        sys.stderr.write(f"ext_authz: invalid settings:\n{exc}\n")
+        return EXIT_CONFIG
+    configure_logging(settings.log, service="ext_authz")
+    try:
+        if args.command == "check-config":
+            load_pepper(settings.pepper.file)
+            log.info("config_ok", grpc_port=settings.grpc.port, policy_url=settings.policy.url)
+            return 0
+        asyncio.run(_serve(settings))
+    except ConfigError as exc:
+        log.error("startup_failed", error=str(exc))  # noqa: TRY400 - a config error has no useful traceback
+        return EXIT_CONFIG
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Composition root: pepper, gRPC server, policy subscriber, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import structlog
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+from ext_authz.key_index import key_index_from_policy
+from ext_authz.servicer import ExtAuthzServicer
+from ext_authz.settings import ExtAuthzSettings
+from tessera.clock import SYSTEM_CLOCK, Clock
+from tessera.errors import ConfigError
+from tessera.grpc_server import RunningServer, start_server
+from tessera.keys import load_pepper
+from tessera.metrics import MetricsServer, serve_metrics
+from tessera.policy_client import PolicySubscriber, PolicyUpdate
+
+log = structlog.get_logger("ext_authz")
+
+SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+
+
+@dataclass
+class App:
+    port: int
+    metrics: MetricsServer
+    server: RunningServer
+    servicer: ExtAuthzServicer
+    subscriber: PolicySubscriber
+    tasks: tuple[asyncio.Task[None], ...]
+    grace_seconds: float
+
+    @property
+    def metrics_port(self) -> int:
+        return self.metrics.port
+
+    async def stop(self) -> None:
+        """Stop taking calls (health NOT_SERVING, then drain), then leave the policy stream."""
+        await self.server.stop(self.grace_seconds)
+        self.metrics.shutdown()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def build_app(settings: ExtAuthzSettings, *, clock: Clock = SYSTEM_CLOCK) -> App:
+    pepper = load_pepper(settings.pepper.file)  # ConfigError before anything listens
+    servicer = ExtAuthzServicer(pepper, clock)
+
+    def on_update(update: PolicyUpdate) -> None:
+        # Compile first: if it raises, the old index stays and the version is not acked.
+        index = key_index_from_policy(update.resources, version=update.version, previous=servicer.index)
+        servicer.swap_index(index)
+
+    server = await start_server(
+        settings.grpc,
+        [lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s)],
+        services=[SERVICE_NAME],
+    )
+    try:
+        metrics = serve_metrics(settings.metrics)
+    except ConfigError:
+        await server.stop(0)
+        raise
+    subscriber = PolicySubscriber(settings.policy, service="ext_authz", on_update=on_update)
+
+    async def serve_when_ready() -> None:
+        await subscriber.ready.wait()
+        await server.set_serving(True)
+        log.info("ext_authz_serving", policy_version=subscriber.version)
+
+    tasks = (
+        asyncio.create_task(subscriber.run(), name="ext_authz-policy"),
+        asyncio.create_task(serve_when_ready(), name="ext_authz-ready"),
+    )
+    log.info("ext_authz_listening", port=server.port, metrics_port=metrics.port)
+    return App(
+        port=server.port,
+        metrics=metrics,
+        server=server,
+        servicer=servicer,
+        subscriber=subscriber,
+        tasks=tasks,
+        grace_seconds=settings.grpc.grace_seconds,
+    )

@@ -1,0 +1,1 @@
+"""Demo upstream: a stand-in for vLLM's OpenAI server, for tests and `make run`. Not a model."""

@@ -1,0 +1,436 @@
+"""``tessera up``: the whole stack on one machine under one long-lived supervisor.
+
+Start order: migrate → control plane (serving) → ext_authz + ratelimit (serving,
+i.e. holding a policy snapshot) → demo upstream (optional; model ``demo``
+registered) → Envoy (its bootstrap rendered from ``envoy/``; everything else
+arrives over xDS). ``endpoints.json`` and ``admin.json`` are written before Envoy
+starts. A child that dies is restarted with backoff (Envoy only once the control
+plane serves again). SIGINT/SIGTERM stop every child; children also get SIGTERM
+from the kernel if the supervisor itself dies (PR_SET_PDEATHSIG), so no orphans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tessera.bootstrap import BootstrapParams, render_bootstrap
+from tessera.datadir import DataDir, read_json, resolve_data_dir, write_json
+from tessera.keys import ensure_pepper
+from tessera.probe import grpc_serving, http_status
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 60.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _say(msg: str) -> None:
+    print(f"tessera up: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def port_taken(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    ready: Any  # async () -> bool
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+
+    async def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
+            preexec_fn=_die_with_parent,
+        )
+        log.close()
+        self.started_at = time.monotonic()
+
+    async def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.returncode is not None:
+                msg = (
+                    f"{self.name} exited with code {self.proc.returncode} during startup; see {self.log_path}"
+                )
+                raise StartupError(msg)
+            if await self.ready():
+                return
+            await asyncio.sleep(0.1)
+        msg = f"{self.name} not ready after {timeout:.0f}s; see {self.log_path}"
+        raise StartupError(msg)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+
+
+class StartupError(Exception):
+    pass
+
+
+@dataclass
+class Ports:
+    gateway: int
+    admin: int
+    xds: int = field(default_factory=free_port)
+    cp_http: int = field(default_factory=free_port)
+    cp_metrics: int = field(default_factory=free_port)
+    ext_authz: int = field(default_factory=free_port)
+    ext_authz_metrics: int = field(default_factory=free_port)
+    ratelimit: int = field(default_factory=free_port)
+    ratelimit_metrics: int = field(default_factory=free_port)
+    envoy_admin: int = field(default_factory=free_port)
+    demo: int = field(default_factory=free_port)
+
+
+class Stack:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dd = DataDir(resolve_data_dir(args.data_dir))
+        self.ports = Ports(gateway=args.port, admin=args.admin_port)
+        self.db_url = args.db or f"sqlite+aiosqlite:///{self.dd.database}"
+        self.token = "tadm_" + secrets.token_urlsafe(32)
+        self.children: dict[str, Child] = {}
+        self.stopping = asyncio.Event()
+        bindir = Path(sys.executable).parent
+        self.python = sys.executable
+        self.envoy = str(bindir / "envoy")
+
+    # --- environment -------------------------------------------------------------------------
+
+    def _env(self, extra: dict[str, str]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+        keep = {k: v for k, v in os.environ.items() if k.startswith("TESSERA_LOG__")}
+        return {**env, **keep, "TESSERA_LOG__FORMAT": "json", **extra}
+
+    def _cp_env(self) -> dict[str, str]:
+        p = self.ports
+        return self._env(
+            {
+                "TESSERA_DATABASE__URL": self.db_url,
+                "TESSERA_PEPPER__FILE": str(self.dd.pepper),
+                "TESSERA_ADMIN_TOKEN": self.token,
+                "TESSERA_ADMIN__PORT": str(p.admin),
+                "TESSERA_XDS__PORT": str(p.xds),
+                "TESSERA_HTTP__PORT": str(p.cp_http),
+                "TESSERA_METRICS__PORT": str(p.cp_metrics),
+                "TESSERA_GATEWAY__HOST": self.args.host,
+                "TESSERA_GATEWAY__PORT": str(p.gateway),
+                "TESSERA_GATEWAY__ACCESS_LOG_PATH": str(self.dd.logs / "access.log"),
+            }
+        )
+
+    def endpoints(self) -> dict[str, Any]:
+        p = self.ports
+        out: dict[str, Any] = {
+            "gateway": f"http://{self.args.host}:{p.gateway}",
+            "admin": f"{HOST}:{p.admin}",
+            "xds": f"{HOST}:{p.xds}",
+            "control_plane_http": f"http://{HOST}:{p.cp_http}",
+            "ext_authz": f"{HOST}:{p.ext_authz}",
+            "ratelimit": f"{HOST}:{p.ratelimit}",
+            "envoy_admin": f"http://{HOST}:{p.envoy_admin}",
+            "metrics": {
+                "control_plane": f"http://{HOST}:{p.cp_metrics}/metrics",
+                "ext_authz": f"http://{HOST}:{p.ext_authz_metrics}/metrics",
+                "ratelimit": f"http://{HOST}:{p.ratelimit_metrics}/metrics",
+                "envoy": f"http://{HOST}:{p.envoy_admin}/stats/prometheus",
+            },
+            "pids": {name: c.proc.pid for name, c in self.children.items() if c.proc},
+            "supervisor_pid": os.getpid(),
+        }
+        if self.args.demo_upstream:
+            out["demo_upstream"] = f"http://{HOST}:{p.demo}"
+            out["metrics"]["demo_upstream"] = f"http://{HOST}:{p.demo}/metrics"
+        return out
+
+    # --- children ----------------------------------------------------------------------------
+
+    def _child(self, name: str, argv: list[str], env: dict[str, str], ready: Any) -> Child:
+        child = Child(name, argv, env, self.dd.logs / f"{name}.log", ready)
+        self.children[name] = child
+        return child
+
+    def _define_children(self) -> None:
+        p = self.ports
+        policy_url = f"{HOST}:{p.xds}"
+        self._child(
+            "control-plane",
+            [self.python, "-m", "control_plane", "serve"],
+            self._cp_env(),
+            lambda: grpc_serving(f"{HOST}:{p.admin}"),
+        )
+        self._child(
+            "ext-authz",
+            [self.python, "-m", "ext_authz", "serve"],
+            self._env(
+                {
+                    "TESSERA_GRPC__PORT": str(p.ext_authz),
+                    "TESSERA_METRICS__PORT": str(p.ext_authz_metrics),
+                    "TESSERA_POLICY__URL": policy_url,
+                    "TESSERA_PEPPER__FILE": str(self.dd.pepper),
+                }
+            ),
+            lambda: grpc_serving(f"{HOST}:{p.ext_authz}"),
+        )
+        self._child(
+            "ratelimit",
+            [self.python, "-m", "ratelimit", "serve"],
+            self._env(
+                {
+                    "TESSERA_GRPC__PORT": str(p.ratelimit),
+                    "TESSERA_METRICS__PORT": str(p.ratelimit_metrics),
+                    "TESSERA_POLICY__URL": policy_url,
+                    "TESSERA_REDIS__URL": self.args.redis,
+                }
+            ),
+            lambda: grpc_serving(f"{HOST}:{p.ratelimit}"),
+        )
+        if self.args.demo_upstream:
+            self._child(
+                "demo-upstream",
+                [self.python, "-m", "tessera.demo_upstream", "--port", str(p.demo), "--model", "demo"],
+                self._env({}),
+                lambda: http_status(f"http://{HOST}:{p.demo}/health", expect=200),
+            )
+        bootstrap = self.dd.run / "envoy.yaml"
+        self._child(
+            "envoy",
+            [
+                self.envoy,
+                "-c",
+                str(bootstrap),
+                "--disable-hot-restart",
+                "--concurrency",
+                "2",
+                "--log-level",
+                "warning",
+            ],
+            self._env({}),
+            # 401 means: listener up, routes loaded, ext_authz answering.
+            lambda: http_status(f"http://{HOST}:{p.gateway}/v1/models", expect=401),
+        )
+
+    def _write_bootstrap(self) -> None:
+        p = self.ports
+        text = render_bootstrap(
+            BootstrapParams(
+                node_id=f"tessera-{socket.gethostname()}",
+                admin_host=HOST,
+                admin_port=p.envoy_admin,
+                xds_host=HOST,
+                xds_port=p.xds,
+                ext_authz_host=HOST,
+                ext_authz_port=p.ext_authz,
+                ratelimit_host=HOST,
+                ratelimit_port=p.ratelimit,
+            )
+        )
+        (self.dd.run / "envoy.yaml").write_text(text)
+
+    async def _migrate(self) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            self.python,
+            "-m",
+            "control_plane",
+            "migrate",
+            env=self._cp_env(),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            msg = f"database migration failed: {err.decode(errors='replace').strip()[-2000:]}"
+            raise StartupError(msg)
+
+    async def _seed_demo(self) -> dict[str, str]:
+        """Register model ``demo`` and mint a demo key (printed once for the curl line)."""
+        from tessera.admin.v1 import admin_pb2 as pb  # noqa: PLC0415
+        from tessera.admin_client import AdminClient, AdminTarget  # noqa: PLC0415
+
+        def seed() -> dict[str, str]:
+            import grpc  # noqa: PLC0415
+
+            with AdminClient(AdminTarget(f"{HOST}:{self.ports.admin}", self.token)) as c:
+                backend = pb.Backend(url=f"http://{HOST}:{self.ports.demo}")
+                c.call("AddModel", pb.AddModelRequest(name="demo", backend=backend, replace_backends=True))
+                try:
+                    c.call("CreateTenant", pb.CreateTenantRequest(name="demo"))
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                        raise
+                key = c.call("CreateApiKey", pb.CreateApiKeyRequest(tenant="demo", name="make-run"))
+                return {"id": key.id, "key": key.key}
+
+        return await asyncio.to_thread(seed)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        for what, port, host, flag in (
+            ("gateway", self.ports.gateway, self.args.host, "--port"),
+            ("admin", self.ports.admin, HOST, "--admin-port"),
+        ):
+            if port_taken(host, port):
+                msg = f"the {what} port {host}:{port} is already in use (choose another with {flag})"
+                raise StartupError(msg)
+        if not Path(self.envoy).exists():
+            msg = f"no Envoy binary at {self.envoy}: run `make install`"
+            raise StartupError(msg)
+
+    async def start(self) -> dict[str, str] | None:
+        self.dd.ensure()
+        ensure_pepper(self.dd.pepper)
+        write_json(
+            self.dd.admin, {"admin_url": f"{HOST}:{self.ports.admin}", "token": self.token}, private=True
+        )
+        await self._migrate()
+        self._define_children()
+        for name in ("control-plane",):
+            await self.children[name].start()
+            await self.children[name].wait_ready()
+        services = [
+            self.children[n] for n in ("ext-authz", "ratelimit", "demo-upstream") if n in self.children
+        ]
+        for c in services:
+            await c.start()
+        for c in services:
+            await c.wait_ready()
+        demo_key = await self._seed_demo() if self.args.demo_upstream else None
+        self._write_bootstrap()
+        write_json(self.dd.endpoints, self.endpoints())
+        await self.children["envoy"].start()
+        await self.children["envoy"].wait_ready()
+        write_json(self.dd.endpoints, self.endpoints())
+        return demo_key
+
+    async def supervise(self) -> None:
+        """Restart crashed children with backoff until asked to stop."""
+        while not self.stopping.is_set():
+            for child in self.children.values():
+                proc = child.proc
+                if proc is None or proc.returncode is None or self.stopping.is_set():
+                    continue
+                await self._restart(child, proc.returncode)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), 0.2)
+
+    async def _restart(self, child: Child, code: int) -> None:
+        ran = time.monotonic() - child.started_at
+        if ran > 30:  # noqa: PLR2004 - a child that ran a while starts with a fresh backoff
+            child.restarts = 0
+        delay = min(0.2 * (2**child.restarts), 10.0)
+        child.restarts += 1
+        _say(f"{child.name} exited (code {code}); restarting in {delay:.1f}s (restart #{child.restarts})")
+        await asyncio.sleep(delay)
+        if child.name == "envoy":
+            # Envoy keeps xDS config in memory only: start it once the control plane serves.
+            await self.children["control-plane"].wait_ready(timeout=START_TIMEOUT)
+        await child.start()
+        write_json(self.dd.endpoints, self.endpoints())
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        order = ["envoy", "demo-upstream", "ratelimit", "ext-authz", "control-plane"]
+        for name in order:
+            if name in self.children:
+                await self.children[name].stop()
+
+
+def _banner(stack: Stack, demo_key: dict[str, str] | None) -> None:
+    ep = stack.endpoints()
+    print(f"Tessera is up. Gateway: {ep['gateway']}")
+    print(f"  admin API (gRPC): {ep['admin']}   data dir: {stack.dd.root}")
+    print(f"  Envoy admin: {ep['envoy_admin']}   logs: {stack.dd.logs}")
+    for name, url in ep["metrics"].items():
+        print(f"  metrics {name}: {url}")
+    if demo_key:
+        print(f"\nDemo key (shown once): {demo_key['key']}")
+        print("Try it:\n")
+        print(
+            f"curl -s {ep['gateway']}/v1/chat/completions -H 'Authorization: Bearer {demo_key['key']}' "
+            "-H 'Content-Type: application/json' "
+            '-d \'{"model": "demo", "messages": [{"role": "user", "content": "Hello Tessera"}]}\''
+        )
+    print("\nCtrl-C stops everything.", flush=True)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    stack = Stack(args)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stack.stopping.set)
+    try:
+        stack.preflight()
+        starting = asyncio.create_task(stack.start())
+        stop_wait = asyncio.create_task(stack.stopping.wait())
+        done, _ = await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if starting not in done:
+            starting.cancel()
+            await stack.stop()
+            return 130
+        stop_wait.cancel()
+        demo_key = starting.result()
+        _banner(stack, demo_key)
+        await stack.supervise()
+    except StartupError as exc:
+        _say(f"error: {exc}")
+        await stack.stop()
+        return 2
+    await stack.stop()
+    _say("stopped")
+    return 0
+
+
+def run_up(args: argparse.Namespace) -> int:
+    return asyncio.run(_main(args))
+
+
+__all__ = ["read_json", "run_up"]

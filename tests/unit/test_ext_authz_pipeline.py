@@ -1,0 +1,282 @@
+"""ext_authz decision rules on plain values (no I/O, FakeClock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ext_authz.key_index import EMPTY_INDEX, KeyIndex, key_index_from_policy
+from ext_authz.pipeline import SUSPENDED_MESSAGE, credential_from_headers, decide
+from tessera.clock import FakeClock
+from tessera.errors import InvalidArgumentError
+from tessera.keys import digest, display_prefix, mint_key
+from tessera.policy.v1 import policy_pb2
+
+PEPPER = b"p" * 32
+KEY = mint_key().key
+OTHER_KEY = mint_key().key
+
+
+def api_key(key: str, *, secret_id: str = "s1", key_id: str = "k1", tenant: str = "t1", **kw):  # noqa: S107
+    return policy_pb2.Resource(
+        api_key=policy_pb2.ApiKey(
+            id=secret_id,
+            key_id=key_id,
+            tenant_id=tenant,
+            digest=digest(PEPPER, key),
+            prefix=display_prefix(key),
+            **kw,
+        )
+    )
+
+
+def tenant(tid: str = "t1", **kw):
+    return policy_pb2.Resource(tenant=policy_pb2.Tenant(id=tid, name=tid, **kw))
+
+
+def model(name: str, *, restricted: bool = False):
+    return policy_pb2.Resource(model=policy_pb2.Model(name=name, restricted=restricted))
+
+
+def index_of(*resources: policy_pb2.Resource) -> KeyIndex:
+    keyed = {}
+    for r in resources:
+        kind = r.WhichOneof("kind")
+        ident = r.model.name if kind == "model" else getattr(r, kind).id
+        keyed[f"{kind}/{ident}"] = r
+    return key_index_from_policy(keyed, version="v1")
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def index():
+    return index_of(
+        api_key(KEY),
+        tenant(),
+        model("public-a"),
+        model("public-b"),
+        model("secret-m", restricted=True),
+    )
+
+
+def run(index, clock, *, headers=None, model=None, key=KEY):
+    if headers is None:
+        headers = {"authorization": f"Bearer {key}"}
+    return decide(headers, model, index, pepper=PEPPER, now=clock.now())
+
+
+# --- credentials ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"authorization": f"Bearer {KEY}"},
+        {"authorization": f"bearer {KEY}"},
+        {"authorization": f"BEARER {KEY}"},
+        {"authorization": f"  Bearer   {KEY}  "},
+        {"x-api-key": KEY},
+        {"authorization": "Basic dXNlcjpwYXNz", "x-api-key": KEY},
+    ],
+)
+def test_credential_forms_allow(index, clock, headers):
+    d = run(index, clock, headers=headers)
+    assert d.allowed
+    assert (d.tenant_id, d.key_id, d.key_prefix) == ("t1", "k1", display_prefix(KEY))
+
+
+def test_bearer_wins_over_x_api_key():
+    assert credential_from_headers({"authorization": "Bearer a", "x-api-key": "b"}) == "a"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": ""},
+        {"authorization": "Bearer "},
+        {"authorization": "Basic abc"},
+        {"x-api-key": ""},
+    ],
+)
+def test_missing_key(index, clock, headers):
+    d = run(index, clock, headers=headers)
+    assert not d.allowed
+    assert d.code == "missing_api_key"
+
+
+@pytest.mark.parametrize("bad", ["sk-abc", "tsk_short_x", KEY + "x", KEY.upper(), "Bearer"])
+def test_malformed_key_is_invalid_and_not_logged(index, clock, bad):
+    d = run(index, clock, headers={"x-api-key": bad})
+    assert d.code == "invalid_api_key"
+    assert d.message is None
+    assert d.key_prefix == ""  # nothing of a foreign credential is kept
+
+
+def test_unknown_key(index, clock):
+    d = run(index, clock, key=OTHER_KEY)
+    assert d.code == "invalid_api_key"
+    assert d.key_prefix == display_prefix(OTHER_KEY)
+    assert d.tenant_id == ""
+
+
+def test_wrong_pepper_is_unknown(index, clock):
+    d = decide({"x-api-key": KEY}, None, index, pepper=b"q" * 32, now=clock.now())
+    assert d.code == "invalid_api_key"
+
+
+def test_empty_index_refuses(clock):
+    assert run(EMPTY_INDEX, clock).code == "invalid_api_key"
+
+
+# --- key and tenant state ---------------------------------------------------------------
+
+
+def test_revoked(clock):
+    idx = index_of(api_key(KEY, revoked=True), tenant())
+    d = run(idx, clock)
+    assert (d.code, d.tenant_id, d.key_id) == ("api_key_revoked", "t1", "k1")
+
+
+def test_revoked_wins_over_expired(clock):
+    idx = index_of(api_key(KEY, revoked=True, expire_time_unix=1), tenant())
+    assert run(idx, clock).code == "api_key_revoked"
+
+
+def test_expiry(clock):
+    expires = int(clock.now()) + 10
+    idx = index_of(api_key(KEY, expire_time_unix=expires), tenant())
+    assert run(idx, clock).allowed
+    clock.advance(9.5)
+    assert run(idx, clock).allowed
+    clock.advance(0.5)  # now == expiry
+    assert run(idx, clock).code == "api_key_expired"
+
+
+def test_zero_expiry_is_never(clock):
+    idx = index_of(api_key(KEY, expire_time_unix=0), tenant())
+    clock.advance(10 * 365 * 86400)
+    assert run(idx, clock).allowed
+
+
+def test_suspended_tenant(clock):
+    idx = index_of(api_key(KEY), tenant(suspended=True))
+    d = run(idx, clock)
+    assert (d.code, d.message, d.tenant_id) == ("invalid_api_key", SUSPENDED_MESSAGE, "t1")
+
+
+def test_missing_tenant(clock):
+    idx = index_of(api_key(KEY, tenant="gone"), tenant())
+    d = run(idx, clock)
+    assert (d.code, d.message) == ("invalid_api_key", None)
+
+
+# --- model entitlement ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [None, "", ":missing", ":invalid", "public-a", "not-in-registry"])
+def test_unrestricted_tenant_and_key(index, clock, m):
+    assert run(index, clock, model=m).allowed
+
+
+def test_restricted_model_needs_tenant_entitlement(index, clock):
+    d = run(index, clock, model="secret-m")
+    assert d.code == "model_not_found"
+    assert d.param == "model"
+    assert d.message == "The model `secret-m` does not exist or you do not have access to it."
+    idx = index_of(
+        api_key(KEY), tenant(allowed_models=["secret-m", "public-a"]), model("secret-m", restricted=True)
+    )
+    assert run(idx, clock, model="secret-m").allowed
+
+
+def test_tenant_allow_list(clock):
+    idx = index_of(api_key(KEY), tenant(allowed_models=["public-a"]), model("public-a"), model("public-b"))
+    assert run(idx, clock, model="public-a").allowed
+    assert run(idx, clock, model="public-b").code == "model_not_found"
+    assert run(idx, clock, model="not-in-registry").code == "model_not_found"
+    assert run(idx, clock, model=None).allowed  # e.g. GET /v1/models
+    assert run(idx, clock, model=":missing").allowed
+
+
+def test_key_allow_list(clock):
+    idx = index_of(api_key(KEY, allowed_models=["public-b"]), tenant(), model("public-a"), model("public-b"))
+    assert run(idx, clock, model="public-b").allowed
+    d = run(idx, clock, model="public-a")
+    assert (d.code, d.tenant_id, d.key_id) == ("model_not_found", "t1", "k1")
+
+
+def test_key_allow_list_does_not_grant_restricted(clock):
+    idx = index_of(api_key(KEY, allowed_models=["secret-m"]), tenant(), model("secret-m", restricted=True))
+    assert run(idx, clock, model="secret-m").code == "model_not_found"
+
+
+def test_both_lists_must_allow(clock):
+    idx = index_of(
+        api_key(KEY, allowed_models=["public-a", "public-b"]),
+        tenant(allowed_models=["public-b"]),
+    )
+    assert run(idx, clock, model="public-b").allowed
+    assert run(idx, clock, model="public-a").code == "model_not_found"
+
+
+def test_key_state_checked_before_model(clock):
+    idx = index_of(api_key(KEY, revoked=True), tenant(allowed_models=["x"]))
+    assert run(idx, clock, model="y").code == "api_key_revoked"
+
+
+# --- compile ----------------------------------------------------------------------------
+
+
+def test_compile_indexes_everything(index):
+    assert index.version == "v1"
+    entry = index.keys[digest(PEPPER, KEY)]
+    assert (entry.key_id, entry.secret_id, entry.tenant_id, entry.prefix) == (
+        "k1",
+        "s1",
+        "t1",
+        display_prefix(KEY),
+    )
+    assert index.tenants["t1"].allowed_models == frozenset()
+    assert index.public_models == {"public-a", "public-b"}
+    assert index.restricted_models == {"secret-m"}
+
+
+def test_compile_is_immutable(index):
+    with pytest.raises(TypeError):
+        index.keys[b"x"] = index.keys[digest(PEPPER, KEY)]  # type: ignore[index]
+
+
+def test_compile_rejects_bad_digest():
+    bad = policy_pb2.Resource(api_key=policy_pb2.ApiKey(id="s", key_id="k", tenant_id="t", digest=b"short"))
+    with pytest.raises(InvalidArgumentError, match="digest"):
+        key_index_from_policy({"api_key/s": bad})
+
+
+def test_compile_rejects_duplicate_digest():
+    with pytest.raises(InvalidArgumentError, match="duplicates"):
+        index_of(api_key(KEY, secret_id="a"), api_key(KEY, secret_id="b"))
+
+
+def test_compile_ignores_limits():
+    lim = policy_pb2.Resource(limit=policy_pb2.Limit(id="l1", tenant_id="t1"))
+    assert key_index_from_policy({"limit/l1": lim}).keys == {}
+
+
+def test_compile_reuses_unchanged_keys_only():
+    res = {"api_key/s1": api_key(KEY), "api_key/s2": api_key(OTHER_KEY, secret_id="s2", key_id="k2")}
+    res["tenant/t1"] = tenant()
+    first = key_index_from_policy(res, version="1")
+    res["api_key/s2"] = api_key(OTHER_KEY, secret_id="s2", key_id="k2", revoked=True)
+    second = key_index_from_policy(res, version="2", previous=first)
+    assert second == key_index_from_policy(res, version="2")
+    d1, d2 = digest(PEPPER, KEY), digest(PEPPER, OTHER_KEY)
+    assert second.keys[d1] is first.keys[d1]
+    assert second.keys[d2].revoked
+    assert not first.keys[d2].revoked
+    del res["api_key/s1"]
+    third = key_index_from_policy(res, version="3", previous=second)
+    assert d1 not in third.keys
