@@ -83,7 +83,8 @@ async def _start_http(
     app = build_http_app(lambda: publisher_ref[0].state if publisher_ref else None)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_address=False)
+    # SO_REUSEADDR: a restart must not trip over TIME_WAIT; Linux still refuses a second listener.
+    site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_address=True)
     try:
         await site.start()
     except OSError as exc:

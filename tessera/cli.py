@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 SERVICE_COMMANDS = ("control-plane", "ext-authz", "ratelimit")
@@ -50,6 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--admin-port", type=int, default=50051, help="admin gRPC port (default 50051)")
     up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
 
+    bs = sub.add_parser("envoy-bootstrap", help="render envoy/bootstrap.yaml with concrete addresses")
+    bs.add_argument("--node-id", default="tessera-gateway")
+    bs.add_argument("--admin", default="127.0.0.1:9901", help="Envoy admin host:port")
+    bs.add_argument("--xds", default="127.0.0.1:50052", help="control plane xDS host:port")
+    bs.add_argument("--ext-authz", default="127.0.0.1:50061", help="ext_authz host:port")
+    bs.add_argument("--ratelimit", default="127.0.0.1:50071", help="ratelimit host:port")
+    bs.add_argument("--out", default="-", help="file to write (default stdout)")
+
+    _add_admin_commands(sub, g)
+    for name in SERVICE_COMMANDS:
+        sub.add_parser(name, add_help=False, help=f"run the {name} service")
+    sub.add_parser("demo-upstream", add_help=False, help="run the demo upstream (a vLLM stand-in)")
+    return top
+
+
+def _add_admin_commands(sub: Any, g: argparse.ArgumentParser) -> None:
     tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
     t = tenants.add_parser("create", parents=[g])
     t.add_argument("name")
@@ -92,11 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--fail", choices=("open", "closed"), default="open")
     lim = limits.add_parser("list", parents=[g])
     lim.add_argument("--tenant", default="")
-
-    for name in SERVICE_COMMANDS:
-        sub.add_parser(name, add_help=False, help=f"run the {name} service")
-    sub.add_parser("demo-upstream", add_help=False, help="run the demo upstream (a vLLM stand-in)")
-    return top
 
 
 # --- admin commands ---------------------------------------------------------------------------
@@ -221,6 +233,27 @@ def run_admin(args: argparse.Namespace) -> int:
 # --- entry ------------------------------------------------------------------------------------
 
 
+def _envoy_bootstrap(args: argparse.Namespace) -> int:
+    from tessera.bootstrap import BootstrapParams, render_bootstrap  # noqa: PLC0415
+
+    def split(value: str) -> tuple[str, int]:
+        host, _, port = value.rpartition(":")
+        return host, int(port)
+
+    (ah, ap), (xh, xp), (eh, ep), (rh, rp) = (
+        split(args.admin),
+        split(args.xds),
+        split(args.ext_authz),
+        split(args.ratelimit),
+    )
+    text = render_bootstrap(BootstrapParams(args.node_id, ah, ap, xh, xp, eh, ep, rh, rp))
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.out).write_text(text)
+    return 0
+
+
 def _run_entry_point(name: str, argv: list[str]) -> int:
     if name == "demo-upstream":
         from tessera.demo_upstream.__main__ import main as demo_main  # noqa: PLC0415
@@ -243,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help(sys.stderr)
         return 2
+    if args.command == "envoy-bootstrap":
+        return _envoy_bootstrap(args)
     if args.command == "up":
         from tessera.up import run_up  # noqa: PLC0415
 

@@ -372,7 +372,11 @@ class Stack:
         await asyncio.sleep(delay)
         if child.name == "envoy":
             # Envoy keeps xDS config in memory only: start it once the control plane serves.
-            await self.children["control-plane"].wait_ready(timeout=START_TIMEOUT)
+            try:
+                await self.children["control-plane"].wait_ready(timeout=delay + 5)
+            except StartupError as exc:
+                _say(f"envoy waits for the control plane: {exc}")
+                return  # still exited: the next round tries again with a longer backoff
         await child.start()
         write_json(self.dd.endpoints, self.endpoints())
 

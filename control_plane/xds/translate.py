@@ -31,6 +31,9 @@ INVALID = ":invalid"
 T = "type.googleapis.com/"
 HCM = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ADS = {"ads": {}, "resource_api_version": "V3"}
+# Inference calls are POSTs; a GET to an unknown path is a plain 404, whatever its body.
+POST = [{"name": ":method", "string_match": {"exact": "POST"}}]
+MODEL_NAMED = {"string_match": {"safe_regex": {"regex": "^[^:].*"}}}  # a name, not a sentinel
 JSON_CT = {"header": {"key": "content-type", "value": "application/json"}}
 
 
@@ -84,7 +87,7 @@ def _local_reply_config() -> dict[str, Any]:
             "matcher": {
                 "filter": MODEL_NS,
                 "path": [{"key": "model"}],
-                "value": {"string_match": {"safe_regex": {"regex": "^[^:].*"}}},
+                "value": MODEL_NAMED,
             }
         }
     }
@@ -279,12 +282,20 @@ def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
         },
         _direct(
             "invalid_json",
-            {"prefix": "/", "dynamic_metadata": _meta_match({"string_match": {"exact": INVALID}})},
+            {
+                "prefix": "/v1/",
+                "headers": POST,
+                "dynamic_metadata": _meta_match({"string_match": {"exact": INVALID}}),
+            },
             "invalid_json",
         ),
         _direct(
             "missing_model",
-            {"prefix": "/", "dynamic_metadata": _meta_match({"string_match": {"exact": MISSING}})},
+            {
+                "prefix": "/v1/",
+                "headers": POST,
+                "dynamic_metadata": _meta_match({"string_match": {"exact": MISSING}}),
+            },
             "missing_model",
         ),
     ]
@@ -303,11 +314,11 @@ def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
             # A model that is not registered: Envoy answers 404 model_not_found itself.
             {
                 "name": "unknown_model",
-                "match": {"prefix": "/v1/", "dynamic_metadata": _meta_match({"present_match": True})},
+                "match": {"prefix": "/v1/", "dynamic_metadata": _meta_match(MODEL_NAMED)},
                 "direct_response": {"status": 404},
             },
             # Not a JSON body at all: there is no model to route on.
-            _direct("no_model", {"prefix": "/v1/"}, "missing_model"),
+            _direct("no_model", {"prefix": "/v1/", "headers": POST}, "missing_model"),
             {"name": "not_found", "match": {"prefix": "/"}, "direct_response": {"status": 404}},
         ]
     )

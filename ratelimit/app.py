@@ -1,0 +1,120 @@
+"""Composition root: counters, limiter, RLS server, policy subscription, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import structlog
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
+
+from ratelimit.backends import CounterBackend, make_backend
+from ratelimit.limiter import RateLimiter
+from ratelimit.limits import snapshot_from_policy
+from ratelimit.servicer import SERVICE_NAME, RateLimitServicer
+from ratelimit.settings import RatelimitSettings, check_settings
+from tessera.clock import SYSTEM_CLOCK, Clock
+from tessera.grpc_server import RunningServer, start_server
+from tessera.metrics import MetricsServer, serve_metrics
+from tessera.policy_client import PolicySubscriber, PolicyUpdate
+
+log = structlog.get_logger("ratelimit")
+
+
+@dataclass
+class App:
+    port: int
+    metrics_port: int
+    limiter: RateLimiter
+    subscriber: PolicySubscriber
+    server: RunningServer
+    _backend: CounterBackend
+    _owns_backend: bool
+    _grace: float
+    _tasks: tuple[asyncio.Task[None], ...]
+    _metrics: MetricsServer
+    _stopped: bool = field(default=False)
+
+    async def stop(self) -> None:
+        """Health to NOT_SERVING, drain in-flight calls for the grace period, then release."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.server.stop(self._grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._owns_backend:
+            await self._backend.close()
+        await asyncio.to_thread(self._metrics.shutdown)  # blocks up to the server's 0.5 s poll
+
+    async def wait_closed(self) -> None:
+        await self.server.server.wait_for_termination()
+
+
+async def build_app(
+    settings: RatelimitSettings,
+    *,
+    counters: CounterBackend | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> App:
+    """Start serving (NOT_SERVING until the first policy snapshot); ``stop()`` undoes it all.
+
+    ``counters`` replaces the backend named by ``settings.redis.url`` and stays the caller's
+    to close; ``clock`` drives the memory backend built here.
+    """
+    check_settings(settings)
+    backend = (
+        counters if counters is not None else make_backend(settings.redis.url.get_secret_value(), clock=clock)
+    )
+    limiter = RateLimiter(backend)
+    servicer = RateLimitServicer(limiter)
+
+    def on_update(update: PolicyUpdate) -> None:
+        snapshot = snapshot_from_policy(update.version, update.resources.values())
+        limiter.replace(snapshot)
+        log.info("ratelimit_limits_applied", version=snapshot.version, limits=snapshot.size)
+
+    try:
+        running = await start_server(
+            settings.grpc,
+            [lambda server: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer, server)],
+            services=[SERVICE_NAME],
+            reuse_port=settings.workers > 1,
+        )
+    except BaseException:
+        if counters is None:
+            await backend.close()
+        raise
+    try:
+        metrics = serve_metrics(settings.metrics)
+    except BaseException:
+        await running.stop(0)
+        if counters is None:
+            await backend.close()
+        raise
+
+    subscriber = PolicySubscriber(settings.policy, service="ratelimit", on_update=on_update)
+
+    async def serve_when_ready() -> None:
+        # NOT_SERVING until the first full snapshot is applied; never depends on Redis.
+        await subscriber.ready.wait()
+        await running.set_serving(True)
+        log.info("ratelimit_ready", version=subscriber.version)
+
+    tasks = (
+        asyncio.create_task(subscriber.run(), name="ratelimit-policy"),
+        asyncio.create_task(serve_when_ready(), name="ratelimit-ready"),
+    )
+    return App(
+        port=running.port,
+        metrics_port=metrics.port,
+        limiter=limiter,
+        subscriber=subscriber,
+        server=running,
+        _backend=backend,
+        _owns_backend=counters is None,
+        _grace=settings.grpc.grace_seconds,
+        _tasks=tasks,
+        _metrics=metrics,
+    )

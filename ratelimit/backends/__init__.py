@@ -1,0 +1,50 @@
+"""Counter backends, chosen once by URL scheme in ``make_backend`` (the only such branch)."""
+
+from __future__ import annotations
+
+from ratelimit.backends.base import (
+    Acquisition,
+    CounterBackend,
+    CounterRequest,
+    CounterState,
+    counter_key,
+)
+from ratelimit.backends.memory import MemoryCounterBackend
+from ratelimit.backends.redis import RedisCounterBackend
+from tessera.clock import SYSTEM_CLOCK, Clock
+from tessera.errors import ConfigError
+from tessera.settings import redact_url
+
+__all__ = [
+    "Acquisition",
+    "CounterBackend",
+    "CounterRequest",
+    "CounterState",
+    "MemoryCounterBackend",
+    "RedisCounterBackend",
+    "counter_key",
+    "is_memory_url",
+    "make_backend",
+]
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _scheme(url: str) -> str:
+    scheme, sep, _ = url.partition("://")
+    return scheme.lower() if sep else ""
+
+
+def is_memory_url(url: str) -> bool:
+    return _scheme(url) == "memory"
+
+
+def make_backend(url: str, *, clock: Clock = SYSTEM_CLOCK) -> CounterBackend:
+    """``memory://`` (one process) or ``redis://`` / ``rediss://`` / ``unix://``; nothing connects yet."""
+    scheme = _scheme(url)
+    if scheme == "memory":
+        return MemoryCounterBackend(clock)
+    if scheme in _REDIS_SCHEMES:
+        return RedisCounterBackend(url)
+    msg = f"unsupported counter URL {redact_url(url)!r}: use memory://, redis://, rediss:// or unix://"
+    raise ConfigError(msg)

@@ -1,0 +1,42 @@
+"""The ratelimit service's one settings object (env ``TESSERA_*``, ``__`` nesting)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+from ratelimit.backends import is_memory_url
+from tessera.errors import ConfigError
+from tessera.settings import (
+    SETTINGS_CONFIG,
+    GrpcSettings,
+    LogSettings,
+    MetricsSettings,
+    PolicySettings,
+    RedisSettings,
+)
+
+
+class RatelimitSettings(BaseSettings):
+    model_config = SETTINGS_CONFIG
+
+    grpc: GrpcSettings = GrpcSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log: LogSettings = LogSettings()
+    policy: PolicySettings = PolicySettings()
+    redis: RedisSettings = RedisSettings()
+    workers: int = Field(default=1, ge=1, description="processes sharing the gRPC port (SO_REUSEPORT)")
+
+
+def check_settings(settings: RatelimitSettings) -> None:
+    """Cross-field rules; a violation is a startup error."""
+    if settings.workers > 1:
+        if is_memory_url(settings.redis.url.get_secret_value()):
+            msg = (
+                f"workers={settings.workers} with memory:// counters: each process would count "
+                "separately; use one worker or a redis:// URL (TESSERA_REDIS__URL)"
+            )
+            raise ConfigError(msg)
+        if settings.grpc.port == 0:
+            msg = "workers > 1 needs a fixed gRPC port (TESSERA_GRPC__PORT) for the workers to share"
+            raise ConfigError(msg)

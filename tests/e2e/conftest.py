@@ -1,0 +1,136 @@
+"""One real stack (`tessera up`: Envoy + control plane + ext_authz + ratelimit + demo upstream)
+per test session, driven from outside like a user would: the CLI and the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import free_port
+
+BIN = Path(sys.executable).parent
+TESSERA = str(BIN / "tessera")
+START_TIMEOUT = 120
+
+
+@dataclass
+class Stack:
+    root: Path
+    port: int
+    admin_port: int
+    proc: subprocess.Popen[str]
+    output: list[str] = field(default_factory=list)
+    demo_key: str = ""
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def endpoints(self) -> dict[str, Any]:
+        return json.loads((self.root / "endpoints.json").read_text())
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [TESSERA, *args, "--data-dir", str(self.root), "--output", "json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            msg = f"tessera {' '.join(args)} failed ({result.returncode}): {result.stderr}"
+            raise AssertionError(msg)
+        return result
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args).stdout)
+
+    def client(self, key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.gateway}/v1", api_key=key, max_retries=0, timeout=30)
+
+    def new_key(self, tenant: str | None = None) -> str:
+        name = tenant or f"t{time.monotonic_ns()}"
+        if tenant is None:
+            self.cli("tenants", "create", name)
+        return str(self.cli_json("keys", "create", "--tenant", name)["key"])
+
+
+def start_stack(root: Path, *extra: str) -> Stack:
+    port, admin_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    proc = subprocess.Popen(
+        [
+            TESSERA,
+            "up",
+            "--demo-upstream",
+            "--port",
+            str(port),
+            "--admin-port",
+            str(admin_port),
+            "--data-dir",
+            str(root),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    stack = Stack(root, port, admin_port, proc)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            stack.output.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        if m := re.search(r"Demo key \(shown once\): (\S+)", line):
+            stack.demo_key = m.group(1)
+        if "Ctrl-C stops everything" in line:
+            return stack
+    stop_stack(stack)
+    logs = "".join(stack.output)
+    msg = f"tessera up did not become ready:\n{logs}"
+    raise AssertionError(msg)
+
+
+def stop_stack(stack: Stack) -> int:
+    if stack.proc.poll() is None:
+        stack.proc.send_signal(signal.SIGTERM)
+        try:
+            return stack.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            stack.proc.kill()
+    return stack.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("stack"))
+    yield s
+    stop_stack(s)

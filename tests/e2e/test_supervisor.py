@@ -1,0 +1,102 @@
+"""`tessera up` as a supervisor: crashed children come back, SIGTERM leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.e2e.conftest import TESSERA, start_stack, stop_stack
+from tests.e2e.test_gateway import eventually
+
+pytestmark = pytest.mark.envoy
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # noqa: PTH123
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def chat(stack) -> None:
+    stack.client(stack.demo_key).chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "still there?"}], max_tokens=1
+    )
+
+
+@pytest.mark.parametrize("child", ["ext-authz", "ratelimit", "demo-upstream", "control-plane", "envoy"])
+def test_sigkilled_child_is_restarted_and_the_gateway_recovers(stack, child):
+    old = stack.endpoints()["pids"][child]
+    os.kill(old, signal.SIGKILL)
+    new = eventually(lambda: _restarted(stack, child, old), timeout=30, interval=0.2)
+    assert new != old
+    eventually(lambda: chat(stack), timeout=30, interval=0.2)
+    # The admin API (control plane) works again too, and the restart was logged.
+    eventually(lambda: stack.cli("tenants", "list"), timeout=30, interval=0.2)
+    assert any(f"{child} exited" in line for line in stack.output)
+
+
+def _restarted(stack, child: str, old: int) -> int:
+    pid = stack.endpoints()["pids"][child]
+    assert pid != old
+    assert alive(pid)
+    return int(pid)
+
+
+def test_port_in_use_is_a_clear_startup_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [TESSERA, "up", "--port", str(port), "--admin-port", "0", "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2
+    assert f"127.0.0.1:{port} is already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_sigterm_stops_every_child_on_postgres_and_redis(tmp_path, postgres_url, redis_url):
+    stack = start_stack(tmp_path, "--db", postgres_url, "--redis", redis_url)
+    try:
+        chat(stack)  # the whole path works on PostgreSQL + Redis too
+        tenant = f"pg{time.monotonic_ns()}"
+        stack.cli("tenants", "create", tenant)
+        key = stack.new_key(tenant)
+        stack.cli(
+            "limits", "create", "--tenant", tenant, "--kind", "requests", "--window", "minute", "--limit", "1"
+        )
+        client = stack.client(key)
+        time.sleep(1.0)
+        client.models.list()
+        client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=1
+        )
+        import openai  # noqa: PLC0415
+
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=1
+            )
+        pids = list(stack.endpoints()["pids"].values())
+        assert all(alive(p) for p in pids)
+    finally:
+        code = stop_stack(stack)
+    assert code == 0
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [p for p in pids if alive(p)] == []

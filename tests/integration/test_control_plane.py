@@ -1,0 +1,255 @@
+"""The real control plane (build_app) on a real SQLite file and the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from sqlalchemy import inspect
+
+from control_plane.app import App, build_app
+from control_plane.db.engine import make_engine
+from control_plane.db.migrate import upgrade
+from control_plane.settings import ControlPlaneSettings
+from tessera import keys
+from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
+from tessera.errors import ConfigError
+from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
+
+TOKEN = "test-admin-token"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+
+
+def _settings(url: str, pepper: Path) -> ControlPlaneSettings:
+    return ControlPlaneSettings(
+        database={"url": url},
+        pepper={"file": pepper},
+        admin={"port": 0},
+        xds={"port": 0},
+        http={"port": 0},
+        metrics={"port": 0},
+        admin_token=TOKEN,
+        gateway={"port": 18080},
+    )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'cp.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    upgrade(url)  # sync: alembic runs its own event loop
+    return url
+
+
+@pytest.fixture
+def pepper(tmp_path) -> Path:
+    path = tmp_path / "pepper"
+    path.write_text(secrets.token_hex(32))
+    return path
+
+
+@pytest.fixture
+async def app(db_url, pepper) -> AsyncIterator[App]:
+    app = await build_app(_settings(db_url, pepper))
+    yield app
+    await app.stop(0)
+
+
+@pytest.fixture
+async def admin(app) -> AsyncIterator[admin_pb2_grpc.AdminServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as ch:
+        yield admin_pb2_grpc.AdminServiceStub(ch)
+
+
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def _name() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_migrations_upgrade_from_empty_to_every_table(backend, tmp_path, request):
+    url = (
+        f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    await asyncio.to_thread(upgrade, url)
+    engine = make_engine(url)
+    async with engine.connect() as conn:
+        tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+    await engine.dispose()
+    assert {"tenants", "api_keys", "models", "backends", "limits", "alembic_version"} <= tables
+
+
+async def test_unmigrated_database_is_a_startup_error(tmp_path, pepper):
+    with pytest.raises(ConfigError, match="migrate"):
+        await build_app(_settings(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", pepper))
+
+
+async def test_missing_pepper_is_a_startup_error(tmp_path, db_url):
+    with pytest.raises(ConfigError, match="pepper"):
+        await build_app(_settings(db_url, tmp_path / "nope"))
+
+
+async def test_admin_calls_need_the_admin_token(admin):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin.ListTenants(admin_pb2.ListTenantsRequest())
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin.ListTenants(admin_pb2.ListTenantsRequest(), metadata=(("authorization", "Bearer wrong"),))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_tenant_lifecycle_and_errors(admin):
+    name = _name()
+    created = await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=name), metadata=AUTH)
+    assert created.tenant.id.startswith("ten_")
+    assert created.tenant.status == "active"
+    by_name = await admin.GetTenant(admin_pb2.GetTenantRequest(tenant=name), metadata=AUTH)
+    by_id = await admin.GetTenant(admin_pb2.GetTenantRequest(tenant=created.tenant.id), metadata=AUTH)
+    assert by_name.tenant == by_id.tenant == created.tenant
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=name), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin.CreateTenant(admin_pb2.CreateTenantRequest(name="Bad Name!"), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "name" in err.value.details()
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin.GetTenant(admin_pb2.GetTenantRequest(tenant="no-such-tenant"), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_list_tenants_paginates(admin):
+    names = sorted(_name() for _ in range(3))
+    for n in names:
+        await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=n), metadata=AUTH)
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await admin.ListTenants(
+            admin_pb2.ListTenantsRequest(page_size=2, page_token=token), metadata=AUTH
+        )
+        assert len(page.items) <= 2
+        seen += [t.name for t in page.items]
+        token = page.next_page_token
+        if not token:
+            break
+    assert set(names) <= set(seen)
+    assert len(seen) == len(set(seen))
+
+
+async def test_api_key_is_shown_once_and_stored_as_a_digest(admin, app, pepper):
+    name = _name()
+    await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=name), metadata=AUTH)
+    created = await admin.CreateApiKey(admin_pb2.CreateApiKeyRequest(tenant=name, name="ci"), metadata=AUTH)
+    assert created.key.startswith(f"tsk_{created.id}_")
+    assert len(created.key) > 50  # 256-bit secret
+    listed = await admin.ListApiKeys(admin_pb2.ListApiKeysRequest(tenant=name), metadata=AUTH)
+    assert [k.id for k in listed.items] == [created.id]
+    assert created.key not in str(listed)
+    assert listed.items[0].prefix == created.key[: len(listed.items[0].prefix)]
+    # The store holds the HMAC digest only.
+    state = app.publisher.state
+    assert state is not None
+    (row,) = [k for k in state.keys if k.key_id == created.id]
+    assert row.digest == keys.digest(keys.load_pepper(pepper), created.key)
+
+
+async def test_bad_limit_and_model_input_is_invalid_argument(admin):
+    name = _name()
+    await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=name), metadata=AUTH)
+    bad = [
+        admin_pb2.CreateLimitRequest(tenant=name, kind="requests", window="fortnight", limit=1),
+        admin_pb2.CreateLimitRequest(tenant=name, kind="requests", window="minute", limit=0),
+        admin_pb2.CreateLimitRequest(tenant=name, kind="bananas", window="minute", limit=1),
+    ]
+    for req in bad:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.CreateLimit(req, metadata=AUTH)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for url in ["ftp://x:1", "http://h", "http://h:80/v1", "http://user:pw@h:80"]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.AddModel(
+                admin_pb2.AddModelRequest(name="m1", backend=admin_pb2.Backend(url=url)), metadata=AUTH
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, url
+    models = await admin.ListModels(admin_pb2.ListModelsRequest(), metadata=AUTH)
+    assert "m1" not in [m.name for m in models.items]  # bad input changed nothing
+
+
+async def _next_complete(stream) -> policy_pb2.StreamPolicyResponse:
+    msg = await asyncio.wait_for(stream.read(), 5)
+    while not msg.complete:
+        msg = await asyncio.wait_for(stream.read(), 5)
+    return msg
+
+
+async def test_policy_stream_sends_a_snapshot_then_deltas(admin, app, pepper):
+    name = _name()
+    await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=name), metadata=AUTH)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.xds_port}") as ch:
+        stream = policy_pb2_grpc.PolicyServiceStub(ch).Stream()
+        await stream.write(policy_pb2.StreamPolicyRequest(node_id="test", service="ext_authz"))
+        first = await asyncio.wait_for(stream.read(), 5)
+        assert first.reset
+        tenants = [r.tenant for r in first.upserts if r.WhichOneof("kind") == "tenant"]
+        assert name in [t.name for t in tenants]
+        if not first.complete:
+            await _next_complete(stream)
+        created = await admin.CreateApiKey(admin_pb2.CreateApiKeyRequest(tenant=name), metadata=AUTH)
+        delta = await _next_complete(stream)
+        assert not delta.reset
+        (upsert,) = [r.api_key for r in delta.upserts if r.WhichOneof("kind") == "api_key"]
+        assert upsert.key_id == created.id
+        assert upsert.digest == keys.digest(keys.load_pepper(pepper), created.key)
+        stream.cancel()
+
+
+async def test_ads_pushes_a_new_model_cluster(admin, app):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.xds_port}") as ch:
+        stream = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources()
+        node = base_pb2.Node(id="test-envoy", cluster="tessera")
+        await stream.write(discovery_pb2.DiscoveryRequest(node=node, type_url=CLUSTER_TYPE))
+        await stream.write(discovery_pb2.DiscoveryRequest(node=node, type_url=LISTENER_TYPE))
+        got: dict[str, discovery_pb2.DiscoveryResponse] = {}
+        while len(got) < 2:
+            resp = await asyncio.wait_for(stream.read(), 5)
+            got[resp.type_url] = resp
+        (lst,) = got[LISTENER_TYPE].resources
+        listener = listener_pb2.Listener.FromString(lst.value)
+        assert listener.address.socket_address.port_value == 18080
+        # ACK both, then add a model: a new CDS version arrives with its cluster.
+        for resp in got.values():
+            await stream.write(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=resp.type_url, version_info=resp.version_info, response_nonce=resp.nonce
+                )
+            )
+        model = f"m-{uuid.uuid4().hex[:6]}"
+        await admin.AddModel(
+            admin_pb2.AddModelRequest(name=model, backend=admin_pb2.Backend(url="http://127.0.0.1:9")),
+            metadata=AUTH,
+        )
+        resp = await asyncio.wait_for(stream.read(), 5)
+        assert resp.type_url == CLUSTER_TYPE
+        names = {cluster_pb2.Cluster.FromString(r.value).name for r in resp.resources}
+        assert f"model/{model}" in names
+        stream.cancel()

@@ -1,0 +1,426 @@
+"""The real ratelimit service: build_app() on 127.0.0.1:0, a real policy stream, real stubs.
+
+The policy stream comes from a tiny in-test PolicyService (a real grpc.aio server). No mocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
+
+from ratelimit.app import build_app
+from ratelimit.backends import MemoryCounterBackend
+from ratelimit.settings import RatelimitSettings
+from tessera.clock import FakeClock
+from tessera.errors import ConfigError
+from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
+from tessera.settings import GrpcSettings, MetricsSettings, PolicySettings, RedisSettings
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+OK = rls_pb2.RateLimitResponse.OK
+OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class FakePolicyService(policy_pb2_grpc.PolicyServiceServicer):
+    """Sends whatever the test queues; records the versions the subscriber acks."""
+
+    def __init__(self) -> None:
+        self.outbox: asyncio.Queue[policy_pb2.StreamPolicyResponse] = asyncio.Queue()
+        self.acks: list[str] = []
+        self._acked = asyncio.Event()
+
+    async def Stream(self, request_iterator, _context) -> AsyncIterator[policy_pb2.StreamPolicyResponse]:  # noqa: N802
+        async def read_acks() -> None:
+            async for req in request_iterator:
+                if req.ack_version:
+                    self.acks.append(req.ack_version)
+                    self._acked.set()
+
+        reader = asyncio.create_task(read_acks())
+        try:
+            while True:
+                yield await self.outbox.get()
+        finally:
+            reader.cancel()
+
+    def snapshot(self, version: str, *limits: policy_pb2.Limit) -> None:
+        self.outbox.put_nowait(
+            policy_pb2.StreamPolicyResponse(
+                version=version,
+                reset=True,
+                complete=True,
+                upserts=[policy_pb2.Resource(limit=lim) for lim in limits],
+            )
+        )
+
+    def delta(self, version: str, *limits: policy_pb2.Limit, deletes: tuple[str, ...] = ()) -> None:
+        self.outbox.put_nowait(
+            policy_pb2.StreamPolicyResponse(
+                version=version,
+                complete=True,
+                upserts=[policy_pb2.Resource(limit=lim) for lim in limits],
+                deletes=list(deletes),
+            )
+        )
+
+    async def wait_ack(self, version: str) -> None:
+        async with asyncio.timeout(5):
+            while version not in self.acks:
+                self._acked.clear()
+                await self._acked.wait()
+
+
+@pytest.fixture
+async def policy():
+    service = FakePolicyService()
+    server = grpc.aio.server()
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    service.url = f"127.0.0.1:{port}"
+    yield service
+    await server.stop(0)
+
+
+@pytest.fixture
+def tenant():
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def settings_for(policy_url: str, redis_url: str = "memory://", **kw) -> RatelimitSettings:
+    return RatelimitSettings(
+        grpc=GrpcSettings(host="127.0.0.1", port=0, grace_seconds=0.1),
+        metrics=MetricsSettings(enabled=False),
+        policy=PolicySettings(url=policy_url, reconnect_max_seconds=0.2),
+        redis=RedisSettings(url=redis_url),
+        **kw,
+    )
+
+
+@pytest.fixture
+async def start(policy):
+    apps = []
+
+    async def _start(redis_url: str = "memory://"):
+        app = await build_app(settings_for(policy.url, redis_url))
+        apps.append(app)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        apps.append(channel)
+        return app, rls_pb2_grpc.RateLimitServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+
+    yield _start
+    for item in reversed(apps):
+        await (item.stop() if hasattr(item, "stop") else item.close())
+
+
+def limit(tenant: str, limit_id: str = "L1", n: int = 2, **kw) -> policy_pb2.Limit:
+    kw.setdefault("window_seconds", 60)
+    return policy_pb2.Limit(id=limit_id, tenant_id=tenant, kind=policy_pb2.Limit.REQUESTS, limit=n, **kw)
+
+
+def descriptor(tenant: str, key: str = "k1", model: str = "m1") -> ratelimit_pb2.RateLimitDescriptor:
+    entries = [("tenant_id", tenant), ("key_id", key), ("model", model)]
+    return ratelimit_pb2.RateLimitDescriptor(
+        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries]
+    )
+
+
+async def ask(stub, *descriptors, domain: str = "tessera") -> rls_pb2.RateLimitResponse:
+    return await stub.ShouldRateLimit(
+        rls_pb2.RateLimitRequest(domain=domain, descriptors=list(descriptors)), timeout=5
+    )
+
+
+def headers(response) -> dict[str, str]:
+    return {h.key: h.value for h in response.response_headers_to_add}
+
+
+async def serving(health) -> int:
+    return (await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)).status
+
+
+async def wait_serving(health) -> None:
+    async with asyncio.timeout(5):
+        while await serving(health) != SERVING:
+            await asyncio.sleep(0.02)
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+async def test_health_is_not_serving_until_the_first_snapshot(start, policy, tenant):
+    app, _, health = await start()
+    assert app.port > 0
+    await asyncio.sleep(0.2)  # the subscriber is connected, but nothing has been sent
+    assert await serving(health) == NOT_SERVING
+    rls_health = await health.Check(
+        health_pb2.HealthCheckRequest(service="envoy.service.ratelimit.v3.RateLimitService"), timeout=5
+    )
+    assert rls_health.status == NOT_SERVING
+    policy.snapshot("v1", limit(tenant))
+    await wait_serving(health)
+    await policy.wait_ack("v1")
+    assert app.subscriber.version == "v1"
+
+
+async def test_ok_then_over_limit_with_retry_after(start, policy, tenant):
+    _, stub, health = await start()
+    policy.snapshot("v1", limit(tenant, n=2))
+    await wait_serving(health)
+    over_before = sample("tessera_ratelimit_decisions_total", {"result": "over_limit"})
+
+    first, second = await ask(stub, descriptor(tenant)), await ask(stub, descriptor(tenant))
+    assert (first.overall_code, second.overall_code) == (OK, OK)
+    assert headers(first) == {"x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "1"}
+    assert headers(second)["x-ratelimit-remaining-requests"] == "0"
+    assert first.statuses[0].current_limit.requests_per_unit == 2
+    assert first.statuses[0].current_limit.unit == rls_pb2.RateLimitResponse.RateLimit.MINUTE
+
+    with capture_logs() as logs:
+        third = await ask(stub, descriptor(tenant))
+    assert third.overall_code == OVER
+    assert third.statuses[0].code == OVER
+    assert third.statuses[0].limit_remaining == 0
+    got = headers(third)
+    assert got["x-ratelimit-remaining-requests"] == "0"
+    assert 1 <= int(got["retry-after"]) <= 60
+    assert sample("tessera_ratelimit_decisions_total", {"result": "over_limit"}) == over_before + 1
+    over = [e for e in logs if e["event"] == "ratelimit_over_limit"]
+    assert len(over) == 1
+    assert over[0]["tenant_id"] == tenant
+    assert over[0]["limit_id"] == "L1"
+
+    # another key of the same tenant shares the tenant-wide limit; another tenant does not
+    assert (await ask(stub, descriptor(tenant, key="k2"))).overall_code == OVER
+    assert (await ask(stub, descriptor("someone-else"))).overall_code == OK
+
+
+async def test_a_delta_changing_the_limit_takes_effect(start, policy, tenant):
+    _, stub, health = await start()
+    policy.snapshot("v1", limit(tenant, n=1))
+    await wait_serving(health)
+    assert (await ask(stub, descriptor(tenant))).overall_code == OK
+    assert (await ask(stub, descriptor(tenant))).overall_code == OVER
+
+    policy.delta("v2", limit(tenant, n=3))
+    await policy.wait_ack("v2")
+    raised = await ask(stub, descriptor(tenant))
+    assert raised.overall_code == OK
+    assert headers(raised) == {"x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "1"}
+
+    policy.delta("v3", deletes=("limit/L1",))
+    await policy.wait_ack("v3")
+    gone = await ask(stub, descriptor(tenant))
+    assert gone.overall_code == OK
+    assert headers(gone) == {}
+
+
+async def test_an_invalid_version_keeps_the_old_limits(start, policy, tenant):
+    _, stub, health = await start()
+    policy.snapshot("v1", limit(tenant, n=1))
+    await wait_serving(health)
+    policy.delta("v2", limit(tenant, "bad", window_seconds=0))
+    policy.delta("v3", limit(tenant, "L2", n=5))
+    await policy.wait_ack("v3")  # so v2 has been processed (and rejected: never acked)
+    assert "v2" not in policy.acks
+    assert (await ask(stub, descriptor(tenant))).overall_code == OK
+    assert (await ask(stub, descriptor(tenant))).overall_code == OVER  # L1 (1/min) still there
+
+
+async def test_key_and_model_scoped_and_shadow_limits(start, policy, tenant):
+    _, stub, health = await start()
+    policy.snapshot(
+        "v1",
+        limit(tenant, "per-key", n=1, key_id="k1"),
+        limit(tenant, "per-model", n=5, model="m2"),
+        limit(tenant, "shadow", n=1, shadow=True),
+    )
+    await wait_serving(health)
+    assert (await ask(stub, descriptor(tenant, key="k1"))).overall_code == OK
+    over = await ask(stub, descriptor(tenant, key="k1"))
+    assert over.overall_code == OVER
+    with capture_logs() as logs:
+        other_key = await ask(stub, descriptor(tenant, key="k2", model="m2"))
+    assert other_key.overall_code == OK  # the shadow limit (1/min) is over, but never refuses
+    assert headers(other_key) == {"x-ratelimit-limit-requests": "5", "x-ratelimit-remaining-requests": "4"}
+    assert [e["limit_id"] for e in logs if e["event"] == "ratelimit_shadow_over_limit"] == ["shadow"]
+
+
+async def test_descriptors_it_does_not_understand_are_ok_and_uncounted(start, policy, tenant):
+    _, stub, health = await start()
+    policy.snapshot("v1", limit(tenant, n=1))
+    await wait_serving(health)
+    tokens = ratelimit_pb2.RateLimitDescriptor(
+        entries=[
+            ratelimit_pb2.RateLimitDescriptor.Entry(key="tenant_id", value=tenant),
+            ratelimit_pb2.RateLimitDescriptor.Entry(key="limit_kind", value="tokens"),
+        ]
+    )
+    tokens.hits_addend.value = 500
+    for _ in range(3):
+        response = await ask(stub, tokens)
+        assert response.overall_code == OK
+        assert [s.code for s in response.statuses] == [OK]
+        assert (await ask(stub, descriptor(tenant), domain="elsewhere")).overall_code == OK
+    mixed = await ask(stub, tokens, descriptor(tenant))
+    assert mixed.overall_code == OK
+    assert len(mixed.statuses) == 2
+    assert (await ask(stub, descriptor(tenant))).overall_code == OVER
+
+
+async def test_injected_counters_and_clock(policy):
+    clock = FakeClock()
+    counters = MemoryCounterBackend(clock)
+    app = await build_app(settings_for(policy.url), counters=counters)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    try:
+        stub, health = rls_pb2_grpc.RateLimitServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+        policy.snapshot("v1", limit("t1", n=1, window_seconds=1))
+        await wait_serving(health)
+        assert (await ask(stub, descriptor("t1"))).overall_code == OK
+        refused = await ask(stub, descriptor("t1"))
+        assert refused.overall_code == OVER
+        assert headers(refused)["retry-after"] == "1"
+        assert refused.statuses[0].current_limit.unit == rls_pb2.RateLimitResponse.RateLimit.SECOND
+        clock.advance(1.0)
+        assert (await ask(stub, descriptor("t1"))).overall_code == OK
+    finally:
+        await channel.close()
+        await app.stop()
+        await counters.close()
+
+
+@pytest.mark.redis
+async def test_redis_backend(start, policy, tenant):
+    app, stub, health = await start(REDIS_URL)
+    try:
+        policy.snapshot("v1", limit(tenant, n=2), limit(tenant, "per-key", n=10, key_id="k1"))
+        await wait_serving(health)
+        assert (await ask(stub, descriptor(tenant))).overall_code == OK
+        second = await ask(stub, descriptor(tenant))
+        assert second.overall_code == OK
+        assert headers(second)["x-ratelimit-remaining-requests"] == "0"
+        third = await ask(stub, descriptor(tenant))
+        assert third.overall_code == OVER
+        assert 1 <= int(headers(third)["retry-after"]) <= 60
+    finally:
+        await app.stop()
+        client = aioredis.Redis.from_url(REDIS_URL)
+        keys = [k async for k in client.scan_iter(match=f"tessera:rl:{{{tenant}}}:*")]
+        assert len(keys) == 2  # tenant-wide and per-key, hash-tagged by tenant
+        await client.delete(*keys)
+        await client.aclose()
+
+
+async def test_redis_unreachable_applies_each_limits_fail_mode(start, policy, tenant):
+    _, stub, health = await start("redis://127.0.0.1:1/0")
+    closed = f"{tenant}-closed"
+    policy.snapshot("v1", limit(tenant, "open", n=5), limit(closed, "closed", n=5, fail_closed=True))
+    await wait_serving(health)  # readiness never depends on Redis
+    errors_before = sample("tessera_ratelimit_backend_errors_total")
+    with capture_logs() as logs:
+        fail_open = await ask(stub, descriptor(tenant))
+        fail_closed = await ask(stub, descriptor(closed))
+    assert fail_open.overall_code == OK
+    assert fail_closed.overall_code == OVER
+    assert headers(fail_closed) == {"retry-after": "1"}
+    assert sample("tessera_ratelimit_backend_errors_total") == errors_before + 2
+    backend_errors = [e for e in logs if e["event"] == "ratelimit_backend_error"]
+    assert len(backend_errors) == 2
+    assert all("exc_info" not in e for e in backend_errors)
+
+
+async def test_memory_with_several_workers_is_a_startup_error(policy):
+    with pytest.raises(ConfigError, match="memory://"):
+        await build_app(settings_for(policy.url, workers=2))
+
+
+async def test_metrics_are_served(policy):
+    settings = settings_for(policy.url).model_copy(update={"metrics": MetricsSettings(port=0)})
+    app = await build_app(settings)
+    try:
+        assert app.metrics_port > 0
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.metrics_port)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        body = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        assert b"tessera_ratelimit_decisions_total" in body
+    finally:
+        await app.stop()
+
+
+def _run_main(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ratelimit", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_python_m_ratelimit_serves_and_stops_on_sigterm():
+    env = {
+        "TESSERA_GRPC__PORT": "0",
+        "TESSERA_METRICS__PORT": "0",
+        "TESSERA_POLICY__URL": "127.0.0.1:1",
+        "TESSERA_REDIS__URL": "redis://:hunter2@127.0.0.1:6379/0",
+        "TESSERA_LOG__FORMAT": "json",
+    }
+    proc = _run_main(env)
+    try:
+        deadline = time.monotonic() + 20
+        listening = None
+        while listening is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            event = json.loads(line)
+            if event["event"] == "ratelimit_listening":
+                listening = event
+        assert listening is not None
+        assert listening["port"] > 0
+        assert listening["metrics_port"] > 0
+        assert "hunter2" not in json.dumps(listening)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "code"),
+    [
+        ({"TESSERA_REDIS__URL": "memory://"}, 0),
+        ({"TESSERA_REDIS__URL": "memory://", "TESSERA_WORKERS": "2"}, 2),
+        ({"TESSERA_REDIS__URL": "memcached://x"}, 2),
+        ({"TESSERA_WORKERS": "0"}, 2),
+    ],
+)
+def test_check_config(env, code):
+    proc = _run_main({"TESSERA_LOG__FORMAT": "json", **env}, "check-config")
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == code, (out, err)
