@@ -115,8 +115,8 @@ def page(page_size: int, page_token: str) -> tuple[int, str]:
     size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
     if not page_token:
         return size, ""
-    try:
-        after = base64.urlsafe_b64decode(page_token.encode()).decode()
+    try:  # binascii.Error and UnicodeDecodeError are both ValueErrors
+        after = base64.b64decode(page_token.encode(), altchars=b"-_", validate=True).decode()
     except ValueError as exc:
         raise InvalidArgumentError("page_token", "is not a token this API returned") from exc
     return size, after

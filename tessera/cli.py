@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--xds", default="127.0.0.1:50052", help="control plane xDS host:port")
     bs.add_argument("--ext-authz", default="127.0.0.1:50061", help="ext_authz host:port")
     bs.add_argument("--ratelimit", default="127.0.0.1:50071", help="ratelimit host:port")
+    bs.add_argument("--template", default=None, help="bootstrap template (default: envoy/bootstrap.yaml)")
     bs.add_argument("--out", default="-", help="file to write (default stdout)")
 
     _add_admin_commands(sub, g)
@@ -234,7 +235,7 @@ def run_admin(args: argparse.Namespace) -> int:
 
 
 def _envoy_bootstrap(args: argparse.Namespace) -> int:
-    from tessera.bootstrap import BootstrapParams, render_bootstrap  # noqa: PLC0415
+    from tessera.bootstrap import TEMPLATE, BootstrapParams, render_bootstrap  # noqa: PLC0415
 
     def split(value: str) -> tuple[str, int]:
         host, _, port = value.rpartition(":")
@@ -246,7 +247,8 @@ def _envoy_bootstrap(args: argparse.Namespace) -> int:
         split(args.ext_authz),
         split(args.ratelimit),
     )
-    text = render_bootstrap(BootstrapParams(args.node_id, ah, ap, xh, xp, eh, ep, rh, rp))
+    template = Path(args.template) if args.template else TEMPLATE
+    text = render_bootstrap(BootstrapParams(args.node_id, ah, ap, xh, xp, eh, ep, rh, rp), template)
     if args.out == "-":
         sys.stdout.write(text)
     else:

@@ -390,7 +390,8 @@ def _cp_http_cluster(cfg: GatewayConfig) -> dict[str, Any]:
     }
     return {
         "name": CP_HTTP_CLUSTER,
-        "type": "STATIC",
+        # STRICT_DNS: in Kubernetes this is the control-plane Service name, locally an IP.
+        "type": "STRICT_DNS",
         "connect_timeout": "1s",
         "load_assignment": {
             "cluster_name": CP_HTTP_CLUSTER,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from alembic import command
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
@@ -18,7 +19,7 @@ from sqlalchemy import inspect
 
 from control_plane.app import App, build_app
 from control_plane.db.engine import make_engine
-from control_plane.db.migrate import upgrade
+from control_plane.db.migrate import alembic_config, upgrade
 from control_plane.settings import ControlPlaneSettings
 from tessera import keys
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
@@ -93,6 +94,11 @@ async def test_migrations_upgrade_from_empty_to_every_table(backend, tmp_path, r
         tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
     await engine.dispose()
     assert {"tenants", "api_keys", "models", "backends", "limits", "alembic_version"} <= tables
+
+
+def test_models_match_the_migrations(db_url):
+    """`alembic check`: the SQLAlchemy models and the migrated schema agree (no missing migration)."""
+    command.check(alembic_config(db_url))
 
 
 async def test_unmigrated_database_is_a_startup_error(tmp_path, pepper):

@@ -1,0 +1,38 @@
+# Tessera: `make run` (the whole stack, demo upstream included) and `make test` (every tier).
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint check-generated unit integration e2e bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"
+	$(BIN)/python -m pip install --quiet -e '.[postgres]' --group dev
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install Tessera (produces .venv/bin/tessera)
+
+run: install  ## start Envoy + control plane + ext_authz + ratelimit + demo upstream on 127.0.0.1:8080
+	$(BIN)/tessera up --demo-upstream $(ARGS)
+
+lint: install  ## ruff, mypy, import contracts, generated-code drift
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+	$(BIN)/lint-imports
+	$(BIN)/python -m tessera.codegen --check
+
+test: lint  ## every tier: unit, contract (memory/Redis, SQLite/PostgreSQL), integration, e2e through real Envoy
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+unit: install
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+e2e: install
+	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

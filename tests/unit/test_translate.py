@@ -1,0 +1,112 @@
+"""The xDS translation: routing by model, no default route, OpenAI-shaped local replies."""
+
+from __future__ import annotations
+
+import json
+
+from control_plane.state import BackendState, ModelState, State
+from control_plane.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, encode_all, type_version
+from control_plane.xds.translate import GatewayConfig, cluster_name, resources_from_state
+
+CFG = GatewayConfig("127.0.0.1", 8080, "127.0.0.1", 9999, None, 1 << 20)
+
+
+def model(name: str, *backends: BackendState, visibility: str = "public") -> ModelState:
+    return ModelState(name, visibility, backends, 0)
+
+
+def b(url: str, weight: int = 1, priority: int = 0) -> BackendState:
+    return BackendState(url, "openai-compatible", weight, priority)
+
+
+def routes(state: State) -> list[dict]:
+    return resources_from_state(state, CFG).routes["tessera_routes"]["virtual_hosts"][0]["routes"]
+
+
+def test_each_model_routes_by_body_model_and_nothing_routes_by_default():
+    rs = routes(State(models=(model("a", b("http://127.0.0.1:1")), model("b", b("http://127.0.0.1:2")))))
+    routed = [r for r in rs if "route" in r]
+    by_model = {
+        r["match"]["dynamic_metadata"][0]["value"]["string_match"]["exact"]: r["route"]["cluster"]
+        for r in routed
+        if "dynamic_metadata" in r["match"]
+    }
+    assert by_model == {"a": cluster_name("a"), "b": cluster_name("b")}
+    # Only /v1/models goes anywhere else, and it goes to the control plane, never to a backend.
+    others = [r for r in routed if "dynamic_metadata" not in r["match"]]
+    assert [(r["match"], r["route"]["cluster"]) for r in others] == [
+        ({"path": "/v1/models"}, "tessera_control_plane_http")
+    ]
+    # The catch-alls are direct responses.
+    assert all("direct_response" in r for r in rs if r not in routed)
+    assert rs[-1]["match"] == {"prefix": "/"}
+
+
+def test_model_routes_have_no_overall_timeout():
+    (r,) = [r for r in routes(State(models=(model("a", b("http://127.0.0.1:1")),))) if r["name"] == "model:a"]
+    assert r["route"]["timeout"] == "0s"
+
+
+def test_models_without_backends_get_no_route():
+    assert not [r for r in routes(State(models=(model("ghost"),))) if r["name"] == "model:ghost"]
+
+
+def test_error_routes_answer_openai_shaped_json():
+    rs = {r["name"]: r for r in routes(State())}
+    for name, code in [
+        ("invalid_json", "invalid_json"),
+        ("missing_model", "missing_model"),
+        ("no_model", "missing_model"),
+    ]:
+        body = json.loads(rs[name]["direct_response"]["body"]["inline_string"])
+        assert body["error"]["code"] == code
+        assert rs[name]["direct_response"]["status"] == 400
+
+
+def test_priorities_are_dense_and_weights_kept():
+    res = resources_from_state(
+        State(models=(model("m", b("http://10.0.0.1:80", 3, 10), b("http://10.0.0.2:80", 1, 20)),)), CFG
+    )
+    cla = res.endpoints[cluster_name("m")]
+    assert [(g["priority"], g["lb_endpoints"][0]["load_balancing_weight"]) for g in cla["endpoints"]] == [
+        (0, 3),
+        (1, 1),
+    ]
+    assert res.clusters[cluster_name("m")]["type"] == "EDS"
+
+
+def test_hostnames_use_dns_and_https_gets_sni():
+    res = resources_from_state(State(models=(model("m", b("https://vllm.example.com:443")),)), CFG)
+    cluster = res.clusters[cluster_name("m")]
+    assert cluster["type"] == "STRICT_DNS"
+    assert cluster["transport_socket"]["typed_config"]["sni"] == "vllm.example.com"
+    assert cluster_name("m") not in res.endpoints
+
+
+def test_local_replies_cover_the_documented_statuses():
+    hcm = resources_from_state(State(), CFG).listeners["tessera_gateway"]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]
+    codes = {
+        m["body_format_override"]["json_format"]["error"]["code"]
+        for m in hcm["local_reply_config"]["mappers"]
+    }
+    assert {
+        "model_not_found",
+        "request_too_large",
+        "rate_limit_exceeded",
+        "no_healthy_backend",
+        "upstream_timeout",
+    } <= codes
+    assert hcm["use_remote_address"] is True
+    ext_authz = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")
+    assert ext_authz["typed_config"]["failure_mode_allow"] is False
+
+
+def test_type_versions_change_only_with_content():
+    one = encode_all(resources_from_state(State(models=(model("a", b("http://127.0.0.1:1")),)), CFG))
+    same = encode_all(resources_from_state(State(models=(model("a", b("http://127.0.0.1:1")),)), CFG))
+    moved = encode_all(resources_from_state(State(models=(model("a", b("http://127.0.0.1:2")),)), CFG))
+    assert type_version(one[ENDPOINT_TYPE]) == type_version(same[ENDPOINT_TYPE])
+    assert type_version(one[ENDPOINT_TYPE]) != type_version(moved[ENDPOINT_TYPE])
+    assert type_version(one[CLUSTER_TYPE]) == type_version(moved[CLUSTER_TYPE])
