@@ -13,7 +13,7 @@ def test_go_durations(text, seconds):
 
 @pytest.mark.parametrize("text", ["", "0s", "10", "1d", "h", "5m3", "-5m"])
 def test_bad_durations_name_the_field(text):
-    with pytest.raises(InvalidArgumentError, match="^ttl:"):
+    with pytest.raises(InvalidArgumentError, match=r"^ttl:"):
         v.duration_seconds(text, "ttl")
 
 
@@ -38,7 +38,7 @@ def test_backend_urls(url, normal):
     ],
 )
 def test_bad_backend_urls(url):
-    with pytest.raises(InvalidArgumentError, match="^backend.url:"):
+    with pytest.raises(InvalidArgumentError, match=r"^backend\.url:"):
         v.backend_url(url)
 
 
@@ -49,7 +49,7 @@ def test_tenant_names(name):
 
 @pytest.mark.parametrize("name", ["", "Acme", "-x", "a" * 64, "a b", "a_b"])
 def test_bad_tenant_names(name):
-    with pytest.raises(InvalidArgumentError, match="^name:"):
+    with pytest.raises(InvalidArgumentError, match=r"^name:"):
         v.tenant_name(name)
 
 
