@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane import validation as v
@@ -27,7 +30,7 @@ from control_plane.db.repositories import (
 from control_plane.publisher import Publisher
 from tessera import keys
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
-from tessera.errors import InvalidArgumentError, UnauthenticatedError
+from tessera.errors import InvalidArgumentError, StorageError, UnauthenticatedError
 
 log = structlog.get_logger("control_plane.admin")
 
@@ -112,6 +115,32 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
         self._token = admin_token.encode()
         self._pepper = pepper
 
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncSession]:
+        async with self._storage(), self._sessionmaker() as session:
+            yield session
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncSession]:
+        """One transaction; commits on success, rolls back on any error."""
+        async with self._storage(), self._sessionmaker.begin() as session:
+            yield session
+
+    @staticmethod
+    @asynccontextmanager
+    async def _storage() -> AsyncIterator[None]:
+        # A database that cannot be reached is UNAVAILABLE (retryable), not INTERNAL.
+        try:
+            yield
+        except (OperationalError, InterfaceError) as exc:
+            log.warning("database_unavailable", error=type(exc.orig or exc).__name__)
+            raise StorageError("the database is unavailable; retry later", transient=True) from exc
+
+    async def _publish(self) -> None:
+        # The write is committed; if the push fails the periodic refresh publishes it later.
+        async with self._storage():
+            await self._publisher.publish()
+
     def _authorize(self, context: Any) -> None:
         md = dict(context.invocation_metadata() or ())
         header = md.get("authorization", "")
@@ -129,11 +158,11 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
         self._authorize(context)
         name = v.tenant_name(request.name)
         allowed = v.model_names(list(request.allowed_models), "allowed_models")
-        async with self._sessionmaker.begin() as s:
+        async with self._write() as s:
             tenant = await TenantRepository(s).add(
                 db.Tenant(id=_new_id("ten"), name=name, status="active", allowed_models=allowed)
             )
-        await self._publisher.publish()
+        await self._publish()
         log.info("tenant_created", tenant_id=tenant.id, name=name)
         return admin_pb2.CreateTenantResponse(tenant=tenant_pb(tenant))
 
@@ -143,7 +172,7 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
         self._authorize(context)
         if not request.tenant:
             raise InvalidArgumentError("tenant", "is required (id or name)")
-        async with self._sessionmaker() as s:
+        async with self._read() as s:
             tenant = await TenantRepository(s).resolve(request.tenant)
         return admin_pb2.GetTenantResponse(tenant=tenant_pb(tenant))
 
@@ -152,7 +181,7 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListTenantsResponse:
         self._authorize(context)
         size, after = v.page(request.page_size, request.page_token)
-        async with self._sessionmaker() as s:
+        async with self._read() as s:
             rows = await TenantRepository(s).list(after=after, limit=size)
         return admin_pb2.ListTenantsResponse(
             items=[tenant_pb(t) for t in rows],
@@ -171,7 +200,7 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
         allowed = v.model_names(list(request.allowed_models), "allowed_models")
         minted = keys.mint_key()
         now = datetime.now(UTC)
-        async with self._sessionmaker.begin() as s:
+        async with self._write() as s:
             tenant = await TenantRepository(s).resolve(request.tenant)
             row = await ApiKeyRepository(s).add(
                 db.ApiKey(
@@ -186,7 +215,7 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
                     expires_at=now + timedelta(seconds=ttl) if ttl else None,
                 )
             )
-        await self._publisher.publish()
+        await self._publish()
         log.info("api_key_created", tenant_id=row.tenant_id, key_id=row.key_id, prefix=row.prefix)
         return admin_pb2.CreateApiKeyResponse(id=row.key_id, key=minted.key, api_key=key_pb(row, now))
 
@@ -195,7 +224,7 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListApiKeysResponse:
         self._authorize(context)
         size, after = v.page(request.page_size, request.page_token)
-        async with self._sessionmaker() as s:
+        async with self._read() as s:
             tenant_id = (await TenantRepository(s).resolve(request.tenant)).id if request.tenant else None
             rows = await ApiKeyRepository(s).list(tenant_id=tenant_id, after=after, limit=size)
         now = datetime.now(UTC)
@@ -217,12 +246,12 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
             weight=request.backend.weight or 1,
             priority=request.backend.priority,
         )
-        async with self._sessionmaker.begin() as s:
+        async with self._write() as s:
             model = await ModelRepository(s).add_backend(
                 name, backend, visibility=v.visibility(request.visibility), replace=request.replace_backends
             )
             reply = model_pb(model)
-        await self._publisher.publish()
+        await self._publish()
         log.info("model_added", model=name, backend=backend.url)
         return admin_pb2.AddModelResponse(model=reply)
 
@@ -231,7 +260,7 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListModelsResponse:
         self._authorize(context)
         size, after = v.page(request.page_size, request.page_token)
-        async with self._sessionmaker() as s:
+        async with self._read() as s:
             rows = await ModelRepository(s).list(after=after, limit=size)
             items = [model_pb(m) for m in rows]
         return admin_pb2.ListModelsResponse(
@@ -251,7 +280,7 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
         if request.limit <= 0:
             raise InvalidArgumentError("limit", "must be a positive integer")
         model = v.model_name(request.model, "model") if request.model else None
-        async with self._sessionmaker.begin() as s:
+        async with self._write() as s:
             tenant = await TenantRepository(s).resolve(request.tenant)
             row = await LimitRepository(s).add(
                 db.Limit(
@@ -266,7 +295,7 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
                     fail_closed=v.fail_mode(request.fail_mode),
                 )
             )
-        await self._publisher.publish()
+        await self._publish()
         log.info("limit_created", tenant_id=row.tenant_id, limit_id=row.id, kind=kind, limit=row.limit)
         return admin_pb2.CreateLimitResponse(limit=limit_pb(row))
 
@@ -275,7 +304,7 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListLimitsResponse:
         self._authorize(context)
         size, after = v.page(request.page_size, request.page_token)
-        async with self._sessionmaker() as s:
+        async with self._read() as s:
             tenant_id = (await TenantRepository(s).resolve(request.tenant)).id if request.tenant else None
             rows = await LimitRepository(s).list(tenant_id=tenant_id, after=after, limit=size)
         return admin_pb2.ListLimitsResponse(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import structlog
 from aiohttp import web
 from envoy.service.discovery.v3 import ads_pb2_grpc
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from control_plane.admin_servicer import AdminServiceServicer
@@ -68,7 +69,12 @@ class App:
 
 
 async def check_schema(engine: AsyncEngine) -> None:
-    current, head = await current_revision(engine), head_revision()
+    try:
+        current = await current_revision(engine)
+    except (OperationalError, InterfaceError) as exc:
+        msg = f"cannot reach the database: {type(exc.orig or exc).__name__}"
+        raise ConfigError(msg) from exc
+    head = head_revision()
     if current != head:
         msg = (
             f"database schema is at revision {current or 'empty'}, expected {head}: "

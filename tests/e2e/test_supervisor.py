@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 
+import openai
 import pytest
 
 from tests.e2e.conftest import TESSERA, start_stack, stop_stack
@@ -41,6 +42,19 @@ def test_sigkilled_child_is_restarted_and_the_gateway_recovers(stack, child):
     # The admin API (control plane) works again too, and the restart was logged.
     eventually(lambda: stack.cli("tenants", "list"), timeout=30, interval=0.2)
     assert any(f"{child} exited" in line for line in stack.output)
+    # Every stream reconnected: a new key (policy stream) and a new model (ADS) take effect.
+    key = stack.new_key()
+    model = f"after-{child}"
+    stack.cli("models", "add", model, "--backend", stack.endpoints()["demo_upstream"])
+    client = stack.client(key)
+    eventually(lambda: _routed_to_upstream(client, model), timeout=3)
+
+
+def _routed_to_upstream(client, model: str) -> None:
+    """The request reached the demo upstream (which answers 404 itself for a name it doesn't serve)."""
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert err.value.response.headers.get("x-demo-upstream") == "demo-upstream"
 
 
 def _restarted(stack, child: str, old: int) -> int:
@@ -85,8 +99,6 @@ def test_sigterm_stops_every_child_on_postgres_and_redis(tmp_path, postgres_url,
         client.chat.completions.create(
             model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=1
         )
-        import openai  # noqa: PLC0415
-
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(
                 model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=1

@@ -259,3 +259,58 @@ async def test_ads_pushes_a_new_model_cluster(admin, app):
         names = {cluster_pb2.Cluster.FromString(r.value).name for r in resp.resources}
         assert f"model/{model}" in names
         stream.cancel()
+
+
+class TcpProxy:
+    """A real TCP forwarder between the control plane and PostgreSQL that a test can cut."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.server: asyncio.Server | None = None
+        self.conns: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.conns += [writer, up_writer]
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.conns:
+            w.transport.abort()
+
+
+@pytest.mark.postgres
+async def test_database_outage_is_unavailable(postgres_url, pepper):
+    await asyncio.to_thread(upgrade, postgres_url)
+    proxy = TcpProxy(5432)
+    port = await proxy.start()
+    url = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{port}")
+    app = await build_app(_settings(url, pepper))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as ch:
+            admin = admin_pb2_grpc.AdminServiceStub(ch)
+            await admin.ListTenants(admin_pb2.ListTenantsRequest(), metadata=AUTH)
+            await proxy.cut()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=_name()), metadata=AUTH)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "database" in err.value.details()
+    finally:
+        await app.stop(0)
