@@ -17,7 +17,7 @@ from tessera.errors import ConfigError
 from tessera.grpc_server import RunningServer, start_server
 from tessera.keys import load_pepper
 from tessera.metrics import MetricsServer, serve_metrics
-from tessera.policy_client import PolicySubscriber, PolicyUpdate
+from tessera.policy_client import PolicySubscriber, PolicyUpdate, follow_policy
 
 log = structlog.get_logger("ext_authz")
 
@@ -68,16 +68,8 @@ async def build_app(settings: ExtAuthzSettings, *, clock: Clock = SYSTEM_CLOCK) 
     except ConfigError:
         await server.stop(0)
         raise
-    subscriber = PolicySubscriber(settings.policy, service="ext_authz", on_update=on_update)
-
-    async def serve_when_ready() -> None:
-        await subscriber.ready.wait()
-        await server.set_serving(True)
-        log.info("ext_authz_serving", policy_version=subscriber.version)
-
-    tasks = (
-        asyncio.create_task(subscriber.run(), name="ext_authz-policy"),
-        asyncio.create_task(serve_when_ready(), name="ext_authz-ready"),
+    subscriber, tasks = follow_policy(
+        settings.policy, service="ext_authz", on_update=on_update, server=server
     )
     log.info("ext_authz_listening", port=server.port, metrics_port=metrics.port)
     return App(

@@ -16,7 +16,7 @@ from ratelimit.settings import RatelimitSettings, check_settings
 from tessera.clock import SYSTEM_CLOCK, Clock
 from tessera.grpc_server import RunningServer, start_server
 from tessera.metrics import MetricsServer, serve_metrics
-from tessera.policy_client import PolicySubscriber, PolicyUpdate
+from tessera.policy_client import PolicySubscriber, PolicyUpdate, follow_policy
 
 log = structlog.get_logger("ratelimit")
 
@@ -94,17 +94,8 @@ async def build_app(
             await backend.close()
         raise
 
-    subscriber = PolicySubscriber(settings.policy, service="ratelimit", on_update=on_update)
-
-    async def serve_when_ready() -> None:
-        # NOT_SERVING until the first full snapshot is applied; never depends on Redis.
-        await subscriber.ready.wait()
-        await running.set_serving(True)
-        log.info("ratelimit_ready", version=subscriber.version)
-
-    tasks = (
-        asyncio.create_task(subscriber.run(), name="ratelimit-policy"),
-        asyncio.create_task(serve_when_ready(), name="ratelimit-ready"),
+    subscriber, tasks = follow_policy(
+        settings.policy, service="ratelimit", on_update=on_update, server=running
     )
     return App(
         port=running.port,

@@ -21,6 +21,7 @@ import grpc
 import structlog
 from prometheus_client import Counter, Gauge
 
+from tessera.grpc_server import RunningServer
 from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
 from tessera.settings import PolicySettings
 
@@ -123,3 +124,24 @@ class PolicySubscriber:
             applied = True
             acks.put_nowait(msg.version)
         return applied
+
+
+def follow_policy(
+    settings: PolicySettings, *, service: str, on_update: OnUpdate, server: RunningServer
+) -> tuple[PolicySubscriber, tuple[asyncio.Task[None], ...]]:
+    """Subscribe, and report SERVING on ``server`` once the first full snapshot is applied.
+
+    Readiness depends on the snapshot only, never on Redis or SQL (ARCHITECTURE §3).
+    """
+    subscriber = PolicySubscriber(settings, service=service, on_update=on_update)
+
+    async def serve_when_ready() -> None:
+        await subscriber.ready.wait()
+        await server.set_serving(True)
+        log.info("serving", subscriber=service, policy_version=subscriber.version)
+
+    tasks = (
+        asyncio.create_task(subscriber.run(), name=f"{service}-policy"),
+        asyncio.create_task(serve_when_ready(), name=f"{service}-ready"),
+    )
+    return subscriber, tasks
