@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import TESSERA, start_stack, stop_stack
-from tests.e2e.test_gateway import eventually
+from tests.e2e.test_gateway import eventually, upstream_requests
 
 pytestmark = pytest.mark.envoy
 
@@ -112,3 +112,27 @@ def test_sigterm_stops_every_child_on_postgres_and_redis(tmp_path, postgres_url,
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert [p for p in pids if alive(p)] == []
+
+
+def test_ext_authz_unresponsive_fails_closed_with_503(stack):
+    pid = stack.endpoints()["pids"]["ext-authz"]
+    before = len(upstream_requests(stack))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(openai.InternalServerError) as err:
+            chat(stack)
+        assert err.value.status_code == 503
+        assert err.value.code == "service_unavailable"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert len(upstream_requests(stack)) == before  # nothing, and no key, went upstream
+    eventually(lambda: chat(stack), timeout=10)
+
+
+def test_ratelimit_unresponsive_fails_open(stack):
+    pid = stack.endpoints()["pids"]["ratelimit"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        chat(stack)  # admitted after the filter's 250 ms timeout
+    finally:
+        os.kill(pid, signal.SIGCONT)
