@@ -52,5 +52,56 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+async def _bootstrap(settings: ControlPlaneSettings, name: str) -> tuple[str, str]:
+    """Create the first platform admin; returns (principal JSON, admin key)."""
+    from google.protobuf import json_format  # noqa: PLC0415
+
+    from control_plane.admin.convert import principal_pb  # noqa: PLC0415
+    from control_plane.admin.principals import bootstrap_platform_admin  # noqa: PLC0415
+    from control_plane.app import check_schema  # noqa: PLC0415
+    from control_plane.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
+    from tessera.keys import load_pepper  # noqa: PLC0415
+
+    pepper = load_pepper(settings.pepper.file)
+    engine = make_engine(settings.database.url.get_secret_value())
+    try:
+        await check_schema(engine)
+        async with make_sessionmaker(engine).begin() as session:
+            principal, key = await bootstrap_platform_admin(session, name, pepper)
+            await session.refresh(principal, ["bindings", "credentials"])
+            doc = json_format.MessageToJson(principal_pb(principal), preserving_proto_field_name=True)
+    finally:
+        await engine.dispose()
+    return doc, key
+
+
+def admin_main(argv: list[str] | None = None) -> int:
+    """``tessera admin bootstrap NAME``: the first platform admin of a deployment, key shown once."""
+    import json  # noqa: PLC0415
+
+    from tessera.errors import TesseraError  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="tessera admin")
+    sub = parser.add_subparsers(dest="command", required=True)
+    boot = sub.add_parser("bootstrap", help="create the first platform admin and print its admin key once")
+    boot.add_argument("name", help="principal name, e.g. an e-mail address")
+    boot.add_argument("--output", "-o", choices=("table", "json"), default="table")
+    args = parser.parse_args(argv)
+    settings = ControlPlaneSettings()
+    configure_logging(
+        settings.log.model_copy(update={"level": "WARNING"}), service="control-plane", stream=sys.stderr
+    )
+    try:
+        doc, key = asyncio.run(_bootstrap(settings, args.name))
+    except TesseraError as exc:
+        print(f"tessera admin: {exc}", file=sys.stderr)  # noqa: T201
+        return 2 if isinstance(exc, ConfigError) else 1
+    if args.output == "json":
+        print(json.dumps({"principal": json.loads(doc), "key": key}, indent=2))  # noqa: T201
+    else:
+        print(f"platform admin {args.name} created. Admin key (shown once):\n{key}")  # noqa: T201
+    return 0
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import grpc
 import structlog
 from aiohttp import web
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from control_plane.admin_servicer import AdminServiceServicer
+from control_plane.admin.api_keys import ApiKeyServiceServicer
+from control_plane.admin.audit_service import AuditServiceServicer
+from control_plane.admin.auth import Authenticator
+from control_plane.admin.base import AdminContext
+from control_plane.admin.principals import PrincipalServiceServicer
+from control_plane.admin.registry import LimitServiceServicer, ModelServiceServicer
+from control_plane.admin.tenants import PlanServiceServicer, TenantServiceServicer
 from control_plane.db.engine import make_engine, make_sessionmaker
 from control_plane.db.migrate import current_revision, head_revision
 from control_plane.http_api import build_http_app
@@ -31,7 +40,16 @@ from tessera.settings import redact_url
 
 log = structlog.get_logger("control_plane")
 
-ADMIN_SERVICE = "tessera.admin.v1.AdminService"
+ADMIN_DESCRIPTOR = Path(admin_pb2_grpc.__file__).with_name("admin_descriptor.pb")
+ADMIN_SERVICERS = {
+    "TenantService": TenantServiceServicer,
+    "PlanService": PlanServiceServicer,
+    "PrincipalService": PrincipalServiceServicer,
+    "ApiKeyService": ApiKeyServiceServicer,
+    "AuditService": AuditServiceServicer,
+    "ModelService": ModelServiceServicer,
+    "LimitService": LimitServiceServicer,
+}
 POLICY_SERVICE = "tessera.policy.v1.PolicyService"
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
@@ -83,10 +101,8 @@ async def check_schema(engine: AsyncEngine) -> None:
         raise ConfigError(msg)
 
 
-async def _start_http(
-    settings: ControlPlaneSettings, publisher_ref: list[Publisher]
-) -> tuple[web.AppRunner, int]:
-    app = build_http_app(lambda: publisher_ref[0].state if publisher_ref else None)
+async def _start_http(settings: ControlPlaneSettings, publisher: Publisher) -> tuple[web.AppRunner, int]:
+    app = build_http_app(lambda: publisher.state)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     # SO_REUSEADDR: a restart must not trip over TIME_WAIT; Linux still refuses a second listener.
@@ -102,6 +118,11 @@ async def _start_http(
     return runner, int(sockets[0].getsockname()[1]) if sockets else settings.http.port
 
 
+def _registrar(service: str, servicer: object) -> Callable[[grpc.aio.Server], None]:
+    add = getattr(admin_pb2_grpc, f"add_{service}Servicer_to_server")
+    return lambda server: add(servicer, server)
+
+
 async def build_app(settings: ControlPlaneSettings) -> App:
     url = settings.database.url.get_secret_value()
     engine = make_engine(url)
@@ -113,30 +134,34 @@ async def build_app(settings: ControlPlaneSettings) -> App:
     pepper = keys.load_pepper(settings.pepper.file)
     sessionmaker = make_sessionmaker(engine)
 
-    publisher_ref: list[Publisher] = []
-    http_runner, http_port = await _start_http(settings, publisher_ref)
-    gw = settings.gateway
-    gateway = GatewayConfig(
-        host=gw.host,
-        port=gw.port,
-        control_plane_http_host=gw.control_plane_http_host,
-        control_plane_http_port=gw.control_plane_http_port or http_port,
-        access_log_path=str(gw.access_log_path) if gw.access_log_path else None,
-        max_request_bytes=gw.max_request_bytes,
-    )
     xds_cache, policy_cache = SnapshotCache(), PolicyCache()
-    publisher = Publisher(sessionmaker, gateway, xds_cache, policy_cache)
-    publisher_ref.append(publisher)
-    await publisher.publish()
-
-    admin_servicer = AdminServiceServicer(
-        sessionmaker, publisher, admin_token=settings.admin_token.get_secret_value(), pepper=pepper
+    publisher = Publisher(sessionmaker, xds_cache, policy_cache)
+    ctx = AdminContext(
+        sessionmaker, publisher, Authenticator(pepper, settings.admin_token.get_secret_value()), pepper
     )
     admin = await start_server(
         settings.admin,
-        [lambda s: admin_pb2_grpc.add_AdminServiceServicer_to_server(admin_servicer, s)],
-        services=[ADMIN_SERVICE],
+        [_registrar(name, cls(ctx)) for name, cls in ADMIN_SERVICERS.items()],
+        services=[f"tessera.admin.v1.{name}" for name in ADMIN_SERVICERS],
     )
+    http_runner, http_port = await _start_http(settings, publisher)
+    gw = settings.gateway
+    # Envoy's view of us needs the bound ports, so the first publish waits for them.
+    publisher.configure(
+        GatewayConfig(
+            host=gw.host,
+            port=gw.port,
+            control_plane_http_host=gw.control_plane_http_host,
+            control_plane_http_port=gw.control_plane_http_port or http_port,
+            access_log_path=str(gw.access_log_path) if gw.access_log_path else None,
+            max_request_bytes=gw.max_request_bytes,
+            admin_host=gw.admin_api_host,
+            admin_port=gw.admin_api_port or admin.port,
+            admin_descriptor=ADMIN_DESCRIPTOR.read_bytes(),
+        )
+    )
+    await publisher.publish()
+
     xds = await start_server(
         settings.xds,
         [

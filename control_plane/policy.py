@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from control_plane.state import State
+from control_plane.validation import WINDOWS
 from tessera.policy.v1 import policy_pb2
 from tessera.policy_client import resource_key
 
@@ -12,6 +13,32 @@ _KINDS = {
     "spend": policy_pb2.Limit.SPEND,
     "concurrency": policy_pb2.Limit.CONCURRENCY,
 }
+
+
+def _plan_limits(state: State) -> list[policy_pb2.Limit]:
+    """Each tenant's plan defaults, except where an explicit tenant-wide limit of the same
+    kind and window replaces them."""
+    plans = {p.name: p for p in state.plans}
+    explicit = {(x.tenant_id, x.kind, x.window_seconds) for x in state.limits if not x.key_id and not x.model}
+    out = []
+    for t in state.tenants:
+        plan = plans.get(t.plan)
+        if plan is None:
+            continue
+        for kind, window, limit in plan.limits:
+            seconds = WINDOWS.get(window)
+            if seconds is None or (t.id, kind, seconds) in explicit:
+                continue  # calendar-month windows arrive with the rate-limit issue
+            out.append(
+                policy_pb2.Limit(
+                    id=f"plan.{plan.name}.{t.id}.{kind}.{window}",
+                    tenant_id=t.id,
+                    kind=_KINDS.get(kind, policy_pb2.Limit.KIND_UNSPECIFIED),
+                    window_seconds=seconds,
+                    limit=limit,
+                )
+            )
+    return out
 
 
 def policy_resources_from_state(state: State) -> dict[str, policy_pb2.Resource]:
@@ -59,4 +86,5 @@ def policy_resources_from_state(state: State) -> dict[str, policy_pb2.Resource]:
         )
         for lim in state.limits
     )
+    out.extend(policy_pb2.Resource(limit=lim) for lim in _plan_limits(state))
     return {resource_key(r): r for r in out}

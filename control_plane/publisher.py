@@ -29,19 +29,24 @@ class Publisher:
     def __init__(
         self,
         sessionmaker: async_sessionmaker[Any],
-        gateway: GatewayConfig,
         xds_cache: SnapshotCache,
         policy_cache: PolicyCache,
     ) -> None:
         self._sessionmaker = sessionmaker
-        self._gateway = gateway
+        self._gateway: GatewayConfig | None = None
         self._xds = xds_cache
         self._policy = policy_cache
         self._lock = asyncio.Lock()
         self._serial = 0
         self.state: State | None = None
 
+    def configure(self, gateway: GatewayConfig) -> None:
+        """What Envoy needs to know about the gateway and us; nothing is published before."""
+        self._gateway = gateway
+
     async def publish(self) -> None:
+        if self._gateway is None:
+            return  # not configured yet: the first configured publish reads the whole store
         async with self._lock:
             async with self._sessionmaker() as session:
                 state = await load_state(session)

@@ -34,6 +34,9 @@ class GatewaySettings(BaseModel):
     # Address Envoy uses to reach this control plane's HTTP handlers.
     control_plane_http_host: str = "127.0.0.1"
     control_plane_http_port: int = Field(default=0, ge=0, le=65535, description="0 = http.port")
+    # Address Envoy uses to reach the admin gRPC API (REST under /admin/); 0 = admin.port.
+    admin_api_host: str = "127.0.0.1"
+    admin_api_port: int = Field(default=0, ge=0, le=65535)
     access_log_path: Path | None = None
     max_request_bytes: int = 16 * 1024 * 1024
 

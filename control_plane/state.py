@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from control_plane.db.models import Plan
 from control_plane.db.repositories import (
     ApiKeyRepository,
     LimitRepository,
@@ -53,8 +55,16 @@ class ModelState:
 class TenantState:
     id: str
     name: str
-    suspended: bool
+    suspended: bool  # suspended or deleted: every key refused
     allowed_models: tuple[str, ...]
+    plan: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanState:
+    name: str
+    priority: int
+    limits: tuple[tuple[str, str, int], ...]  # (kind, window, limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +98,7 @@ class State:
     keys: tuple[KeyState, ...] = ()
     models: tuple[ModelState, ...] = ()
     limits: tuple[LimitState, ...] = ()
+    plans: tuple[PlanState, ...] = ()
 
 
 def unix(dt: datetime | None) -> int:
@@ -98,16 +109,31 @@ def unix(dt: datetime | None) -> int:
     return int(dt.timestamp())
 
 
+def _secret_expiry(expires_at: datetime | None, grace_until: datetime | None) -> int:
+    """When the gateway stops accepting a secret: its key's expiry or, once rotated out, its grace end."""
+    ends = [unix(t) for t in (expires_at, grace_until) if t is not None]
+    return max(1, min(ends)) if ends else 0
+
+
 async def load_state(session: AsyncSession) -> State:
     tenants = await TenantRepository(session).all()
     keys = await ApiKeyRepository(session).all()
     models = await ModelRepository(session).all()
     limits = await LimitRepository(session).all()
+    plans = (await session.scalars(select(Plan).order_by(Plan.name))).all()
     return State(
+        plans=tuple(
+            PlanState(
+                p.name,
+                p.priority,
+                tuple((str(x["kind"]), str(x["window"]), int(str(x["limit"]))) for x in p.limits),
+            )
+            for p in plans
+        ),
         tenants=tuple(
             sorted(
                 (
-                    TenantState(t.id, t.name, t.status == "suspended", tuple(t.allowed_models))
+                    TenantState(t.id, t.name, t.status != "active", tuple(t.allowed_models), t.plan or "")
                     for t in tenants
                 ),
                 key=lambda t: t.id,
@@ -123,7 +149,7 @@ async def load_state(session: AsyncSession) -> State:
                         digest=k.digest,
                         prefix=k.prefix,
                         revoked=k.revoked_at is not None,
-                        expires_unix=unix(k.expires_at),
+                        expires_unix=_secret_expiry(k.expires_at, k.grace_until),
                         allowed_models=tuple(k.allowed_models),
                     )
                     for k in keys

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from tessera.errors import InvalidArgumentError
@@ -36,6 +37,8 @@ def model_name(value: str, field: str = "name") -> str:
 
 
 def model_names(values: list[str], field: str) -> list[str]:
+    if len(values) > MAX_LIST_ITEMS:
+        raise InvalidArgumentError(field, f"at most {MAX_LIST_ITEMS} entries")
     return sorted({model_name(v, field) for v in values})
 
 
@@ -124,3 +127,77 @@ def page(page_size: int, page_token: str) -> tuple[int, str]:
 
 def next_token(items_len: int, size: int, last: str) -> str:
     return base64.urlsafe_b64encode(last.encode()).decode() if items_len == size else ""
+
+
+PLAN_LIMIT_KINDS = frozenset({"requests", "tokens", "spend", "concurrency"})
+PLAN_WINDOWS = (*WINDOWS, "month")
+PRINCIPAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+PRINCIPAL_KINDS = frozenset({"human", "service_account"})
+MAX_LIST_ITEMS = 256
+
+
+def plan_name(value: str, field: str = "name") -> str:
+    if not TENANT_NAME.match(value):
+        raise InvalidArgumentError(field, "must be 1-63 lower-case letters, digits or '-'")
+    return value
+
+
+def plan_limits(items: list[tuple[str, str, int]]) -> list[dict[str, object]]:
+    if len(items) > MAX_LIST_ITEMS:
+        raise InvalidArgumentError("limits", f"at most {MAX_LIST_ITEMS} entries")
+    out: list[dict[str, object]] = []
+    seen: set[tuple[str, str]] = set()
+    for i, (kind, window, limit) in enumerate(items):
+        if kind not in PLAN_LIMIT_KINDS:
+            raise InvalidArgumentError(
+                f"limits[{i}].kind", f"must be one of {', '.join(sorted(PLAN_LIMIT_KINDS))}"
+            )
+        if window not in PLAN_WINDOWS:
+            raise InvalidArgumentError(f"limits[{i}].window", f"must be one of {', '.join(PLAN_WINDOWS)}")
+        if not 0 < limit < 2**62:
+            raise InvalidArgumentError(f"limits[{i}].limit", "must be a positive integer")
+        if (kind, window) in seen:
+            raise InvalidArgumentError(f"limits[{i}]", f"a {kind} limit per {window} is given twice")
+        seen.add((kind, window))
+        out.append({"kind": kind, "window": window, "limit": limit})
+    return out
+
+
+def principal_name(value: str) -> str:
+    if not PRINCIPAL_NAME.match(value):
+        raise InvalidArgumentError(
+            "name", "must be 1-128 letters, digits or . _ @ + -, starting alphanumeric"
+        )
+    return value
+
+
+def principal_kind(value: str) -> str:
+    kind = value or "human"
+    if kind not in PRINCIPAL_KINDS:
+        raise InvalidArgumentError("kind", "must be human or service_account")
+    return kind
+
+
+def update_mask(paths: list[str], allowed: set[str]) -> set[str]:
+    if not paths:
+        raise InvalidArgumentError("update_mask", f"name the fields to change: {', '.join(sorted(allowed))}")
+    unknown = set(paths) - allowed
+    if unknown:
+        raise InvalidArgumentError("update_mask", f"cannot change {', '.join(sorted(unknown))}")
+    return set(paths)
+
+
+def timestamp(value: str, field: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidArgumentError(field, "must be an RFC 3339 time such as 2026-01-31T12:00:00Z") from exc
+    if parsed.tzinfo is None:
+        raise InvalidArgumentError(field, "must carry a UTC offset (e.g. Z)")
+    return parsed.astimezone(UTC)
+
+
+def short_text(value: str, field: str, limit: int = 256) -> str:
+    if len(value) > limit:
+        raise InvalidArgumentError(field, f"at most {limit} characters")
+    return value

@@ -9,7 +9,7 @@ from typing import Any, Self
 
 import grpc
 
-from tessera.admin.v1 import admin_pb2_grpc
+from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
 from tessera.datadir import DataDir, read_json
 
 
@@ -44,17 +44,35 @@ def resolve_target(data_dir: Path, url: str | None = None, token: str | None = N
     return AdminTarget(url=url.removeprefix("grpc://"), token=token)
 
 
+SERVICES = (
+    "TenantService",
+    "PlanService",
+    "PrincipalService",
+    "ApiKeyService",
+    "AuditService",
+    "ModelService",
+    "LimitService",
+)
+
+
 class AdminClient:
-    """A thin synchronous stub wrapper that attaches the bearer token to every call."""
+    """A thin synchronous client that attaches the bearer token to every call.
+
+    RPC names are unique across the admin services, so callers name the method only.
+    """
 
     def __init__(self, target: AdminTarget, *, timeout: float = 10.0) -> None:
         self._channel = grpc.insecure_channel(target.url)
-        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._methods: dict[str, Any] = {}
+        for service in SERVICES:
+            stub = getattr(admin_pb2_grpc, f"{service}Stub")(self._channel)
+            rpcs = admin_pb2.DESCRIPTOR.services_by_name[service].methods
+            self._methods.update({m.name: getattr(stub, m.name) for m in rpcs})
         self._metadata = (("authorization", f"Bearer {target.token}"),)
         self._timeout = timeout
 
     def call(self, method: str, request: Any) -> Any:
-        return getattr(self._stub, method)(request, metadata=self._metadata, timeout=self._timeout)
+        return self._methods[method](request, metadata=self._metadata, timeout=self._timeout)
 
     def close(self) -> None:
         self._channel.close()

@@ -5,20 +5,25 @@ nothing heavy at the top: services are loaded through the ``tessera.commands``
 entry points only when asked for. With ``--output json`` stdout holds exactly one
 JSON document (the RPC response in proto3 JSON with proto field names); logs and
 errors go to stderr. Global flags work before or after the subcommand.
+
+The admin commands (one per admin RPC) are declared in :mod:`tessera.cli_admin`, which
+also documents how list commands page: every page is collected, ``audit list`` stops at
+``--limit``, and JSON output is one ``{"items": [...], "next_page_token": ...}`` document.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
 
-SERVICE_COMMANDS = ("control-plane", "ext-authz", "ratelimit")
-LIMIT_WINDOWS = ("second", "minute", "hour", "day")
-LIMIT_KINDS = ("requests",)
+from tessera.cli_admin import UsageError, add_admin_commands, build_request, fetch
+
+# Commands served by the services' entry points (group ``tessera.commands``); ``admin``
+# (``tessera admin bootstrap``) talks to the store directly, so it lives in the control plane.
+SERVICE_COMMANDS = ("control-plane", "ext-authz", "ratelimit", "admin")
 
 
 def _global_flags(defaults: bool) -> argparse.ArgumentParser:
@@ -60,138 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--template", default=None, help="bootstrap template (default: envoy/bootstrap.yaml)")
     bs.add_argument("--out", default="-", help="file to write (default stdout)")
 
-    _add_admin_commands(sub, g)
+    add_admin_commands(sub, g)
     for name in SERVICE_COMMANDS:
-        sub.add_parser(name, add_help=False, help=f"run the {name} service")
+        what = "bootstrap the first platform admin" if name == "admin" else f"run the {name} service"
+        sub.add_parser(name, add_help=False, help=what)
     sub.add_parser("demo-upstream", add_help=False, help="run the demo upstream (a vLLM stand-in)")
     return top
 
 
-def _add_admin_commands(sub: Any, g: argparse.ArgumentParser) -> None:
-    tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
-    t = tenants.add_parser("create", parents=[g])
-    t.add_argument("name")
-    t.add_argument("--allow-model", action="append", default=[], dest="allowed_models")
-    tenants.add_parser("list", parents=[g])
-    t = tenants.add_parser("get", parents=[g])
-    t.add_argument("tenant")
-
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
-    k = keys.add_parser("create", parents=[g])
-    k.add_argument("--tenant", required=True, help="tenant id or name")
-    k.add_argument("--name", default="")
-    k.add_argument("--ttl", default="", help="Go-style duration, e.g. 24h")
-    k.add_argument("--allow-model", action="append", default=[], dest="allowed_models")
-    k = keys.add_parser("list", parents=[g])
-    k.add_argument("--tenant", default="")
-
-    models = sub.add_parser("models", help="manage the model registry").add_subparsers(
-        dest="action", required=True
-    )
-    m = models.add_parser("add", parents=[g])
-    m.add_argument("name")
-    m.add_argument("--backend", required=True, help="scheme://host:port")
-    m.add_argument("--kind", default="openai-compatible")
-    m.add_argument("--weight", type=int, default=1)
-    m.add_argument("--priority", type=int, default=0)
-    m.add_argument("--visibility", choices=("public", "restricted"), default="public")
-    m.add_argument("--replace", action="store_true", help="replace the model's backends with this one")
-    models.add_parser("list", parents=[g])
-
-    limits = sub.add_parser("limits", help="manage rate limits").add_subparsers(dest="action", required=True)
-    lim = limits.add_parser("create", parents=[g])
-    lim.add_argument("--tenant", required=True)
-    lim.add_argument("--key", default="", help="logical key id (default: the whole tenant)")
-    lim.add_argument("--model", default="")
-    lim.add_argument("--kind", choices=LIMIT_KINDS, required=True)
-    lim.add_argument("--window", choices=LIMIT_WINDOWS, required=True)
-    lim.add_argument("--limit", type=int, required=True)
-    lim.add_argument("--shadow", action="store_true")
-    lim.add_argument("--fail", choices=("open", "closed"), default="open")
-    lim = limits.add_parser("list", parents=[g])
-    lim.add_argument("--tenant", default="")
-
-
-# --- admin commands ---------------------------------------------------------------------------
-
-
-def _admin_request(args: argparse.Namespace) -> tuple[str, Any, Callable[[Any], list[list[str]]]]:  # noqa: C901, PLR0911 - one dispatch table
-    """(RPC name, request message, table renderer) for an admin subcommand."""
-    from tessera.admin.v1 import admin_pb2 as pb  # noqa: PLC0415 - keep `tessera up` light
-
-    def tenant_rows(items: Sequence[Any]) -> list[list[str]]:
-        return [["ID", "NAME", "STATUS"], *[[t.id, t.name, t.status] for t in items]]
-
-    def key_rows(items: Sequence[Any]) -> list[list[str]]:
-        return [["ID", "TENANT", "PREFIX", "STATUS", "EXPIRES"]] + [
-            [k.id, k.tenant_id, k.prefix, k.status, k.expire_time or "never"] for k in items
-        ]
-
-    def model_rows(items: Sequence[Any]) -> list[list[str]]:
-        return [["NAME", "VISIBILITY", "BACKENDS"]] + [
-            [m.name, m.visibility, ", ".join(b.url for b in m.backends)] for m in items
-        ]
-
-    def limit_rows(items: Sequence[Any]) -> list[list[str]]:
-        return [["ID", "TENANT", "KEY", "MODEL", "KIND", "WINDOW", "LIMIT"]] + [
-            [x.id, x.tenant_id, x.key_id or "*", x.model or "*", x.kind, x.window, str(x.limit)]
-            for x in items
-        ]
-
-    req: Any
-    match (args.command, args.action):
-        case ("tenants", "create"):
-            req = pb.CreateTenantRequest(name=args.name, allowed_models=args.allowed_models)
-            return "CreateTenant", req, lambda r: tenant_rows([r.tenant])
-        case ("tenants", "list"):
-            return "ListTenants", pb.ListTenantsRequest(page_size=500), lambda r: tenant_rows(r.items)
-        case ("tenants", "get"):
-            return "GetTenant", pb.GetTenantRequest(tenant=args.tenant), lambda r: tenant_rows([r.tenant])
-        case ("keys", "create"):
-            req = pb.CreateApiKeyRequest(
-                tenant=args.tenant, name=args.name, ttl=args.ttl, allowed_models=args.allowed_models
-            )
-            return "CreateApiKey", req, lambda r: [["ID", "KEY (shown once)"], [r.id, r.key]]
-        case ("keys", "list"):
-            return (
-                "ListApiKeys",
-                pb.ListApiKeysRequest(tenant=args.tenant, page_size=500),
-                lambda r: key_rows(r.items),
-            )
-        case ("models", "add"):
-            backend = pb.Backend(url=args.backend, kind=args.kind, weight=args.weight, priority=args.priority)
-            req = pb.AddModelRequest(
-                name=args.name, backend=backend, visibility=args.visibility, replace_backends=args.replace
-            )
-            return "AddModel", req, lambda r: model_rows([r.model])
-        case ("models", "list"):
-            return "ListModels", pb.ListModelsRequest(page_size=500), lambda r: model_rows(r.items)
-        case ("limits", "create"):
-            req = pb.CreateLimitRequest(
-                tenant=args.tenant,
-                key_id=args.key,
-                model=args.model,
-                kind=args.kind,
-                window=args.window,
-                limit=args.limit,
-                shadow=args.shadow,
-                fail_mode=args.fail,
-            )
-            return "CreateLimit", req, lambda r: limit_rows([r.limit])
-        case ("limits", "list"):
-            return (
-                "ListLimits",
-                pb.ListLimitsRequest(tenant=args.tenant, page_size=500),
-                lambda r: limit_rows(r.items),
-            )
-    msg = f"unknown command {args.command} {args.action}"
-    raise SystemExit(msg)
-
-
 def _print_table(rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    """Aligned columns; an empty row starts a new, separately aligned block."""
+    blocks: list[list[list[str]]] = [[]]
+    for row in rows:
+        if row:
+            blocks[-1].append(row)
+        else:
+            blocks.append([])
+    for i, block in enumerate(b for b in blocks if b):
+        if i:
+            print()
+        widths = [max(len(r[c]) for r in block) for c in range(len(block[0]))]
+        for r in block:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def run_admin(args: argparse.Namespace) -> int:
@@ -201,7 +96,11 @@ def run_admin(args: argparse.Namespace) -> int:
     from tessera.admin_client import AdminClient, AdminConfigError, resolve_target  # noqa: PLC0415
     from tessera.datadir import resolve_data_dir  # noqa: PLC0415
 
-    method, request, render = _admin_request(args)
+    command = args.admin_command
+    try:
+        _, request = build_request(args)
+    except UsageError as exc:
+        args.command_parser.error(str(exc))  # exits 2
     try:
         target = resolve_target(resolve_data_dir(args.data_dir), args.admin_url, args.token)
     except AdminConfigError as exc:
@@ -209,7 +108,7 @@ def run_admin(args: argparse.Namespace) -> int:
         return 2
     try:
         with AdminClient(target) as client:
-            response = client.call(method, request)
+            response = fetch(client.call, command, request, getattr(args, "max_items", None))
     except grpc.RpcError as exc:
         code = exc.code()
         if code == grpc.StatusCode.UNAVAILABLE:
@@ -227,7 +126,9 @@ def run_admin(args: argparse.Namespace) -> int:
             )
         )
     else:
-        _print_table(render(response))
+        _print_table(command.render(response))
+    if command.note and (note := command.note(response)):
+        print(f"tessera: {note}", file=sys.stderr)
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
+DESCRIPTOR_SET = Path("tessera/admin/v1/admin_descriptor.pb")
 
 
 def _generate(out: Path) -> None:
@@ -21,9 +22,18 @@ def _generate(out: Path) -> None:
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
+    # google/api/{annotations,http}.proto ship with googleapis-common-protos (dev group).
+    import google.api.annotations_pb2 as annotations  # noqa: PLC0415
+
+    googleapis = Path(annotations.__file__).resolve().parents[2]
+    if not (googleapis / "google" / "api" / "annotations.proto").exists():
+        msg = "google/api/annotations.proto not found: install the dev group (googleapis-common-protos)"
+        raise SystemExit(msg)
     bindir = Path(sys.executable).parent
+    admin = [p for p in protos if p.startswith("tessera/admin/")]
     args = [
         "protoc",
+        f"-I{googleapis}",
         f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"-I{PROTO_ROOT}",
@@ -37,6 +47,19 @@ def _generate(out: Path) -> None:
     if protoc.main(args) != 0:
         msg = "protoc failed"
         raise SystemExit(msg)
+    # The admin API's descriptor set (with imports), for Envoy's grpc_json_transcoder.
+    sets = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{include}",
+        f"-I{googleapis}",
+        "--include_imports",
+        f"--descriptor_set_out={out / DESCRIPTOR_SET}",
+        *admin,
+    ]
+    if protoc.main(sets) != 0:
+        msg = "protoc failed (descriptor set)"
+        raise SystemExit(msg)
     for proto in protos:
         pkg = out / Path(proto).parent
         while pkg != out:
@@ -49,7 +72,7 @@ def _generated(base: Path) -> list[Path]:
         p.relative_to(base)
         for sub in ("admin", "policy")
         for p in (base / "tessera" / sub).rglob("*")
-        if p.is_file() and p.suffix in {".py", ".pyi"}
+        if p.is_file() and p.suffix in {".py", ".pyi", ".pb"}
     )
 
 

@@ -1,8 +1,8 @@
 """API key format, hashing and the pepper. The only place keys are hashed.
 
-A key is ``tsk_<public id>_<secret>``: the public id (12 base32 characters) names the
-secret for display and lookup; the secret is 43 url-safe characters (256 bits).
-Only HMAC-SHA256(pepper, key) is stored.
+A key is ``<kind>_<public id>_<secret>``: ``tsk`` for gateway API keys, ``tadm`` for admin
+keys. The public id (12 base32 characters) names the secret for display and lookup; the
+secret is 43 url-safe characters (256 bits). Only HMAC-SHA256(pepper, key) is stored.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from pathlib import Path
 
 from tessera.errors import ConfigError
 
-KEY_PREFIX = "tsk_"
+API_KEY = "tsk"
+ADMIN_KEY = "tadm"
 _PUBLIC_ID_LEN = 12
-_KEY_RE = re.compile(r"^tsk_([a-z2-7]{12})_([A-Za-z0-9_-]{43})$")
+_KEY_RE = re.compile(r"^(tsk|tadm)_([a-z2-7]{12})_([A-Za-z0-9_-]{43})$")
 _DISPLAY_SECRET_CHARS = 4
 PEPPER_BYTES = 32
 
@@ -40,22 +41,22 @@ def new_public_id() -> str:
     return raw[:_PUBLIC_ID_LEN]
 
 
-def mint_key(public_id: str | None = None) -> MintedKey:
+def mint_key(public_id: str | None = None, *, kind: str = API_KEY) -> MintedKey:
     """A fresh key with 256 bits of randomness."""
     pid = public_id or new_public_id()
-    return MintedKey(public_id=pid, key=f"{KEY_PREFIX}{pid}_{secrets.token_urlsafe(32)}")
+    return MintedKey(public_id=pid, key=f"{kind}_{pid}_{secrets.token_urlsafe(32)}")
 
 
-def parse_public_id(key: str) -> str | None:
-    """The public id of a well-formed key, else None."""
+def parse_public_id(key: str, *, kind: str = API_KEY) -> str | None:
+    """The public id of a well-formed key of this kind, else None."""
     m = _KEY_RE.match(key)
-    return m.group(1) if m else None
+    return m.group(2) if m and m.group(1) == kind else None
 
 
 def display_prefix(key: str) -> str:
-    """What may be shown and logged: ``tsk_<id>_`` plus a few secret characters."""
-    head = KEY_PREFIX + _PUBLIC_ID_LEN * "x" + "_"
-    return key[: len(head) + _DISPLAY_SECRET_CHARS]
+    """What may be shown and logged: ``<kind>_<id>_`` plus a few secret characters."""
+    kind = key.split("_", 1)[0]
+    return key[: len(kind) + 1 + _PUBLIC_ID_LEN + 1 + _DISPLAY_SECRET_CHARS]
 
 
 def digest(pepper: bytes, key: str) -> bytes:

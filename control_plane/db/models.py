@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, LargeBinary, String
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from control_plane.db.base import Base
@@ -26,10 +37,90 @@ class Tenant(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
+class Plan(Base):
+    """Named default limits and a scheduling priority."""
+
+    __tablename__ = "plans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    limits: Mapped[list[dict[str, object]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Principal(Base):
+    """A human or service account of the admin API."""
+
+    __tablename__ = "principals"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[str] = mapped_column(String(32), default="human")
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    bindings: Mapped[list[RoleBinding]] = relationship(
+        back_populates="principal", cascade="all, delete-orphan", order_by="RoleBinding.id", lazy="selectin"
+    )
+    credentials: Mapped[list[AdminCredential]] = relationship(
+        back_populates="principal", order_by="AdminCredential.created_at", lazy="selectin"
+    )
+
+
+class RoleBinding(Base):
+    __tablename__ = "role_bindings"
+    __table_args__ = (UniqueConstraint("principal_id", "role", "tenant_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"), index=True)
+    role: Mapped[str] = mapped_column(String(32))
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id"), index=True)
+
+    principal: Mapped[Principal] = relationship(back_populates="bindings")
+
+
+class AdminCredential(Base):
+    """An admin key (``tadm_…``) of a principal, stored as HMAC-SHA256(pepper, key)."""
+
+    __tablename__ = "admin_credentials"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"), index=True)
+    prefix: Mapped[str] = mapped_column(String(32))
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    principal: Mapped[Principal] = relationship(back_populates="credentials")
+
+
+class AuditEvent(Base):
+    """Append-only (database triggers refuse UPDATE and DELETE)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor_id: Mapped[str] = mapped_column(String(32), index=True)
+    actor_name: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str] = mapped_column(String(128))
+    tenant_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    request_id: Mapped[str] = mapped_column(String(128), default="")
+    before: Mapped[str] = mapped_column(Text, default="")
+    after: Mapped[str] = mapped_column(Text, default="")
+
+
 class ApiKey(Base):
     """One row per secret. ``key_id`` is the logical key (stable across rotation)."""
 
     __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("key_id", "rotation_id"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # public id inside the key
     key_id: Mapped[str] = mapped_column(String(32), index=True)
@@ -43,6 +134,9 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     rotated_from: Mapped[str | None] = mapped_column(String(32))
     grace_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # +1 per rotation
+    rotation_id: Mapped[str | None] = mapped_column(String(64))  # idempotency key of the rotation
+    created_by: Mapped[str | None] = mapped_column(String(32))  # principal id
 
 
 class Model(Base):

@@ -12,12 +12,14 @@ from typing import Any
 # Importing these registers their messages for Any "@type" resolution.
 import envoy_data_plane.envoy.extensions.access_loggers.file.v3
 import envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3
+import envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3
 import envoy_data_plane.envoy.extensions.filters.http.json_to_metadata.v3
 import envoy_data_plane.envoy.extensions.filters.http.ratelimit.v3
 import envoy_data_plane.envoy.extensions.filters.http.router.v3
 import envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3
 import envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3
-import envoy_data_plane.envoy.extensions.transport_sockets.tls.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.transport_sockets.tls.v3
+import envoy_data_plane.envoy.extensions.upstreams.http.v3  # noqa: F401
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
 from envoy_data_plane.envoy.config.listener.v3 import Listener

@@ -10,6 +10,7 @@ handler, never by a backend.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,17 @@ ROUTES_NAME = "tessera_routes"
 EXT_AUTHZ_CLUSTER = "tessera_ext_authz"  # static, in the bootstrap
 RATELIMIT_CLUSTER = "tessera_ratelimit"  # static, in the bootstrap
 CP_HTTP_CLUSTER = "tessera_control_plane_http"
+ADMIN_CLUSTER = "tessera_admin_api"
+ADMIN_SERVICES = (
+    "TenantService",
+    "PlanService",
+    "PrincipalService",
+    "ApiKeyService",
+    "AuditService",
+    "ModelService",
+    "LimitService",
+)
+TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 RATELIMIT_DOMAIN = "tessera"
 MODEL_NS = "ai.gw"
 AUTHZ_NS = "envoy.filters.http.ext_authz"
@@ -29,6 +41,8 @@ MISSING = ":missing"  # metadata sentinels; ':' can never start a model name
 INVALID = ":invalid"
 
 T = "type.googleapis.com/"
+FILTER_CONFIG = T + "envoy.config.route.v3.FilterConfig"
+DISABLED = {"@type": FILTER_CONFIG, "disabled": True}
 HCM = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ADS = {"ads": {}, "resource_api_version": "V3"}
 # Inference calls are POSTs; a GET to an unknown path is a plain 404, whatever its body.
@@ -45,6 +59,9 @@ class GatewayConfig:
     control_plane_http_port: int
     access_log_path: str | None
     max_request_bytes: int
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 50051
+    admin_descriptor: bytes = b""  # FileDescriptorSet of the admin API (REST via the transcoder)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +162,28 @@ def _access_log(path: str) -> list[dict[str, Any]]:
     ]
 
 
-def _http_filters() -> list[dict[str, Any]]:
+def _transcoder(descriptor: bytes) -> dict[str, Any]:
+    """REST/JSON for the admin API under /admin/. Off by default; only the admin route enables it."""
+    return {"name": TRANSCODER, "disabled": True, "typed_config": _transcoder_config(descriptor)}
+
+
+def _transcoder_config(descriptor: bytes) -> dict[str, Any]:
+    return {
+        "@type": T + "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+        "proto_descriptor_bin": base64.b64encode(descriptor).decode(),
+        "services": [f"tessera.admin.v1.{name}" for name in ADMIN_SERVICES],
+        "print_options": {"always_print_primitive_fields": True, "preserve_proto_field_names": True},
+        "convert_grpc_status": True,
+        # Keep the /admin/ route (and its cluster) after transcoding.
+        "match_incoming_request_route": True,
+        "request_validation_options": {
+            "reject_unknown_method": True,
+            "reject_unknown_query_parameters": True,
+        },
+    }
+
+
+def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     kv = {"metadata_namespace": MODEL_NS, "key": "model"}
     return [
         {
@@ -207,6 +245,7 @@ def _http_filters() -> list[dict[str, Any]]:
                 ],
             },
         },
+        _transcoder(cfg.admin_descriptor),
         {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": T + "envoy.extensions.filters.http.router.v3.Router"},
@@ -241,7 +280,7 @@ def listener(cfg: GatewayConfig) -> dict[str, Any]:
         # Long generations: no overall request timeout; idle streams end after 5 minutes.
         "request_timeout": "0s",
         "stream_idle_timeout": "300s",
-        "http_filters": _http_filters(),
+        "http_filters": _http_filters(cfg),
         "local_reply_config": _local_reply_config(),
     }
     if cfg.access_log_path:
@@ -267,13 +306,21 @@ def _direct(name: str, match: dict[str, Any], code: str) -> dict[str, Any]:
 
 
 def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
-    no_ratelimit = {
-        "envoy.filters.http.ratelimit": {
-            "@type": T + "envoy.config.route.v3.FilterConfig",
-            "disabled": True,
-        }
-    }
+    no_ratelimit = {"envoy.filters.http.ratelimit": DISABLED}
     routes: list[dict[str, Any]] = [
+        {
+            # The admin API as REST/JSON. The control plane authenticates these callers itself.
+            "name": "admin_api",
+            "match": {"prefix": "/admin/"},
+            "route": {"cluster": ADMIN_CLUSTER, "timeout": "30s"},
+            "typed_per_filter_config": {
+                "envoy.filters.http.json_to_metadata": DISABLED,
+                "envoy.filters.http.ext_authz": DISABLED,
+                "envoy.filters.http.ratelimit": DISABLED,
+                # Enables the (default-off) transcoder here; Envoy wants its config again.
+                TRANSCODER: {"@type": FILTER_CONFIG, "config": _transcoder_config(cfg.admin_descriptor)},
+            },
+        },
         {
             "name": "models_list",
             "match": {"path": "/v1/models"},
@@ -400,8 +447,27 @@ def _cp_http_cluster(cfg: GatewayConfig) -> dict[str, Any]:
     }
 
 
+def _admin_cluster(cfg: GatewayConfig) -> dict[str, Any]:
+    addr = {"socket_address": {"address": cfg.admin_host, "port_value": cfg.admin_port}}
+    return {
+        "name": ADMIN_CLUSTER,
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": ADMIN_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr}}]}],
+        },
+    }
+
+
 def resources_from_state(state: State, cfg: GatewayConfig) -> XdsResources:
-    clusters = {CP_HTTP_CLUSTER: _cp_http_cluster(cfg)}
+    clusters = {CP_HTTP_CLUSTER: _cp_http_cluster(cfg), ADMIN_CLUSTER: _admin_cluster(cfg)}
     endpoints: dict[str, dict[str, Any]] = {}
     for m in state.models:
         if not m.backends:

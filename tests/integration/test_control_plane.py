@@ -68,10 +68,20 @@ async def app(db_url, pepper) -> AsyncIterator[App]:
     await app.stop(0)
 
 
+class Admin:
+    """Every admin RPC by name on one channel (RPC names are unique across the services)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        for service in admin_pb2.DESCRIPTOR.services_by_name.values():
+            stub = getattr(admin_pb2_grpc, f"{service.name}Stub")(channel)
+            for m in service.methods:
+                setattr(self, m.name, getattr(stub, m.name))
+
+
 @pytest.fixture
-async def admin(app) -> AsyncIterator[admin_pb2_grpc.AdminServiceStub]:
+async def admin(app) -> AsyncIterator[Admin]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as ch:
-        yield admin_pb2_grpc.AdminServiceStub(ch)
+        yield Admin(ch)
 
 
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -305,7 +315,7 @@ async def test_database_outage_is_unavailable(postgres_url, pepper):
     app = await build_app(_settings(url, pepper))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as ch:
-            admin = admin_pb2_grpc.AdminServiceStub(ch)
+            admin = Admin(ch)
             await admin.ListTenants(admin_pb2.ListTenantsRequest(), metadata=AUTH)
             await proxy.cut()
             with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -6,19 +6,12 @@ translated listener, routes and clusters into a static bootstrap and validates t
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-# xds-protos message types, registered so Any fields can be rendered to JSON.
-import envoy.extensions.access_loggers.file.v3.file_pb2
-import envoy.extensions.filters.http.ext_authz.v3.ext_authz_pb2
-import envoy.extensions.filters.http.json_to_metadata.v3.json_to_metadata_pb2
-import envoy.extensions.filters.http.ratelimit.v3.rate_limit_pb2
-import envoy.extensions.filters.http.router.v3.router_pb2
-import envoy.extensions.http.early_header_mutation.header_mutation.v3.header_mutation_pb2
-import envoy.extensions.transport_sockets.tls.v3.tls_pb2  # noqa: F401
 import pytest
 import yaml
 from envoy.config.cluster.v3 import cluster_pb2
@@ -28,12 +21,28 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
 from google.protobuf import json_format
 
+from control_plane.app import ADMIN_DESCRIPTOR
 from control_plane.state import BackendState, ModelState, State
 from control_plane.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, encode_all
 from control_plane.xds.translate import GatewayConfig, resources_from_state
 from tessera.bootstrap import BootstrapParams, render_bootstrap
 
+# xds-protos message types, registered so Any fields can be rendered to JSON.
+for _module in (
+    "envoy.extensions.access_loggers.file.v3.file_pb2",
+    "envoy.extensions.filters.http.ext_authz.v3.ext_authz_pb2",
+    "envoy.extensions.filters.http.grpc_json_transcoder.v3.transcoder_pb2",
+    "envoy.extensions.filters.http.json_to_metadata.v3.json_to_metadata_pb2",
+    "envoy.extensions.filters.http.ratelimit.v3.rate_limit_pb2",
+    "envoy.extensions.filters.http.router.v3.router_pb2",
+    "envoy.extensions.http.early_header_mutation.header_mutation.v3.header_mutation_pb2",
+    "envoy.extensions.transport_sockets.tls.v3.tls_pb2",
+    "envoy.extensions.upstreams.http.v3.http_protocol_options_pb2",
+):
+    importlib.import_module(_module)
+
 ENVOY = str(Path(sys.executable).parent / "envoy")
+DESCRIPTOR = ADMIN_DESCRIPTOR.read_bytes()
 
 STATE = State(
     models=(
@@ -52,7 +61,17 @@ STATE = State(
 
 
 def _static_bootstrap(tmp_path: Path) -> Path:
-    cfg = GatewayConfig("127.0.0.1", 18080, "127.0.0.1", 9999, str(tmp_path / "access.log"), 16 << 20)
+    cfg = GatewayConfig(
+        "127.0.0.1",
+        18080,
+        "127.0.0.1",
+        9999,
+        str(tmp_path / "access.log"),
+        16 << 20,
+        "127.0.0.1",
+        50051,
+        DESCRIPTOR,
+    )
     res = encode_all(resources_from_state(STATE, cfg))
     boot = yaml.safe_load(
         render_bootstrap(BootstrapParams("n", "127.0.0.1", 0, "127.0.0.1", 1, "127.0.0.1", 2, "127.0.0.1", 3))

@@ -25,5 +25,5 @@ def test_xds_protos_google_types_coexist_with_protobuf():
 def test_generated_tessera_code_matches_installed_grpc():
     admin_grpc = importlib.import_module("tessera.admin.v1.admin_pb2_grpc")
     policy_grpc = importlib.import_module("tessera.policy.v1.policy_pb2_grpc")
-    assert hasattr(admin_grpc, "AdminServiceStub")
+    assert hasattr(admin_grpc, "TenantServiceStub")
     assert hasattr(policy_grpc, "PolicyServiceServicer")

@@ -32,10 +32,11 @@ def test_each_model_routes_by_body_model_and_nothing_routes_by_default():
         if "dynamic_metadata" in r["match"]
     }
     assert by_model == {"a": cluster_name("a"), "b": cluster_name("b")}
-    # Only /v1/models goes anywhere else, and it goes to the control plane, never to a backend.
+    # Only the admin API and /v1/models go anywhere else: to the control plane, never a backend.
     others = [r for r in routed if "dynamic_metadata" not in r["match"]]
     assert [(r["match"], r["route"]["cluster"]) for r in others] == [
-        ({"path": "/v1/models"}, "tessera_control_plane_http")
+        ({"prefix": "/admin/"}, "tessera_admin_api"),
+        ({"path": "/v1/models"}, "tessera_control_plane_http"),
     ]
     # The catch-alls are direct responses.
     assert all("direct_response" in r for r in rs if r not in routed)

@@ -25,8 +25,11 @@ if _version_not_supported:
     )
 
 
-class AdminServiceStub:
-    """Missing associated documentation comment in .proto file."""
+class TenantServiceStub:
+    """---------------------------------------------------------------------------------------------
+    Tenants
+
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -35,54 +38,47 @@ class AdminServiceStub:
             channel: A grpc.Channel.
         """
         self.CreateTenant = channel.unary_unary(
-                '/tessera.admin.v1.AdminService/CreateTenant',
+                '/tessera.admin.v1.TenantService/CreateTenant',
                 request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateTenantRequest.SerializeToString,
                 response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateTenantResponse.FromString,
                 _registered_method=True)
         self.GetTenant = channel.unary_unary(
-                '/tessera.admin.v1.AdminService/GetTenant',
+                '/tessera.admin.v1.TenantService/GetTenant',
                 request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetTenantRequest.SerializeToString,
                 response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetTenantResponse.FromString,
                 _registered_method=True)
         self.ListTenants = channel.unary_unary(
-                '/tessera.admin.v1.AdminService/ListTenants',
+                '/tessera.admin.v1.TenantService/ListTenants',
                 request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListTenantsRequest.SerializeToString,
                 response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListTenantsResponse.FromString,
                 _registered_method=True)
-        self.CreateApiKey = channel.unary_unary(
-                '/tessera.admin.v1.AdminService/CreateApiKey',
-                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
-                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateApiKeyResponse.FromString,
+        self.UpdateTenant = channel.unary_unary(
+                '/tessera.admin.v1.TenantService/UpdateTenant',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateTenantRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateTenantResponse.FromString,
                 _registered_method=True)
-        self.ListApiKeys = channel.unary_unary(
-                '/tessera.admin.v1.AdminService/ListApiKeys',
-                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
-                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
+        self.SuspendTenant = channel.unary_unary(
+                '/tessera.admin.v1.TenantService/SuspendTenant',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.SuspendTenantRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.SuspendTenantResponse.FromString,
                 _registered_method=True)
-        self.AddModel = channel.unary_unary(
-                '/tessera.admin.v1.AdminService/AddModel',
-                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddModelRequest.SerializeToString,
-                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddModelResponse.FromString,
+        self.ResumeTenant = channel.unary_unary(
+                '/tessera.admin.v1.TenantService/ResumeTenant',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ResumeTenantRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ResumeTenantResponse.FromString,
                 _registered_method=True)
-        self.ListModels = channel.unary_unary(
-                '/tessera.admin.v1.AdminService/ListModels',
-                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
-                _registered_method=True)
-        self.CreateLimit = channel.unary_unary(
-                '/tessera.admin.v1.AdminService/CreateLimit',
-                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateLimitRequest.SerializeToString,
-                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateLimitResponse.FromString,
-                _registered_method=True)
-        self.ListLimits = channel.unary_unary(
-                '/tessera.admin.v1.AdminService/ListLimits',
-                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsRequest.SerializeToString,
-                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsResponse.FromString,
+        self.DeleteTenant = channel.unary_unary(
+                '/tessera.admin.v1.TenantService/DeleteTenant',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DeleteTenantRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DeleteTenantResponse.FromString,
                 _registered_method=True)
 
 
-class AdminServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+class TenantServiceServicer:
+    """---------------------------------------------------------------------------------------------
+    Tenants
+
+    """
 
     def CreateTenant(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -102,45 +98,35 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CreateApiKey(self, request, context):
-        """Mints a key; the secret is in the response only, never stored or shown again.
+    def UpdateTenant(self, request, context):
+        """Platform-admin only: the plan and the model allow-list are entitlements.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ListApiKeys(self, request, context):
+    def SuspendTenant(self, request, context):
+        """Every key of a suspended tenant is refused within 1 s; resume restores them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeTenant(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def AddModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ListModels(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def CreateLimit(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ListLimits(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def DeleteTenant(self, request, context):
+        """Revokes every key; the tenant row, its usage and its audit trail are kept.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_AdminServiceServicer_to_server(servicer, server):
+def add_TenantServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateTenant': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateTenant,
@@ -157,46 +143,39 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListTenantsRequest.FromString,
                     response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListTenantsResponse.SerializeToString,
             ),
-            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
-                    servicer.CreateApiKey,
-                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateApiKeyRequest.FromString,
-                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateApiKeyResponse.SerializeToString,
+            'UpdateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTenant,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateTenantRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateTenantResponse.SerializeToString,
             ),
-            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListApiKeys,
-                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListApiKeysRequest.FromString,
-                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListApiKeysResponse.SerializeToString,
+            'SuspendTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuspendTenant,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.SuspendTenantRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.SuspendTenantResponse.SerializeToString,
             ),
-            'AddModel': grpc.unary_unary_rpc_method_handler(
-                    servicer.AddModel,
-                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddModelRequest.FromString,
-                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddModelResponse.SerializeToString,
+            'ResumeTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeTenant,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ResumeTenantRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ResumeTenantResponse.SerializeToString,
             ),
-            'ListModels': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListModels,
-                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsRequest.FromString,
-                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsResponse.SerializeToString,
-            ),
-            'CreateLimit': grpc.unary_unary_rpc_method_handler(
-                    servicer.CreateLimit,
-                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateLimitRequest.FromString,
-                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateLimitResponse.SerializeToString,
-            ),
-            'ListLimits': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListLimits,
-                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsRequest.FromString,
-                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsResponse.SerializeToString,
+            'DeleteTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTenant,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DeleteTenantRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DeleteTenantResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'tessera.admin.v1.AdminService', rpc_method_handlers)
+            'tessera.admin.v1.TenantService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('tessera.admin.v1.AdminService', rpc_method_handlers)
+    server.add_registered_method_handlers('tessera.admin.v1.TenantService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class AdminService:
-    """Missing associated documentation comment in .proto file."""
+class TenantService:
+    """---------------------------------------------------------------------------------------------
+    Tenants
+
+    """
 
     @staticmethod
     def CreateTenant(request,
@@ -212,7 +191,7 @@ class AdminService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tessera.admin.v1.AdminService/CreateTenant',
+            '/tessera.admin.v1.TenantService/CreateTenant',
             tessera_dot_admin_dot_v1_dot_admin__pb2.CreateTenantRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.CreateTenantResponse.FromString,
             options,
@@ -239,7 +218,7 @@ class AdminService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tessera.admin.v1.AdminService/GetTenant',
+            '/tessera.admin.v1.TenantService/GetTenant',
             tessera_dot_admin_dot_v1_dot_admin__pb2.GetTenantRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.GetTenantResponse.FromString,
             options,
@@ -266,7 +245,7 @@ class AdminService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tessera.admin.v1.AdminService/ListTenants',
+            '/tessera.admin.v1.TenantService/ListTenants',
             tessera_dot_admin_dot_v1_dot_admin__pb2.ListTenantsRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.ListTenantsResponse.FromString,
             options,
@@ -278,6 +257,788 @@ class AdminService:
             timeout,
             metadata,
             _registered_method=True)
+
+    @staticmethod
+    def UpdateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TenantService/UpdateTenant',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateTenantRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuspendTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TenantService/SuspendTenant',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.SuspendTenantRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.SuspendTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TenantService/ResumeTenant',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ResumeTenantRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ResumeTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TenantService/DeleteTenant',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.DeleteTenantRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.DeleteTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class PlanServiceStub:
+    """---------------------------------------------------------------------------------------------
+    Plans: named default limits and a scheduling priority (platform-admin writes, anyone reads).
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreatePlan = channel.unary_unary(
+                '/tessera.admin.v1.PlanService/CreatePlan',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreatePlanRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreatePlanResponse.FromString,
+                _registered_method=True)
+        self.GetPlan = channel.unary_unary(
+                '/tessera.admin.v1.PlanService/GetPlan',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetPlanRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetPlanResponse.FromString,
+                _registered_method=True)
+        self.ListPlans = channel.unary_unary(
+                '/tessera.admin.v1.PlanService/ListPlans',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListPlansRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListPlansResponse.FromString,
+                _registered_method=True)
+        self.UpdatePlan = channel.unary_unary(
+                '/tessera.admin.v1.PlanService/UpdatePlan',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdatePlanRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdatePlanResponse.FromString,
+                _registered_method=True)
+
+
+class PlanServiceServicer:
+    """---------------------------------------------------------------------------------------------
+    Plans: named default limits and a scheduling priority (platform-admin writes, anyone reads).
+
+    """
+
+    def CreatePlan(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPlan(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPlans(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdatePlan(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PlanServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreatePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePlan,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreatePlanRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreatePlanResponse.SerializeToString,
+            ),
+            'GetPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlan,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetPlanRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetPlanResponse.SerializeToString,
+            ),
+            'ListPlans': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlans,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListPlansRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListPlansResponse.SerializeToString,
+            ),
+            'UpdatePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdatePlan,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdatePlanRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdatePlanResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tessera.admin.v1.PlanService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tessera.admin.v1.PlanService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PlanService:
+    """---------------------------------------------------------------------------------------------
+    Plans: named default limits and a scheduling priority (platform-admin writes, anyone reads).
+
+    """
+
+    @staticmethod
+    def CreatePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.PlanService/CreatePlan',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.CreatePlanRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.CreatePlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.PlanService/GetPlan',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.GetPlanRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.GetPlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.PlanService/ListPlans',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ListPlansRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ListPlansResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdatePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.PlanService/UpdatePlan',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.UpdatePlanRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.UpdatePlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class PrincipalServiceStub:
+    """---------------------------------------------------------------------------------------------
+    Principals: the humans and service accounts that call this API, with their role bindings.
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreatePrincipal = channel.unary_unary(
+                '/tessera.admin.v1.PrincipalService/CreatePrincipal',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreatePrincipalRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreatePrincipalResponse.FromString,
+                _registered_method=True)
+        self.GetPrincipal = channel.unary_unary(
+                '/tessera.admin.v1.PrincipalService/GetPrincipal',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetPrincipalRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetPrincipalResponse.FromString,
+                _registered_method=True)
+        self.ListPrincipals = channel.unary_unary(
+                '/tessera.admin.v1.PrincipalService/ListPrincipals',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListPrincipalsRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListPrincipalsResponse.FromString,
+                _registered_method=True)
+        self.AddRoleBinding = channel.unary_unary(
+                '/tessera.admin.v1.PrincipalService/AddRoleBinding',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddRoleBindingRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddRoleBindingResponse.FromString,
+                _registered_method=True)
+        self.RemoveRoleBinding = channel.unary_unary(
+                '/tessera.admin.v1.PrincipalService/RemoveRoleBinding',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveRoleBindingRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveRoleBindingResponse.FromString,
+                _registered_method=True)
+        self.DisablePrincipal = channel.unary_unary(
+                '/tessera.admin.v1.PrincipalService/DisablePrincipal',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DisablePrincipalRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DisablePrincipalResponse.FromString,
+                _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/tessera.admin.v1.PrincipalService/WhoAmI',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
+
+
+class PrincipalServiceServicer:
+    """---------------------------------------------------------------------------------------------
+    Principals: the humans and service accounts that call this API, with their role bindings.
+
+    """
+
+    def CreatePrincipal(self, request, context):
+        """Returns the principal's first admin key, shown once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPrincipal(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPrincipals(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddRoleBinding(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveRoleBinding(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisablePrincipal(self, request, context):
+        """Disables the principal and revokes its admin keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WhoAmI(self, request, context):
+        """Who the caller is, and what it may do.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PrincipalServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreatePrincipal': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePrincipal,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreatePrincipalRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreatePrincipalResponse.SerializeToString,
+            ),
+            'GetPrincipal': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPrincipal,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetPrincipalRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetPrincipalResponse.SerializeToString,
+            ),
+            'ListPrincipals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrincipals,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListPrincipalsRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListPrincipalsResponse.SerializeToString,
+            ),
+            'AddRoleBinding': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddRoleBinding,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddRoleBindingRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddRoleBindingResponse.SerializeToString,
+            ),
+            'RemoveRoleBinding': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveRoleBinding,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveRoleBindingRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveRoleBindingResponse.SerializeToString,
+            ),
+            'DisablePrincipal': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisablePrincipal,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DisablePrincipalRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DisablePrincipalResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.WhoAmIRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.WhoAmIResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tessera.admin.v1.PrincipalService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tessera.admin.v1.PrincipalService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PrincipalService:
+    """---------------------------------------------------------------------------------------------
+    Principals: the humans and service accounts that call this API, with their role bindings.
+
+    """
+
+    @staticmethod
+    def CreatePrincipal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.PrincipalService/CreatePrincipal',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.CreatePrincipalRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.CreatePrincipalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPrincipal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.PrincipalService/GetPrincipal',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.GetPrincipalRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.GetPrincipalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrincipals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.PrincipalService/ListPrincipals',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ListPrincipalsRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ListPrincipalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddRoleBinding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.PrincipalService/AddRoleBinding',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.AddRoleBindingRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.AddRoleBindingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveRoleBinding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.PrincipalService/RemoveRoleBinding',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveRoleBindingRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveRoleBindingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisablePrincipal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.PrincipalService/DisablePrincipal',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.DisablePrincipalRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.DisablePrincipalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.PrincipalService/WhoAmI',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ApiKeyServiceStub:
+    """---------------------------------------------------------------------------------------------
+    API keys (the gateway's credentials).
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateApiKey = channel.unary_unary(
+                '/tessera.admin.v1.ApiKeyService/CreateApiKey',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.GetApiKey = channel.unary_unary(
+                '/tessera.admin.v1.ApiKeyService/GetApiKey',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetApiKeyRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/tessera.admin.v1.ApiKeyService/ListApiKeys',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/tessera.admin.v1.ApiKeyService/RevokeApiKey',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
+        self.RotateApiKey = channel.unary_unary(
+                '/tessera.admin.v1.ApiKeyService/RotateApiKey',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RotateApiKeyRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RotateApiKeyResponse.FromString,
+                _registered_method=True)
+
+
+class ApiKeyServiceServicer:
+    """---------------------------------------------------------------------------------------------
+    API keys (the gateway's credentials).
+
+    """
+
+    def CreateApiKey(self, request, context):
+        """Mints a key; the secret is in the response only, never stored or shown again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetApiKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Refused by every gateway within 1 s; all of the key's secrets stop working.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateApiKey(self, request, context):
+        """A new secret for the same key id; the old one works until grace_until. Idempotent per
+        rotation_id: a retry returns the same secret id and prefix and no secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ApiKeyServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'GetApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetApiKey,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetApiKeyRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'RotateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateApiKey,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RotateApiKeyRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RotateApiKeyResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tessera.admin.v1.ApiKeyService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tessera.admin.v1.ApiKeyService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ApiKeyService:
+    """---------------------------------------------------------------------------------------------
+    API keys (the gateway's credentials).
+
+    """
 
     @staticmethod
     def CreateApiKey(request,
@@ -293,9 +1054,36 @@ class AdminService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tessera.admin.v1.AdminService/CreateApiKey',
+            '/tessera.admin.v1.ApiKeyService/CreateApiKey',
             tessera_dot_admin_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.ApiKeyService/GetApiKey',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.GetApiKeyRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.GetApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -320,7 +1108,7 @@ class AdminService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tessera.admin.v1.AdminService/ListApiKeys',
+            '/tessera.admin.v1.ApiKeyService/ListApiKeys',
             tessera_dot_admin_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
             options,
@@ -332,6 +1120,211 @@ class AdminService:
             timeout,
             metadata,
             _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.ApiKeyService/RevokeApiKey',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.ApiKeyService/RotateApiKey',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.RotateApiKeyRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.RotateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AuditServiceStub:
+    """---------------------------------------------------------------------------------------------
+    Audit log: every mutation, append-only.
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListAuditEvents = channel.unary_unary(
+                '/tessera.admin.v1.AuditService/ListAuditEvents',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
+
+
+class AuditServiceServicer:
+    """---------------------------------------------------------------------------------------------
+    Audit log: every mutation, append-only.
+
+    """
+
+    def ListAuditEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AuditServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tessera.admin.v1.AuditService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tessera.admin.v1.AuditService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AuditService:
+    """---------------------------------------------------------------------------------------------
+    Audit log: every mutation, append-only.
+
+    """
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.AuditService/ListAuditEvents',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ModelServiceStub:
+    """---------------------------------------------------------------------------------------------
+    Model registry (platform-admin writes; any caller reads).
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.AddModel = channel.unary_unary(
+                '/tessera.admin.v1.ModelService/AddModel',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddModelRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddModelResponse.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/tessera.admin.v1.ModelService/ListModels',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+
+
+class ModelServiceServicer:
+    """---------------------------------------------------------------------------------------------
+    Model registry (platform-admin writes; any caller reads).
+
+    """
+
+    def AddModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'AddModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddModel,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddModelRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddModelResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tessera.admin.v1.ModelService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tessera.admin.v1.ModelService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ModelService:
+    """---------------------------------------------------------------------------------------------
+    Model registry (platform-admin writes; any caller reads).
+
+    """
 
     @staticmethod
     def AddModel(request,
@@ -347,7 +1340,7 @@ class AdminService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tessera.admin.v1.AdminService/AddModel',
+            '/tessera.admin.v1.ModelService/AddModel',
             tessera_dot_admin_dot_v1_dot_admin__pb2.AddModelRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.AddModelResponse.FromString,
             options,
@@ -374,7 +1367,7 @@ class AdminService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tessera.admin.v1.AdminService/ListModels',
+            '/tessera.admin.v1.ModelService/ListModels',
             tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
             options,
@@ -386,6 +1379,76 @@ class AdminService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class LimitServiceStub:
+    """---------------------------------------------------------------------------------------------
+    Limits (tenant-admin reads its own; platform-admin writes).
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateLimit = channel.unary_unary(
+                '/tessera.admin.v1.LimitService/CreateLimit',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateLimitRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateLimitResponse.FromString,
+                _registered_method=True)
+        self.ListLimits = channel.unary_unary(
+                '/tessera.admin.v1.LimitService/ListLimits',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsResponse.FromString,
+                _registered_method=True)
+
+
+class LimitServiceServicer:
+    """---------------------------------------------------------------------------------------------
+    Limits (tenant-admin reads its own; platform-admin writes).
+
+    """
+
+    def CreateLimit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLimits(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_LimitServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateLimit,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateLimitRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CreateLimitResponse.SerializeToString,
+            ),
+            'ListLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLimits,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tessera.admin.v1.LimitService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tessera.admin.v1.LimitService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class LimitService:
+    """---------------------------------------------------------------------------------------------
+    Limits (tenant-admin reads its own; platform-admin writes).
+
+    """
 
     @staticmethod
     def CreateLimit(request,
@@ -401,7 +1464,7 @@ class AdminService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tessera.admin.v1.AdminService/CreateLimit',
+            '/tessera.admin.v1.LimitService/CreateLimit',
             tessera_dot_admin_dot_v1_dot_admin__pb2.CreateLimitRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.CreateLimitResponse.FromString,
             options,
@@ -428,7 +1491,7 @@ class AdminService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tessera.admin.v1.AdminService/ListLimits',
+            '/tessera.admin.v1.LimitService/ListLimits',
             tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsResponse.FromString,
             options,

@@ -2,7 +2,6 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 07:23:30.228010
 
 """
 from collections.abc import Sequence

@@ -1,0 +1,1 @@
+"""The admin API: one servicer per proto service, sharing authentication, RBAC and audit."""
