@@ -3,7 +3,8 @@
 It keeps the resource map of the last complete version, applies a full snapshot
 (``reset``) or a delta, hands the result to the service's ``on_update`` (which
 compiles its own immutable snapshot and swaps it in), then acks the version.
-If ``on_update`` raises, the old snapshot stays and the version is not acked.
+If ``on_update`` raises, the old snapshot stays, the version is not acked, and the stream is
+dropped so the next one starts from a full snapshot (never a delta on a version we lack).
 Reconnects forever with backoff capped at ``reconnect_max_seconds``; while
 disconnected the service keeps serving its last snapshot.
 """
@@ -111,11 +112,13 @@ class PolicySubscriber:
                 continue
             try:
                 self._on_update(PolicyUpdate(version=msg.version, resources=pending))
-            except Exception:
+            except Exception as exc:
+                # Keep the old snapshot, and drop the stream: later deltas would build on a
+                # version we never applied. The reconnect starts again from a full snapshot.
                 POLICY_UPDATES.labels("rejected").inc()
-                log.exception("policy_update_rejected", version=msg.version)
-                pending = None
-                continue
+                log.error("policy_update_rejected", version=msg.version, error=str(exc))  # noqa: TRY400
+                call.cancel()
+                return applied
             self._resources, pending = pending, None
             self.version = msg.version
             POLICY_UPDATES.labels("applied").inc()
