@@ -9,10 +9,9 @@ import sys
 import structlog
 from pydantic import ValidationError
 
-from ext_authz.app import build_app
-from ext_authz.settings import ExtAuthzSettings
+from ext_authz.settings import ExtAuthzSettings, check_settings
+from ext_authz.workers import serve, supervise
 from tessera.errors import ConfigError
-from tessera.grpc_server import wait_for_termination
 from tessera.keys import load_pepper
 from tessera.logging import configure_logging
 
@@ -24,14 +23,10 @@ EXIT_CONFIG = 2
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ext_authz", description="Tessera ext_authz service")
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="answer Envoy's Authorization/Check (default)")
+    serve = sub.add_parser("serve", help="answer Envoy's Authorization/Check (default)")
+    serve.add_argument("--workers", type=int, default=None, help="processes sharing the port (SO_REUSEPORT)")
     sub.add_parser("check-config", help="validate settings and the pepper, then exit")
     return parser
-
-
-async def _serve(settings: ExtAuthzSettings) -> None:
-    app = await build_app(settings)
-    await wait_for_termination(app.stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
             load_pepper(settings.pepper.file)
             log.info("config_ok", grpc_port=settings.grpc.port, policy_url=settings.policy.url)
             return 0
-        asyncio.run(_serve(settings))
+        if getattr(args, "workers", None):
+            settings = settings.model_copy(update={"workers": args.workers})
+        check_settings(settings)
+        if settings.workers > 1:
+            return supervise(settings)
+        asyncio.run(serve(settings))
     except ConfigError as exc:
         log.error("startup_failed", error=str(exc))  # noqa: TRY400 - a config error has no useful traceback
         return EXIT_CONFIG

@@ -62,6 +62,7 @@ async def build_app(settings: ExtAuthzSettings, *, clock: Clock = SYSTEM_CLOCK) 
         settings.grpc,
         [lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s)],
         services=[SERVICE_NAME],
+        reuse_port=settings.workers > 1,
     )
     try:
         metrics = serve_metrics(settings.metrics)

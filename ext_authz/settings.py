@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
+from tessera.errors import ConfigError
 from tessera.settings import (
     SETTINGS_CONFIG,
     GrpcSettings,
@@ -28,3 +29,11 @@ class ExtAuthzSettings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     pepper: PepperSettings = Field(default_factory=PepperSettings)
+    workers: int = Field(default=1, ge=1, le=64, description="processes sharing the gRPC port (SO_REUSEPORT)")
+
+
+def check_settings(settings: ExtAuthzSettings) -> None:
+    """Cross-field rules; a violation is a startup error."""
+    if settings.workers > 1 and settings.grpc.port == 0:
+        msg = "workers > 1 needs a fixed gRPC port (TESSERA_GRPC__PORT) for the workers to share"
+        raise ConfigError(msg)

@@ -1,15 +1,13 @@
 """Running the service: one process, or ``workers`` processes sharing the port (SO_REUSEPORT).
 
-Worker processes are spawned (a fresh interpreter each: no forked grpc or asyncio state), so
-their entry point lives here, importable by name, not in ``__main__``.
+Worker processes are spawned by ``tessera.workers``, so their entry point lives here,
+importable by name, not in ``__main__``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import signal
-from types import FrameType
+import functools
 
 import structlog
 
@@ -18,6 +16,7 @@ from ratelimit.settings import RatelimitSettings
 from tessera.grpc_server import wait_for_termination
 from tessera.logging import configure_logging
 from tessera.settings import redact_url
+from tessera.workers import run_workers
 
 log = structlog.get_logger("ratelimit")
 
@@ -37,7 +36,7 @@ async def serve(settings: RatelimitSettings) -> None:
     log.info("ratelimit_stopped")
 
 
-def run_worker(settings: RatelimitSettings, index: int) -> None:
+def run_worker(settings: RatelimitSettings, index: int) -> None:  # runs in a spawned process
     """Entry point of worker ``index``: its metrics on ``metrics.port + index`` (when fixed)."""
     configure_logging(settings.log, service="ratelimit")
     structlog.contextvars.bind_contextvars(worker=index)
@@ -48,26 +47,5 @@ def run_worker(settings: RatelimitSettings, index: int) -> None:
 
 
 def supervise(settings: RatelimitSettings) -> int:
-    """Start ``settings.workers`` processes, forward SIGTERM/SIGINT, wait for all; 0 if all exit 0."""
-    ctx = multiprocessing.get_context("spawn")
-    workers = [
-        ctx.Process(target=run_worker, args=(settings, i), name=f"ratelimit-worker-{i}")
-        for i in range(settings.workers)
-    ]
-
-    def forward(_signum: int, _frame: FrameType | None) -> None:
-        for proc in workers:
-            if proc.is_alive():
-                proc.terminate()  # SIGTERM: each worker stops gracefully
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for proc in workers:
-        proc.start()
-    for proc in workers:
-        proc.join()
-    failed = [proc.name for proc in workers if proc.exitcode != 0]
-    if failed:
-        log.error("ratelimit_workers_failed", workers=failed)
-        return 1
-    return 0
+    """Start ``settings.workers`` processes sharing the port; 0 if all exit 0."""
+    return run_workers(settings.workers, functools.partial(run_worker, settings), name="ratelimit")

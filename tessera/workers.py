@@ -1,0 +1,39 @@
+"""Several processes serving one gRPC port (SO_REUSEPORT), for services that scale across cores.
+
+Workers are spawned (a fresh interpreter each: no forked grpc or asyncio state), so the
+target must be a picklable top-level function (or a ``functools.partial`` of one).
+SIGTERM/SIGINT to the parent are forwarded; the parent exits 0 only if every worker did.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from collections.abc import Callable
+from types import FrameType
+
+import structlog
+
+log = structlog.get_logger("tessera.workers")
+
+
+def run_workers(count: int, target: Callable[[int], None], *, name: str) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=target, args=(i,), name=f"{name}-worker-{i}") for i in range(count)]
+
+    def forward(_signum: int, _frame: FrameType | None) -> None:
+        for proc in workers:
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: each worker stops gracefully
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for proc in workers:
+        proc.start()
+    for proc in workers:
+        proc.join()
+    failed = [proc.name for proc in workers if proc.exitcode != 0]
+    if failed:
+        log.error("workers_failed", workers=failed)
+        return 1
+    return 0
