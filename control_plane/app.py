@@ -158,6 +158,9 @@ async def build_app(settings: ControlPlaneSettings) -> App:
             admin_host=gw.admin_api_host,
             admin_port=gw.admin_api_port or admin.port,
             admin_descriptor=ADMIN_DESCRIPTOR.read_bytes(),
+            per_ip_requests_per_second=gw.per_ip_requests_per_second,
+            per_ip_burst=gw.per_ip_burst,
+            xff_trusted_hops=gw.xff_trusted_hops,
         )
     )
     await publisher.publish()

@@ -38,7 +38,11 @@ class GatewaySettings(BaseModel):
     admin_api_host: str = "127.0.0.1"
     admin_api_port: int = Field(default=0, ge=0, le=65535)
     access_log_path: Path | None = None
-    max_request_bytes: int = 16 * 1024 * 1024
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="larger bodies get 413")
+    # Per-client-IP guard in front of authentication (Envoy local_ratelimit); 0 disables it.
+    per_ip_requests_per_second: int = Field(default=20_000, ge=0)
+    per_ip_burst: int = Field(default=20_000, ge=1)
+    xff_trusted_hops: int = Field(default=0, ge=0, le=10)
 
 
 class ControlPlaneSettings(BaseSettings):

@@ -22,6 +22,7 @@ from prometheus_client import Counter
 from ext_authz.key_index import EMPTY_INDEX, KeyIndex
 from ext_authz.pipeline import SUSPENDED_MESSAGE, Decision, decide
 from tessera.clock import Clock
+from tessera.log_sampling import LogSampler
 from tessera.openai_errors import error_json, status_of
 
 log = structlog.get_logger("ext_authz")
@@ -108,6 +109,7 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
         self._clock = clock
         self._index = EMPTY_INDEX
         self._allow_cache: dict[tuple[str, str], Any] = {}
+        self._log_sampler = LogSampler(clock=clock)
 
     @property
     def index(self) -> KeyIndex:
@@ -138,13 +140,16 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
     def _deny(self, decision: Decision, request_id: str) -> Any:
         code = decision.code
         _DENY_COUNT[code].inc()
-        log.info(
-            "authz_denied",
-            code=code,
-            key_prefix=decision.key_prefix,
-            tenant_id=decision.tenant_id,
-            request_id=request_id,
-        )
+        suppressed = self._log_sampler.admit()
+        if suppressed is not None:  # a flood of bad keys must not become a flood of log lines
+            log.info(
+                "authz_denied",
+                code=code,
+                key_prefix=decision.key_prefix,
+                tenant_id=decision.tenant_id,
+                request_id=request_id,
+                suppressed=suppressed,
+            )
         resp = _FIXED_DENIALS.get((code, decision.message))
         if resp is None:
             resp = deny_response(code, decision.message, decision.param)

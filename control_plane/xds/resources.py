@@ -14,6 +14,7 @@ import envoy_data_plane.envoy.extensions.access_loggers.file.v3
 import envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3
 import envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3
 import envoy_data_plane.envoy.extensions.filters.http.json_to_metadata.v3
+import envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3
 import envoy_data_plane.envoy.extensions.filters.http.ratelimit.v3
 import envoy_data_plane.envoy.extensions.filters.http.router.v3
 import envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3

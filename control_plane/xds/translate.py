@@ -62,6 +62,9 @@ class GatewayConfig:
     admin_host: str = "127.0.0.1"
     admin_port: int = 50051
     admin_descriptor: bytes = b""  # FileDescriptorSet of the admin API (REST via the transcoder)
+    per_ip_requests_per_second: int = 20_000  # 0 = no per-IP guard
+    per_ip_burst: int = 20_000
+    xff_trusted_hops: int = 0  # proxies in front of Envoy whose X-Forwarded-For is believed
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,9 +186,46 @@ def _transcoder_config(descriptor: bytes) -> dict[str, Any]:
     }
 
 
+def _per_ip_guard(cfg: GatewayConfig) -> list[dict[str, Any]]:
+    """A token bucket per client IP, before any body buffering or callout (ARCHITECTURE §2.1).
+
+    The client IP is the TCP peer (``use_remote_address``), or the X-Forwarded-For entry
+    ``xff_trusted_hops`` from the right; buckets are an LRU of ``max_dynamic_descriptors``.
+    """
+    if cfg.per_ip_requests_per_second <= 0:
+        return []
+    bucket = {
+        "max_tokens": max(cfg.per_ip_burst, 1),
+        "tokens_per_fill": cfg.per_ip_requests_per_second,
+        "fill_interval": "1s",
+    }
+    always = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
+    return [
+        {
+            "name": "envoy.filters.http.local_ratelimit",
+            "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                "stat_prefix": "per_ip",
+                # Requests matching no descriptor (none: every request has a peer) share this.
+                "token_bucket": {
+                    "max_tokens": 1_000_000,
+                    "tokens_per_fill": 1_000_000,
+                    "fill_interval": "1s",
+                },
+                "filter_enabled": {**always, "runtime_key": "tessera.per_ip.enabled"},
+                "filter_enforced": {**always, "runtime_key": "tessera.per_ip.enforced"},
+                "rate_limits": [{"actions": [{"remote_address": {}}]}],
+                "descriptors": [{"entries": [{"key": "remote_address"}], "token_bucket": bucket}],
+                "max_dynamic_descriptors": 100_000,
+            },
+        }
+    ]
+
+
 def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     kv = {"metadata_namespace": MODEL_NS, "key": "model"}
     return [
+        *_per_ip_guard(cfg),
         {
             "name": "envoy.filters.http.json_to_metadata",
             "typed_config": {
@@ -262,8 +302,9 @@ def listener(cfg: GatewayConfig) -> dict[str, Any]:
         "@type": HCM,
         "stat_prefix": "gateway",
         "codec_type": "AUTO",
-        # The client address is the peer, never X-Forwarded-For.
+        # The client address is the peer, or X-Forwarded-For only from configured trusted hops.
         "use_remote_address": True,
+        "xff_num_trusted_hops": cfg.xff_trusted_hops,
         # Envoy mints every request id: a client-sent x-request-id is dropped before
         # the connection manager looks at it, so nobody can pick a ledger row's id.
         "early_header_mutation_extensions": [

@@ -33,6 +33,7 @@ for _module in (
     "envoy.extensions.filters.http.ext_authz.v3.ext_authz_pb2",
     "envoy.extensions.filters.http.grpc_json_transcoder.v3.transcoder_pb2",
     "envoy.extensions.filters.http.json_to_metadata.v3.json_to_metadata_pb2",
+    "envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2",
     "envoy.extensions.filters.http.ratelimit.v3.rate_limit_pb2",
     "envoy.extensions.filters.http.router.v3.router_pb2",
     "envoy.extensions.http.early_header_mutation.header_mutation.v3.header_mutation_pb2",

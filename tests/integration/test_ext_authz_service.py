@@ -301,10 +301,19 @@ async def test_denial_is_logged_with_prefix_only(ready, authz):
             "key_prefix": display_prefix(NEW_KEY),
             "tenant_id": "t1",
             "request_id": "rid-42",
+            "suppressed": 0,
         }
     ]
     assert NEW_KEY not in repr(logs)
     assert KEY not in repr(logs)
+
+
+async def test_a_flood_of_bad_keys_is_logged_sampled(ready, authz):
+    with structlog.testing.capture_logs() as logs:
+        for i in range(200):
+            await authz.Check(check_request({"x-api-key": f"tsk_{'a' * 12}_{i:043d}"}))
+    denied = [e for e in logs if e["event"] == "authz_denied"]
+    assert 1 <= len(denied) <= 40  # 20 lines per second at most, whatever the flood
 
 
 async def test_revocation_delta_refused_within_1s(ready, authz, policy_server):
