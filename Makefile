@@ -36,3 +36,8 @@ e2e: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+bench: install  ## load through upstream / plain Envoy / callout floor / Tessera, ext_authz at 1k+1M keys (~6 min)
+	@command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
+	@command -v h2load >/dev/null || apt-get install -y nghttp2-client || (apt-get update && apt-get install -y nghttp2-client)
+	$(BIN)/python -m bench

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -24,6 +25,7 @@ from control_plane.admin.tenants import PlanServiceServicer, TenantServiceServic
 from control_plane.db.engine import make_engine, make_sessionmaker
 from control_plane.db.migrate import current_revision, head_revision
 from control_plane.http_api import build_http_app
+from control_plane.jwt_keys import JwtPolicy
 from control_plane.policy_servicer import PolicyCache, PolicyServiceServicer
 from control_plane.publisher import Publisher
 from control_plane.settings import ControlPlaneSettings
@@ -101,8 +103,10 @@ async def check_schema(engine: AsyncEngine) -> None:
         raise ConfigError(msg)
 
 
-async def _start_http(settings: ControlPlaneSettings, publisher: Publisher) -> tuple[web.AppRunner, int]:
-    app = build_http_app(lambda: publisher.state)
+async def _start_http(
+    settings: ControlPlaneSettings, publisher: Publisher, pepper: bytes
+) -> tuple[web.AppRunner, int]:
+    app = build_http_app(publisher, pepper)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     # SO_REUSEADDR: a restart must not trip over TIME_WAIT; Linux still refuses a second listener.
@@ -135,7 +139,15 @@ async def build_app(settings: ControlPlaneSettings) -> App:
     sessionmaker = make_sessionmaker(engine)
 
     xds_cache, policy_cache = SnapshotCache(), PolicyCache()
-    publisher = Publisher(sessionmaker, xds_cache, policy_cache)
+    jwt_settings = settings.jwt
+    jwt_policy = JwtPolicy(
+        issuer=jwt_settings.issuer,
+        audience=jwt_settings.audience,
+        token_ttl=timedelta(seconds=jwt_settings.token_ttl_seconds),
+        rotate_after=timedelta(seconds=jwt_settings.rotate_after_seconds),
+        publish_lead=timedelta(seconds=jwt_settings.publish_lead_seconds),
+    )
+    publisher = Publisher(sessionmaker, xds_cache, policy_cache, pepper=pepper, jwt_policy=jwt_policy)
     ctx = AdminContext(
         sessionmaker, publisher, Authenticator(pepper, settings.admin_token.get_secret_value()), pepper
     )
@@ -144,7 +156,7 @@ async def build_app(settings: ControlPlaneSettings) -> App:
         [_registrar(name, cls(ctx)) for name, cls in ADMIN_SERVICERS.items()],
         services=[f"tessera.admin.v1.{name}" for name in ADMIN_SERVICERS],
     )
-    http_runner, http_port = await _start_http(settings, publisher)
+    http_runner, http_port = await _start_http(settings, publisher, pepper)
     gw = settings.gateway
     # Envoy's view of us needs the bound ports, so the first publish waits for them.
     publisher.configure(
@@ -161,6 +173,8 @@ async def build_app(settings: ControlPlaneSettings) -> App:
             per_ip_requests_per_second=gw.per_ip_requests_per_second,
             per_ip_burst=gw.per_ip_burst,
             xff_trusted_hops=gw.xff_trusted_hops,
+            jwt_issuer=settings.jwt.issuer,
+            jwt_audience=settings.jwt.audience,
         )
     )
     await publisher.publish()

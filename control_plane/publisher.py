@@ -8,12 +8,14 @@ A periodic refresh also picks up writes made by other control-plane replicas.
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from control_plane.jwt_keys import JwtPolicy, ensure_keys, signer
 from control_plane.policy import policy_resources_from_state
 from control_plane.policy_servicer import PolicyCache, PolicySnapshot
 from control_plane.state import State, load_state
@@ -31,8 +33,14 @@ class Publisher:
         sessionmaker: async_sessionmaker[Any],
         xds_cache: SnapshotCache,
         policy_cache: PolicyCache,
+        *,
+        pepper: bytes,
+        jwt_policy: JwtPolicy,
     ) -> None:
         self._sessionmaker = sessionmaker
+        self._pepper = pepper
+        self.jwt_policy = jwt_policy
+        self.signing: tuple[str, Any] | None = None  # (kid, private key) that signs gateway JWTs
         self._gateway: GatewayConfig | None = None
         self._xds = xds_cache
         self._policy = policy_cache
@@ -48,8 +56,12 @@ class Publisher:
         if self._gateway is None:
             return  # not configured yet: the first configured publish reads the whole store
         async with self._lock:
+            async with self._sessionmaker.begin() as session:
+                await ensure_keys(session, self._pepper, self.jwt_policy, datetime.now(UTC))
             async with self._sessionmaker() as session:
                 state = await load_state(session)
+                if self.signing is None or self.state is None or state.jwks != self.state.jwks:
+                    self.signing = await signer(session, self._pepper)
             if state == self.state:
                 return
             try:

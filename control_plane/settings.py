@@ -45,6 +45,17 @@ class GatewaySettings(BaseModel):
     xff_trusted_hops: int = Field(default=0, ge=0, le=10)
 
 
+class JwtSettings(BaseModel):
+    """Gateway JWTs from ``POST /oauth/token`` (OAuth2 client credentials)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    issuer: str = "https://tessera.local"
+    audience: str = "tessera-gateway"  # never the admin API's: admin callers use admin keys
+    token_ttl_seconds: int = Field(default=900, ge=10, le=86400)
+    rotate_after_seconds: int = Field(default=86400, ge=1)
+    publish_lead_seconds: int = Field(default=30, ge=0, description="in the JWKS this long before signing")
+
+
 class ControlPlaneSettings(BaseSettings):
     model_config = SETTINGS_CONFIG
 
@@ -56,6 +67,7 @@ class ControlPlaneSettings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     pepper: PepperSettings = PepperSettings()
     gateway: GatewaySettings = GatewaySettings()
+    jwt: JwtSettings = JwtSettings()
     # Local platform-admin credential (admin.json); principals and roles arrive with the admin issue.
     admin_token: SecretStr = SecretStr("")
     refresh_seconds: float = Field(default=5.0, gt=0, description="periodic re-read of the store")

@@ -6,6 +6,7 @@ pure function of a ``State``; equal states publish nothing new.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -13,7 +14,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control_plane.db.models import Plan
+from control_plane.db.models import JwtSigningKey, Plan
 from control_plane.db.repositories import (
     ApiKeyRepository,
     LimitRepository,
@@ -99,6 +100,7 @@ class State:
     models: tuple[ModelState, ...] = ()
     limits: tuple[LimitState, ...] = ()
     plans: tuple[PlanState, ...] = ()
+    jwks: str = '{"keys":[]}'  # JSON Web Key Set of the published signing keys
 
 
 def unix(dt: datetime | None) -> int:
@@ -121,7 +123,9 @@ async def load_state(session: AsyncSession) -> State:
     models = await ModelRepository(session).all()
     limits = await LimitRepository(session).all()
     plans = (await session.scalars(select(Plan).order_by(Plan.name))).all()
+    signing = (await session.scalars(select(JwtSigningKey).order_by(JwtSigningKey.created_at))).all()
     return State(
+        jwks=json.dumps({"keys": [k.public_jwk for k in signing]}, sort_keys=True, separators=(",", ":")),
         plans=tuple(
             PlanState(
                 p.name,

@@ -21,7 +21,7 @@ DEFAULT_PAGE = 50
 
 
 def tenant_name(value: str) -> str:
-    if not TENANT_NAME.match(value):
+    if not TENANT_NAME.fullmatch(value):
         raise InvalidArgumentError(
             "name", "must be 1-63 lower-case letters, digits or '-', starting with a letter or digit"
         )
@@ -29,7 +29,7 @@ def tenant_name(value: str) -> str:
 
 
 def model_name(value: str, field: str = "name") -> str:
-    if not MODEL_NAME.match(value):
+    if not MODEL_NAME.fullmatch(value):
         raise InvalidArgumentError(
             field, "must be 1-128 characters of letters, digits, '.', '_', '/' or '-', starting alphanumeric"
         )
@@ -55,7 +55,7 @@ def backend_url(value: str) -> str:
         raise InvalidArgumentError("backend.url", "a host is required")
     if port is None:
         raise InvalidArgumentError("backend.url", "an explicit port is required (scheme://host:port)")
-    if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username:
+    if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username or parts.password:
         raise InvalidArgumentError(
             "backend.url", "must be scheme://host:port with no path, query or credentials"
         )
@@ -79,6 +79,8 @@ def visibility(value: str) -> str:
 def duration_seconds(value: str, field: str) -> int:
     """Go-style durations: ``90s``, ``15m``, ``24h``, ``1h30m``."""
     pos, total = 0, 0
+    if len(value) > 32:  # noqa: PLR2004 - no sensible duration is longer
+        raise InvalidArgumentError(field, "is too long")
     for m in _DURATION.finditer(value):
         if m.start() != pos:
             break
@@ -137,7 +139,7 @@ MAX_LIST_ITEMS = 256
 
 
 def plan_name(value: str, field: str = "name") -> str:
-    if not TENANT_NAME.match(value):
+    if not TENANT_NAME.fullmatch(value):
         raise InvalidArgumentError(field, "must be 1-63 lower-case letters, digits or '-'")
     return value
 
@@ -164,7 +166,7 @@ def plan_limits(items: list[tuple[str, str, int]]) -> list[dict[str, object]]:
 
 
 def principal_name(value: str) -> str:
-    if not PRINCIPAL_NAME.match(value):
+    if not PRINCIPAL_NAME.fullmatch(value):
         raise InvalidArgumentError(
             "name", "must be 1-128 letters, digits or . _ @ + -, starting alphanumeric"
         )
@@ -190,11 +192,11 @@ def update_mask(paths: list[str], allowed: set[str]) -> set[str]:
 def timestamp(value: str, field: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
+        if parsed.tzinfo is None:
+            raise InvalidArgumentError(field, "must carry a UTC offset (e.g. Z)")
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError) as exc:  # year 1 or 9999 shifted out of range overflows
         raise InvalidArgumentError(field, "must be an RFC 3339 time such as 2026-01-31T12:00:00Z") from exc
-    if parsed.tzinfo is None:
-        raise InvalidArgumentError(field, "must carry a UTC offset (e.g. Z)")
-    return parsed.astimezone(UTC)
 
 
 def short_text(value: str, field: str, limit: int = 256) -> str:

@@ -49,6 +49,8 @@ class KeyIndex:
     tenants: Mapping[str, TenantEntry] = field(default_factory=lambda: MappingProxyType({}))
     public_models: frozenset[str] = frozenset()
     restricted_models: frozenset[str] = frozenset()
+    # logical key id -> its most usable secret's entry (for callers with a verified JWT)
+    by_key_id: Mapping[str, KeyEntry] = field(default_factory=lambda: MappingProxyType({}))
     # resource key -> (the ApiKey resource it was compiled from, entry, digest); for reuse only
     compiled_keys: Mapping[str, tuple[policy_pb2.Resource, KeyEntry, bytes]] = field(
         default_factory=lambda: MappingProxyType({}), repr=False
@@ -95,14 +97,25 @@ def key_index_from_policy(
             raise InvalidArgumentError(f"{name}.digest", f"duplicates {keys[digest].secret_id}")
         keys[digest] = entry
         compiled[name] = hit
+    by_key_id: dict[str, KeyEntry] = {}
+    for entry in keys.values():
+        best = by_key_id.get(entry.key_id)
+        if best is None or _usability(entry) > _usability(best):
+            by_key_id[entry.key_id] = entry
     return KeyIndex(
         version=version,
         keys=MappingProxyType(keys),
+        by_key_id=MappingProxyType(by_key_id),
         tenants=MappingProxyType(tenants),
         public_models=frozenset(public),
         restricted_models=frozenset(restricted),
         compiled_keys=MappingProxyType(compiled),
     )
+
+
+def _usability(entry: KeyEntry) -> tuple[bool, float]:
+    """Not revoked first, then the latest expiry (never = infinitely late)."""
+    return (not entry.revoked, entry.expire_time_unix or float("inf"))
 
 
 def _key_entry(name: str, key: policy_pb2.ApiKey) -> tuple[KeyEntry, bytes]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ext_authz.key_index import KeyIndex
+from ext_authz.key_index import KeyEntry, KeyIndex
 from tessera.keys import digest, display_prefix, parse_public_id
 
 SUSPENDED_MESSAGE = "This API key's tenant is suspended."
@@ -52,15 +52,26 @@ def model_not_found_message(model: str) -> str:
     return f"The model `{model}` does not exist or you do not have access to it."
 
 
-def decide(  # noqa: PLR0911 - one return per rule, in the order they apply
+def decide(
     headers: Mapping[str, str],
     model: str | None,
     index: KeyIndex,
     *,
     pepper: bytes,
     now: float,
+    jwt_key_id: str | None = None,
 ) -> Decision:
-    """Who is calling, and may they call ``model`` (None/""/":…" = no model in the request)."""
+    """Who is calling, and may they call ``model`` (None/""/":…" = no model in the request).
+
+    ``jwt_key_id`` is the key id of a JWT Envoy's jwt_authn has already verified (signature,
+    issuer, audience, expiry). It is checked against the snapshot like the key it was issued
+    for, so revoking the key or suspending the tenant refuses its JWTs within the same second.
+    """
+    if jwt_key_id:
+        entry = index.by_key_id.get(jwt_key_id)
+        if entry is None:
+            return Decision(code="invalid_api_key")
+        return check_entry(entry, f"jwt:{jwt_key_id}", model, index, now)
     key = credential_from_headers(headers)
     if not key:
         return MISSING_KEY
@@ -73,6 +84,11 @@ def decide(  # noqa: PLR0911 - one return per rule, in the order they apply
     entry = index.keys.get(digest(pepper, key))
     if entry is None:
         return Decision(code="invalid_api_key", key_prefix=prefix)
+    return check_entry(entry, prefix, model, index, now)
+
+
+def check_entry(entry: KeyEntry, prefix: str, model: str | None, index: KeyIndex, now: float) -> Decision:
+    """The key's own state, its tenant's, then the model entitlement."""
     tenant_id = entry.tenant_id
     if entry.revoked:
         return Decision(code="api_key_revoked", tenant_id=tenant_id, key_id=entry.key_id, key_prefix=prefix)

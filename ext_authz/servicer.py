@@ -30,6 +30,8 @@ log = structlog.get_logger("ext_authz")
 DECISIONS = Counter("tessera_authz_decisions", "ext_authz decisions", ["result"])
 
 MODEL_NAMESPACE: Final = "ai.gw"
+JWT_NAMESPACE: Final = "envoy.filters.http.jwt_authn"  # only ever written by Envoy after verification
+JWT_PAYLOAD_KEY: Final = "jwt_payload"
 HEADERS_TO_REMOVE: Final = ("authorization", "x-api-key")
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # google.rpc.Code values
@@ -103,6 +105,20 @@ def model_of(attributes: Any) -> str | None:
     return str(value.string_value)
 
 
+def jwt_key_id_of(attributes: Any) -> str | None:
+    """The ``key_id`` claim of a JWT that Envoy's jwt_authn verified (its ``payload_in_metadata``)."""
+    meta = attributes.metadata_context.filter_metadata.get(JWT_NAMESPACE)
+    if meta is None:
+        return None
+    payload = meta.fields.get(JWT_PAYLOAD_KEY)
+    if payload is None or payload.WhichOneof("kind") != "struct_value":
+        return None
+    value = payload.struct_value.fields.get("key_id")
+    if value is None or value.WhichOneof("kind") != "string_value":
+        return None
+    return str(value.string_value) or None
+
+
 class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(self, pepper: bytes, clock: Clock) -> None:
         self._pepper = pepper
@@ -126,7 +142,12 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
         attributes = request.attributes
         headers = attributes.request.http.headers
         decision = decide(
-            headers, model_of(attributes), self._index, pepper=self._pepper, now=self._clock.now()
+            headers,
+            model_of(attributes),
+            self._index,
+            pepper=self._pepper,
+            now=self._clock.now(),
+            jwt_key_id=jwt_key_id_of(attributes),
         )
         if decision.allowed:
             _ALLOW_COUNT.inc()

@@ -20,7 +20,7 @@ class AuditServiceServicer(AdminServicerBase, admin_pb2_grpc.AuditServiceService
         self, request: pb.ListAuditEventsRequest, context: Any
     ) -> pb.ListAuditEventsResponse:
         size, after = v.page(request.page_size, request.page_token)
-        if after and not after.isdigit():
+        if after and not (after.isascii() and after.isdigit() and len(after) <= 18):  # noqa: PLR2004
             raise InvalidArgumentError("page_token", "is not a token this API returned")
         stmt = select(AuditEvent).where(AuditEvent.id > int(after or 0))
         if request.actor:

@@ -40,6 +40,16 @@ def mint_admin_key(principal: Principal, pepper: bytes) -> tuple[AdminCredential
     return cred, minted.key
 
 
+def view(caller: Caller, p: Principal) -> pb.Principal:
+    """The principal as this caller may see it: no bindings on tenants it cannot read."""
+    msg = principal_pb(p)
+    if not caller.platform_admin:
+        kept = [b for b in msg.bindings if not b.tenant_id or caller.can_read(b.tenant_id)]
+        del msg.bindings[:]
+        msg.bindings.extend(kept)
+    return msg
+
+
 def visible(caller: Caller, p: Principal) -> bool:
     return (
         caller.platform_admin
@@ -112,7 +122,7 @@ class PrincipalServiceServicer(AdminServicerBase, admin_pb2_grpc.PrincipalServic
     async def GetPrincipal(self, request: pb.GetPrincipalRequest, context: Any) -> pb.GetPrincipalResponse:
         async with self.read(context) as (s, caller):
             return pb.GetPrincipalResponse(
-                principal=principal_pb(await self._get(s, caller, request.principal))
+                principal=view(caller, await self._get(s, caller, request.principal))
             )
 
     async def ListPrincipals(
@@ -128,12 +138,12 @@ class PrincipalServiceServicer(AdminServicerBase, admin_pb2_grpc.PrincipalServic
                 bound = select(RoleBinding.principal_id).where(RoleBinding.tenant_id.in_(scope))
                 stmt = stmt.where(Principal.id.in_(bound))
             rows: Sequence[Principal] = (await s.scalars(stmt.order_by(Principal.id).limit(size))).all()
-            items = [principal_pb(p) for p in rows]
+            items = [view(caller, p) for p in rows]
         return pb.ListPrincipalsResponse(
             items=items, next_page_token=v.next_token(len(rows), size, rows[-1].id if rows else "")
         )
 
-    async def _change_bindings(self, request: Any, context: Any, *, add: bool) -> Principal:
+    async def _change_bindings(self, request: Any, context: Any, *, add: bool) -> pb.Principal:
         action = "principal.bind" if add else "principal.unbind"
         async with self.tx(context) as (s, caller):
             principal = await self._get(s, caller, request.principal)
@@ -165,20 +175,18 @@ class PrincipalServiceServicer(AdminServicerBase, admin_pb2_grpc.PrincipalServic
                     before=before,
                     after=after,
                 )
-            return principal
+            return view(caller, principal)
 
     async def AddRoleBinding(
         self, request: pb.AddRoleBindingRequest, context: Any
     ) -> pb.AddRoleBindingResponse:
-        return pb.AddRoleBindingResponse(
-            principal=principal_pb(await self._change_bindings(request, context, add=True))
-        )
+        return pb.AddRoleBindingResponse(principal=await self._change_bindings(request, context, add=True))
 
     async def RemoveRoleBinding(
         self, request: pb.RemoveRoleBindingRequest, context: Any
     ) -> pb.RemoveRoleBindingResponse:
         return pb.RemoveRoleBindingResponse(
-            principal=principal_pb(await self._change_bindings(request, context, add=False))
+            principal=await self._change_bindings(request, context, add=False)
         )
 
     async def DisablePrincipal(

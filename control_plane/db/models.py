@@ -93,7 +93,7 @@ class AdminCredential(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    principal: Mapped[Principal] = relationship(back_populates="credentials")
+    principal: Mapped[Principal] = relationship(back_populates="credentials", lazy="joined")
 
 
 class AuditEvent(Base):
@@ -180,3 +180,22 @@ class Limit(Base):
     shadow: Mapped[bool] = mapped_column(Boolean, default=False)
     fail_closed: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JwtSigningKey(Base):
+    """A key the control plane signs gateway JWTs with (OAuth2 client credentials).
+
+    Life: published (in the JWKS, not signing yet) → active (signing) → retired (still in the
+    JWKS until every token it signed has expired) → gone from the JWKS.
+    """
+
+    __tablename__ = "jwt_signing_keys"
+
+    kid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    algorithm: Mapped[str] = mapped_column(String(16), default="ES256")
+    private_pem: Mapped[str] = mapped_column(Text)
+    public_jwk: Mapped[dict[str, object]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    unpublish_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

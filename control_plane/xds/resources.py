@@ -14,6 +14,7 @@ import envoy_data_plane.envoy.extensions.access_loggers.file.v3
 import envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3
 import envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3
 import envoy_data_plane.envoy.extensions.filters.http.json_to_metadata.v3
+import envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3
 import envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3
 import envoy_data_plane.envoy.extensions.filters.http.ratelimit.v3
 import envoy_data_plane.envoy.extensions.filters.http.router.v3
@@ -22,6 +23,7 @@ import envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutat
 import envoy_data_plane.envoy.extensions.transport_sockets.tls.v3
 import envoy_data_plane.envoy.extensions.upstreams.http.v3  # noqa: F401
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+from envoy_data_plane.envoy.config.core.v3 import TypedExtensionConfig
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
 from envoy_data_plane.envoy.config.listener.v3 import Listener
 from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
@@ -33,12 +35,14 @@ LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+EXTENSION_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"  # ECDS
 
 _CLASSES: dict[str, Any] = {
     LISTENER_TYPE: Listener,
     ROUTE_TYPE: RouteConfiguration,
     CLUSTER_TYPE: Cluster,
     ENDPOINT_TYPE: ClusterLoadAssignment,
+    EXTENSION_TYPE: TypedExtensionConfig,
 }
 
 
@@ -53,6 +57,7 @@ def encode_all(res: XdsResources) -> dict[str, dict[str, any_pb2.Any]]:
         ROUTE_TYPE: res.routes,
         CLUSTER_TYPE: res.clusters,
         ENDPOINT_TYPE: res.endpoints,
+        EXTENSION_TYPE: res.extension_configs,
     }
     return {t: {name: encode(t, r) for name, r in items.items()} for t, items in by_type.items()}
 

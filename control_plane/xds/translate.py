@@ -34,6 +34,8 @@ ADMIN_SERVICES = (
     "LimitService",
 )
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
+JWT_FILTER = "tessera.jwt_authn"  # its config arrives over ECDS (JWKS rotation without a listener drain)
+JWT_NS = "envoy.filters.http.jwt_authn"
 RATELIMIT_DOMAIN = "tessera"
 MODEL_NS = "ai.gw"
 AUTHZ_NS = "envoy.filters.http.ext_authz"
@@ -65,6 +67,8 @@ class GatewayConfig:
     per_ip_requests_per_second: int = 20_000  # 0 = no per-IP guard
     per_ip_burst: int = 20_000
     xff_trusted_hops: int = 0  # proxies in front of Envoy whose X-Forwarded-For is believed
+    jwt_issuer: str = "https://tessera.local"
+    jwt_audience: str = "tessera-gateway"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +79,7 @@ class XdsResources:
     routes: dict[str, dict[str, Any]]
     clusters: dict[str, dict[str, Any]]
     endpoints: dict[str, dict[str, Any]]
+    extension_configs: dict[str, dict[str, Any]]  # ECDS: TypedExtensionConfig by filter name
 
 
 def cluster_name(model: str) -> str:
@@ -222,10 +227,39 @@ def _per_ip_guard(cfg: GatewayConfig) -> list[dict[str, Any]]:
     ]
 
 
+JWT_AUTHN_TYPE = T + "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
+
+
+def jwt_authn_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
+    """Verifies Tessera's own JWTs locally. Anything else (an API key, a bad or foreign JWT)
+    passes through untouched and unverified, and ext_authz decides: a JWT that fails here is
+    not an API key, so it is refused there."""
+    provider = {
+        "issuer": cfg.jwt_issuer,
+        "audiences": [cfg.jwt_audience],
+        "local_jwks": {"inline_string": state.jwks},
+        "forward": False,  # a verified token is removed before anything else sees it
+        "payload_in_metadata": "jwt_payload",
+        "clock_skew_seconds": 30,
+    }
+    either = {
+        "requires_any": {"requirements": [{"provider_name": "tessera"}, {"allow_missing_or_failed": {}}]}
+    }
+    return {
+        "name": JWT_FILTER,
+        "typed_config": {
+            "@type": JWT_AUTHN_TYPE,
+            "providers": {"tessera": provider},
+            "rules": [{"match": {"prefix": "/v1/"}, "requires": either}],
+        },
+    }
+
+
 def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     kv = {"metadata_namespace": MODEL_NS, "key": "model"}
     return [
         *_per_ip_guard(cfg),
+        {"name": JWT_FILTER, "config_discovery": {"config_source": ADS, "type_urls": [JWT_AUTHN_TYPE]}},
         {
             "name": "envoy.filters.http.json_to_metadata",
             "typed_config": {
@@ -252,7 +286,7 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
                 # Fail closed: failure_mode_allow would forward the raw key upstream.
                 "failure_mode_allow": False,
                 "status_on_error": {"code": 503},
-                "metadata_context_namespaces": [MODEL_NS],
+                "metadata_context_namespaces": [MODEL_NS, JWT_NS],
             },
         },
         {
@@ -360,6 +394,17 @@ def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
                 "envoy.filters.http.ratelimit": DISABLED,
                 # Enables the (default-off) transcoder here; Envoy wants its config again.
                 TRANSCODER: {"@type": FILTER_CONFIG, "config": _transcoder_config(cfg.admin_descriptor)},
+            },
+        },
+        {
+            # OAuth2 client credentials: the control plane authenticates the client itself.
+            "name": "oauth_token",
+            "match": {"path": "/oauth/token"},
+            "route": {"cluster": CP_HTTP_CLUSTER, "timeout": "5s"},
+            "typed_per_filter_config": {
+                "envoy.filters.http.json_to_metadata": DISABLED,
+                "envoy.filters.http.ext_authz": DISABLED,
+                "envoy.filters.http.ratelimit": DISABLED,
             },
         },
         {
@@ -522,4 +567,5 @@ def resources_from_state(state: State, cfg: GatewayConfig) -> XdsResources:
         routes={ROUTES_NAME: route_config(state, cfg)},
         clusters=clusters,
         endpoints=endpoints,
+        extension_configs={JWT_FILTER: jwt_authn_config(state, cfg)},
     )

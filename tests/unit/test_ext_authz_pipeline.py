@@ -280,3 +280,31 @@ def test_compile_reuses_unchanged_keys_only():
     del res["api_key/s1"]
     third = key_index_from_policy(res, version="3", previous=second)
     assert d1 not in third.keys
+
+
+def test_a_verified_jwt_is_checked_against_the_snapshot_by_key_id():
+    from ext_authz.key_index import key_index_from_policy  # noqa: PLC0415
+    from tessera.policy.v1 import policy_pb2  # noqa: PLC0415
+
+    def index(*, revoked: bool = False, suspended: bool = False):
+        resources = {
+            "tenant/t1": policy_pb2.Resource(tenant=policy_pb2.Tenant(id="t1", suspended=suspended)),
+            "api_key/s1": policy_pb2.Resource(
+                api_key=policy_pb2.ApiKey(
+                    id="s1", key_id="k1", tenant_id="t1", digest=b"x" * 32, revoked=revoked
+                )
+            ),
+        }
+        return key_index_from_policy(resources)
+
+    ok = decide({}, "m", index(), pepper=b"p" * 32, now=0, jwt_key_id="k1")
+    assert (ok.allowed, ok.tenant_id, ok.key_id) == (True, "t1", "k1")
+    assert (
+        decide({}, "m", index(revoked=True), pepper=b"p" * 32, now=0, jwt_key_id="k1").code
+        == "api_key_revoked"
+    )
+    assert (
+        decide({}, "m", index(suspended=True), pepper=b"p" * 32, now=0, jwt_key_id="k1").code
+        == "invalid_api_key"
+    )
+    assert decide({}, "m", index(), pepper=b"p" * 32, now=0, jwt_key_id="nope").code == "invalid_api_key"

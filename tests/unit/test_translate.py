@@ -32,10 +32,12 @@ def test_each_model_routes_by_body_model_and_nothing_routes_by_default():
         if "dynamic_metadata" in r["match"]
     }
     assert by_model == {"a": cluster_name("a"), "b": cluster_name("b")}
-    # Only the admin API and /v1/models go anywhere else: to the control plane, never a backend.
+    # Only the admin API, the token endpoint and /v1/models go anywhere else: to the control
+    # plane, never to a backend.
     others = [r for r in routed if "dynamic_metadata" not in r["match"]]
     assert [(r["match"], r["route"]["cluster"]) for r in others] == [
         ({"prefix": "/admin/"}, "tessera_admin_api"),
+        ({"path": "/oauth/token"}, "tessera_control_plane_http"),
         ({"path": "/v1/models"}, "tessera_control_plane_http"),
     ]
     # The catch-alls are direct responses.

@@ -1,0 +1,228 @@
+"""The request paths under test, each started once and left running for the whole bench.
+
+(a) upstream   - the upstream Envoy itself (``direct_response``), hit directly
+(b) plain      - static Envoy proxy -> (a)
+(c) callouts   - static Envoy + no-op Python ext_authz + no-op Python ratelimit -> (a)
+(d) tessera    - ``tessera up`` with an API key; model ``bench`` routed to (a)
+(e) tessera-jwt - pending: the JWT path is not implemented yet (see ``start_tessera_jwt``)
+
+Every path answers the same ``POST /v1/chat/completions``. ``Target.pids`` names every
+process whose CPU the path costs (the upstream included), for per-request CPU accounting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import envoy_configs
+from bench.load import REQUEST_BODY, REQUEST_PATH
+from bench.procs import HOST, free_port, spawn, stop, wait_http
+
+BIN = Path(sys.executable).parent
+ENVOY = str(BIN / "envoy")
+TESSERA = str(BIN / "tessera")
+ENVOY_CONCURRENCY = 2  # what `tessera up` gives its Envoy
+# The Python processes whose CPU per request has a target (ARCHITECTURE §6).
+PYTHON_SERVICES = ("ext_authz", "ratelimit", "control_plane")
+
+
+@dataclass
+class Target:
+    name: str
+    title: str
+    base_url: str
+    pids: dict[str, int]
+    key: str | None = None
+    stoppers: list[Callable[[], None]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for fn in reversed(self.stoppers):
+            fn()
+
+
+def _envoy(name: str, config: dict[str, object], workdir: Path, base_id: int) -> subprocess.Popen[bytes]:
+    path = envoy_configs.write(config, workdir / f"{name}.json")
+    argv = [ENVOY, "-c", str(path), "--concurrency", str(ENVOY_CONCURRENCY), "--disable-hot-restart"]
+    argv += ["--log-level", "warning", "--base-id", str(base_id)]
+    return spawn(argv, workdir / f"{name}.log")
+
+
+def _ready(url: str) -> None:
+    status = wait_http(url + REQUEST_PATH, method="POST")
+    if status != 200:
+        msg = f"{url} answered {status} to the bench request"
+        raise RuntimeError(msg)
+
+
+def start_upstream(workdir: Path) -> Target:
+    port = free_port()
+    proc = _envoy("upstream", envoy_configs.upstream(port), workdir, base_id=9101)
+    target = Target("a", "(a) upstream direct", f"http://{HOST}:{port}", {"upstream": proc.pid})
+    target.stoppers.append(lambda: stop(proc))
+    _ready(target.base_url)
+    return target
+
+
+def start_plain(workdir: Path, upstream: Target) -> Target:
+    port = free_port()
+    upstream_port = int(upstream.base_url.rsplit(":", 1)[1])
+    proc = _envoy("plain", envoy_configs.plain_proxy(port, upstream_port), workdir, base_id=9102)
+    pids = {"envoy": proc.pid, "upstream": upstream.pids["upstream"]}
+    target = Target("b", "(b) plain Envoy", f"http://{HOST}:{port}", pids)
+    target.stoppers.append(lambda: stop(proc))
+    _ready(target.base_url)
+    return target
+
+
+def start_callouts(workdir: Path, upstream: Target) -> Target:
+    port, authz_port, rl_port = free_port(), free_port(), free_port()
+    upstream_port = int(upstream.base_url.rsplit(":", 1)[1])
+    py = sys.executable
+    authz = spawn(
+        [py, "-m", "bench.noop_services", "authz", "--port", str(authz_port)], workdir / "noop-authz.log"
+    )
+    rl = spawn(
+        [py, "-m", "bench.noop_services", "ratelimit", "--port", str(rl_port)], workdir / "noop-rl.log"
+    )
+    config = envoy_configs.callout_proxy(port, upstream_port, authz_port, rl_port)
+    proc = _envoy("callouts", config, workdir, base_id=9103)
+    pids = {
+        "envoy": proc.pid,
+        "ext_authz": authz.pid,
+        "ratelimit": rl.pid,
+        "upstream": upstream.pids["upstream"],
+    }
+    target = Target("c", "(c) callout floor", f"http://{HOST}:{port}", pids)
+    target.stoppers += [lambda: stop(authz), lambda: stop(rl), lambda: stop(proc)]
+    _ready(target.base_url)  # 200 only once both no-op services answer (both fail closed)
+    return target
+
+
+class TesseraStack:
+    """``tessera up`` in a temp data dir, driven with the CLI like an operator would."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.root = workdir / "tessera"
+        self.port, self.admin_port = free_port(), free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str) -> Any:
+        argv = [TESSERA, *args, "--data-dir", str(self.root), "--output", "json"]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        if out.returncode != 0:
+            msg = f"tessera {' '.join(args)} failed: {out.stderr.strip()}"
+            raise RuntimeError(msg)
+        return json.loads(out.stdout) if out.stdout.strip() else None
+
+    def start(self, per_ip_rps: int) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+        env["TESSERA_GATEWAY__PER_IP_REQUESTS_PER_SECOND"] = str(per_ip_rps)
+        env["TESSERA_GATEWAY__PER_IP_BURST"] = str(per_ip_rps)
+        log = self.root.parent / "tessera-up.log"
+        argv = [TESSERA, "up", "--port", str(self.port), "--admin-port", str(self.admin_port)]
+        argv += ["--data-dir", str(self.root)]
+        self.proc = spawn(argv, log, env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                msg = f"tessera up exited ({self.proc.returncode}); see {log}"
+                raise RuntimeError(msg)
+            if "Ctrl-C stops everything" in log.read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+        msg = f"tessera up not ready after 120s; see {log}"
+        raise RuntimeError(msg)
+
+    def endpoints(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.root / "endpoints.json").read_text())
+        return data
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, grace=30)
+
+
+def _wait_allowed(url: str, key: str, timeout: float = 30.0) -> None:
+    """Poll until the key is accepted and the model routed (policy + xDS have propagated)."""
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        req = urllib.request.Request(  # noqa: S310 - loopback
+            url + REQUEST_PATH,
+            data=REQUEST_BODY.encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=2) as resp:  # noqa: S310
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = f"{exc.code} {exc.read()[:200]!r}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    msg = f"the bench key was not accepted within {timeout:.0f}s: {last}"
+    raise RuntimeError(msg)
+
+
+def start_tessera(workdir: Path, upstream: Target, *, request_limit: int) -> Target:
+    stack = TesseraStack(workdir)
+    target = Target("d", "(d) Tessera, API key", f"http://{HOST}:{stack.port}", {})
+    target.stoppers.append(stack.stop)
+    try:
+        stack.start(per_ip_rps=1_000_000)
+        stack.cli("tenants", "create", "bench")
+        created = stack.cli("keys", "create", "--tenant", "bench", "--name", "bench")
+        target.key = str(created["key"])
+        stack.cli("models", "add", "bench", "--backend", upstream.base_url)
+        if request_limit:
+            # A limit that never trips, so ratelimit really counts every request.
+            stack.cli(
+                "limits", "create", "--tenant", "bench", "--kind", "requests",
+                "--window", "minute", "--limit", str(request_limit),
+            )  # fmt: skip
+            target.notes.append(f"request limit {request_limit}/minute on the tenant (never trips)")
+        _wait_allowed(target.base_url, target.key)
+    except BaseException:
+        target.stop()
+        raise
+    ep = stack.endpoints()
+    pids = ep["pids"]
+    names = {"envoy": "envoy", "ext-authz": "ext_authz", "ratelimit": "ratelimit"}
+    names["control-plane"] = "control_plane"
+    target.pids = {ours: int(pids[theirs]) for theirs, ours in names.items()}
+    target.pids["supervisor"] = int(ep["supervisor_pid"])
+    target.pids["upstream"] = upstream.pids["upstream"]
+    return target
+
+
+def start_tessera_jwt(workdir: Path, upstream: Target) -> Target | None:
+    """Hook for path (e): Tessera with a JWT instead of an API key.
+
+    Not built yet. When the JWT path exists: start the stack like ``start_tessera`` (or reuse
+    it), register an issuer/JWKS and mint a token, and return a Target whose ``key`` is the
+    bearer token; ``bench.run`` then measures it exactly like (d).
+    """
+    del workdir, upstream
+    return None
+
+
+JWT_PENDING = "pending (JWT path not implemented yet)"
+
+
+def key_suffix(key: str | None) -> str:
+    """A log-safe form of a key: never print the secret."""
+    return re.sub(r"_[A-Za-z0-9_-]{43}$", "_…", key) if key else "-"

@@ -1,0 +1,223 @@
+"""``make bench``: every path under the same loads in one run, then ext_authz at 1k/1M keys.
+
+Environment knobs: ``BENCH_DURATION`` (seconds per load run, default 10), ``BENCH_RATE``
+(open-loop req/s, default 500), ``BENCH_KEYS`` (comma-separated key counts for the ext_authz
+scale test, default ``1000,1000000``; empty to skip), ``BENCH_CHECKS`` (Checks per key count,
+default 20000), ``BENCH_REQUEST_LIMIT`` (requests/minute limit put on the bench tenant so the
+ratelimit path counts, default 1000000000; 0 for none), ``BENCH_OUTPUT`` (Markdown results,
+default ``bench/results/latest.md``), ``BENCH_KEEP=1`` (keep the temp dir with all logs).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import keyscale, paths, report
+from bench.load import run_h2load, run_wrk, wrk_script
+from bench.procs import CpuMeter
+from bench.report import Measurement
+
+CONNECTIONS = (16, 64)
+WARMUP_SECONDS = 2
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _machine() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{os.cpu_count()} vCPU ({model}), Linux {platform.release()}, load average at start {load}"
+
+
+def _versions() -> str:
+    envoy = subprocess.run([paths.ENVOY, "--version"], capture_output=True, text=True, check=False).stdout
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    dirty = subprocess.run(
+        [
+            "git",
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":!bench",
+            ":!docs",
+            ":!Makefile",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if dirty:
+        commit += " + uncommitted product changes"
+    m = re.search(r"/(\d+\.\d+\.\d+)/", envoy)
+    return f"Envoy {m.group(1) if m else '?'}, Python {platform.python_version()}, git {commit or '?'}"
+
+
+def _alive(pids: dict[str, int]) -> list[str]:
+    dead = []
+    for name, pid in pids.items():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            dead.append(name)
+    return dead
+
+
+def measure(target: paths.Target, label: str, run: object) -> Measurement:
+    meter = CpuMeter(target.pids)
+    meter.start()
+    result = run()  # type: ignore[operator]
+    cpu, client = meter.stop()
+    m = Measurement(target.name, target.title, result, cpu, client, list(target.notes))
+    if dead := _alive(target.pids):
+        m.notes.append(f"{', '.join(dead)} exited during {label}: its CPU is undercounted")
+    print(
+        f"bench: {target.title:<24} {result.tool} {label:<7} {result.rps:>8,.0f} req/s  "
+        f"p50 {result.p50_ms:6.2f}  p99 {result.p99_ms:6.2f} ms  errors {result.errors:,}  "
+        f"CPU/req {m.server_us:,.0f} µs (Python {m.python_us:,.0f})",
+        flush=True,
+    )
+    return m
+
+
+def main() -> int:  # noqa: PLR0915 - one linear script
+    duration = _env_int("BENCH_DURATION", 10)
+    rate = _env_int("BENCH_RATE", 500)
+    checks = _env_int("BENCH_CHECKS", 20_000)
+    request_limit = _env_int("BENCH_REQUEST_LIMIT", 1_000_000_000)
+    sizes = [int(s) for s in os.environ.get("BENCH_KEYS", "1000,1000000").split(",") if s.strip()]
+    output = Path(os.environ.get("BENCH_OUTPUT", "bench/results/latest.md"))
+    workdir = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
+    started = datetime.now(UTC)
+    machine, versions = _machine(), _versions()
+    print(f"bench: {machine}\nbench: {versions}\nbench: logs in {workdir}", flush=True)
+
+    targets: list[paths.Target] = []
+    measurements: list[Measurement] = []
+    open_label = f"{rate}rps"
+    closed_labels = [f"c{c}" for c in CONNECTIONS]
+    try:
+        upstream = paths.start_upstream(workdir)
+        targets.append(upstream)
+        targets.append(paths.start_plain(workdir, upstream))
+        targets.append(paths.start_callouts(workdir, upstream))
+        print("bench: starting tessera up ...", flush=True)
+        tessera = paths.start_tessera(workdir, upstream, request_limit=request_limit)
+        targets.append(tessera)
+        jwt = paths.start_tessera_jwt(workdir, upstream)
+        if jwt is not None:
+            targets.append(jwt)
+        else:
+            print(f"bench: (e) Tessera, JWT: {paths.JWT_PENDING}", flush=True)
+        # Every path gets the same request bytes: Tessera's key goes to all of them.
+        scripts = {t.name: wrk_script(workdir / f"{t.name}.lua", tessera.key) for t in targets}
+        for t in targets:  # warm connections, caches and the JITs nobody has
+            run_wrk(t.base_url, scripts[t.name], connections=CONNECTIONS[0], seconds=WARMUP_SECONDS)
+        for conns in CONNECTIONS:
+            for t in targets:
+                time.sleep(1)
+                measurements.append(
+                    measure(
+                        t,
+                        f"c{conns}",
+                        lambda t=t, conns=conns: run_wrk(
+                            t.base_url, scripts[t.name], connections=conns, seconds=duration
+                        ),
+                    )
+                )
+        for t in targets:
+            time.sleep(1)
+            measurements.append(
+                measure(
+                    t,
+                    open_label,
+                    lambda t=t: run_h2load(t.base_url, workdir, tessera.key, rate=rate, seconds=duration),
+                )
+            )
+    finally:
+        for t in reversed(targets):
+            t.stop()
+
+    ks = keyscale.run(sizes, workdir, checks) if sizes else []
+
+    lines = [
+        "# Tessera benchmark results",
+        "",
+        f"- run: {started:%Y-%m-%d %H:%M} UTC, {duration} s per load run, `make bench`",
+        f"- machine: {machine}; load generator on the same machine",
+        f"- {versions}; every Envoy `--concurrency {paths.ENVOY_CONCURRENCY}`",
+        "- (e) Tessera, JWT: "
+        + (paths.JWT_PENDING if not any(t.name == "e" for t in targets) else "measured"),
+    ]
+    notes = sorted({n for m in measurements for n in m.notes})
+    lines += [f"- note: {n}" for n in notes]
+    lines += [
+        "",
+        "## Throughput and latency",
+        "",
+        (
+            f"Closed loop: `wrk -t2 -cN`. Open loop: `h2load --h1` at {rate} req/s (10 staggered "
+            "connections). Errors: non-2xx responses + socket errors. `vs (b)` / `vs (c)`: req/s "
+            "as a share of that path's (closed loop), or added p50 / p99 (open loop)."
+        ),
+        "",
+        *report.throughput_table(measurements, [*closed_labels, open_label], open_label),
+        "",
+        "## CPU per request (µs)",
+        "",
+        (
+            "utime + stime from `/proc/<pid>/stat` over the run, divided by requests served. "
+            "Python services = ext_authz + ratelimit + control plane."
+        ),
+        "",
+        *report.cpu_table(measurements),
+        "",
+    ]
+    if ks:
+        lines += [
+            "## ext_authz with many keys",
+            "",
+            (
+                "One worker; snapshot streamed by `bench/policy_server.py`; sequential Checks "
+                "with valid keys from a separate process (`bench/check_client.py`)."
+            ),
+            "",
+            *report.keyscale_table(ks),
+            "",
+        ]
+    lines += ["## Targets", "", *report.targets(measurements, ks, closed_labels, open_label), ""]
+    text = "\n".join(lines)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    print("\n" + text)
+    print(f"bench: written to {output}", flush=True)
+    if os.environ.get("BENCH_KEEP"):
+        print(f"bench: logs kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
