@@ -55,12 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
     up.add_argument("--admin-port", type=int, default=50051, help="admin gRPC port (default 50051)")
     up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    up.add_argument("--ext-authz-replicas", type=int, default=1, help="ext_authz processes (Envoy balances)")
+    up.add_argument("--ext-authz-workers", type=int, default=1, help="worker processes per ext_authz replica")
 
     bs = sub.add_parser("envoy-bootstrap", help="render envoy/bootstrap.yaml with concrete addresses")
     bs.add_argument("--node-id", default="tessera-gateway")
     bs.add_argument("--admin", default="127.0.0.1:9901", help="Envoy admin host:port")
     bs.add_argument("--xds", default="127.0.0.1:50052", help="control plane xDS host:port")
-    bs.add_argument("--ext-authz", default="127.0.0.1:50061", help="ext_authz host:port")
+    bs.add_argument("--ext-authz", default="127.0.0.1:50061", help="ext_authz host:port[,host:port...]")
     bs.add_argument("--ratelimit", default="127.0.0.1:50071", help="ratelimit host:port")
     bs.add_argument("--template", default=None, help="bootstrap template (default: envoy/bootstrap.yaml)")
     bs.add_argument("--out", default="-", help="file to write (default stdout)")
@@ -111,7 +113,11 @@ def run_admin(args: argparse.Namespace) -> int:
             response = fetch(client.call, command, request, getattr(args, "max_items", None))
     except grpc.RpcError as exc:
         code = exc.code()
-        if code == grpc.StatusCode.UNAVAILABLE:
+        # UNAVAILABLE from the transport (nothing listening) vs from the server (e.g. its database).
+        details = (exc.details() or "").lower()
+        if code == grpc.StatusCode.UNAVAILABLE and (
+            "failed to connect" in details or "connection refused" in details
+        ):
             print(
                 f"tessera: cannot reach the admin API at {target.url} (is `tessera up` running?)",
                 file=sys.stderr,
@@ -142,14 +148,10 @@ def _envoy_bootstrap(args: argparse.Namespace) -> int:
         host, _, port = value.rpartition(":")
         return host, int(port)
 
-    (ah, ap), (xh, xp), (eh, ep), (rh, rp) = (
-        split(args.admin),
-        split(args.xds),
-        split(args.ext_authz),
-        split(args.ratelimit),
-    )
+    (ah, ap), (xh, xp), (rh, rp) = (split(args.admin), split(args.xds), split(args.ratelimit))
+    authz = tuple(split(a) for a in args.ext_authz.split(","))
     template = Path(args.template) if args.template else TEMPLATE
-    text = render_bootstrap(BootstrapParams(args.node_id, ah, ap, xh, xp, eh, ep, rh, rp), template)
+    text = render_bootstrap(BootstrapParams(args.node_id, ah, ap, xh, xp, authz, rh, rp), template)
     if args.out == "-":
         sys.stdout.write(text)
     else:

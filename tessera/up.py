@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
+import functools
 import os
 import secrets
 import signal
@@ -29,15 +29,10 @@ from tessera.bootstrap import BootstrapParams, render_bootstrap
 from tessera.datadir import DataDir, read_json, resolve_data_dir, write_json
 from tessera.keys import ensure_pepper
 from tessera.probe import grpc_serving, http_status
+from tessera.workers import die_with_parent
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _say(msg: str) -> None:
@@ -79,7 +74,7 @@ class Child:
             stdout=log,
             stderr=log,
             start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         log.close()
         self.started_at = time.monotonic()
@@ -122,8 +117,8 @@ class Ports:
     xds: int = field(default_factory=free_port)
     cp_http: int = field(default_factory=free_port)
     cp_metrics: int = field(default_factory=free_port)
-    ext_authz: int = field(default_factory=free_port)
-    ext_authz_metrics: int = field(default_factory=free_port)
+    ext_authz: list[int] = field(default_factory=list)  # one port per replica
+    ext_authz_metrics: list[int] = field(default_factory=list)
     ratelimit: int = field(default_factory=free_port)
     ratelimit_metrics: int = field(default_factory=free_port)
     envoy_admin: int = field(default_factory=free_port)
@@ -135,6 +130,10 @@ class Stack:
         self.args = args
         self.dd = DataDir(resolve_data_dir(args.data_dir))
         self.ports = Ports(gateway=args.port, admin=args.admin_port)
+        self.authz_replicas = max(1, args.ext_authz_replicas)
+        self.authz_workers = max(1, args.ext_authz_workers)
+        self.ports.ext_authz = [free_port() for _ in range(self.authz_replicas)]
+        self.ports.ext_authz_metrics = [free_port() for _ in range(self.authz_replicas)]
         self.db_url = args.db or f"sqlite+aiosqlite:///{self.dd.database}"
         self.token = "tadm_" + secrets.token_urlsafe(32)
         self.children: dict[str, Child] = {}
@@ -175,12 +174,13 @@ class Stack:
             "admin": f"{HOST}:{p.admin}",
             "xds": f"{HOST}:{p.xds}",
             "control_plane_http": f"http://{HOST}:{p.cp_http}",
-            "ext_authz": f"{HOST}:{p.ext_authz}",
+            "ext_authz": f"{HOST}:{p.ext_authz[0]}",
+            "ext_authz_replicas": [f"{HOST}:{port}" for port in p.ext_authz],
             "ratelimit": f"{HOST}:{p.ratelimit}",
             "envoy_admin": f"http://{HOST}:{p.envoy_admin}",
             "metrics": {
                 "control_plane": f"http://{HOST}:{p.cp_metrics}/metrics",
-                "ext_authz": f"http://{HOST}:{p.ext_authz_metrics}/metrics",
+                "ext_authz": f"http://{HOST}:{p.ext_authz_metrics[0]}/metrics",
                 "ratelimit": f"http://{HOST}:{p.ratelimit_metrics}/metrics",
                 "envoy": f"http://{HOST}:{p.envoy_admin}/stats/prometheus",
             },
@@ -208,19 +208,22 @@ class Stack:
             self._cp_env(),
             lambda: grpc_serving(f"{HOST}:{p.admin}"),
         )
-        self._child(
-            "ext-authz",
-            [self.python, "-m", "ext_authz", "serve"],
-            self._env(
-                {
-                    "TESSERA_GRPC__PORT": str(p.ext_authz),
-                    "TESSERA_METRICS__PORT": str(p.ext_authz_metrics),
-                    "TESSERA_POLICY__URL": policy_url,
-                    "TESSERA_PEPPER__FILE": str(self.dd.pepper),
-                }
-            ),
-            lambda: grpc_serving(f"{HOST}:{p.ext_authz}"),
-        )
+        for i, (port, metrics) in enumerate(zip(p.ext_authz, p.ext_authz_metrics, strict=True)):
+            # Replica 0 is "ext-authz"; each replica may run several workers on its port.
+            self._child(
+                "ext-authz" if i == 0 else f"ext-authz-{i + 1}",
+                [self.python, "-m", "ext_authz", "serve", "--workers", str(self.authz_workers)],
+                self._env(
+                    {
+                        "TESSERA_GRPC__PORT": str(port),
+                        # Worker i serves metrics on base + i; only the base is listed.
+                        "TESSERA_METRICS__PORT": str(metrics if self.authz_workers == 1 else 0),
+                        "TESSERA_POLICY__URL": policy_url,
+                        "TESSERA_PEPPER__FILE": str(self.dd.pepper),
+                    }
+                ),
+                functools.partial(grpc_serving, f"{HOST}:{port}"),
+            )
         self._child(
             "ratelimit",
             [self.python, "-m", "ratelimit", "serve"],
@@ -268,8 +271,7 @@ class Stack:
                 admin_port=p.envoy_admin,
                 xds_host=HOST,
                 xds_port=p.xds,
-                ext_authz_host=HOST,
-                ext_authz_port=p.ext_authz,
+                ext_authz=tuple((HOST, port) for port in p.ext_authz),
                 ratelimit_host=HOST,
                 ratelimit_port=p.ratelimit,
             )
@@ -337,9 +339,7 @@ class Stack:
         for name in ("control-plane",):
             await self.children[name].start()
             await self.children[name].wait_ready()
-        services = [
-            self.children[n] for n in ("ext-authz", "ratelimit", "demo-upstream") if n in self.children
-        ]
+        services = [c for n, c in self.children.items() if n not in {"control-plane", "envoy"}]
         for c in services:
             await c.start()
         for c in services:
@@ -383,8 +383,9 @@ class Stack:
 
     async def stop(self) -> None:
         self.stopping.set()
-        order = ["envoy", "demo-upstream", "ratelimit", "ext-authz", "control-plane"]
-        for name in order:
+        # Reverse start order: Envoy first (no new requests), the control plane last.
+        middle = [n for n in reversed(self.children) if n not in {"envoy", "control-plane"}]
+        for name in ["envoy", *middle, "control-plane"]:
             if name in self.children:
                 await self.children[name].stop()
 

@@ -7,6 +7,7 @@ SIGTERM/SIGINT to the parent are forwarded; the parent exits 0 only if every wor
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import signal
 from collections.abc import Callable
@@ -15,11 +16,25 @@ from types import FrameType
 import structlog
 
 log = structlog.get_logger("tessera.workers")
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies (no orphans, even after SIGKILL)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _worker_main(target: Callable[[int], None], index: int) -> None:
+    die_with_parent()
+    target(index)
 
 
 def run_workers(count: int, target: Callable[[int], None], *, name: str) -> int:
     ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=target, args=(i,), name=f"{name}-worker-{i}") for i in range(count)]
+    workers = [
+        ctx.Process(target=_worker_main, args=(target, i), name=f"{name}-worker-{i}") for i in range(count)
+    ]
 
     def forward(_signum: int, _frame: FrameType | None) -> None:
         for proc in workers:

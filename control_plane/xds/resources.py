@@ -29,6 +29,7 @@ from envoy_data_plane.envoy.config.listener.v3 import Listener
 from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
 from google.protobuf import any_pb2
 
+from control_plane.xds import extra_types  # noqa: F401 - registers BodySizeLimit
 from control_plane.xds.translate import XdsResources
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"

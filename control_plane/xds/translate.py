@@ -255,10 +255,23 @@ def jwt_authn_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
     }
 
 
+def _body_size_limit(cfg: GatewayConfig) -> dict[str, Any]:
+    """413 for a body over the limit, before anything buffers it or authenticates the caller:
+    a Content-Length over the limit is refused at once, a streamed body as soon as it crosses it."""
+    return {
+        "name": "envoy.filters.http.body_size_limit",
+        "typed_config": {
+            "@type": T + "envoy.extensions.filters.http.body_size_limit.v3.BodySizeLimit",
+            "max_request_bytes": cfg.max_request_bytes,
+        },
+    }
+
+
 def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     kv = {"metadata_namespace": MODEL_NS, "key": "model"}
     return [
         *_per_ip_guard(cfg),
+        _body_size_limit(cfg),
         {"name": JWT_FILTER, "config_discovery": {"config_source": ADS, "type_urls": [JWT_AUTHN_TYPE]}},
         {
             "name": "envoy.filters.http.json_to_metadata",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import openai
@@ -15,6 +17,57 @@ from tests.e2e.conftest import TESSERA, start_stack, stop_stack
 from tests.e2e.test_gateway import eventually, upstream_requests
 
 pytestmark = pytest.mark.envoy
+
+
+class ThreadedTcpProxy:
+    """A real TCP forwarder on its own thread; ``cut()`` drops every connection and refuses new ones."""
+
+    def __init__(self, target_port: int) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._target = target_port
+        self._conns: list[socket.socket] = []
+        self._open = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self._open:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._open:
+                client.close()
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._open = False
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self._listener.close()
+        for c in self._conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+
+    def close(self) -> None:
+        if self._open:
+            self.cut()
 
 
 def alive(pid: int) -> bool:
@@ -84,7 +137,10 @@ def test_port_in_use_is_a_clear_startup_error(tmp_path):
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_sigterm_stops_every_child_on_postgres_and_redis(tmp_path, postgres_url, redis_url):
-    stack = start_stack(tmp_path, "--db", postgres_url, "--redis", redis_url)
+    # PostgreSQL is reached through a TCP proxy the test can cut, like a network partition.
+    proxy = ThreadedTcpProxy(5432)
+    db_url = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    stack = start_stack(tmp_path, "--db", db_url, "--redis", redis_url)
     try:
         chat(stack)  # the whole path works on PostgreSQL + Redis too
         tenant = f"pg{time.monotonic_ns()}"
@@ -103,10 +159,24 @@ def test_sigterm_stops_every_child_on_postgres_and_redis(tmp_path, postgres_url,
             client.chat.completions.create(
                 model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=1
             )
+        other = stack.client(stack.new_key(tenant))
         pids = list(stack.endpoints()["pids"].values())
         assert all(alive(p) for p in pids)
+        # The database becomes unreachable after the first snapshot: decisions go on unchanged.
+        proxy.cut()
+        chat(stack)
+        with pytest.raises(openai.AuthenticationError):
+            stack.client("tsk_" + "a" * 12 + "_" + "b" * 43).models.list()
+        with pytest.raises(openai.RateLimitError):
+            other.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=1
+            )
+        failed = stack.cli("tenants", "create", f"down{time.monotonic_ns()}", check=False)
+        assert failed.returncode == 1
+        assert "UNAVAILABLE" in failed.stderr
     finally:
         code = stop_stack(stack)
+        proxy.close()
     assert code == 0
     deadline = time.monotonic() + 10
     while any(alive(p) for p in pids) and time.monotonic() < deadline:

@@ -42,6 +42,26 @@ for _module in (
 ):
     importlib.import_module(_module)
 
+
+def _register_body_size_limit() -> None:
+    """xds-protos lacks BodySizeLimit: describe it (as the Envoy binary does) for json_format."""
+    from google.protobuf import descriptor_pb2, descriptor_pool  # noqa: PLC0415
+
+    fd = descriptor_pb2.FileDescriptorProto(
+        name="tessera_test/body_size_limit.proto",
+        package="envoy.extensions.filters.http.body_size_limit.v3",
+        dependency=["google/protobuf/wrappers.proto"],
+        syntax="proto3",
+    )
+    msg = fd.message_type.add(name="BodySizeLimit")
+    msg.field.add(
+        name="max_request_bytes", number=1, label=1, type=11, type_name=".google.protobuf.UInt64Value"
+    )
+    descriptor_pool.Default().Add(fd)
+
+
+_register_body_size_limit()
+
 ENVOY = str(Path(sys.executable).parent / "envoy")
 DESCRIPTOR = ADMIN_DESCRIPTOR.read_bytes()
 
@@ -75,7 +95,9 @@ def _static_bootstrap(tmp_path: Path) -> Path:
     )
     res = encode_all(resources_from_state(STATE, cfg))
     boot = yaml.safe_load(
-        render_bootstrap(BootstrapParams("n", "127.0.0.1", 0, "127.0.0.1", 1, "127.0.0.1", 2, "127.0.0.1", 3))
+        render_bootstrap(
+            BootstrapParams("n", "127.0.0.1", 0, "127.0.0.1", 1, (("127.0.0.1", 2),), "127.0.0.1", 3)
+        )
     )
     (lst_any,) = res[LISTENER_TYPE].values()
     lst = listener_pb2.Listener.FromString(lst_any.value)
@@ -123,7 +145,16 @@ def test_rendered_bootstrap_passes_envoy_validation(tmp_path):
     path = tmp_path / "envoy.yaml"
     path.write_text(
         render_bootstrap(
-            BootstrapParams("n", "127.0.0.1", 0, "127.0.0.1", 50052, "127.0.0.1", 50061, "127.0.0.1", 50071)
+            BootstrapParams(
+                "n",
+                "127.0.0.1",
+                0,
+                "127.0.0.1",
+                50052,
+                (("127.0.0.1", 50061), ("n", 50062)),
+                "127.0.0.1",
+                50071,
+            )
         )
     )
     result = subprocess.run(
