@@ -146,8 +146,9 @@ class Stack:
 
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
-        # Log levels and gateway knobs (TESSERA_GATEWAY__*, e.g. the per-IP guard) pass through.
-        keep = {k: v for k, v in os.environ.items() if k.startswith(("TESSERA_LOG__", "TESSERA_GATEWAY__"))}
+        # Log levels, gateway knobs (e.g. the per-IP guard) and JWT settings pass through.
+        passthrough = ("TESSERA_LOG__", "TESSERA_GATEWAY__", "TESSERA_JWT__")
+        keep = {k: v for k, v in os.environ.items() if k.startswith(passthrough)}
         return {**env, **keep, "TESSERA_LOG__FORMAT": "json", **extra}
 
     def _cp_env(self) -> dict[str, str]:

@@ -69,9 +69,9 @@ class Stack:
         return str(self.cli_json("keys", "create", "--tenant", name)["key"])
 
 
-def start_stack(root: Path, *extra: str) -> Stack:
+def start_stack(root: Path, *extra: str, env_extra: dict[str, str] | None = None) -> Stack:
     port, admin_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")} | (env_extra or {})
     proc = subprocess.Popen(
         [
             TESSERA,

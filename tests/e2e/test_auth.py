@@ -33,7 +33,13 @@ pytestmark = pytest.mark.envoy
 @pytest.fixture(scope="module")
 def rs(tmp_path_factory) -> Iterator[Stack]:
     stack = start_stack(
-        tmp_path_factory.mktemp("replicated"), "--ext-authz-replicas", "2", "--ext-authz-workers", "2"
+        tmp_path_factory.mktemp("replicated"),
+        "--ext-authz-replicas",
+        "2",
+        "--ext-authz-workers",
+        "2",
+        # Signing keys rotate every few seconds here, so rotation is exercised while we test.
+        env_extra={"TESSERA_JWT__ROTATE_AFTER_SECONDS": "3", "TESSERA_JWT__PUBLISH_LEAD_SECONDS": "1"},
     )
     stack.cli(
         "models",
@@ -287,3 +293,21 @@ def test_control_plane_down_decisions_continue_from_the_snapshot(rs):
             chat(rs.client("tsk_" + "a" * 12 + "_" + "b" * 43))
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_signing_keys_rotate_without_restarting_envoy(rs):
+    key = new_key(rs)
+    eventually(lambda: chat(rs.client(key["key"])))
+    envoy_pid = rs.endpoints()["pids"]["envoy"]
+    first = str(token_for(rs, key)["access_token"])
+    first_kid = jwt.get_unverified_header(first)["kid"]
+
+    def rotated() -> str:
+        token = str(token_for(rs, key)["access_token"])
+        assert jwt.get_unverified_header(token)["kid"] != first_kid
+        return token
+
+    second = eventually(rotated, timeout=20, interval=0.5)
+    chat(rs.client(second))  # the new key was published before it signed
+    chat(rs.client(first))  # the old key stays published until its tokens expire
+    assert rs.endpoints()["pids"]["envoy"] == envoy_pid
