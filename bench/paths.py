@@ -4,7 +4,7 @@
 (b) plain      - static Envoy proxy -> (a)
 (c) callouts   - static Envoy + no-op Python ext_authz + no-op Python ratelimit -> (a)
 (d) tessera    - ``tessera up`` with an API key; model ``bench`` routed to (a)
-(e) tessera-jwt - pending: the JWT path is not implemented yet (see ``start_tessera_jwt``)
+(e) tessera-jwt - the same stack as (d), the bearer a JWT from ``POST /oauth/token``
 
 Every path answers the same ``POST /v1/chat/completions``. ``Target.pids`` names every
 process whose CPU the path costs (the upstream included), for per-request CPU accounting.
@@ -42,6 +42,7 @@ class Target:
     base_url: str
     pids: dict[str, int]
     key: str | None = None
+    key_id: str = ""
     stoppers: list[Callable[[], None]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -187,6 +188,7 @@ def start_tessera(workdir: Path, upstream: Target, *, request_limit: int) -> Tar
         stack.cli("tenants", "create", "bench")
         created = stack.cli("keys", "create", "--tenant", "bench", "--name", "bench")
         target.key = str(created["key"])
+        target.key_id = str(created["id"])
         stack.cli("models", "add", "bench", "--backend", upstream.base_url)
         if request_limit:
             # A limit that never trips, so ratelimit really counts every request.
@@ -209,18 +211,24 @@ def start_tessera(workdir: Path, upstream: Target, *, request_limit: int) -> Tar
     return target
 
 
-def start_tessera_jwt(workdir: Path, upstream: Target) -> Target | None:
-    """Hook for path (e): Tessera with a JWT instead of an API key.
+def start_tessera_jwt(tessera: Target) -> Target:
+    """Path (e): the stack of (d), called with a JWT (client credentials on the API key)."""
+    import urllib.parse  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
 
-    Not built yet. When the JWT path exists: start the stack like ``start_tessera`` (or reuse
-    it), register an issuer/JWKS and mint a token, and return a Target whose ``key`` is the
-    bearer token; ``bench.run`` then measures it exactly like (d).
-    """
-    del workdir, upstream
-    return None
-
-
-JWT_PENDING = "pending (JWT path not implemented yet)"
+    assert tessera.key is not None and tessera.key_id  # noqa: S101 - set by start_tessera
+    form = {"grant_type": "client_credentials", "client_id": tessera.key_id, "client_secret": tessera.key}
+    req = urllib.request.Request(  # noqa: S310 - loopback
+        tessera.base_url + "/oauth/token",
+        data=urllib.parse.urlencode(form).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+        token = str(json.loads(resp.read())["access_token"])
+    _wait_allowed(tessera.base_url, token)
+    target = Target("e", "(e) Tessera, JWT", tessera.base_url, dict(tessera.pids), key=token)
+    target.notes.append("same stack as (d); bearer = JWT (ES256, jwt_authn + ext_authz key-id lookup)")
+    return target
 
 
 def key_suffix(key: str | None) -> str:

@@ -125,13 +125,9 @@ def main() -> int:  # noqa: PLR0915 - one linear script
         print("bench: starting tessera up ...", flush=True)
         tessera = paths.start_tessera(workdir, upstream, request_limit=request_limit)
         targets.append(tessera)
-        jwt = paths.start_tessera_jwt(workdir, upstream)
-        if jwt is not None:
-            targets.append(jwt)
-        else:
-            print(f"bench: (e) Tessera, JWT: {paths.JWT_PENDING}", flush=True)
-        # Every path gets the same request bytes: Tessera's key goes to all of them.
-        scripts = {t.name: wrk_script(workdir / f"{t.name}.lua", tessera.key) for t in targets}
+        targets.append(paths.start_tessera_jwt(tessera))
+        # Every path gets the same request bytes: Tessera's key goes to all of them (the JWT to (e)).
+        scripts = {t.name: wrk_script(workdir / f"{t.name}.lua", t.key or tessera.key) for t in targets}
         for t in targets:  # warm connections, caches and the JITs nobody has
             run_wrk(t.base_url, scripts[t.name], connections=CONNECTIONS[0], seconds=WARMUP_SECONDS)
         for conns in CONNECTIONS:
@@ -152,7 +148,9 @@ def main() -> int:  # noqa: PLR0915 - one linear script
                 measure(
                     t,
                     open_label,
-                    lambda t=t: run_h2load(t.base_url, workdir, tessera.key, rate=rate, seconds=duration),
+                    lambda t=t: run_h2load(
+                        t.base_url, workdir, t.key or tessera.key, rate=rate, seconds=duration
+                    ),
                 )
             )
     finally:
@@ -167,8 +165,6 @@ def main() -> int:  # noqa: PLR0915 - one linear script
         f"- run: {started:%Y-%m-%d %H:%M} UTC, {duration} s per load run, `make bench`",
         f"- machine: {machine}; load generator on the same machine",
         f"- {versions}; every Envoy `--concurrency {paths.ENVOY_CONCURRENCY}`",
-        "- (e) Tessera, JWT: "
-        + (paths.JWT_PENDING if not any(t.name == "e" for t in targets) else "measured"),
     ]
     notes = sorted({n for m in measurements for n in m.notes})
     lines += [f"- note: {n}" for n in notes]
