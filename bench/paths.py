@@ -216,7 +216,9 @@ def start_tessera_jwt(tessera: Target) -> Target:
     import urllib.parse  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 
-    assert tessera.key is not None and tessera.key_id  # noqa: S101 - set by start_tessera
+    if tessera.key is None or not tessera.key_id:
+        msg = "start_tessera must have minted a key first"
+        raise RuntimeError(msg)
     form = {"grant_type": "client_credentials", "client_id": tessera.key_id, "client_secret": tessera.key}
     req = urllib.request.Request(  # noqa: S310 - loopback
         tessera.base_url + "/oauth/token",

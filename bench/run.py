@@ -101,7 +101,7 @@ def measure(target: paths.Target, label: str, run: object) -> Measurement:
     return m
 
 
-def main() -> int:  # noqa: PLR0915 - one linear script
+def main() -> int:
     duration = _env_int("BENCH_DURATION", 10)
     rate = _env_int("BENCH_RATE", 500)
     checks = _env_int("BENCH_CHECKS", 20_000)
