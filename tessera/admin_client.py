@@ -44,15 +44,7 @@ def resolve_target(data_dir: Path, url: str | None = None, token: str | None = N
     return AdminTarget(url=url.removeprefix("grpc://"), token=token)
 
 
-SERVICES = (
-    "TenantService",
-    "PlanService",
-    "PrincipalService",
-    "ApiKeyService",
-    "AuditService",
-    "ModelService",
-    "LimitService",
-)
+SERVICES = tuple(admin_pb2.DESCRIPTOR.services_by_name)  # TenantService, PlanService, ...
 
 
 class AdminClient:

@@ -7,13 +7,18 @@ SIGTERM/SIGINT to the parent are forwarded; the parent exits 0 only if every wor
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import functools
 import multiprocessing
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import FrameType
+from typing import Any, TypeVar
 
 import structlog
+
+from tessera.logging import configure_logging
 
 log = structlog.get_logger("tessera.workers")
 _PR_SET_PDEATHSIG = 1
@@ -52,3 +57,24 @@ def run_workers(count: int, target: Callable[[int], None], *, name: str) -> int:
         log.error("workers_failed", workers=failed)
         return 1
     return 0
+
+
+S = TypeVar("S", bound=Any)  # a service's settings: has .log, .metrics, .workers, .model_copy
+
+
+def serve_workers(settings: S, serve: Callable[[S], Coroutine[Any, Any, None]], *, service: str) -> int:
+    """Run ``serve(settings)`` in ``settings.workers`` processes; worker i's metrics on port + i."""
+    return run_workers(
+        settings.workers, functools.partial(_serve_one, settings, serve, service), name=service
+    )
+
+
+def _serve_one(
+    settings: S, serve: Callable[[S], Coroutine[Any, Any, None]], service: str, index: int
+) -> None:
+    configure_logging(settings.log, service=service)
+    structlog.contextvars.bind_contextvars(worker=index)
+    if settings.metrics.port:
+        metrics = settings.metrics.model_copy(update={"port": settings.metrics.port + index})
+        settings = settings.model_copy(update={"metrics": metrics})
+    asyncio.run(serve(settings))

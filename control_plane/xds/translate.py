@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from control_plane.state import BackendState, ModelState, State
+from tessera.admin.v1 import admin_pb2
 from tessera.openai_errors import error_body, error_json
 
 LISTENER_NAME = "tessera_gateway"
@@ -24,15 +25,7 @@ EXT_AUTHZ_CLUSTER = "tessera_ext_authz"  # static, in the bootstrap
 RATELIMIT_CLUSTER = "tessera_ratelimit"  # static, in the bootstrap
 CP_HTTP_CLUSTER = "tessera_control_plane_http"
 ADMIN_CLUSTER = "tessera_admin_api"
-ADMIN_SERVICES = (
-    "TenantService",
-    "PlanService",
-    "PrincipalService",
-    "ApiKeyService",
-    "AuditService",
-    "ModelService",
-    "LimitService",
-)
+ADMIN_SERVICES = tuple(admin_pb2.DESCRIPTOR.services_by_name)
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 JWT_FILTER = "tessera.jwt_authn"  # its config arrives over ECDS (JWKS rotation without a listener drain)
 JWT_NS = "envoy.filters.http.jwt_authn"
