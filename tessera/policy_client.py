@@ -3,6 +3,7 @@
 It keeps the resource map of the last complete version, applies a full snapshot
 (``reset``) or a delta, hands the result to the service's ``on_update`` (which
 compiles its own immutable snapshot and swaps it in), then acks the version.
+``on_update`` runs in a worker thread (it compiles, then swaps with one assignment).
 If ``on_update`` raises, the old snapshot stays, the version is not acked, and the stream is
 dropped so the next one starts from a full snapshot (never a delta on a version we lack).
 Reconnects forever with backoff capped at ``reconnect_max_seconds``; while
@@ -111,7 +112,10 @@ class PolicySubscriber:
             if not msg.complete:
                 continue
             try:
-                self._on_update(PolicyUpdate(version=msg.version, resources=pending))
+                # Compiling a large snapshot takes seconds: do it off the event loop, so the
+                # service keeps answering from its current snapshot meanwhile. The swap at the
+                # end is one attribute assignment, atomic for the readers on the loop.
+                await asyncio.to_thread(self._on_update, PolicyUpdate(version=msg.version, resources=pending))
             except Exception as exc:
                 # Keep the old snapshot, and drop the stream: later deltas would build on a
                 # version we never applied. The reconnect starts again from a full snapshot.
