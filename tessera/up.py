@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tessera.bootstrap import BootstrapParams, render_bootstrap
-from tessera.datadir import DataDir, read_json, resolve_data_dir, write_json
+from tessera.datadir import DataDir, resolve_data_dir, write_json
 from tessera.keys import ensure_pepper
 from tessera.probe import grpc_serving, http_status
 from tessera.workers import die_with_parent
@@ -439,5 +439,3 @@ async def _main(args: argparse.Namespace) -> int:
 def run_up(args: argparse.Namespace) -> int:
     return asyncio.run(_main(args))
 
-
-__all__ = ["read_json", "run_up"]

@@ -1,0 +1,51 @@
+"""Names shared by the xDS translators, and what they need to know about the gateway."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tessera.admin.v1 import admin_pb2
+
+LISTENER_NAME = "tessera_gateway"
+ROUTES_NAME = "tessera_routes"
+EXT_AUTHZ_CLUSTER = "tessera_ext_authz"  # static, in the bootstrap
+RATELIMIT_CLUSTER = "tessera_ratelimit"  # static, in the bootstrap
+CP_HTTP_CLUSTER = "tessera_control_plane_http"
+ADMIN_CLUSTER = "tessera_admin_api"
+ADMIN_SERVICES = tuple(admin_pb2.DESCRIPTOR.services_by_name)
+TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
+JWT_FILTER = "tessera.jwt_authn"  # its config arrives over ECDS (JWKS rotation without a listener drain)
+JWT_NS = "envoy.filters.http.jwt_authn"
+RATELIMIT_DOMAIN = "tessera"
+MODEL_NS = "ai.gw"
+AUTHZ_NS = "envoy.filters.http.ext_authz"
+MISSING = ":missing"  # metadata sentinels; ':' can never start a model name
+INVALID = ":invalid"
+
+T = "type.googleapis.com/"
+FILTER_CONFIG = T + "envoy.config.route.v3.FilterConfig"
+DISABLED = {"@type": FILTER_CONFIG, "disabled": True}
+HCM = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ADS = {"ads": {}, "resource_api_version": "V3"}
+# Inference calls are POSTs; a GET to an unknown path is a plain 404, whatever its body.
+POST = [{"name": ":method", "string_match": {"exact": "POST"}}]
+MODEL_NAMED = {"string_match": {"safe_regex": {"regex": "^[^:].*"}}}  # a name, not a sentinel
+JSON_CT = {"header": {"key": "content-type", "value": "application/json"}}
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    host: str
+    port: int
+    control_plane_http_host: str
+    control_plane_http_port: int
+    access_log_path: str | None
+    max_request_bytes: int
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 50051
+    admin_descriptor: bytes = b""  # FileDescriptorSet of the admin API (REST via the transcoder)
+    per_ip_requests_per_second: int = 20_000  # 0 = no per-IP guard
+    per_ip_burst: int = 20_000
+    xff_trusted_hops: int = 0  # proxies in front of Envoy whose X-Forwarded-For is believed
+    jwt_issuer: str = "https://tessera.local"
+    jwt_audience: str = "tessera-gateway"
