@@ -14,6 +14,7 @@ pass, not a full rebuild (measured: ~0.8 s vs well under 0.1 s for 100k keys).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -22,6 +23,7 @@ from tessera.errors import InvalidArgumentError
 from tessera.policy.v1 import policy_pb2
 
 DIGEST_BYTES = 32  # HMAC-SHA256
+NO_MODELS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +31,6 @@ class KeyEntry:
     key_id: str
     secret_id: str
     tenant_id: str
-    prefix: str
     revoked: bool
     expire_time_unix: int  # 0 = never
     allowed_models: frozenset[str]  # empty = no key-level restriction
@@ -123,13 +124,16 @@ def _key_entry(name: str, key: policy_pb2.ApiKey) -> tuple[KeyEntry, bytes]:
         raise InvalidArgumentError(f"{name}.digest", f"must be {DIGEST_BYTES} bytes, got {len(key.digest)}")
     if not key.key_id or not key.tenant_id:
         raise InvalidArgumentError(name, "key_id and tenant_id are required")
+    # Per-key memory matters at a million keys: share what repeats. An empty frozenset is not
+    # a singleton in CPython (~200 bytes each), tenant ids repeat across keys, and a first
+    # secret's id equals its key's id.
+    key_id = key.key_id
     entry = KeyEntry(
-        key_id=key.key_id,
-        secret_id=key.id,
-        tenant_id=key.tenant_id,
-        prefix=key.prefix,
+        key_id=key_id,
+        secret_id=key_id if key.id == key_id else key.id,
+        tenant_id=sys.intern(key.tenant_id),
         revoked=key.revoked,
         expire_time_unix=key.expire_time_unix,
-        allowed_models=frozenset(key.allowed_models),
+        allowed_models=frozenset(key.allowed_models) if key.allowed_models else NO_MODELS,
     )
     return entry, bytes(key.digest)

@@ -438,4 +438,3 @@ async def _main(args: argparse.Namespace) -> int:
 
 def run_up(args: argparse.Namespace) -> int:
     return asyncio.run(_main(args))
-

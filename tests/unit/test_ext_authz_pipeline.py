@@ -234,12 +234,7 @@ def test_key_state_checked_before_model(clock):
 def test_compile_indexes_everything(index):
     assert index.version == "v1"
     entry = index.keys[digest(PEPPER, KEY)]
-    assert (entry.key_id, entry.secret_id, entry.tenant_id, entry.prefix) == (
-        "k1",
-        "s1",
-        "t1",
-        display_prefix(KEY),
-    )
+    assert (entry.key_id, entry.secret_id, entry.tenant_id) == ("k1", "s1", "t1")
     assert index.tenants["t1"].allowed_models == frozenset()
     assert index.public_models == {"public-a", "public-b"}
     assert index.restricted_models == {"secret-m"}
