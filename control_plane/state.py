@@ -14,13 +14,8 @@ from urllib.parse import urlsplit
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control_plane.db.models import JwtSigningKey, Plan
-from control_plane.db.repositories import (
-    ApiKeyRepository,
-    LimitRepository,
-    ModelRepository,
-    TenantRepository,
-)
+from control_plane.db.models import ApiKey, JwtSigningKey, Limit, Model, Plan, Tenant
+from control_plane.db.repositories import all_rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +113,10 @@ def _secret_expiry(expires_at: datetime | None, grace_until: datetime | None) ->
 
 
 async def load_state(session: AsyncSession) -> State:
-    tenants = await TenantRepository(session).all()
-    keys = await ApiKeyRepository(session).all()
-    models = await ModelRepository(session).all()
-    limits = await LimitRepository(session).all()
+    tenants = await all_rows(session, Tenant)
+    keys = await all_rows(session, ApiKey)
+    models = await all_rows(session, Model)
+    limits = await all_rows(session, Limit)
     plans = (await session.scalars(select(Plan).order_by(Plan.name))).all()
     signing = (await session.scalars(select(JwtSigningKey).order_by(JwtSigningKey.created_at))).all()
     return State(

@@ -35,68 +35,76 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Binds per-RPC log context and maps TesseraError to a status; logs the unexpected once."""
+    """Binds per-RPC log context and maps TesseraError to a status; logs the unexpected once.
 
-    async def intercept_service(  # noqa: C901 - one wrapper per RPC shape
+    The wrapped handler is built once per method and cached: Check and ShouldRateLimit run
+    this on every request, so nothing here allocates per call beyond the context binding.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Any] = {}
+
+    async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         details: grpc.HandlerCallDetails,
     ) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        rpc = details.method
-        request_id = next((v for k, v in details.invocation_metadata or () if k == "x-request-id"), "")
-
-        def bind() -> None:
-            structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id)
-
-        async def fail(ctx: Any, exc: BaseException) -> None:
-            code, message = _status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.error("rpc_failed", exc_info=exc)
-            await ctx.abort(code, message)
-
-        if handler.unary_unary:
-            inner_uu: Any = handler.unary_unary
-
-            async def uu(req: Any, ctx: Any) -> Any:
-                bind()
-                try:
-                    return await inner_uu(req, ctx)
-                except Exception as exc:
-                    if _is_abort(exc):
-                        raise
-                    await fail(ctx, exc)
-
-            return grpc.unary_unary_rpc_method_handler(
-                uu, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_stream or handler.unary_stream:
-            streaming: Any = handler.stream_stream or handler.unary_stream
-
-            async def ss(req: Any, ctx: Any) -> AsyncIterator[Any]:
-                bind()
-                try:
-                    async for item in streaming(req, ctx):
-                        yield item
-                except Exception as exc:
-                    if _is_abort(exc):
-                        raise
-                    await fail(ctx, exc)
-
-            factory = (
-                grpc.stream_stream_rpc_method_handler
-                if handler.stream_stream
-                else grpc.unary_stream_rpc_method_handler
-            )
-            return factory(ss, handler.request_deserializer, handler.response_serializer)
-        return handler
+        method = details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[method] = _wrap(method, handler)
+        return wrapped
 
 
-def _is_abort(exc: BaseException) -> bool:
-    # ctx.abort() raises AbortError; it already carries the status.
-    return type(exc).__name__ == "AbortError"
+def _bind(rpc: str, ctx: Any) -> None:
+    request_id = next((v for k, v in ctx.invocation_metadata() or () if k == "x-request-id"), "")
+    structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id)
+
+
+async def _fail(ctx: Any, exc: Exception) -> None:
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc  # ctx.abort() already carries its status
+    code, message = _status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("rpc_failed", exc_info=exc)
+    await ctx.abort(code, message)
+
+
+def _wrap(rpc: str, handler: Any) -> Any:
+    if handler.unary_unary:
+        inner: Any = handler.unary_unary
+
+        async def unary(req: Any, ctx: Any) -> Any:
+            _bind(rpc, ctx)
+            try:
+                return await inner(req, ctx)
+            except Exception as exc:
+                await _fail(ctx, exc)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_stream or handler.unary_stream:
+        streaming: Any = handler.stream_stream or handler.unary_stream
+
+        async def stream(req: Any, ctx: Any) -> AsyncIterator[Any]:
+            _bind(rpc, ctx)
+            try:
+                async for item in streaming(req, ctx):
+                    yield item
+            except Exception as exc:
+                await _fail(ctx, exc)
+
+        factory = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.stream_stream
+            else grpc.unary_stream_rpc_method_handler
+        )
+        return factory(stream, handler.request_deserializer, handler.response_serializer)
+    return handler
 
 
 @dataclass

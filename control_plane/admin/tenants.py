@@ -106,10 +106,10 @@ class TenantServiceServicer(AdminServicerBase, admin_pb2_grpc.TenantServiceServi
         await self.publish()
         return pb.UpdateTenantResponse(tenant=reply)
 
-    async def _set_status(self, context: Any, ident: str, status: str, action: str) -> pb.Tenant:
+    async def _set_status(self, context: Any, ident: str, status: str, action: str, what: str) -> pb.Tenant:
         async with self.tx(context) as (s, caller):
             tenant = await self.tenant_for_read(s, caller, ident)
-            caller.require_platform(f"{action.split('.')[1]}ing a tenant")
+            caller.require_platform(what)
             if tenant.status == "deleted":
                 raise FailedPreconditionError(f"tenant {tenant.name!r} is deleted")
             before = tenant_pb(tenant)
@@ -134,12 +134,16 @@ class TenantServiceServicer(AdminServicerBase, admin_pb2_grpc.TenantServiceServi
     async def SuspendTenant(self, request: pb.SuspendTenantRequest, context: Any) -> pb.SuspendTenantResponse:
         v.short_text(request.reason, "reason")
         return pb.SuspendTenantResponse(
-            tenant=await self._set_status(context, request.tenant, "suspended", "tenant.suspend")
+            tenant=await self._set_status(
+                context, request.tenant, "suspended", "tenant.suspend", "suspending a tenant"
+            )
         )
 
     async def ResumeTenant(self, request: pb.ResumeTenantRequest, context: Any) -> pb.ResumeTenantResponse:
         return pb.ResumeTenantResponse(
-            tenant=await self._set_status(context, request.tenant, "active", "tenant.resume")
+            tenant=await self._set_status(
+                context, request.tenant, "active", "tenant.resume", "resuming a tenant"
+            )
         )
 
     async def DeleteTenant(self, request: pb.DeleteTenantRequest, context: Any) -> pb.DeleteTenantResponse:

@@ -1,67 +1,25 @@
 """Repositories: take an AsyncSession, never commit (the caller owns the transaction).
 
-All SQL goes through SQLAlchemy constructs, so every value is a bound parameter.
+All SQL goes through SQLAlchemy constructs, so every value is a bound parameter. The admin
+servicers query their own rows directly (with RBAC filters); what more than one caller needs
+lives here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control_plane.db.models import ApiKey, Backend, Limit, Model, Tenant
-from tessera.errors import AlreadyExistsError, NotFoundError
+from control_plane.db.models import Backend, Model
+from tessera.errors import AlreadyExistsError
 
 
-class TenantRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
-
-    async def add(self, tenant: Tenant) -> Tenant:
-        if await self.s.scalar(select(Tenant.id).where(Tenant.name == tenant.name)):
-            raise AlreadyExistsError(f"tenant {tenant.name!r} already exists")
-        self.s.add(tenant)
-        try:
-            await self.s.flush()
-        except IntegrityError as exc:
-            raise AlreadyExistsError(f"tenant {tenant.name!r} already exists") from exc
-        return tenant
-
-    async def resolve(self, id_or_name: str) -> Tenant:
-        tenant = await self.s.scalar(
-            select(Tenant).where((Tenant.id == id_or_name) | (Tenant.name == id_or_name))
-        )
-        if tenant is None:
-            raise NotFoundError(f"tenant {id_or_name!r} not found")
-        return tenant
-
-    async def list(self, *, after: str, limit: int) -> Sequence[Tenant]:
-        stmt = select(Tenant).where(Tenant.id > after).order_by(Tenant.id).limit(limit)
-        return (await self.s.scalars(stmt)).all()
-
-    async def all(self) -> Sequence[Tenant]:
-        return (await self.s.scalars(select(Tenant))).all()
-
-
-class ApiKeyRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
-
-    async def add(self, key: ApiKey) -> ApiKey:
-        self.s.add(key)
-        await self.s.flush()
-        return key
-
-    async def list(self, *, tenant_id: str | None, after: str, limit: int) -> Sequence[ApiKey]:
-        stmt = select(ApiKey).where(ApiKey.id > after)
-        if tenant_id is not None:
-            stmt = stmt.where(ApiKey.tenant_id == tenant_id)
-        return (await self.s.scalars(stmt.order_by(ApiKey.id).limit(limit))).all()
-
-    async def all(self) -> Sequence[ApiKey]:
-        return (await self.s.scalars(select(ApiKey))).all()
+async def all_rows(session: AsyncSession, model: type[Any]) -> Sequence[Any]:
+    """Every row of a table (the publisher reads the whole store as one State)."""
+    return (await session.scalars(select(model))).all()
 
 
 class ModelRepository:
@@ -94,25 +52,3 @@ class ModelRepository:
     async def list(self, *, after: str, limit: int) -> Sequence[Model]:
         stmt = select(Model).where(Model.name > after).order_by(Model.name).limit(limit)
         return (await self.s.scalars(stmt)).all()
-
-    async def all(self) -> Sequence[Model]:
-        return (await self.s.scalars(select(Model))).all()
-
-
-class LimitRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
-
-    async def add(self, limit: Limit) -> Limit:
-        self.s.add(limit)
-        await self.s.flush()
-        return limit
-
-    async def list(self, *, tenant_id: str | None, after: str, limit: int) -> Sequence[Limit]:
-        stmt = select(Limit).where(Limit.id > after)
-        if tenant_id is not None:
-            stmt = stmt.where(Limit.tenant_id == tenant_id)
-        return (await self.s.scalars(stmt.order_by(Limit.id).limit(limit))).all()
-
-    async def all(self) -> Sequence[Limit]:
-        return (await self.s.scalars(select(Limit))).all()
