@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 import structlog
 from prometheus_client import Counter, Gauge
@@ -25,14 +25,37 @@ POLICY_STREAMS = Gauge("tessera_policy_streams", "Open policy streams")
 POLICY_ACKS = Counter("tessera_policy_acks_total", "Policy versions acked by subscribers")
 
 
+# What each subscriber reads; it gets only these kinds (ratelimit never holds API keys).
+SUBSCRIBED_KINDS: Final = {
+    "ext_authz": frozenset({"api_key", "tenant", "model"}),
+    "ratelimit": frozenset({"limit"}),
+}
+
+
 @dataclass(frozen=True)
 class PolicySnapshot:
     serial: int
     resources: Mapping[str, policy_pb2.Resource]
+    _views: dict[str, Mapping[str, policy_pb2.Resource]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def version(self) -> str:
         return str(self.serial)
+
+    def view(self, service: str) -> Mapping[str, policy_pb2.Resource]:
+        """The resources ``service`` subscribes to (all of them for an unknown service);
+        computed once per snapshot and shared by every stream of that service."""
+        kinds = SUBSCRIBED_KINDS.get(service)
+        if kinds is None:
+            return self.resources
+        view = self._views.get(service)
+        if view is None:
+            view = self._views[service] = {
+                k: r for k, r in self.resources.items() if k.partition("/")[0] in kinds
+            }
+        return view
 
 
 class PolicyCache:
@@ -58,11 +81,11 @@ class PolicyCache:
             return self._snapshot
 
 
-def full_snapshot_messages(snap: PolicySnapshot) -> list[policy_pb2.StreamPolicyResponse]:
+def full_snapshot_messages(snap: PolicySnapshot, service: str = "") -> list[policy_pb2.StreamPolicyResponse]:
     msgs: list[policy_pb2.StreamPolicyResponse] = []
     current = policy_pb2.StreamPolicyResponse(version=snap.version, reset=True)
     size = 0
-    for res in snap.resources.values():
+    for res in snap.view(service).values():
         n = res.ByteSize() + 8
         if size + n > CHUNK_BYTES and current.upserts:
             msgs.append(current)
@@ -76,10 +99,11 @@ def full_snapshot_messages(snap: PolicySnapshot) -> list[policy_pb2.StreamPolicy
 
 
 def delta_message(
-    old: Mapping[str, policy_pb2.Resource], new: PolicySnapshot
+    old: Mapping[str, policy_pb2.Resource], new: PolicySnapshot, service: str = ""
 ) -> policy_pb2.StreamPolicyResponse:
-    upserts = [r for k, r in new.resources.items() if old.get(k) != r]
-    deletes = [k for k in old if k not in new.resources]
+    resources = new.view(service)
+    upserts = [r for k, r in resources.items() if old.get(k) != r]
+    deletes = [k for k in old if k not in resources]
     return policy_pb2.StreamPolicyResponse(
         version=new.version, complete=True, upserts=upserts, deletes=deletes
     )
@@ -109,13 +133,13 @@ class PolicyServiceServicer(policy_pb2_grpc.PolicyServiceServicer):
         POLICY_STREAMS.inc()
         try:
             snap = await self._cache.wait_newer(-1)
-            for msg in full_snapshot_messages(snap):
+            for msg in full_snapshot_messages(snap, service):
                 yield msg
-            sent = snap.resources
+            sent = snap.view(service)
             while True:
                 snap = await self._cache.wait_newer(snap.serial)
-                yield delta_message(sent, snap)
-                sent = snap.resources
+                yield delta_message(sent, snap, service)
+                sent = snap.view(service)
         finally:
             POLICY_STREAMS.dec()
             acks.cancel()

@@ -55,7 +55,12 @@ async def build_app(settings: ExtAuthzSettings, *, clock: Clock = SYSTEM_CLOCK) 
 
     def on_update(update: PolicyUpdate) -> None:
         # Compile first: if it raises, the old index stays and the version is not acked.
-        index = key_index_from_policy(update.resources, version=update.version, previous=servicer.index)
+        index = key_index_from_policy(
+            update.upserts,
+            update.deletes,
+            version=update.version,
+            previous=None if update.reset else servicer.index,
+        )
         servicer.swap_index(index)
 
     server = await start_server(

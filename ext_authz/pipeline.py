@@ -68,7 +68,7 @@ def decide(
     for, so revoking the key or suspending the tenant refuses its JWTs within the same second.
     """
     if jwt_key_id:
-        entry = index.by_key_id.get(jwt_key_id)
+        entry = index.key_for_id(jwt_key_id)
         if entry is None:
             return Decision(code="invalid_api_key")
         return check_entry(entry, f"jwt:{jwt_key_id}", model, index, now)
@@ -81,7 +81,7 @@ def decide(
     prefix = display_prefix(key)
     # A dict hit on the full 32-byte HMAC leaks nothing an attacker can use: they do not
     # know or control the stored digests, so this is as safe as hmac.compare_digest.
-    entry = index.keys.get(digest(pepper, key))
+    entry = index.key(digest(pepper, key))
     if entry is None:
         return Decision(code="invalid_api_key", key_prefix=prefix)
     return check_entry(entry, prefix, model, index, now)

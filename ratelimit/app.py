@@ -16,7 +16,8 @@ from ratelimit.settings import RatelimitSettings, check_settings
 from tessera.clock import SYSTEM_CLOCK, Clock
 from tessera.grpc_server import RunningServer, start_server
 from tessera.metrics import MetricsServer, serve_metrics
-from tessera.policy_client import PolicySubscriber, PolicyUpdate, follow_policy
+from tessera.policy.v1 import policy_pb2
+from tessera.policy_client import PolicySubscriber, PolicyUpdate, apply_update, follow_policy
 
 log = structlog.get_logger("ratelimit")
 
@@ -70,9 +71,14 @@ async def build_app(
     limiter = RateLimiter(backend)
     servicer = RateLimitServicer(limiter)
 
+    held: dict[str, policy_pb2.Resource] = {}
+
     def on_update(update: PolicyUpdate) -> None:
-        snapshot = snapshot_from_policy(update.version, update.resources.values())
+        nonlocal held
+        resources = apply_update(held, update)
+        snapshot = snapshot_from_policy(update.version, resources.values())
         limiter.replace(snapshot)
+        held = resources
         log.info("ratelimit_limits_applied", version=snapshot.version, limits=snapshot.size)
 
     try:

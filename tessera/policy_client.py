@@ -1,8 +1,10 @@
 """Subscriber side of the policy stream (``tessera.policy.v1``), shared by ext_authz and ratelimit.
 
-It keeps the resource map of the last complete version, applies a full snapshot
-(``reset``) or a delta, hands the result to the service's ``on_update`` (which
-compiles its own immutable snapshot and swaps it in), then acks the version.
+It gathers the messages of one version (a full snapshot, ``reset``, or a delta), hands
+them to the service's ``on_update`` as one ``PolicyUpdate`` (the service applies it to
+its own compiled snapshot and swaps the result in), then acks the version. It keeps no
+resource map itself: at a million keys a second copy of every resource as a protobuf
+message would cost more memory than the service's whole compiled index.
 ``on_update`` runs in a worker thread (it compiles, then swaps with one assignment).
 If ``on_update`` raises, the old snapshot stays, the version is not acked, and the stream is
 dropped so the next one starts from a full snapshot (never a delta on a version we lack).
@@ -13,9 +15,11 @@ disconnected the service keeps serving its last snapshot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +38,11 @@ POLICY_UPDATES = Counter("tessera_policy_updates_total", "Policy versions applie
 
 
 def resource_key(resource: policy_pb2.Resource) -> str:
+    """``<kind>/<id>``; an API key secret is named by its hex digest, so a subscriber can
+    drop a deleted key from a digest-keyed index without keeping a name map."""
     kind = resource.WhichOneof("kind")
     if kind == "api_key":
-        return f"api_key/{resource.api_key.id}"
+        return f"api_key/{resource.api_key.digest.hex()}"
     if kind == "tenant":
         return f"tenant/{resource.tenant.id}"
     if kind == "model":
@@ -49,8 +55,38 @@ def resource_key(resource: policy_pb2.Resource) -> str:
 
 @dataclass(frozen=True, slots=True)
 class PolicyUpdate:
+    """One complete version: ``reset`` = a full snapshot (drop everything held before).
+
+    It holds the version's messages and yields their resources lazily: a service that
+    compiles them as it goes never has a wrapper object alive per resource (upb's wrapper
+    cache keeps the memory of its largest size; at a million keys that is ~200 MB).
+    """
+
     version: str
-    resources: Mapping[str, policy_pb2.Resource]
+    reset: bool
+    messages: Sequence[policy_pb2.StreamPolicyResponse]
+
+    @property
+    def upserts(self) -> Iterator[policy_pb2.Resource]:
+        for msg in self.messages:
+            yield from msg.upserts
+
+    @property
+    def deletes(self) -> Iterator[str]:
+        for msg in self.messages:
+            yield from msg.deletes
+
+
+def apply_update(
+    resources: Mapping[str, policy_pb2.Resource], update: PolicyUpdate
+) -> dict[str, policy_pb2.Resource]:
+    """The resource map after ``update`` (a new dict): for services with few resources."""
+    out = {} if update.reset else dict(resources)
+    for name in update.deletes:
+        out.pop(name, None)
+    for res in update.upserts:
+        out[resource_key(res)] = res
+    return out
 
 
 OnUpdate = Callable[[PolicyUpdate], None]
@@ -62,7 +98,6 @@ class PolicySubscriber:
         self._service = service
         self._on_update = on_update
         self._node_id = settings.node_id or f"{service}-{socket.gethostname()}-{os.getpid()}"
-        self._resources: dict[str, policy_pb2.Resource] = {}
         self.version = ""
         self.ready = asyncio.Event()
 
@@ -96,26 +131,29 @@ class PolicySubscriber:
                     node_id=self._node_id, service=self._service, ack_version=version
                 )
 
-        pending: dict[str, policy_pb2.Resource] | None = None
+        messages: list[policy_pb2.StreamPolicyResponse] = []
+        reset = False
         applied = False
         call = stub.Stream(requests())
         async for msg in call:
             POLICY_CONNECTED.set(1)
             if msg.reset:
-                pending = {}
-            elif pending is None:
-                pending = dict(self._resources)
-            for deleted in msg.deletes:
-                pending.pop(deleted, None)
-            for res in msg.upserts:
-                pending[resource_key(res)] = res
+                messages, reset = [], True
+            elif not reset and not applied:
+                # A delta on a version this subscriber never had: start over from a snapshot.
+                log.error("policy_delta_before_snapshot", version=msg.version)
+                call.cancel()
+                return applied
+            messages.append(msg)
             if not msg.complete:
                 continue
+            update = PolicyUpdate(version=msg.version, reset=reset, messages=messages)
+            messages, reset = [], False
             try:
                 # Compiling a large snapshot takes seconds: do it off the event loop, so the
                 # service keeps answering from its current snapshot meanwhile. The swap at the
                 # end is one attribute assignment, atomic for the readers on the loop.
-                await asyncio.to_thread(self._on_update, PolicyUpdate(version=msg.version, resources=pending))
+                await asyncio.to_thread(self._on_update, update)
             except Exception as exc:
                 # Keep the old snapshot, and drop the stream: later deltas would build on a
                 # version we never applied. The reconnect starts again from a full snapshot.
@@ -123,14 +161,29 @@ class PolicySubscriber:
                 log.error("policy_update_rejected", version=msg.version, error=str(exc))  # noqa: TRY400
                 call.cancel()
                 return applied
-            self._resources, pending = pending, None
             self.version = msg.version
             POLICY_UPDATES.labels("applied").inc()
-            log.info("policy_applied", version=msg.version, resources=len(self._resources))
+            log.info(
+                "policy_applied",
+                version=msg.version,
+                reset=update.reset,
+                upserts=sum(len(m.upserts) for m in update.messages),
+                deletes=sum(len(m.deletes) for m in update.messages),
+            )
+            if update.reset:
+                del update
+                await asyncio.to_thread(release_free_memory)
             self.ready.set()
             applied = True
             acks.put_nowait(msg.version)
         return applied
+
+
+def release_free_memory() -> None:
+    """Hand the heap freed by a full snapshot (its parsed messages, the service's build lists)
+    back to the OS; glibc keeps it otherwise, and a worker's RSS would stay at its peak."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def follow_policy(

@@ -349,8 +349,26 @@ async def test_delete_delta_and_bad_update_keeps_old_snapshot(ready, authz, poli
     await asyncio.sleep(0.1)
     assert (await authz.Check(req)).status.code == 0
     assert "3" not in policy_server.acks
-    policy_server.push(policy_pb2.StreamPolicyResponse(version="4", complete=True, deletes=["tenant/t1"]))
+    # The subscriber dropped that stream; the new one starts from a full snapshot.
+    deadline = time.monotonic() + 5
+    while len(policy_server.hellos) < 2:
+        assert time.monotonic() < deadline, "no resubscription"
+        await asyncio.sleep(0.01)
+    policy_server.push(full_snapshot("4"))
+    await wait_for_code(authz, req, "")
+    # A delta that deletes the key's tenant refuses the key.
+    policy_server.push(policy_pb2.StreamPolicyResponse(version="5", complete=True, deletes=["tenant/t1"]))
     assert await wait_for_code(authz, req, "invalid_api_key") < 1.0
+
+
+async def test_a_delta_before_any_snapshot_is_not_applied(app, channel, policy_server):
+    await asyncio.wait_for(policy_server.subscribed.wait(), 5)
+    policy_server.push(
+        policy_pb2.StreamPolicyResponse(version="9", complete=True, upserts=full_snapshot().upserts)
+    )
+    await asyncio.sleep(0.2)
+    assert await health(channel) == NOT_SERVING
+    assert "9" not in policy_server.acks
 
 
 async def test_keeps_serving_when_policy_server_stops(ready, authz, channel, policy_server):

@@ -38,12 +38,7 @@ def model(name: str, *, restricted: bool = False):
 
 
 def index_of(*resources: policy_pb2.Resource) -> KeyIndex:
-    keyed = {}
-    for r in resources:
-        kind = r.WhichOneof("kind")
-        ident = r.model.name if kind == "model" else getattr(r, kind).id
-        keyed[f"{kind}/{ident}"] = r
-    return key_index_from_policy(keyed, version="v1")
+    return key_index_from_policy(resources, version="v1")
 
 
 @pytest.fixture
@@ -233,8 +228,10 @@ def test_key_state_checked_before_model(clock):
 
 def test_compile_indexes_everything(index):
     assert index.version == "v1"
-    entry = index.keys[digest(PEPPER, KEY)]
-    assert (entry.key_id, entry.secret_id, entry.tenant_id) == ("k1", "s1", "t1")
+    entry = index.key(digest(PEPPER, KEY))
+    assert (entry.key_id, entry.tenant_id, entry.revoked, entry.expire_time_unix) == ("k1", "t1", False, 0)
+    assert len(index) == 1
+    assert index.key(digest(PEPPER, OTHER_KEY)) is None
     assert index.tenants["t1"].allowed_models == frozenset()
     assert index.public_models == {"public-a", "public-b"}
     assert index.restricted_models == {"secret-m"}
@@ -242,39 +239,114 @@ def test_compile_indexes_everything(index):
 
 def test_compile_is_immutable(index):
     with pytest.raises(TypeError):
-        index.keys[b"x"] = index.keys[digest(PEPPER, KEY)]  # type: ignore[index]
+        index.tenants["t2"] = index.tenants["t1"]  # type: ignore[index]
 
 
 def test_compile_rejects_bad_digest():
     bad = policy_pb2.Resource(api_key=policy_pb2.ApiKey(id="s", key_id="k", tenant_id="t", digest=b"short"))
     with pytest.raises(InvalidArgumentError, match="digest"):
-        key_index_from_policy({"api_key/s": bad})
+        key_index_from_policy([bad])
 
 
 def test_compile_rejects_duplicate_digest():
-    with pytest.raises(InvalidArgumentError, match="duplicates"):
+    with pytest.raises(InvalidArgumentError, match="same digest"):
         index_of(api_key(KEY, secret_id="a"), api_key(KEY, secret_id="b"))
+
+
+def test_compile_rejects_a_delete_that_is_not_a_digest():
+    with pytest.raises(InvalidArgumentError, match="hex digest"):
+        key_index_from_policy([], ["api_key/s1"], previous=index_of(api_key(KEY)))
 
 
 def test_compile_ignores_limits():
     lim = policy_pb2.Resource(limit=policy_pb2.Limit(id="l1", tenant_id="t1"))
-    assert key_index_from_policy({"limit/l1": lim}).keys == {}
+    assert len(key_index_from_policy([lim])) == 0
 
 
-def test_compile_reuses_unchanged_keys_only():
-    res = {"api_key/s1": api_key(KEY), "api_key/s2": api_key(OTHER_KEY, secret_id="s2", key_id="k2")}
-    res["tenant/t1"] = tenant()
-    first = key_index_from_policy(res, version="1")
-    res["api_key/s2"] = api_key(OTHER_KEY, secret_id="s2", key_id="k2", revoked=True)
-    second = key_index_from_policy(res, version="2", previous=first)
-    assert second == key_index_from_policy(res, version="2")
+def test_deltas_upsert_and_delete_every_kind():
     d1, d2 = digest(PEPPER, KEY), digest(PEPPER, OTHER_KEY)
-    assert second.keys[d1] is first.keys[d1]
-    assert second.keys[d2].revoked
-    assert not first.keys[d2].revoked
-    del res["api_key/s1"]
-    third = key_index_from_policy(res, version="3", previous=second)
-    assert d1 not in third.keys
+    first = index_of(api_key(KEY), api_key(OTHER_KEY, secret_id="s2", key_id="k2"), tenant(), model("m"))
+    second = key_index_from_policy(
+        [
+            api_key(OTHER_KEY, secret_id="s2", key_id="k2", revoked=True),
+            tenant("t2"),
+            model("m", restricted=True),
+        ],
+        version="2",
+        previous=first,
+    )
+    assert second.key(d2).revoked
+    assert not first.key(d2).revoked  # the old index is untouched
+    assert second.key(d1) == first.key(d1)
+    assert set(second.tenants) == {"t1", "t2"}
+    assert (second.public_models, second.restricted_models) == (frozenset(), {"m"})
+    third = key_index_from_policy(
+        [], [f"api_key/{d1.hex()}", "tenant/t1", "model/m"], version="3", previous=second
+    )
+    assert third.key(d1) is None
+    assert third.key_for_id("k1") is None
+    assert len(third) == 1
+    assert set(third.tenants) == {"t2"}
+    assert not third.public_models
+    assert not third.restricted_models
+    # a full snapshot (previous=None) replaces everything
+    fresh = key_index_from_policy([api_key(KEY)], version="4")
+    assert fresh.key(d1) is not None
+    assert fresh.key(d2) is None
+    assert len(fresh) == 1
+
+
+def test_deltas_on_an_index_without_keys_keep_its_tenants(clock):
+    first = index_of(tenant())  # no keys yet: the index is empty but not blank
+    second = key_index_from_policy([api_key(KEY)], previous=first)
+    assert run(second, clock).allowed
+
+
+def test_overlay_compaction_keeps_every_key(monkeypatch):
+    import ext_authz.key_index as ki  # noqa: PLC0415
+
+    monkeypatch.setattr(ki, "COMPACT_AT", 4)
+    keys = [mint_key().key for _ in range(12)]
+    idx = index_of(*(api_key(k, secret_id=f"s{i}", key_id=f"k{i}") for i, k in enumerate(keys[:6])))
+    for i, k in enumerate(keys[6:], start=6):
+        idx = key_index_from_policy([api_key(k, secret_id=f"s{i}", key_id=f"k{i}")], previous=idx)
+    idx = key_index_from_policy([], [f"api_key/{digest(PEPPER, keys[0]).hex()}"], previous=idx)
+    idx = key_index_from_policy([api_key(keys[1], secret_id="s1", key_id="k1", revoked=True)], previous=idx)
+    assert len(idx) == 11
+    assert idx.key(digest(PEPPER, keys[0])) is None
+    assert idx.key(digest(PEPPER, keys[1])).revoked
+    assert [idx.key(digest(PEPPER, k)).key_id for k in keys[2:]] == [f"k{i}" for i in range(2, 12)]
+    assert idx.key_for_id("k11").key_id == "k11"
+
+
+def test_key_for_id_prefers_a_usable_secret_across_table_and_overlay():
+    old, new = mint_key().key, mint_key().key
+    base = index_of(api_key(old, secret_id="s1", expire_time_unix=100), tenant())
+    rotated = key_index_from_policy([api_key(new, secret_id="s2")], previous=base)
+    assert rotated.key_for_id("k1").expire_time_unix == 0  # never expires beats 100
+    revoked = key_index_from_policy([api_key(new, secret_id="s2", revoked=True)], previous=rotated)
+    assert revoked.key_for_id("k1").expire_time_unix == 100  # not revoked beats revoked
+
+
+def test_many_keys_are_each_found():
+    keys = [mint_key().key for _ in range(2000)]
+    idx = index_of(
+        *(
+            api_key(
+                k,
+                secret_id=f"s{i}",
+                key_id=f"k{i}",
+                tenant=f"t{i % 7}",
+                expire_time_unix=i,
+                revoked=i % 3 == 0,
+            )
+            for i, k in enumerate(keys)
+        )
+    )
+    for i, k in enumerate(keys):
+        e = idx.key(digest(PEPPER, k))
+        assert (e.key_id, e.tenant_id, e.expire_time_unix, e.revoked) == (f"k{i}", f"t{i % 7}", i, i % 3 == 0)
+        assert idx.key_for_id(f"k{i}") == e
 
 
 def test_a_verified_jwt_is_checked_against_the_snapshot_by_key_id():
@@ -282,14 +354,14 @@ def test_a_verified_jwt_is_checked_against_the_snapshot_by_key_id():
     from tessera.policy.v1 import policy_pb2  # noqa: PLC0415
 
     def index(*, revoked: bool = False, suspended: bool = False):
-        resources = {
-            "tenant/t1": policy_pb2.Resource(tenant=policy_pb2.Tenant(id="t1", suspended=suspended)),
-            "api_key/s1": policy_pb2.Resource(
+        resources = [
+            policy_pb2.Resource(tenant=policy_pb2.Tenant(id="t1", suspended=suspended)),
+            policy_pb2.Resource(
                 api_key=policy_pb2.ApiKey(
                     id="s1", key_id="k1", tenant_id="t1", digest=b"x" * 32, revoked=revoked
                 )
             ),
-        }
+        ]
         return key_index_from_policy(resources)
 
     ok = decide({}, "m", index(), pepper=b"p" * 32, now=0, jwt_key_id="k1")

@@ -93,8 +93,9 @@ Global___StreamPolicyResponse: _TypeAlias = StreamPolicyResponse  # noqa: Y015
 
 @_typing.final
 class Resource(_message.Message):
-    """The key of a resource is "<kind>/<id>": "api_key/<secret id>",
-    "tenant/<id>", "model/<name>", "limit/<id>".
+    """The key of a resource is "<kind>/<id>": "api_key/<hex digest>",
+    "tenant/<id>", "model/<name>", "limit/<id>". Each subscriber gets only the
+    kinds it reads: ext_authz api_key, tenant and model; ratelimit limit.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
