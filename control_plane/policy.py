@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from control_plane.state import State
+from control_plane.state import ModelState, State
 from control_plane.validation import WINDOWS
 from tessera.policy.v1 import policy_pb2
 from tessera.policy_client import resource_key
@@ -26,9 +26,9 @@ def _plan_limits(state: State) -> list[policy_pb2.Limit]:
         if plan is None:
             continue
         for kind, window, limit in plan.limits:
-            seconds = WINDOWS.get(window)
+            seconds = 0 if kind == "concurrency" else WINDOWS.get(window)
             if seconds is None or (t.id, kind, seconds) in explicit:
-                continue  # calendar-month windows arrive with the rate-limit issue
+                continue
             out.append(
                 policy_pb2.Limit(
                     id=f"plan.{plan.name}.{t.id}.{kind}.{window}",
@@ -41,7 +41,25 @@ def _plan_limits(state: State) -> list[policy_pb2.Limit]:
     return out
 
 
-def policy_resources_from_state(state: State) -> dict[str, policy_pb2.Resource]:
+def _model(m: ModelState, now: float) -> policy_pb2.Model:
+    msg = policy_pb2.Model(
+        name=m.name,
+        restricted=m.visibility == "restricted",
+        default_max_tokens=m.default_max_tokens,
+        max_max_tokens=m.max_max_tokens,
+    )
+    price = m.price_at(now)
+    if price is not None:
+        msg.input_micros = price.input_micros
+        msg.output_micros = price.output_micros
+        msg.cached_micros = price.cached_micros
+        msg.currency = price.currency
+    return msg
+
+
+def policy_resources_from_state(state: State, now: float) -> dict[str, policy_pb2.Resource]:
+    """``now`` picks each model's price in effect (a publish after a price's effective time
+    carries it: the 5 s refresh republishes)."""
     out: list[policy_pb2.Resource] = []
     out.extend(
         policy_pb2.Resource(
@@ -66,10 +84,7 @@ def policy_resources_from_state(state: State) -> dict[str, policy_pb2.Resource]:
         )
         for k in state.keys
     )
-    out.extend(
-        policy_pb2.Resource(model=policy_pb2.Model(name=m.name, restricted=m.visibility == "restricted"))
-        for m in state.models
-    )
+    out.extend(policy_pb2.Resource(model=_model(m, now)) for m in state.models)
     out.extend(
         policy_pb2.Resource(
             limit=policy_pb2.Limit(
@@ -82,6 +97,8 @@ def policy_resources_from_state(state: State) -> dict[str, policy_pb2.Resource]:
                 limit=lim.limit,
                 shadow=lim.shadow,
                 fail_closed=lim.fail_closed,
+                prompt_weight=lim.prompt_weight,
+                completion_weight=lim.completion_weight,
             )
         )
         for lim in state.limits

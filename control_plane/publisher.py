@@ -8,6 +8,7 @@ A periodic refresh also picks up writes made by other control-plane replicas.
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,7 +67,7 @@ class Publisher:
                 return
             try:
                 xds = encode_all(resources_from_state(state, self._gateway))
-                policy = policy_resources_from_state(state)
+                policy = policy_resources_from_state(state, time.time())
             except Exception:
                 PUBLISHES.labels("failed").inc()
                 log.exception("publish_failed")

@@ -40,11 +40,31 @@ class BackendState:
 
 
 @dataclass(frozen=True, slots=True)
+class PriceState:
+    effective_unix: int
+    input_micros: int  # per 1M tokens
+    output_micros: int
+    cached_micros: int
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
 class ModelState:
     name: str
     visibility: str
     backends: tuple[BackendState, ...]
     created_unix: int
+    default_max_tokens: int = 0
+    max_max_tokens: int = 0
+    prices: tuple[PriceState, ...] = ()  # oldest first
+
+    def price_at(self, now: float) -> PriceState | None:
+        """The price in effect at ``now``: the latest that is not in the future."""
+        current = None
+        for p in self.prices:
+            if p.effective_unix <= now:
+                current = p
+        return current
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +106,8 @@ class LimitState:
     limit: int
     shadow: bool
     fail_closed: bool
+    prompt_weight: int = 100
+    completion_weight: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +186,18 @@ async def load_state(session: AsyncSession) -> State:
                         visibility=m.visibility,
                         backends=tuple(BackendState(b.url, b.kind, b.weight, b.priority) for b in m.backends),
                         created_unix=unix(m.created_at),
+                        default_max_tokens=m.default_max_tokens or 0,
+                        max_max_tokens=m.max_max_tokens or 0,
+                        prices=tuple(
+                            PriceState(
+                                unix(p.effective_at),
+                                p.input_micros,
+                                p.output_micros,
+                                p.cached_micros,
+                                p.currency,
+                            )
+                            for p in m.prices
+                        ),
                     )
                     for m in models
                 ),
@@ -183,6 +217,8 @@ async def load_state(session: AsyncSession) -> State:
                         limit=lim.limit,
                         shadow=lim.shadow,
                         fail_closed=lim.fail_closed,
+                        prompt_weight=lim.prompt_weight,
+                        completion_weight=lim.completion_weight,
                     )
                     for lim in limits
                 ),

@@ -12,8 +12,12 @@ from tessera.errors import InvalidArgumentError
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 BACKEND_KINDS = frozenset({"vllm", "dynamo", "trtllm", "llamacpp", "openai-compatible"})
-WINDOWS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
-LIMIT_KINDS = frozenset({"requests"})
+CALENDAR_MONTH = 0  # window_seconds of a calendar-month (UTC) window, as on the policy stream
+WINDOWS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "month": CALENDAR_MONTH}
+LIMIT_KINDS = frozenset({"requests", "tokens", "spend", "concurrency"})
+MAX_WEIGHT_PERCENT = 10_000
+MAX_TOKENS_CEILING = 10_000_000
+CURRENCY = re.compile(r"^[A-Z]{3}$")
 _DURATION = re.compile(r"(\d+)(h|m|s)")
 _DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
 MAX_PAGE = 500
@@ -91,14 +95,62 @@ def duration_seconds(value: str, field: str) -> int:
     return total
 
 
-def window_seconds(value: str) -> int:
+def limit_window(kind: str, value: str) -> int:
+    """A limit's window in seconds (CALENDAR_MONTH for "month"); a concurrency limit has none."""
+    if kind == "concurrency":
+        if value:
+            raise InvalidArgumentError("window", "a concurrency limit counts requests in flight: no window")
+        return 0
     if value not in WINDOWS:
         raise InvalidArgumentError("window", f"must be one of {', '.join(WINDOWS)}")
     return WINDOWS[value]
 
 
-def window_name(seconds: int) -> str:
+def window_name(kind: str, seconds: int) -> str:
+    if kind == "concurrency":
+        return ""
     return next((k for k, v in WINDOWS.items() if v == seconds), f"{seconds}s")
+
+
+def weight_percent(value: int, field: str) -> int:
+    """A token weight in percent: 0 (unset) means 100."""
+    if value > MAX_WEIGHT_PERCENT:
+        raise InvalidArgumentError(field, f"at most {MAX_WEIGHT_PERCENT} (percent)")
+    return value or 100
+
+
+def limit_value(value: int) -> int:
+    if not 0 < value < 2**62:
+        raise InvalidArgumentError("limit", "must be a positive integer")
+    return value
+
+
+def max_tokens(value: int, field: str) -> int | None:
+    if value > MAX_TOKENS_CEILING:
+        raise InvalidArgumentError(field, f"at most {MAX_TOKENS_CEILING}")
+    return value or None
+
+
+def micros(value: int, field: str) -> int:
+    if value >= 2**62:
+        raise InvalidArgumentError(field, "is too large")
+    return value
+
+
+def currency(value: str) -> str:
+    code = value or "USD"
+    if not CURRENCY.match(code):
+        raise InvalidArgumentError("currency", "must be a 3-letter ISO 4217 code such as USD")
+    return code
+
+
+def effective_time(value: str, now: datetime) -> datetime:
+    """RFC 3339, or a date (midnight UTC); "" is ``now``."""
+    if not value:
+        return now
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        value += "T00:00:00Z"
+    return timestamp(value, "effective_time")
 
 
 def limit_kind(value: str) -> str:
@@ -132,7 +184,7 @@ def next_token(items_len: int, size: int, last: str) -> str:
 
 
 PLAN_LIMIT_KINDS = frozenset({"requests", "tokens", "spend", "concurrency"})
-PLAN_WINDOWS = (*WINDOWS, "month")
+PLAN_WINDOWS = tuple(WINDOWS)
 PRINCIPAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 PRINCIPAL_KINDS = frozenset({"human", "service_account"})
 MAX_LIST_ITEMS = 256

@@ -26,8 +26,9 @@ from tessera.cli_admin import UsageError, add_admin_commands, build_request, fet
 SERVICE_COMMANDS = ("control-plane", "ext-authz", "ratelimit", "admin")
 
 
-def _global_flags(defaults: bool) -> argparse.ArgumentParser:
-    """Flags valid anywhere; on subparsers they default to SUPPRESS so they don't clobber."""
+def _global_flags(defaults: bool, *, long_output: bool = True) -> argparse.ArgumentParser:
+    """Flags valid anywhere; on subparsers they default to SUPPRESS so they don't clobber.
+    ``long_output=False``: only ``-o`` (for a command with its own ``--output`` flag)."""
     p = argparse.ArgumentParser(add_help=False)
     d = (lambda v: v) if defaults else (lambda _v: argparse.SUPPRESS)
     p.add_argument(
@@ -35,7 +36,8 @@ def _global_flags(defaults: bool) -> argparse.ArgumentParser:
     )
     p.add_argument("--admin-url", default=d(None), help="admin API host:port (default from admin.json)")
     p.add_argument("--token", default=d(None), help="admin bearer token (default from admin.json)")
-    p.add_argument("--output", "-o", choices=("table", "json"), default=d("table"))
+    names = ("--output", "-o") if long_output else ("-o",)
+    p.add_argument(*names, dest="output", choices=("table", "json"), default=d("table"))
     return p
 
 
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--template", default=None, help="bootstrap template (default: envoy/bootstrap.yaml)")
     bs.add_argument("--out", default="-", help="file to write (default stdout)")
 
-    add_admin_commands(sub, g)
+    add_admin_commands(sub, g, _global_flags(defaults=False, long_output=False))
     for name in SERVICE_COMMANDS:
         what = "bootstrap the first platform admin" if name == "admin" else f"run the {name} service"
         sub.add_parser(name, add_help=False, help=what)

@@ -27,10 +27,10 @@ from typing import Any
 
 PAGE_SIZE = 500
 AUDIT_DEFAULT_LIMIT = 100
-LIMIT_KINDS = ("requests",)
-LIMIT_WINDOWS = ("second", "minute", "hour", "day")
-PLAN_LIMIT_KINDS = ("requests", "tokens", "spend", "concurrency")
-PLAN_LIMIT_WINDOWS = ("second", "minute", "hour", "day", "month")
+LIMIT_KINDS = ("requests", "tokens", "spend", "concurrency")
+LIMIT_WINDOWS = ("second", "minute", "hour", "day", "month")
+PLAN_LIMIT_KINDS = LIMIT_KINDS
+PLAN_LIMIT_WINDOWS = LIMIT_WINDOWS
 ROLES = ("platform-admin", "tenant-admin", "tenant-viewer")
 PRINCIPAL_KINDS = ("human", "service_account")
 BACKEND_KINDS = ("openai-compatible", "vllm", "dynamo", "trtllm", "llamacpp")
@@ -135,6 +135,8 @@ class Command:
     args: tuple[Arg | OneOf, ...] = ()
     paged: bool = False  # a list RPC: follow next_page_token (see the module docstring)
     note: Callable[[Any], str] | None = None  # a remark for stderr about the response, "" = none
+    # The command has its own --output (a price): the output format is then -o, or before the command.
+    own_output_flag: bool = False
 
 
 # --- builders that need more than one line ----------------------------------------------------
@@ -193,6 +195,8 @@ def _add_model(a: argparse.Namespace, pb: Any) -> Any:
 
 
 def _create_limit(a: argparse.Namespace, pb: Any) -> Any:
+    if (a.kind == "concurrency") == bool(a.window):
+        raise UsageError("--window is required, except for --kind concurrency (which has none)")
     return pb.CreateLimitRequest(
         tenant=a.tenant,
         key_id=a.key,
@@ -202,6 +206,40 @@ def _create_limit(a: argparse.Namespace, pb: Any) -> Any:
         limit=a.limit,
         shadow=a.shadow,
         fail_mode=a.fail,
+        prompt_weight=a.prompt_weight,
+        completion_weight=a.completion_weight,
+    )
+
+
+def _update_limit(a: argparse.Namespace, pb: Any) -> Any:
+    mask = _mask(
+        {"limit": a.limit is not None, "shadow": a.shadow is not None, "fail_mode": a.fail is not None}
+    )
+    return pb.UpdateLimitRequest(
+        id=a.id, update_mask=mask, limit=a.limit or 0, shadow=bool(a.shadow), fail_mode=a.fail or ""
+    )
+
+
+def _update_model(a: argparse.Namespace, pb: Any) -> Any:
+    mask = _mask(
+        {"default_max_tokens": a.default_max_tokens is not None, "max_max_tokens": a.max_tokens is not None}
+    )
+    return pb.UpdateModelRequest(
+        name=a.name,
+        update_mask=mask,
+        default_max_tokens=a.default_max_tokens or 0,
+        max_max_tokens=a.max_tokens or 0,
+    )
+
+
+def _price_model(a: argparse.Namespace, pb: Any) -> Any:
+    return pb.SetModelPriceRequest(
+        name=a.name,
+        input_micros=a.input,
+        output_micros=a.output_micros,
+        cached_micros=a.cached or 0,
+        currency=a.currency,
+        effective_time=a.effective or "",
     )
 
 
@@ -317,13 +355,28 @@ def _models(items: Sequence[Any]) -> Rows:
     def backends(m: Any) -> str:
         return ", ".join(f"{b.url} ({b.kind}, w={b.weight}, p={b.priority})" for b in m.backends)
 
-    return [["NAME", "VISIBILITY", "BACKENDS"], *[[m.name, m.visibility, backends(m)] for m in items]]
+    def max_tokens(m: Any) -> str:
+        return f"{m.default_max_tokens or '-'}/{m.max_max_tokens or '-'}"
+
+    def prices(m: Any) -> str:
+        return _or(
+            ", ".join(
+                f"from {p.effective_time}: in {p.input_micros} out {p.output_micros} "
+                f"cached {p.cached_micros} {p.currency}"
+                for p in m.prices
+            )
+        )
+
+    return [
+        ["NAME", "VISIBILITY", "BACKENDS", "MAX_TOKENS (DEFAULT/MAX)", "PRICES (MICROS PER 1M TOKENS)"],
+        *[[m.name, m.visibility, backends(m), max_tokens(m), prices(m)] for m in items],
+    ]
 
 
 def _limits(items: Sequence[Any]) -> Rows:
     def row(x: Any) -> list[str]:
         scope = [x.id, x.tenant_id, x.key_id or "*", x.model or "*"]
-        return [*scope, x.kind, x.window, str(x.limit), "yes" if x.shadow else "no", x.fail_mode]
+        return [*scope, x.kind, _or(x.window), str(x.limit), "yes" if x.shadow else "no", x.fail_mode]
 
     return [["ID", "TENANT", "KEY", "MODEL", "KIND", "WINDOW", "LIMIT", "SHADOW", "FAIL"], *map(row, items)]
 
@@ -649,6 +702,48 @@ COMMANDS: tuple[Command, ...] = (
         paged=True,
     ),
     Command(
+        ("models", "update"),
+        "set a model's default and maximum max_tokens (what limits reserve for a request)",
+        "UpdateModel",
+        _update_model,
+        lambda r: _models([r.model]),
+        (
+            arg("name"),
+            arg("--default-max-tokens", type=count, help="used when a request names none (0 = unset)"),
+            arg("--max-tokens", type=count, help="cap on a request's max_tokens (0 = unset)"),
+        ),
+    ),
+    Command(
+        ("models", "price"),
+        "add an effective-dated price (micro-units per 1M tokens, e.g. 150000 = 0.15 USD)",
+        "SetModelPrice",
+        _price_model,
+        lambda r: _models([r.model]),
+        (
+            arg("name"),
+            arg("--input", type=count, required=True, metavar="MICROS", help="per 1M prompt tokens"),
+            arg(
+                "--output",
+                dest="output_micros",
+                type=count,
+                required=True,
+                metavar="MICROS",
+                help="per 1M completion tokens",
+            ),
+            arg(
+                "--cached",
+                type=count,
+                metavar="MICROS",
+                help="per 1M cached prompt tokens (default: --input)",
+            ),
+            arg("--currency", default="USD", help="ISO 4217 code (default USD)"),
+            arg(
+                "--from", dest="effective", metavar="DATE", help="YYYY-MM-DD or RFC 3339, UTC (default: now)"
+            ),
+        ),
+        own_output_flag=True,
+    ),
+    Command(
         ("limits", "create"),
         "create a rate limit",
         "CreateLimit",
@@ -659,11 +754,67 @@ COMMANDS: tuple[Command, ...] = (
             arg("--key", default="", help="logical key id (default: the whole tenant)"),
             arg("--model", default="", help="(default: every model)"),
             arg("--kind", choices=LIMIT_KINDS, required=True),
-            arg("--window", choices=LIMIT_WINDOWS, required=True),
-            arg("--limit", type=count, required=True, help="requests per window"),
+            arg(
+                "--window",
+                choices=LIMIT_WINDOWS,
+                default="",
+                help="month = calendar month, UTC; none for concurrency",
+            ),
+            arg(
+                "--limit",
+                type=positive_int,
+                required=True,
+                help="requests, tokens or spend (micro-units) per window; requests in flight for concurrency",
+            ),
             arg("--shadow", action="store_true", help="count and log, never refuse"),
             arg("--fail", choices=("open", "closed"), default="open", help="when counters are unreachable"),
+            arg(
+                "--prompt-weight",
+                type=count,
+                default=0,
+                metavar="PERCENT",
+                help="tokens: a prompt token counts (100)",
+            ),
+            arg(
+                "--completion-weight",
+                type=count,
+                default=0,
+                metavar="PERCENT",
+                help="tokens: a completion token counts (100)",
+            ),
         ),
+    ),
+    Command(
+        ("limits", "update"),
+        "change a limit's value, shadow flag or fail mode (its count carries over)",
+        "UpdateLimit",
+        _update_limit,
+        lambda r: _limits([r.limit]),
+        (
+            arg("id"),
+            arg("--limit", type=positive_int),
+            OneOf(
+                (
+                    arg("--shadow", action="store_const", const=True, help="count and log, never refuse"),
+                    arg(
+                        "--enforce",
+                        dest="shadow",
+                        action="store_const",
+                        const=False,
+                        help="refuse over the limit",
+                    ),
+                )
+            ),
+            arg("--fail", choices=("open", "closed")),
+        ),
+    ),
+    Command(
+        ("limits", "delete"),
+        "delete a limit (a plan default of the same kind and window applies again)",
+        "DeleteLimit",
+        lambda a, pb: pb.DeleteLimitRequest(id=a.id),
+        lambda _r: [["DELETED"], ["yes"]],
+        (arg("id"),),
     ),
     Command(
         ("limits", "list"),
@@ -680,8 +831,11 @@ COMMANDS: tuple[Command, ...] = (
 # --- wiring -----------------------------------------------------------------------------------
 
 
-def add_admin_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add every command to ``sub`` (the top-level subparsers); ``common`` holds the global flags."""
+def add_admin_commands(
+    sub: Any, common: argparse.ArgumentParser, common_short: argparse.ArgumentParser
+) -> None:
+    """Add every command to ``sub`` (the top-level subparsers); ``common`` holds the global flags,
+    ``common_short`` the same with only ``-o`` for the output format."""
     groups: dict[str, Any] = {}
     for cmd in COMMANDS:
         parent = sub
@@ -691,7 +845,12 @@ def add_admin_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                 gp = sub.add_parser(group, parents=[common], help=GROUPS[group], description=GROUPS[group])
                 groups[group] = gp.add_subparsers(dest="action", metavar="ACTION", required=True)
             parent = groups[group]
-        p = parent.add_parser(cmd.path[-1], parents=[common], help=cmd.help, description=cmd.help)
+        p = parent.add_parser(
+            cmd.path[-1],
+            parents=[common_short if cmd.own_output_flag else common],
+            help=cmd.help,
+            description=cmd.help,
+        )
         for spec in cmd.args:
             if isinstance(spec, OneOf):
                 group_ = p.add_mutually_exclusive_group()

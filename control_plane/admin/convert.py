@@ -114,6 +114,18 @@ def model_pb(m: db.Model) -> pb.Model:
         backends=[
             pb.Backend(url=b.url, kind=b.kind, weight=b.weight, priority=b.priority) for b in m.backends
         ],
+        default_max_tokens=m.default_max_tokens or 0,
+        max_max_tokens=m.max_max_tokens or 0,
+        prices=[
+            pb.ModelPrice(
+                effective_time=rfc3339(p.effective_at),
+                input_micros=p.input_micros,
+                output_micros=p.output_micros,
+                cached_micros=p.cached_micros,
+                currency=p.currency,
+            )
+            for p in m.prices
+        ],
     )
 
 
@@ -124,11 +136,13 @@ def limit_pb(lim: db.Limit) -> pb.Limit:
         key_id=lim.key_id or "",
         model=lim.model or "",
         kind=lim.kind,
-        window=v.window_name(lim.window_seconds),
+        window=v.window_name(lim.kind, lim.window_seconds),
         limit=lim.limit,
         shadow=lim.shadow,
         fail_mode="closed" if lim.fail_closed else "open",
         create_time=rfc3339(lim.created_at),
+        prompt_weight=lim.prompt_weight,
+        completion_weight=lim.completion_weight,
     )
 
 

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane import validation as v
 from control_plane.admin.base import AdminServicerBase
-from control_plane.admin.convert import limit_pb, model_pb
-from control_plane.db.models import Backend, Limit, Tenant
+from control_plane.admin.convert import aware, limit_pb, model_pb, rfc3339
+from control_plane.db.models import Backend, Limit, Model, ModelPrice, Tenant
 from control_plane.db.repositories import ModelRepository
 from tessera import keys
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.admin.v1 import admin_pb2_grpc
-from tessera.errors import InvalidArgumentError
+from tessera.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 
 
 class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceServicer):
@@ -51,6 +53,73 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
         await self.publish()
         return pb.AddModelResponse(model=reply)
 
+    async def UpdateModel(self, request: pb.UpdateModelRequest, context: Any) -> pb.UpdateModelResponse:
+        mask = v.update_mask(list(request.update_mask), {"default_max_tokens", "max_max_tokens"})
+        default = v.max_tokens(request.default_max_tokens, "default_max_tokens")
+        maximum = v.max_tokens(request.max_max_tokens, "max_max_tokens")
+        async with self.tx(context) as (s, caller):
+            caller.require_platform("changing the model registry")
+            model = await self._model(s, request.name)
+            before = model_pb(model)
+            if "default_max_tokens" in mask:
+                model.default_max_tokens = default
+            if "max_max_tokens" in mask:
+                model.max_max_tokens = maximum
+            if (
+                model.default_max_tokens
+                and model.max_max_tokens
+                and model.default_max_tokens > model.max_max_tokens
+            ):
+                raise InvalidArgumentError("default_max_tokens", "must not exceed max_max_tokens")
+            await s.flush()
+            reply = model_pb(model)
+            self.audit(
+                s, context, caller, "model.update", target_type="model", target_id=model.name,
+                tenant_id=None, before=before, after=reply,
+            )  # fmt: skip
+        await self.publish()
+        return pb.UpdateModelResponse(model=reply)
+
+    async def SetModelPrice(self, request: pb.SetModelPriceRequest, context: Any) -> pb.SetModelPriceResponse:
+        input_micros = v.micros(request.input_micros, "input_micros")
+        output_micros = v.micros(request.output_micros, "output_micros")
+        cached = v.micros(request.cached_micros, "cached_micros") if request.cached_micros else input_micros
+        currency = v.currency(request.currency)
+        effective = v.effective_time(request.effective_time, datetime.now(UTC))
+        async with self.tx(context) as (s, caller):
+            caller.require_platform("pricing a model")
+            model = await self._model(s, request.name)
+            before = model_pb(model)
+            if any(aware(p.effective_at) == effective for p in model.prices):
+                raise AlreadyExistsError(
+                    f"model {model.name!r} already has a price from {rfc3339(effective)}"
+                )
+            model.prices.append(
+                ModelPrice(
+                    effective_at=effective,
+                    input_micros=input_micros,
+                    output_micros=output_micros,
+                    cached_micros=cached,
+                    currency=currency,
+                )
+            )
+            await s.flush()
+            await s.refresh(model, ["prices"])
+            reply = model_pb(model)
+            self.audit(
+                s, context, caller, "model.price", target_type="model", target_id=model.name,
+                tenant_id=None, before=before, after=reply,
+            )  # fmt: skip
+        await self.publish()
+        return pb.SetModelPriceResponse(model=reply)
+
+    @staticmethod
+    async def _model(s: AsyncSession, name: str) -> Model:
+        model = await ModelRepository(s).get(v.model_name(name))
+        if model is None:
+            raise NotFoundError(f"model {name!r} not found")
+        return model
+
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
         size, after = v.page(request.page_size, request.page_token)
         async with self.read(context) as (s, caller):
@@ -67,12 +136,13 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
 class LimitServiceServicer(AdminServicerBase, admin_pb2_grpc.LimitServiceServicer):
     async def CreateLimit(self, request: pb.CreateLimitRequest, context: Any) -> pb.CreateLimitResponse:
         kind = v.limit_kind(request.kind)
-        window = v.window_seconds(request.window)
-        if not 0 < request.limit < 2**62:
-            raise InvalidArgumentError("limit", "must be a positive integer")
+        window = v.limit_window(kind, request.window)
+        limit = v.limit_value(request.limit)
         model = v.model_name(request.model, "model") if request.model else None
         key_id = v.short_text(request.key_id, "key_id", 32) or None
         fail_closed = v.fail_mode(request.fail_mode)
+        prompt_weight = v.weight_percent(request.prompt_weight, "prompt_weight")
+        completion_weight = v.weight_percent(request.completion_weight, "completion_weight")
         async with self.tx(context) as (s, caller):
             tenant = await self.tenant_for_read(s, caller, request.tenant)
             caller.require_platform("creating a limit")
@@ -83,25 +153,69 @@ class LimitServiceServicer(AdminServicerBase, admin_pb2_grpc.LimitServiceService
                 model=model,
                 kind=kind,
                 window_seconds=window,
-                limit=request.limit,
+                limit=limit,
                 shadow=request.shadow,
                 fail_closed=fail_closed,
+                prompt_weight=prompt_weight,
+                completion_weight=completion_weight,
             )
             s.add(row)
             await s.flush()
             reply = limit_pb(row)
             self.audit(
-                s,
-                context,
-                caller,
-                "limit.create",
-                target_type="limit",
-                target_id=row.id,
-                tenant_id=tenant.id,
-                after=reply,
-            )
+                s, context, caller, "limit.create", target_type="limit", target_id=row.id,
+                tenant_id=tenant.id, after=reply,
+            )  # fmt: skip
         await self.publish()
         return pb.CreateLimitResponse(limit=reply)
+
+    async def UpdateLimit(self, request: pb.UpdateLimitRequest, context: Any) -> pb.UpdateLimitResponse:
+        """The limit value, shadow flag or fail mode; the counters are keyed by limit id, so the
+        count carries over."""
+        mask = v.update_mask(list(request.update_mask), {"limit", "shadow", "fail_mode"})
+        limit = v.limit_value(request.limit) if "limit" in mask else 0
+        fail_closed = v.fail_mode(request.fail_mode)
+        async with self.tx(context) as (s, caller):
+            row = await self._limit(s, caller, request.id)
+            caller.require_platform("changing a limit")
+            before = limit_pb(row)
+            if "limit" in mask:
+                row.limit = limit
+            if "shadow" in mask:
+                row.shadow = request.shadow
+            if "fail_mode" in mask:
+                row.fail_closed = fail_closed
+            await s.flush()
+            reply = limit_pb(row)
+            self.audit(
+                s, context, caller, "limit.update", target_type="limit", target_id=row.id,
+                tenant_id=row.tenant_id, before=before, after=reply,
+            )  # fmt: skip
+        await self.publish()
+        return pb.UpdateLimitResponse(limit=reply)
+
+    async def DeleteLimit(self, request: pb.DeleteLimitRequest, context: Any) -> pb.DeleteLimitResponse:
+        async with self.tx(context) as (s, caller):
+            row = await self._limit(s, caller, request.id)
+            caller.require_platform("deleting a limit")
+            before = limit_pb(row)
+            await s.delete(row)
+            self.audit(
+                s, context, caller, "limit.delete", target_type="limit", target_id=row.id,
+                tenant_id=row.tenant_id, before=before,
+            )  # fmt: skip
+        await self.publish()
+        return pb.DeleteLimitResponse()
+
+    @staticmethod
+    async def _limit(s: AsyncSession, caller: Any, ident: str) -> Limit:
+        """The limit, or NOT_FOUND (also when its tenant is not the caller's to read)."""
+        if not ident or len(ident) > 64:  # noqa: PLR2004 - longer than any id
+            raise InvalidArgumentError("id", "must be a limit id")
+        row = await s.get(Limit, ident)
+        if row is None or not caller.can_read(row.tenant_id):
+            raise NotFoundError(f"limit {ident!r} not found")
+        return row
 
     async def ListLimits(self, request: pb.ListLimitsRequest, context: Any) -> pb.ListLimitsResponse:
         size, after = v.page(request.page_size, request.page_token)

@@ -152,6 +152,25 @@ class Model(Base):
     backends: Mapped[list[Backend]] = relationship(
         back_populates="model", cascade="all, delete-orphan", order_by="Backend.id", lazy="selectin"
     )
+    prices: Mapped[list[ModelPrice]] = relationship(
+        cascade="all, delete-orphan", order_by="ModelPrice.effective_at", lazy="selectin"
+    )
+
+
+class ModelPrice(Base):
+    """Effective-dated price per 1M tokens, integer micro-units of ``currency``."""
+
+    __tablename__ = "model_prices"
+    __table_args__ = (UniqueConstraint("model_id", "effective_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    effective_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    input_micros: Mapped[int] = mapped_column(BigInteger)
+    output_micros: Mapped[int] = mapped_column(BigInteger)
+    cached_micros: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Backend(Base):
@@ -179,6 +198,8 @@ class Limit(Base):
     limit: Mapped[int] = mapped_column(BigInteger)
     shadow: Mapped[bool] = mapped_column(Boolean, default=False)
     fail_closed: Mapped[bool] = mapped_column(Boolean, default=False)
+    prompt_weight: Mapped[int] = mapped_column(Integer, default=100, server_default="100")
+    completion_weight: Mapped[int] = mapped_column(Integer, default=100, server_default="100")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -39,7 +39,7 @@ class ModelRepository:
             model = Model(name=name, visibility=visibility)
             self.s.add(model)
             await self.s.flush()
-            await self.s.refresh(model, ["backends"])
+            await self.s.refresh(model, ["backends", "prices"])
         elif replace:
             model.backends.clear()
             await self.s.flush()

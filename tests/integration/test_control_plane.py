@@ -397,3 +397,110 @@ def test_audit_log_is_append_only_in_the_database(backend, db_url):
         with pytest.raises(Exception, match="append-only"):
             _sql(db_url, statement)
     assert ("test.append",) in _sql(db_url, "SELECT action FROM audit_log")
+
+
+async def test_limits_of_every_kind_and_model_prices_reach_the_ratelimit_stream(admin, app):
+    name, model = _name(), f"m-{uuid.uuid4().hex[:8]}"
+    tenant = (await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=name), metadata=AUTH)).tenant
+    await admin.AddModel(
+        admin_pb2.AddModelRequest(name=model, backend=admin_pb2.Backend(url="http://127.0.0.1:9")),
+        metadata=AUTH,
+    )
+    await admin.UpdateModel(
+        admin_pb2.UpdateModelRequest(
+            name=model,
+            update_mask=["default_max_tokens", "max_max_tokens"],
+            default_max_tokens=64,
+            max_max_tokens=512,
+        ),
+        metadata=AUTH,
+    )
+    price = admin_pb2.SetModelPriceRequest(name=model, input_micros=150_000, output_micros=600_000)
+    priced = (await admin.SetModelPrice(price, metadata=AUTH)).model
+    assert (priced.prices[0].cached_micros, priced.prices[0].currency) == (150_000, "USD")
+    future = admin_pb2.SetModelPriceRequest(
+        name=model, input_micros=1, output_micros=2, effective_time="2999-01-01"
+    )
+    assert len((await admin.SetModelPrice(future, metadata=AUTH)).model.prices) == 2
+    tokens = (
+        await admin.CreateLimit(
+            admin_pb2.CreateLimitRequest(
+                tenant=name, kind="tokens", window="month", limit=1000, completion_weight=300
+            ),
+            metadata=AUTH,
+        )
+    ).limit
+    assert (tokens.window, tokens.prompt_weight, tokens.completion_weight) == ("month", 100, 300)
+    slots = (
+        await admin.CreateLimit(
+            admin_pb2.CreateLimitRequest(tenant=name, kind="concurrency", limit=2), metadata=AUTH
+        )
+    ).limit
+    assert slots.window == ""
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.xds_port}") as ch:
+        stream = policy_pb2_grpc.PolicyServiceStub(ch).Stream()
+        await stream.write(policy_pb2.StreamPolicyRequest(node_id="test", service="ratelimit"))
+        first = await asyncio.wait_for(stream.read(), 5)
+        snapshot = list(first.upserts)
+        if not first.complete:
+            snapshot += (await _next_complete(stream)).upserts
+        assert {r.WhichOneof("kind") for r in snapshot} <= {"limit", "model"}  # no keys, no tenants
+        limits = {r.limit.id: r.limit for r in snapshot if r.WhichOneof("kind") == "limit"}
+        assert limits[tokens.id].window_seconds == 0  # calendar month
+        assert limits[tokens.id].completion_weight == 300
+        assert limits[slots.id].kind == policy_pb2.Limit.CONCURRENCY
+        (m,) = [r.model for r in snapshot if r.WhichOneof("kind") == "model" and r.model.name == model]
+        assert (m.default_max_tokens, m.max_max_tokens) == (64, 512)
+        assert (m.input_micros, m.output_micros, m.currency) == (
+            150_000,
+            600_000,
+            "USD",
+        )  # not the future price
+
+        changed = admin_pb2.UpdateLimitRequest(
+            id=tokens.id, update_mask=["limit", "shadow"], limit=5, shadow=True
+        )
+        assert (await admin.UpdateLimit(changed, metadata=AUTH)).limit.limit == 5
+        delta = await _next_complete(stream)
+        (upsert,) = [r.limit for r in delta.upserts]
+        assert (upsert.id, upsert.limit, upsert.shadow) == (tokens.id, 5, True)
+        await admin.DeleteLimit(admin_pb2.DeleteLimitRequest(id=slots.id), metadata=AUTH)
+        assert list((await _next_complete(stream)).deletes) == [f"limit/{slots.id}"]
+        stream.cancel()
+
+    listed = await admin.ListLimits(admin_pb2.ListLimitsRequest(tenant=tenant.id), metadata=AUTH)
+    assert [x.id for x in listed.items] == [tokens.id]
+    bad = [
+        (
+            admin.CreateLimit,
+            admin_pb2.CreateLimitRequest(tenant=name, kind="concurrency", window="minute", limit=1),
+        ),
+        (admin.CreateLimit, admin_pb2.CreateLimitRequest(tenant=name, kind="tokens", limit=1)),
+        (admin.UpdateLimit, admin_pb2.UpdateLimitRequest(id=tokens.id, update_mask=["kind"])),
+        (admin.UpdateLimit, admin_pb2.UpdateLimitRequest(id=tokens.id, update_mask=["limit"], limit=0)),
+        (admin.SetModelPrice, admin_pb2.SetModelPriceRequest(name=model, currency="dollars")),
+        (admin.SetModelPrice, admin_pb2.SetModelPriceRequest(name=model, effective_time="yesterday")),
+        (
+            admin.UpdateModel,
+            admin_pb2.UpdateModelRequest(
+                name=model, update_mask=["default_max_tokens"], default_max_tokens=513
+            ),
+        ),
+    ]
+    for call, req in bad:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(req, metadata=AUTH)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, req
+    for call, req, code in [
+        (admin.SetModelPrice, future, grpc.StatusCode.ALREADY_EXISTS),
+        (admin.DeleteLimit, admin_pb2.DeleteLimitRequest(id=slots.id), grpc.StatusCode.NOT_FOUND),
+        (
+            admin.UpdateModel,
+            admin_pb2.UpdateModelRequest(name="nope", update_mask=["max_max_tokens"]),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(req, metadata=AUTH)
+        assert err.value.code() == code

@@ -77,10 +77,17 @@ def test_output_json_before_or_after_every_command(path):
         ("keys", "revoke"): ["k"],
         ("keys", "rotate"): ["k"],
         ("models", "add"): ["m", "--backend", "http://h:1"],
+        ("models", "update"): ["m", "--max-tokens", "9"],
+        ("models", "price"): ["m", "--input", "1", "--output", "2"],
         ("limits", "create"): ["--tenant", "t", "--kind", "requests", "--window", "day", "--limit", "1"],
+        ("limits", "update"): ["l", "--limit", "2"],
+        ("limits", "delete"): ["l"],
     }.get(tuple(path), [])
+    own_output = tuple(path) == ("models", "price")  # its --output is a price: the format is -o
     before = build_parser().parse_args(["-o", "json", "--token", "x", *path, *required])
-    after = build_parser().parse_args([*path, *required, "--output", "json", "--token", "x"])
+    after = build_parser().parse_args(
+        [*path, *required, "-o" if own_output else "--output", "json", "--token", "x"]
+    )
     default = build_parser().parse_args([*path, *required])
     assert (before.output, before.token) == (after.output, after.token) == ("json", "x")
     assert (default.output, default.token) == ("table", None)
@@ -390,6 +397,52 @@ def test_limits_create_and_list():
         "ListLimits",
         pb.ListLimitsRequest(tenant="acme", page_size=PAGE_SIZE),
     )
+
+
+def test_models_update_and_price():
+    assert req("models", "update", "m", "--default-max-tokens", "256", "--max-tokens", "4096") == (
+        "UpdateModel",
+        pb.UpdateModelRequest(
+            name="m",
+            update_mask=["default_max_tokens", "max_max_tokens"],
+            default_max_tokens=256,
+            max_max_tokens=4096,
+        ),
+    )
+    _, msg = req("models", "price", "m", "--input", "150000", "--output", "600000", "--from", "2026-12-01")
+    assert msg == pb.SetModelPriceRequest(
+        name="m", input_micros=150000, output_micros=600000, currency="USD", effective_time="2026-12-01"
+    )
+    # the price's --output is not the output format; -o still is
+    args = build_parser().parse_args(["models", "price", "m", "--input", "1", "--output", "2", "-o", "json"])
+    assert (args.output, args.output_micros) == ("json", 2)
+
+
+def test_limits_of_every_kind_update_and_delete(capsys):
+    _, msg = req(
+        "limits", "create", "--tenant", "acme", "--kind", "tokens", "--window", "month", "--limit", "5000",
+        "--prompt-weight", "50", "--completion-weight", "200",
+    )  # fmt: skip
+    assert msg == pb.CreateLimitRequest(
+        tenant="acme", kind="tokens", window="month", limit=5000, fail_mode="open", prompt_weight=50,
+        completion_weight=200,
+    )  # fmt: skip
+    _, msg = req("limits", "create", "--tenant", "acme", "--kind", "concurrency", "--limit", "4")
+    assert msg == pb.CreateLimitRequest(tenant="acme", kind="concurrency", limit=4, fail_mode="open")
+    assert "--window is required" in usage_error(
+        capsys, "limits", "create", "--tenant", "a", "--kind", "spend", "--limit", "4"
+    )
+    assert req("limits", "update", "lim_1", "--limit", "7", "--enforce", "--fail", "closed") == (
+        "UpdateLimit",
+        pb.UpdateLimitRequest(
+            id="lim_1", update_mask=["limit", "shadow", "fail_mode"], limit=7, fail_mode="closed"
+        ),
+    )
+    assert req("limits", "update", "lim_1", "--shadow")[1] == pb.UpdateLimitRequest(
+        id="lim_1", update_mask=["shadow"], shadow=True
+    )
+    assert "nothing to update" in usage_error(capsys, "limits", "update", "lim_1")
+    assert req("limits", "delete", "lim_1") == ("DeleteLimit", pb.DeleteLimitRequest(id="lim_1"))
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--limit", "-1"), ("--limit", "lots"), ("--window", "week")])

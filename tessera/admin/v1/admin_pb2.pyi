@@ -1457,6 +1457,41 @@ class Backend(_message.Message):
 Global___Backend: _TypeAlias = Backend  # noqa: Y015
 
 @_typing.final
+class ModelPrice(_message.Message):
+    """Prices are integer micro-units of `currency` per 1M tokens (no floats for money)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    INPUT_MICROS_FIELD_NUMBER: _builtins.int
+    OUTPUT_MICROS_FIELD_NUMBER: _builtins.int
+    CACHED_MICROS_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    effective_time: _builtins.str
+    """RFC 3339 UTC"""
+    input_micros: _builtins.int
+    output_micros: _builtins.int
+    cached_micros: _builtins.int
+    currency: _builtins.str
+    """ISO 4217, e.g. USD"""
+    def __init__(
+        self,
+        *,
+        effective_time: _builtins.str = ...,
+        input_micros: _builtins.int = ...,
+        output_micros: _builtins.int = ...,
+        cached_micros: _builtins.int = ...,
+        currency: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_micros", b"cached_micros", "currency", b"currency", "effective_time", b"effective_time", "input_micros", b"input_micros", "output_micros", b"output_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelPrice: _TypeAlias = ModelPrice  # noqa: Y015
+
+@_typing.final
 class Model(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1464,12 +1499,23 @@ class Model(_message.Message):
     BACKENDS_FIELD_NUMBER: _builtins.int
     VISIBILITY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    DEFAULT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    PRICES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     visibility: _builtins.str
     """public | restricted"""
     create_time: _builtins.str
+    default_max_tokens: _builtins.int
+    """0 = none set"""
+    max_max_tokens: _builtins.int
+    """0 = none set"""
     @_builtins.property
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___Backend]: ...
+    @_builtins.property
+    def prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelPrice]:
+        """oldest first"""
+
     def __init__(
         self,
         *,
@@ -1477,14 +1523,125 @@ class Model(_message.Message):
         backends: _abc.Iterable[Global___Backend] | None = ...,
         visibility: _builtins.str = ...,
         create_time: _builtins.str = ...,
+        default_max_tokens: _builtins.int = ...,
+        max_max_tokens: _builtins.int = ...,
+        prices: _abc.Iterable[Global___ModelPrice] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "create_time", b"create_time", "name", b"name", "visibility", b"visibility"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "create_time", b"create_time", "default_max_tokens", b"default_max_tokens", "max_max_tokens", b"max_max_tokens", "name", b"name", "prices", b"prices", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Model: _TypeAlias = Model  # noqa: Y015
+
+@_typing.final
+class UpdateModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    DEFAULT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    default_max_tokens: _builtins.int
+    max_max_tokens: _builtins.int
+    @_builtins.property
+    def update_mask(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"default_max_tokens", "max_max_tokens" """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        update_mask: _abc.Iterable[_builtins.str] | None = ...,
+        default_max_tokens: _builtins.int = ...,
+        max_max_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_max_tokens", b"default_max_tokens", "max_max_tokens", b"max_max_tokens", "name", b"name", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelRequest: _TypeAlias = UpdateModelRequest  # noqa: Y015
+
+@_typing.final
+class UpdateModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model: ...
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelResponse: _TypeAlias = UpdateModelResponse  # noqa: Y015
+
+@_typing.final
+class SetModelPriceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INPUT_MICROS_FIELD_NUMBER: _builtins.int
+    OUTPUT_MICROS_FIELD_NUMBER: _builtins.int
+    CACHED_MICROS_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    input_micros: _builtins.int
+    output_micros: _builtins.int
+    cached_micros: _builtins.int
+    """default: the input price"""
+    currency: _builtins.str
+    """default USD"""
+    effective_time: _builtins.str
+    """RFC 3339 or YYYY-MM-DD (UTC); default now"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        input_micros: _builtins.int = ...,
+        output_micros: _builtins.int = ...,
+        cached_micros: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        effective_time: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_micros", b"cached_micros", "currency", b"currency", "effective_time", b"effective_time", "input_micros", b"input_micros", "name", b"name", "output_micros", b"output_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelPriceRequest: _TypeAlias = SetModelPriceRequest  # noqa: Y015
+
+@_typing.final
+class SetModelPriceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model: ...
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelPriceResponse: _TypeAlias = SetModelPriceResponse  # noqa: Y015
 
 @_typing.final
 class AddModelRequest(_message.Message):
@@ -1596,6 +1753,8 @@ class Limit(_message.Message):
     SHADOW_FIELD_NUMBER: _builtins.int
     FAIL_MODE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    PROMPT_WEIGHT_FIELD_NUMBER: _builtins.int
+    COMPLETION_WEIGHT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant_id: _builtins.str
     key_id: _builtins.str
@@ -1603,14 +1762,18 @@ class Limit(_message.Message):
     model: _builtins.str
     """empty = every model"""
     kind: _builtins.str
-    """requests"""
+    """requests | tokens | spend (micro-units) | concurrency (in flight)"""
     window: _builtins.str
-    """second | minute | hour | day"""
+    """second | minute | hour | day | month (calendar, UTC); not for concurrency"""
     limit: _builtins.int
     shadow: _builtins.bool
     fail_mode: _builtins.str
     """open | closed"""
     create_time: _builtins.str
+    prompt_weight: _builtins.int
+    """tokens: percent a prompt token counts (default 100)"""
+    completion_weight: _builtins.int
+    """tokens: percent a completion token counts (default 100)"""
     def __init__(
         self,
         *,
@@ -1624,10 +1787,12 @@ class Limit(_message.Message):
         shadow: _builtins.bool = ...,
         fail_mode: _builtins.str = ...,
         create_time: _builtins.str = ...,
+        prompt_weight: _builtins.int = ...,
+        completion_weight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "fail_mode", b"fail_mode", "id", b"id", "key_id", b"key_id", "kind", b"kind", "limit", b"limit", "model", b"model", "shadow", b"shadow", "tenant_id", b"tenant_id", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_weight", b"completion_weight", "create_time", b"create_time", "fail_mode", b"fail_mode", "id", b"id", "key_id", b"key_id", "kind", b"kind", "limit", b"limit", "model", b"model", "prompt_weight", b"prompt_weight", "shadow", b"shadow", "tenant_id", b"tenant_id", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1645,6 +1810,8 @@ class CreateLimitRequest(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
     FAIL_MODE_FIELD_NUMBER: _builtins.int
+    PROMPT_WEIGHT_FIELD_NUMBER: _builtins.int
+    COMPLETION_WEIGHT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     key_id: _builtins.str
     model: _builtins.str
@@ -1653,6 +1820,8 @@ class CreateLimitRequest(_message.Message):
     limit: _builtins.int
     shadow: _builtins.bool
     fail_mode: _builtins.str
+    prompt_weight: _builtins.int
+    completion_weight: _builtins.int
     def __init__(
         self,
         *,
@@ -1664,10 +1833,12 @@ class CreateLimitRequest(_message.Message):
         limit: _builtins.int = ...,
         shadow: _builtins.bool = ...,
         fail_mode: _builtins.str = ...,
+        prompt_weight: _builtins.int = ...,
+        completion_weight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fail_mode", b"fail_mode", "key_id", b"key_id", "kind", b"kind", "limit", b"limit", "model", b"model", "shadow", b"shadow", "tenant", b"tenant", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_weight", b"completion_weight", "fail_mode", b"fail_mode", "key_id", b"key_id", "kind", b"kind", "limit", b"limit", "model", b"model", "prompt_weight", b"prompt_weight", "shadow", b"shadow", "tenant", b"tenant", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1692,6 +1863,94 @@ class CreateLimitResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateLimitResponse: _TypeAlias = CreateLimitResponse  # noqa: Y015
+
+@_typing.final
+class UpdateLimitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    FAIL_MODE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    limit: _builtins.int
+    shadow: _builtins.bool
+    fail_mode: _builtins.str
+    @_builtins.property
+    def update_mask(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"limit", "shadow", "fail_mode" """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        update_mask: _abc.Iterable[_builtins.str] | None = ...,
+        limit: _builtins.int = ...,
+        shadow: _builtins.bool = ...,
+        fail_mode: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fail_mode", b"fail_mode", "id", b"id", "limit", b"limit", "shadow", b"shadow", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateLimitRequest: _TypeAlias = UpdateLimitRequest  # noqa: Y015
+
+@_typing.final
+class UpdateLimitResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limit(self) -> Global___Limit: ...
+    def __init__(
+        self,
+        *,
+        limit: Global___Limit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateLimitResponse: _TypeAlias = UpdateLimitResponse  # noqa: Y015
+
+@_typing.final
+class DeleteLimitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteLimitRequest: _TypeAlias = DeleteLimitRequest  # noqa: Y015
+
+@_typing.final
+class DeleteLimitResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteLimitResponse: _TypeAlias = DeleteLimitResponse  # noqa: Y015
 
 @_typing.final
 class ListLimitsRequest(_message.Message):

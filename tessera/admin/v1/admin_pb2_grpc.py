@@ -1279,6 +1279,16 @@ class ModelServiceStub:
                 request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/tessera.admin.v1.ModelService/UpdateModel',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateModelResponse.FromString,
+                _registered_method=True)
+        self.SetModelPrice = channel.unary_unary(
+                '/tessera.admin.v1.ModelService/SetModelPrice',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.SetModelPriceRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.SetModelPriceResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -1299,6 +1309,20 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateModel(self, request, context):
+        """Default and maximum max_tokens (what limits reserve when a request names none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelPrice(self, request, context):
+        """Add an effective-dated price; usage before effective_time keeps the older price.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1311,6 +1335,16 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsRequest.FromString,
                     response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateModelRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateModelResponse.SerializeToString,
+            ),
+            'SetModelPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelPrice,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.SetModelPriceRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.SetModelPriceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1380,6 +1414,60 @@ class ModelService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.ModelService/UpdateModel',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateModelRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.ModelService/SetModelPrice',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.SetModelPriceRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.SetModelPriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class LimitServiceStub:
     """---------------------------------------------------------------------------------------------
@@ -1403,6 +1491,16 @@ class LimitServiceStub:
                 request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsRequest.SerializeToString,
                 response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsResponse.FromString,
                 _registered_method=True)
+        self.UpdateLimit = channel.unary_unary(
+                '/tessera.admin.v1.LimitService/UpdateLimit',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateLimitRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateLimitResponse.FromString,
+                _registered_method=True)
+        self.DeleteLimit = channel.unary_unary(
+                '/tessera.admin.v1.LimitService/DeleteLimit',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DeleteLimitRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DeleteLimitResponse.FromString,
+                _registered_method=True)
 
 
 class LimitServiceServicer:
@@ -1423,6 +1521,18 @@ class LimitServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateLimit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteLimit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LimitServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1435,6 +1545,16 @@ def add_LimitServiceServicer_to_server(servicer, server):
                     servicer.ListLimits,
                     request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsRequest.FromString,
                     response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsResponse.SerializeToString,
+            ),
+            'UpdateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateLimit,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateLimitRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateLimitResponse.SerializeToString,
+            ),
+            'DeleteLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteLimit,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DeleteLimitRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DeleteLimitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1494,6 +1614,60 @@ class LimitService:
             '/tessera.admin.v1.LimitService/ListLimits',
             tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.ListLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.LimitService/UpdateLimit',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateLimitRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.LimitService/DeleteLimit',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.DeleteLimitRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.DeleteLimitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -419,6 +419,10 @@ class ModelServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ModelServiceAsyncStub: ...
     AddModel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddModelRequest, _admin_pb2.AddModelResponse]
     ListModels: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListModelsRequest, _admin_pb2.ListModelsResponse]
+    UpdateModel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdateModelRequest, _admin_pb2.UpdateModelResponse]
+    """Default and maximum max_tokens (what limits reserve when a request names none)."""
+    SetModelPrice: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetModelPriceRequest, _admin_pb2.SetModelPriceResponse]
+    """Add an effective-dated price; usage before effective_time keeps the older price."""
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
@@ -429,6 +433,10 @@ class ModelServiceAsyncStub(ModelServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     AddModel: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddModelRequest, _admin_pb2.AddModelResponse]  # type: ignore[assignment]
     ListModels: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListModelsRequest, _admin_pb2.ListModelsResponse]  # type: ignore[assignment]
+    UpdateModel: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdateModelRequest, _admin_pb2.UpdateModelResponse]  # type: ignore[assignment]
+    """Default and maximum max_tokens (what limits reserve when a request names none)."""
+    SetModelPrice: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetModelPriceRequest, _admin_pb2.SetModelPriceResponse]  # type: ignore[assignment]
+    """Add an effective-dated price; usage before effective_time keeps the older price."""
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -449,6 +457,22 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListModelsResponse, _abc.Awaitable[_admin_pb2.ListModelsResponse]]: ...
 
+    @_abc_1.abstractmethod
+    def UpdateModel(
+        self,
+        request: _admin_pb2.UpdateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.UpdateModelResponse, _abc.Awaitable[_admin_pb2.UpdateModelResponse]]:
+        """Default and maximum max_tokens (what limits reserve when a request names none)."""
+
+    @_abc_1.abstractmethod
+    def SetModelPrice(
+        self,
+        request: _admin_pb2.SetModelPriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetModelPriceResponse, _abc.Awaitable[_admin_pb2.SetModelPriceResponse]]:
+        """Add an effective-dated price; usage before effective_time keeps the older price."""
+
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class LimitServiceStub:
@@ -462,6 +486,8 @@ class LimitServiceStub:
     def __new__(cls, channel: _aio.Channel) -> LimitServiceAsyncStub: ...
     CreateLimit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateLimitRequest, _admin_pb2.CreateLimitResponse]
     ListLimits: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListLimitsRequest, _admin_pb2.ListLimitsResponse]
+    UpdateLimit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdateLimitRequest, _admin_pb2.UpdateLimitResponse]
+    DeleteLimit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteLimitRequest, _admin_pb2.DeleteLimitResponse]
 
 @_typing.type_check_only
 class LimitServiceAsyncStub(LimitServiceStub):
@@ -472,6 +498,8 @@ class LimitServiceAsyncStub(LimitServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateLimit: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateLimitRequest, _admin_pb2.CreateLimitResponse]  # type: ignore[assignment]
     ListLimits: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListLimitsRequest, _admin_pb2.ListLimitsResponse]  # type: ignore[assignment]
+    UpdateLimit: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdateLimitRequest, _admin_pb2.UpdateLimitResponse]  # type: ignore[assignment]
+    DeleteLimit: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteLimitRequest, _admin_pb2.DeleteLimitResponse]  # type: ignore[assignment]
 
 class LimitServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -491,5 +519,19 @@ class LimitServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListLimitsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListLimitsResponse, _abc.Awaitable[_admin_pb2.ListLimitsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateLimit(
+        self,
+        request: _admin_pb2.UpdateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.UpdateLimitResponse, _abc.Awaitable[_admin_pb2.UpdateLimitResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteLimit(
+        self,
+        request: _admin_pb2.DeleteLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DeleteLimitResponse, _abc.Awaitable[_admin_pb2.DeleteLimitResponse]]: ...
 
 def add_LimitServiceServicer_to_server(servicer: LimitServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -95,7 +95,7 @@ Global___StreamPolicyResponse: _TypeAlias = StreamPolicyResponse  # noqa: Y015
 class Resource(_message.Message):
     """The key of a resource is "<kind>/<id>": "api_key/<hex digest>",
     "tenant/<id>", "model/<name>", "limit/<id>". Each subscriber gets only the
-    kinds it reads: ext_authz api_key, tenant and model; ratelimit limit.
+    kinds it reads: ext_authz api_key, tenant and model; ratelimit limit and model.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -210,17 +210,39 @@ class Model(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     RESTRICTED_FIELD_NUMBER: _builtins.int
+    DEFAULT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    INPUT_MICROS_FIELD_NUMBER: _builtins.int
+    OUTPUT_MICROS_FIELD_NUMBER: _builtins.int
+    CACHED_MICROS_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     restricted: _builtins.bool
+    default_max_tokens: _builtins.int
+    """0 = none"""
+    max_max_tokens: _builtins.int
+    """0 = none"""
+    input_micros: _builtins.int
+    """The price in effect when this version was published (micro-units per 1M tokens)."""
+    output_micros: _builtins.int
+    cached_micros: _builtins.int
+    currency: _builtins.str
+    """"" = no price: spend limits charge 0 for this model"""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         restricted: _builtins.bool = ...,
+        default_max_tokens: _builtins.int = ...,
+        max_max_tokens: _builtins.int = ...,
+        input_micros: _builtins.int = ...,
+        output_micros: _builtins.int = ...,
+        cached_micros: _builtins.int = ...,
+        currency: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "restricted", b"restricted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_micros", b"cached_micros", "currency", b"currency", "default_max_tokens", b"default_max_tokens", "input_micros", b"input_micros", "max_max_tokens", b"max_max_tokens", "name", b"name", "output_micros", b"output_micros", "restricted", b"restricted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -258,15 +280,22 @@ class Limit(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
     FAIL_CLOSED_FIELD_NUMBER: _builtins.int
+    PROMPT_WEIGHT_FIELD_NUMBER: _builtins.int
+    COMPLETION_WEIGHT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant_id: _builtins.str
     key_id: _builtins.str
     model: _builtins.str
     kind: Global___Limit.Kind.ValueType
     window_seconds: _builtins.int
+    """0 = the calendar month (UTC); unused for CONCURRENCY"""
     limit: _builtins.int
     shadow: _builtins.bool
     fail_closed: _builtins.bool
+    prompt_weight: _builtins.int
+    """TOKENS: percent; 0 means 100"""
+    completion_weight: _builtins.int
+    """TOKENS: percent; 0 means 100"""
     def __init__(
         self,
         *,
@@ -279,10 +308,12 @@ class Limit(_message.Message):
         limit: _builtins.int = ...,
         shadow: _builtins.bool = ...,
         fail_closed: _builtins.bool = ...,
+        prompt_weight: _builtins.int = ...,
+        completion_weight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fail_closed", b"fail_closed", "id", b"id", "key_id", b"key_id", "kind", b"kind", "limit", b"limit", "model", b"model", "shadow", b"shadow", "tenant_id", b"tenant_id", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_weight", b"completion_weight", "fail_closed", b"fail_closed", "id", b"id", "key_id", b"key_id", "kind", b"kind", "limit", b"limit", "model", b"model", "prompt_weight", b"prompt_weight", "shadow", b"shadow", "tenant_id", b"tenant_id", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
