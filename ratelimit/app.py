@@ -68,7 +68,12 @@ async def build_app(
     backend = (
         counters if counters is not None else make_backend(settings.redis.url.get_secret_value(), clock=clock)
     )
-    limiter = RateLimiter(backend)
+    limiter = RateLimiter(
+        backend,
+        clock=clock,
+        lease_seconds=settings.reservation_lease_seconds,
+        default_completion_tokens=settings.default_completion_tokens,
+    )
     servicer = RateLimitServicer(limiter)
 
     held: dict[str, policy_pb2.Resource] = {}

@@ -6,14 +6,26 @@ a backend failure applies each limit's own fail mode and is counted, never raise
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import structlog
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
-from ratelimit.backends.base import CounterBackend, CounterRequest, CounterState
-from ratelimit.limits import EMPTY_SNAPSHOT, LimitSnapshot, RequestLimit
+from ratelimit.backends.base import BUDGET, SLOTS, CounterBackend, CounterRequest, CounterState, Settlement
+from ratelimit.limits import (
+    CONCURRENCY,
+    EMPTY_SNAPSHOT,
+    REQUESTS,
+    SPEND,
+    TOKENS,
+    LimitSnapshot,
+    ModelInfo,
+    RequestLimit,
+)
+from tessera.clock import SYSTEM_CLOCK, Clock, calendar_month
 from tessera.errors import StorageError
 
 log = structlog.get_logger("ratelimit")
@@ -27,6 +39,18 @@ BACKEND_ERRORS = Counter(
     "tessera_ratelimit_backend_errors_total",
     "Counter backend calls that failed; each limit's fail mode decided the answer",
 )
+SETTLED = Counter("tessera_ratelimit_settlements_total", "Stream-done settlements applied")
+NEAR_LIMIT = Counter(
+    "tessera_ratelimit_near_limit_total", "Admitted hits that left a limit under 10% of its value"
+)
+BACKEND_SECONDS = Histogram(
+    "tessera_ratelimit_backend_seconds",
+    "Counter backend call latency",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+NEAR_LIMIT_SHARE: Final = 0.1
+BYTES_PER_TOKEN: Final = 4
+_NEAR = NEAR_LIMIT
 _OK = DECISIONS.labels("ok")
 _OVER = DECISIONS.labels("over_limit")
 _SHADOW_OVER = DECISIONS.labels("shadow_over_limit")
@@ -36,12 +60,29 @@ FAIL_CLOSED_RETRY_SECONDS = 1.0
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """One understood descriptor: who is calling, and how many hits it costs."""
+    """One understood request-time descriptor: who is calling, and what the request may cost."""
 
     tenant_id: str
     key_id: str
     model: str
     hits: int = 1
+    request_id: str = ""
+    max_tokens: int | None = None  # as the client asked (None: not given)
+    body_bytes: int = 0  # the request body's size: the prompt-size estimate
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One stream-done descriptor: the request's real usage, as far as it is known."""
+
+    tenant_id: str
+    key_id: str
+    model: str
+    request_id: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int = 0
+    status: int = 0  # the response status (0: none, e.g. the client left first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +93,8 @@ class LimitOutcome:
     remaining: int | None
     """None when unknown (the backend failed)."""
     retry_after: float
+    reset_after: float = 0.0
+    """Seconds until this limit is back to its full value (OpenAI's ``x-ratelimit-reset-*``)."""
 
     @property
     def refuses(self) -> bool:
@@ -67,10 +110,24 @@ class Verdict:
     """When refused: seconds until every refusing limit has room again; else 0."""
 
 
+_SETTLED_KINDS: Final = (TOKENS, SPEND, CONCURRENCY)
+
+
 class RateLimiter:
-    def __init__(self, backend: CounterBackend, snapshot: LimitSnapshot = EMPTY_SNAPSHOT) -> None:
+    def __init__(
+        self,
+        backend: CounterBackend,
+        snapshot: LimitSnapshot = EMPTY_SNAPSHOT,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        lease_seconds: float = 900.0,
+        default_completion_tokens: int = 1024,
+    ) -> None:
         self._backend = backend
         self.snapshot = snapshot
+        self._clock = clock
+        self._lease = lease_seconds
+        self._default_completion = default_completion_tokens
 
     def replace(self, snapshot: LimitSnapshot) -> None:
         """Swap the whole snapshot; requests in flight keep the one they started with."""
@@ -81,34 +138,113 @@ class RateLimiter:
         per_hit = [snapshot.applicable(h.tenant_id, h.key_id, h.model) for h in hits]
         index: dict[str, int] = {}  # counter key -> position; a limit counts once per request
         requests: list[CounterRequest] = []
+        month = calendar_month(self._clock.now())
+        request_id = ""
         for hit, limits in zip(hits, per_hit, strict=True):
+            request_id = request_id or hit.request_id
             for lim in limits:
                 if lim.counter_key not in index:
                     index[lim.counter_key] = len(requests)
-                    requests.append(
-                        CounterRequest(
-                            lim.counter_key, lim.limit, lim.window_seconds, not lim.shadow, hit.hits
-                        )
-                    )
+                    requests.append(self._counter(lim, hit, snapshot.model(hit.model), month))
         if not requests:
             _OK.inc()
             return Verdict(allowed=True, outcomes=tuple(() for _ in hits), retry_after=0.0)
-        states = await self._acquire(requests, hits[0].tenant_id)
+        states = await self._acquire(requests, hits[0].tenant_id, request_id)
         outcomes = tuple(
-            tuple(_outcome(lim, states[index[lim.counter_key]] if states else None) for lim in limits)
+            tuple(
+                _outcome(
+                    lim, states[index[lim.counter_key]] if states else None, month[2] - self._clock.now()
+                )
+                for lim in limits
+            )
             for limits in per_hit
         )
         return self._judge(hits, outcomes)
 
-    async def _acquire(self, requests: list[CounterRequest], tenant_id: str) -> tuple[CounterState, ...]:
+    async def settle(self, usage: Usage) -> None:
+        """Replace the request's reservations by its real cost and free its slots. A failure is
+        logged and counted: the reservations' leases release them later."""
+        snapshot = self.snapshot
+        limits = [
+            lim
+            for lim in snapshot.applicable(usage.tenant_id, usage.key_id, usage.model)
+            if lim.kind in _SETTLED_KINDS
+        ]
+        if not limits:
+            return
+        period = calendar_month(self._clock.now())[0]
+        info = snapshot.model(usage.model)
+        seen: set[str] = set()
+        settlements = []
+        for lim in limits:
+            if lim.counter_key in seen:
+                continue
+            seen.add(lim.counter_key)
+            kind = SLOTS if lim.kind == CONCURRENCY else BUDGET
+            settlements.append(
+                Settlement(
+                    lim.counter_key, kind, lim.limit, lim.window_seconds, period, _actual(lim, usage, info)
+                )
+            )
         try:
-            return (await self._backend.acquire(requests)).states
+            await self._backend.settle(settlements, request_id=usage.request_id, lease_seconds=self._lease)
+        except StorageError as exc:
+            BACKEND_ERRORS.inc()
+            log.warning("ratelimit_settle_failed", error=str(exc), tenant_id=usage.tenant_id)
+            return
+        SETTLED.inc()
+
+    def _counter(
+        self, lim: RequestLimit, hit: Hit, info: ModelInfo, month: tuple[int, float, float]
+    ) -> CounterRequest:
+        enforced = not lim.shadow
+        if lim.kind == CONCURRENCY:
+            return CounterRequest(lim.counter_key, lim.limit, 0.0, enforced, 1, kind=SLOTS)
+        if lim.kind == REQUESTS and lim.window_seconds > 0:
+            return CounterRequest(lim.counter_key, lim.limit, lim.window_seconds, enforced, hit.hits)
+        if lim.kind == REQUESTS:
+            amount = hit.hits
+        else:
+            prompt, completion = self.estimate(hit, info)
+            amount = _cost(lim, info, prompt, completion, 0)
+        return CounterRequest(
+            lim.counter_key,
+            lim.limit,
+            lim.window_seconds,
+            enforced,
+            amount,
+            kind=BUDGET,
+            reserve=lim.kind != REQUESTS,
+            period=month[0],
+            period_end=month[2],
+        )
+
+    def estimate(self, hit: Hit, info: ModelInfo) -> tuple[int, int]:
+        """(prompt, completion) tokens to reserve: the body's size / 4 for the prompt (JSON
+        overhead makes it an over-estimate); for the completion the request's ``max_tokens``,
+        else the model's default, else the service default, capped by the model's maximum."""
+        prompt = -(-hit.body_bytes // BYTES_PER_TOKEN)
+        completion = hit.max_tokens or info.default_max_tokens or self._default_completion
+        if info.max_max_tokens:
+            completion = min(completion, info.max_max_tokens)
+        return prompt, completion
+
+    async def _acquire(
+        self, requests: list[CounterRequest], tenant_id: str, request_id: str
+    ) -> tuple[CounterState, ...]:
+        started = time.perf_counter()
+        try:
+            return (
+                await self._backend.acquire(requests, request_id=request_id, lease_seconds=self._lease)
+            ).states
         except StorageError as exc:
             BACKEND_ERRORS.inc()
             log.warning(
                 "ratelimit_backend_error", error=str(exc), transient=exc.transient, tenant_id=tenant_id
             )
             return ()
+        finally:
+            BACKEND_SECONDS.observe(time.perf_counter() - started)
 
     def _judge(self, hits: Sequence[Hit], outcomes: tuple[tuple[LimitOutcome, ...], ...]) -> Verdict:
         refusing = [(h, o) for h, per in zip(hits, outcomes, strict=True) for o in per if o.refuses]
@@ -142,8 +278,46 @@ class RateLimiter:
         return Verdict(allowed=True, outcomes=outcomes, retry_after=0.0)
 
 
-def _outcome(lim: RequestLimit, state: CounterState | None) -> LimitOutcome:
+def _outcome(lim: RequestLimit, state: CounterState | None, to_month_end: float) -> LimitOutcome:
     if state is None:  # backend failed: the limit's own fail mode (a shadow limit never refuses)
         closed = lim.fail_closed and not lim.shadow
         return LimitOutcome(lim, closed, None, FAIL_CLOSED_RETRY_SECONDS if closed else 0.0)
-    return LimitOutcome(lim, state.over, state.remaining, state.retry_after)
+    if state.over:
+        reset = state.retry_after
+    elif lim.kind == CONCURRENCY:
+        reset = 0.0
+    elif lim.window_seconds == 0:
+        reset = to_month_end
+    elif lim.kind == REQUESTS:
+        reset = float(lim.window_seconds)  # the entry just recorded leaves after one window
+    else:  # a bucket is full again once it has refilled what is missing
+        reset = (lim.limit - state.remaining) * lim.window_seconds / lim.limit if lim.limit else 0.0
+    if not state.over and lim.limit and state.remaining < lim.limit * NEAR_LIMIT_SHARE:
+        _NEAR.inc()
+    return LimitOutcome(lim, state.over, state.remaining, state.retry_after, max(0.0, reset))
+
+
+def _actual(lim: RequestLimit, usage: Usage, info: ModelInfo) -> int | None:
+    """The request's real cost on ``lim``: 0 for a failed request (its reservation comes back),
+    None when the usage is unknown (the reservation stands: a stream the client cut is charged
+    what was reserved, never zero)."""
+    if usage.status >= 400:  # noqa: PLR2004 - HTTP error statuses
+        return 0
+    if usage.prompt_tokens is None or usage.completion_tokens is None:
+        return None
+    return _cost(lim, info, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+
+
+def _cost(lim: RequestLimit, info: ModelInfo, prompt: int, completion: int, cached: int) -> int:
+    """Tokens (weighted, in percent) or spend (micro-units; 0 for an unpriced model)."""
+    if lim.kind == TOKENS:
+        return -(-(prompt * lim.prompt_weight + completion * lim.completion_weight) // 100)
+    if lim.kind == SPEND:
+        cached = min(cached, prompt)
+        micros = (
+            (prompt - cached) * info.input_micros
+            + cached * info.cached_micros
+            + completion * info.output_micros
+        )
+        return -(-micros // 1_000_000)
+    return 0

@@ -1,25 +1,45 @@
 """Envoy RLS v3 adapter: the only module that sees Envoy proto types.
 
-Descriptor contract (domain ``tessera``): one descriptor per request whose entries are, in
-order, ``tenant_id``, ``key_id``, ``model`` (model may be ""). Hits: the descriptor's own
-``hits_addend`` when set and > 0, else the request's ``hits_addend`` when > 0, else 1.
-Any other descriptor (other keys, other order, other domain) is answered OK, uncounted.
+Descriptor contract (domain ``tessera``; entries are read by key, values are strings):
+
+- request time: ``tenant_id``, ``key_id``, ``model`` and optionally ``request_id`` (Envoy's
+  ``x-request-id``: the reservation's name), ``max_tokens`` and ``body_bytes`` (the estimate).
+  Hits: the descriptor's own ``hits_addend`` when set and > 0, else the request's when > 0,
+  else 1 (request limits only).
+- stream done (``apply_on_stream_done``): ``phase=settle``, ``tenant_id``, ``key_id``,
+  ``model``, ``request_id`` and, when known, ``prompt_tokens``, ``completion_tokens``,
+  ``cached_tokens``, ``status``. Always answered OK; Envoy does not wait for it.
+
+Any other descriptor (unknown keys, another domain) is answered OK, uncounted.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from prometheus_client import Counter
 
-from ratelimit.limiter import Hit, LimitOutcome, RateLimiter, Verdict
+from ratelimit.limiter import Hit, LimitOutcome, RateLimiter, Usage, Verdict
+from ratelimit.limits import REQUESTS, TOKENS
+from tessera.openai_errors import error_body
 
 DOMAIN = "tessera"
 SERVICE_NAME: str = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
-_ENTRY_KEYS = ("tenant_id", "key_id", "model")
+_REQUIRED: Final = frozenset({"tenant_id", "key_id", "model"})
+_REQUEST_KEYS: Final = _REQUIRED | {"request_id", "max_tokens", "body_bytes"}
+_SETTLE_KEYS: Final = _REQUIRED | {
+    "phase",
+    "request_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "status",
+}
+_MAX_COUNT: Final = 10**12
 
 IGNORED = Counter(
     "tessera_ratelimit_ignored_descriptors_total",
@@ -39,9 +59,11 @@ _UNITS: dict[int, int] = {
 }
 _UINT32_MAX = 0xFFFFFFFF
 
-LIMIT_HEADER = "x-ratelimit-limit-requests"
-REMAINING_HEADER = "x-ratelimit-remaining-requests"
 RETRY_AFTER_HEADER = "retry-after"
+QUOTA_HEADER = (
+    "x-tessera-quota"  # on a 429 for an exhausted quota: Envoy's local reply says insufficient_quota
+)
+_HEADER_KIND: Final = {REQUESTS: "requests", TOKENS: "tokens"}
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
@@ -58,30 +80,81 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
         hits: list[Hit] = []
         slots: list[int] = []  # per descriptor: its index in `hits`, or -1
         for descriptor in request.descriptors:
-            hit = _hit_from_descriptor(descriptor, default_hits) if understood else None
+            entries = _entries(descriptor) if understood else None
+            if entries is not None and entries.get("phase") == "settle":
+                usage = _usage(entries)
+                if usage is not None:
+                    await self._limiter.settle(usage)
+                    slots.append(-1)
+                    continue
+            hit = _hit(descriptor, entries, default_hits) if entries is not None else None
             if hit is None:
                 IGNORED.inc()
                 slots.append(-1)
             else:
                 slots.append(len(hits))
                 hits.append(hit)
+        if not hits:
+            return _all_ok(len(slots))
         verdict = await self._limiter.check(hits)
         return _response(verdict, slots)
 
 
-def _hit_from_descriptor(descriptor: Any, default_hits: int) -> Hit | None:
-    entries = descriptor.entries
-    if (
-        len(entries) != len(_ENTRY_KEYS)
-        or entries[0].key != _ENTRY_KEYS[0]
-        or entries[1].key != _ENTRY_KEYS[1]
-        or entries[2].key != _ENTRY_KEYS[2]
-    ):
+def _entries(descriptor: Any) -> dict[str, str] | None:
+    entries = {e.key: e.value for e in descriptor.entries}
+    return entries if len(entries) == len(descriptor.entries) else None  # a repeated key: not ours
+
+
+def _count(value: str | None) -> int | None:
+    """A non-negative integer from a descriptor value ("256", or Envoy's "256.000000"); else None."""
+    if not value:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if not math.isfinite(number) or number < 0 or number != int(number) or number > _MAX_COUNT:
+        return None
+    return int(number)
+
+
+def _hit(descriptor: Any, entries: dict[str, str], default_hits: int) -> Hit | None:
+    if not _REQUIRED <= entries.keys() <= _REQUEST_KEYS:
         return None
     hits = default_hits
     if descriptor.HasField("hits_addend") and descriptor.hits_addend.value > 0:
         hits = descriptor.hits_addend.value
-    return Hit(tenant_id=entries[0].value, key_id=entries[1].value, model=entries[2].value, hits=hits)
+    return Hit(
+        tenant_id=entries["tenant_id"],
+        key_id=entries["key_id"],
+        model=entries["model"],
+        hits=hits,
+        request_id=entries.get("request_id", ""),
+        max_tokens=_count(entries.get("max_tokens")) or None,
+        body_bytes=_count(entries.get("body_bytes")) or 0,
+    )
+
+
+def _usage(entries: dict[str, str]) -> Usage | None:
+    if not (_REQUIRED | {"request_id"}) <= entries.keys() <= _SETTLE_KEYS:
+        return None
+    return Usage(
+        tenant_id=entries["tenant_id"],
+        key_id=entries["key_id"],
+        model=entries["model"],
+        request_id=entries["request_id"],
+        prompt_tokens=_count(entries.get("prompt_tokens")),
+        completion_tokens=_count(entries.get("completion_tokens")),
+        cached_tokens=_count(entries.get("cached_tokens")) or 0,
+        status=_count(entries.get("status")) or 0,
+    )
+
+
+def _all_ok(n: int) -> rls_pb2.RateLimitResponse:
+    response = rls_pb2.RateLimitResponse(overall_code=_OK)
+    for _ in range(n):
+        response.statuses.add(code=_OK)
+    return response
 
 
 def _most_restrictive(outcomes: Iterable[LimitOutcome]) -> LimitOutcome | None:
@@ -115,6 +188,18 @@ def _fill_status(status: Any, outcomes: tuple[LimitOutcome, ...]) -> None:
         status.duration_until_reset.FromNanoseconds(math.ceil(top.retry_after * 1e9))
 
 
+def go_duration(seconds: float) -> str:
+    """OpenAI's reset format (Go's): ``20ms``, ``1s``, ``6m0s``, ``1h2m3s``."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    total = math.ceil(seconds)
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h}h{m}m{s}s"
+    return f"{m}m{s}s" if m else f"{s}s"
+
+
 def _response(verdict: Verdict, slots: list[int]) -> rls_pb2.RateLimitResponse:
     response = rls_pb2.RateLimitResponse(overall_code=_OK if verdict.allowed else _OVER_LIMIT)
     statuses = response.statuses
@@ -122,12 +207,21 @@ def _response(verdict: Verdict, slots: list[int]) -> rls_pb2.RateLimitResponse:
         status = statuses.add(code=_OK)
         if slot >= 0:
             _fill_status(status, verdict.outcomes[slot])
-    outcomes = verdict.outcomes
-    top = _most_restrictive(outcomes[0] if len(outcomes) == 1 else [o for per in outcomes for o in per])
+    every = [o for per in verdict.outcomes for o in per]
     headers = response.response_headers_to_add
-    if top is not None and top.remaining is not None:
-        headers.add(key=LIMIT_HEADER, value=str(top.limit.limit))
-        headers.add(key=REMAINING_HEADER, value=str(top.remaining))
+    for kind, name in _HEADER_KIND.items():
+        top = _most_restrictive(o for o in every if o.limit.kind == kind)
+        if top is not None and top.remaining is not None:
+            headers.add(key=f"x-ratelimit-limit-{name}", value=str(top.limit.limit))
+            headers.add(key=f"x-ratelimit-remaining-{name}", value=str(top.remaining))
+            headers.add(key=f"x-ratelimit-reset-{name}", value=go_duration(top.reset_after))
     if not verdict.allowed:
+        refusing = _most_restrictive(o for o in every if o.refuses)
+        quota = refusing is not None and refusing.limit.is_quota
+        code = "insufficient_quota" if quota else "rate_limit_exceeded"
         headers.add(key=RETRY_AFTER_HEADER, value=str(max(1, math.ceil(verdict.retry_after))))
+        headers.add(key="content-type", value="application/json")
+        if quota:
+            headers.add(key=QUOTA_HEADER, value="exhausted")
+        response.raw_body = json.dumps(error_body(code)).encode()
     return response

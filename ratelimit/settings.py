@@ -26,6 +26,16 @@ class RatelimitSettings(BaseSettings):
     policy: PolicySettings = PolicySettings()
     redis: RedisSettings = RedisSettings()
     workers: int = Field(default=1, ge=1, description="processes sharing the gRPC port (SO_REUSEPORT)")
+    reservation_lease_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="a token/spend reservation or concurrency slot not settled by then is released",
+    )
+    default_completion_tokens: int = Field(
+        default=1024,
+        ge=1,
+        description="completion tokens reserved when neither request nor model names max_tokens",
+    )
 
 
 def check_settings(settings: RatelimitSettings) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Protocol
 
 
@@ -41,3 +42,11 @@ class FakeClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+def calendar_month(unix: float) -> tuple[int, float, float]:
+    """The UTC calendar month holding ``unix``: (id = year * 12 + month - 1, start, end)."""
+    t = datetime.fromtimestamp(unix, UTC)
+    start = datetime(t.year, t.month, 1, tzinfo=UTC)
+    end = datetime(t.year + t.month // 12, t.month % 12 + 1, 1, tzinfo=UTC)
+    return t.year * 12 + t.month - 1, start.timestamp(), end.timestamp()

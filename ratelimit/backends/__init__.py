@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from ratelimit.backends.base import (
+    BUDGET,
+    LOG,
+    SLOTS,
     Acquisition,
     CounterBackend,
     CounterRequest,
     CounterState,
+    Settlement,
     counter_key,
 )
 from ratelimit.backends.memory import MemoryCounterBackend
@@ -16,12 +20,16 @@ from tessera.errors import ConfigError
 from tessera.settings import redact_url
 
 __all__ = [
+    "BUDGET",
+    "LOG",
+    "SLOTS",
     "Acquisition",
     "CounterBackend",
     "CounterRequest",
     "CounterState",
     "MemoryCounterBackend",
     "RedisCounterBackend",
+    "Settlement",
     "counter_key",
     "is_memory_url",
     "make_backend",

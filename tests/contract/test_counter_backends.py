@@ -15,10 +15,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from ratelimit.backends import (
+    BUDGET,
+    SLOTS,
     CounterBackend,
     CounterRequest,
     MemoryCounterBackend,
     RedisCounterBackend,
+    Settlement,
     counter_key,
     make_backend,
 )
@@ -263,3 +266,108 @@ def test_make_backend_rejects_unknown_schemes_without_leaking_passwords():
     with pytest.raises(ConfigError) as info:
         make_backend("memcached://user:s3cret@host:11211")
     assert "s3cret" not in str(info.value)
+
+
+# --- budgets (tokens, spend) and slots (concurrency) ------------------------------------------
+
+
+def budget(key: str = "B1", limit: int = 100, *, hits: int, window: float = 0.0, period: int = 1, **kw):
+    return CounterRequest(
+        counter_key("t1", key), limit, window, hits=hits, kind=BUDGET, reserve=True, period=period,
+        period_end=kw.pop("period_end", 4_000_000_000.0), **kw,
+    )  # fmt: skip
+
+
+def settlement(
+    key: str = "B1", limit: int = 100, *, actual: int | None, window: float = 0.0, period: int = 1
+):
+    return Settlement(counter_key("t1", key), BUDGET, limit, window, period=period, actual=actual)
+
+
+async def test_budget_reserve_then_settle_returns_the_unused_part(harness):
+    b = harness.backend
+    first = await b.acquire([budget(hits=60)], request_id="r1", lease_seconds=60)
+    assert first.admitted
+    assert first.states[0].remaining == 40
+    refused = await b.acquire([budget(hits=50)], request_id="r2", lease_seconds=60)
+    assert not refused.admitted
+    assert refused.states[0].over
+    assert refused.states[0].retry_after > 3600  # a calendar budget refills at the period's end
+    await b.settle([settlement(actual=10)], request_id="r1")  # 60 reserved, 10 used: 50 back
+    again = await b.acquire([budget(hits=50)], request_id="r2", lease_seconds=60)
+    assert again.admitted
+    assert again.states[0].remaining == 40
+
+
+async def test_settling_twice_changes_nothing_and_an_unknown_reservation_charges_the_actual(harness):
+    b = harness.backend
+    await b.acquire([budget(hits=30)], request_id="r1", lease_seconds=60)
+    await b.settle([settlement(actual=50)], request_id="r1")  # 20 more than reserved
+    await b.settle([settlement(actual=50)], request_id="r1")  # a repeat: no-op
+    await b.settle([settlement(actual=None)], request_id="r9")  # nothing reserved, nothing known
+    state = await b.acquire([budget(hits=0)], request_id="probe", lease_seconds=60)
+    assert state.states[0].remaining == 50
+    await b.settle([settlement(actual=45)], request_id="late")  # its reservation is gone: charge it
+    assert (await b.acquire([budget(hits=6)], request_id="r3", lease_seconds=60)).admitted is False
+
+
+async def test_usage_above_the_reservation_puts_the_budget_in_debt(harness):
+    b = harness.backend
+    await b.acquire([budget(hits=10)], request_id="r1", lease_seconds=60)
+    await b.settle([settlement(actual=130)], request_id="r1")
+    # level -30: even a zero-cost request waits for the next period
+    assert not (await b.acquire([budget(hits=0)], request_id="r2", lease_seconds=60)).admitted
+    assert (await b.acquire([budget(hits=1, period=2)], request_id="r3", lease_seconds=60)).admitted
+
+
+async def test_a_reservation_never_settled_is_released_after_its_lease(harness):
+    b = harness.backend
+    assert (await b.acquire([budget(hits=80)], request_id="r1", lease_seconds=0.3)).admitted
+    assert not (await b.acquire([budget(hits=30)], request_id="r2", lease_seconds=0.3)).admitted
+    await harness.advance(0.5)
+    assert (await b.acquire([budget(hits=30)], request_id="r2", lease_seconds=60)).admitted
+    await b.settle([settlement(actual=None)], request_id="r1")  # too late: its tokens came back
+    assert (await b.acquire([budget(hits=0)], request_id="p", lease_seconds=60)).states[0].remaining == 70
+
+
+async def test_token_bucket_refills_over_its_window(harness):
+    b = harness.backend
+    bucket = {"limit": 10, "window": 1.0}
+    assert (await b.acquire([budget(hits=10, **bucket)], request_id="r1", lease_seconds=60)).admitted
+    refused = await b.acquire([budget(hits=5, **bucket)], request_id="r2", lease_seconds=60)
+    assert not refused.admitted
+    assert 0 < refused.states[0].retry_after <= 0.5 + 0.05
+    await harness.advance(0.6)
+    assert (await b.acquire([budget(hits=5, **bucket)], request_id="r2", lease_seconds=60)).admitted
+
+
+async def test_slots_bound_requests_in_flight(harness):
+    b = harness.backend
+    slot = CounterRequest(counter_key("t1", "C1"), 2, 0.0, kind=SLOTS)
+    release = Settlement(slot.key, SLOTS, 2, 0.0)
+    assert (await b.acquire([slot], request_id="r1", lease_seconds=60)).admitted
+    second = await b.acquire([slot], request_id="r2", lease_seconds=0.3)
+    assert second.admitted
+    assert second.states[0].remaining == 0
+    assert not (await b.acquire([slot], request_id="r3", lease_seconds=60)).admitted
+    await b.settle([release], request_id="r1")  # a stream ended
+    assert (await b.acquire([slot], request_id="r3", lease_seconds=60)).admitted
+    await harness.advance(0.5)  # r2's lease ran out (its Envoy never reported)
+    assert (await b.acquire([slot], request_id="r4", lease_seconds=60)).admitted
+
+
+async def test_a_refused_budget_records_nothing_on_the_other_kinds(harness):
+    b = harness.backend
+    slot = CounterRequest(counter_key("t1", "C1"), 5, 0.0, kind=SLOTS)
+    refused = await b.acquire([req("L1", 3), slot, budget(hits=101)], request_id="r1", lease_seconds=60)
+    assert not refused.admitted
+    ok = await b.acquire([req("L1", 3), slot, budget(hits=100)], request_id="r2", lease_seconds=60)
+    assert [s.remaining for s in ok.states] == [2, 4, 0]
+
+
+async def test_a_shadow_budget_never_refuses(harness):
+    b = harness.backend
+    shadow = budget(hits=150, enforced=False)
+    result = await b.acquire([shadow], request_id="r1", lease_seconds=60)
+    assert result.admitted
+    assert result.states[0].over

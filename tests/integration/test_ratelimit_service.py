@@ -64,13 +64,16 @@ class FakePolicyService(policy_pb2_grpc.PolicyServiceServicer):
         finally:
             reader.cancel()
 
-    def snapshot(self, version: str, *limits: policy_pb2.Limit) -> None:
+    def snapshot(
+        self, version: str, *limits: policy_pb2.Limit, models: tuple[policy_pb2.Model, ...] = ()
+    ) -> None:
         self.outbox.put_nowait(
             policy_pb2.StreamPolicyResponse(
                 version=version,
                 reset=True,
                 complete=True,
-                upserts=[policy_pb2.Resource(limit=lim) for lim in limits],
+                upserts=[policy_pb2.Resource(limit=lim) for lim in limits]
+                + [policy_pb2.Resource(model=m) for m in models],
             )
         )
 
@@ -136,11 +139,14 @@ async def start(policy):
 
 def limit(tenant: str, limit_id: str = "L1", n: int = 2, **kw) -> policy_pb2.Limit:
     kw.setdefault("window_seconds", 60)
-    return policy_pb2.Limit(id=limit_id, tenant_id=tenant, kind=policy_pb2.Limit.REQUESTS, limit=n, **kw)
+    kw.setdefault("kind", policy_pb2.Limit.REQUESTS)
+    return policy_pb2.Limit(id=limit_id, tenant_id=tenant, limit=n, **kw)
 
 
-def descriptor(tenant: str, key: str = "k1", model: str = "m1") -> ratelimit_pb2.RateLimitDescriptor:
-    entries = [("tenant_id", tenant), ("key_id", key), ("model", model)]
+def descriptor(
+    tenant: str, key: str = "k1", model: str = "m1", **extra: str
+) -> ratelimit_pb2.RateLimitDescriptor:
+    entries = [("tenant_id", tenant), ("key_id", key), ("model", model), *extra.items()]
     return ratelimit_pb2.RateLimitDescriptor(
         entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries]
     )
@@ -193,7 +199,11 @@ async def test_ok_then_over_limit_with_retry_after(start, policy, tenant):
 
     first, second = await ask(stub, descriptor(tenant)), await ask(stub, descriptor(tenant))
     assert (first.overall_code, second.overall_code) == (OK, OK)
-    assert headers(first) == {"x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "1"}
+    assert headers(first) == {
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "1m0s",
+    }
     assert headers(second)["x-ratelimit-remaining-requests"] == "0"
     assert first.statuses[0].current_limit.requests_per_unit == 2
     assert first.statuses[0].current_limit.unit == rls_pb2.RateLimitResponse.RateLimit.MINUTE
@@ -206,6 +216,9 @@ async def test_ok_then_over_limit_with_retry_after(start, policy, tenant):
     got = headers(third)
     assert got["x-ratelimit-remaining-requests"] == "0"
     assert 1 <= int(got["retry-after"]) <= 60
+    assert got["content-type"] == "application/json"
+    assert "x-tessera-quota" not in got
+    assert json.loads(third.raw_body)["error"]["code"] == "rate_limit_exceeded"
     assert sample("tessera_ratelimit_decisions_total", {"result": "over_limit"}) == over_before + 1
     over = [e for e in logs if e["event"] == "ratelimit_over_limit"]
     assert len(over) == 1
@@ -228,7 +241,11 @@ async def test_a_delta_changing_the_limit_takes_effect(start, policy, tenant):
     await policy.wait_ack("v2")
     raised = await ask(stub, descriptor(tenant))
     assert raised.overall_code == OK
-    assert headers(raised) == {"x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "1"}
+    assert headers(raised) == {
+        "x-ratelimit-limit-requests": "3",
+        "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "1m0s",
+    }
 
     policy.delta("v3", deletes=("limit/L1",))
     await policy.wait_ack("v3")
@@ -241,7 +258,7 @@ async def test_an_invalid_version_keeps_the_old_limits(start, policy, tenant):
     _, stub, health = await start()
     policy.snapshot("v1", limit(tenant, n=1))
     await wait_serving(health)
-    policy.delta("v2", limit(tenant, "bad", window_seconds=0))
+    policy.delta("v2", policy_pb2.Limit(id="bad", tenant_id="", kind=policy_pb2.Limit.REQUESTS, limit=1))
     # Rejected: the service keeps v1 and resubscribes, so it never builds on a version it lacks.
     async with asyncio.timeout(5):
         while policy.streams < 2:
@@ -268,7 +285,11 @@ async def test_key_and_model_scoped_and_shadow_limits(start, policy, tenant):
     with capture_logs() as logs:
         other_key = await ask(stub, descriptor(tenant, key="k2", model="m2"))
     assert other_key.overall_code == OK  # the shadow limit (1/min) is over, but never refuses
-    assert headers(other_key) == {"x-ratelimit-limit-requests": "5", "x-ratelimit-remaining-requests": "4"}
+    assert headers(other_key) == {
+        "x-ratelimit-limit-requests": "5",
+        "x-ratelimit-remaining-requests": "4",
+        "x-ratelimit-reset-requests": "1m0s",
+    }
     assert [e["limit_id"] for e in logs if e["event"] == "ratelimit_shadow_over_limit"] == ["shadow"]
 
 
@@ -349,7 +370,7 @@ async def test_redis_unreachable_applies_each_limits_fail_mode(start, policy, te
         fail_closed = await ask(stub, descriptor(closed))
     assert fail_open.overall_code == OK
     assert fail_closed.overall_code == OVER
-    assert headers(fail_closed) == {"retry-after": "1"}
+    assert headers(fail_closed) == {"retry-after": "1", "content-type": "application/json"}
     assert sample("tessera_ratelimit_backend_errors_total") == errors_before + 2
     backend_errors = [e for e in logs if e["event"] == "ratelimit_backend_error"]
     assert len(backend_errors) == 2
@@ -431,3 +452,89 @@ def test_check_config(env, code):
     proc = _run_main({"TESSERA_LOG__FORMAT": "json", **env}, "check-config")
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == code, (out, err)
+
+
+# --- tokens, spend and concurrency: reserve at request time, settle at stream end ---------------
+
+
+def settle(tenant: str, request_id: str, **usage: str) -> ratelimit_pb2.RateLimitDescriptor:
+    return descriptor(tenant, phase="settle", request_id=request_id, **usage)
+
+
+@pytest.mark.parametrize("backend", ["memory://", pytest.param(REDIS_URL, marks=pytest.mark.redis)])
+async def test_token_budget_reserves_then_settles_to_the_real_count(start, policy, tenant, backend):
+    _, stub, health = await start(backend)
+    budget = limit(tenant, "T1", n=100, kind=policy_pb2.Limit.TOKENS, window_seconds=0)
+    policy.snapshot(
+        "v1", budget, models=(policy_pb2.Model(name="m1", default_max_tokens=30, max_max_tokens=60),)
+    )
+    await wait_serving(health)
+    # 40 body bytes ~ 10 prompt tokens + max_tokens 50 = 60 reserved
+    first = await ask(stub, descriptor(tenant, request_id="r1", max_tokens="50", body_bytes="40"))
+    assert first.overall_code == OK
+    assert headers(first)["x-ratelimit-remaining-tokens"] == "40"
+    # max_tokens above the model's maximum is capped at 60: 10 + 60 = 70 > 40 left
+    second = await ask(stub, descriptor(tenant, request_id="r2", max_tokens="500", body_bytes="40"))
+    assert second.overall_code == OVER
+    got = headers(second)
+    assert got["x-tessera-quota"] == "exhausted"  # a calendar-month budget: insufficient_quota
+    assert json.loads(second.raw_body)["error"]["code"] == "insufficient_quota"
+    assert int(got["retry-after"]) >= 1
+    # r2 was refused: its stream-done call (Envoy makes one anyway) changes nothing
+    await ask(stub, settle(tenant, "r2", status="429"))
+    # r1 used 12: 48 of its 60 come back, 88 left
+    assert (
+        await ask(stub, settle(tenant, "r1", prompt_tokens="8", completion_tokens="4"))
+    ).overall_code == OK
+    await ask(stub, settle(tenant, "r1", prompt_tokens="8", completion_tokens="4"))  # a repeat: no-op
+    third = await ask(stub, descriptor(tenant, request_id="r3", body_bytes="40"))  # 10 + default 30
+    assert third.overall_code == OK
+    assert headers(third)["x-ratelimit-remaining-tokens"] == "48"
+    # a stream the client cut (no usage, no status) keeps its whole reservation: charged, not free
+    await ask(stub, settle(tenant, "r3"))
+    probe = await ask(stub, descriptor(tenant, request_id="r4", max_tokens="1"))
+    assert headers(probe)["x-ratelimit-remaining-tokens"] == "47"
+    # a failed request (5xx) gets its reservation back
+    await ask(stub, settle(tenant, "r4", status="503"))
+    assert (
+        headers(await ask(stub, descriptor(tenant, request_id="r5", max_tokens="1")))[
+            "x-ratelimit-remaining-tokens"
+        ]
+        == "47"
+    )
+
+
+async def test_spend_limit_charges_prices_and_concurrency_frees_slots(start, policy, tenant):
+    _, stub, health = await start()
+    spend = limit(tenant, "S1", n=1000, kind=policy_pb2.Limit.SPEND, window_seconds=86400)
+    slots = limit(tenant, "C1", n=1, kind=policy_pb2.Limit.CONCURRENCY, window_seconds=0)
+    # 2,000,000 micros per 1M tokens = 2 micros per input token, 10 per output token
+    priced = policy_pb2.Model(name="m1", input_micros=2_000_000, output_micros=10_000_000, currency="USD")
+    policy.snapshot("v1", spend, slots, models=(priced,))
+    await wait_serving(health)
+    first = await ask(stub, descriptor(tenant, request_id="r1", max_tokens="50", body_bytes="400"))
+    assert first.overall_code == OK  # reserves 100 * 2 + 50 * 10 = 700 micros and the one slot
+    busy = await ask(stub, descriptor(tenant, request_id="r2", max_tokens="1"))
+    assert busy.overall_code == OVER
+    assert json.loads(busy.raw_body)["error"]["code"] == "rate_limit_exceeded"  # concurrency is a rate
+    await ask(
+        stub, settle(tenant, "r1", prompt_tokens="10", completion_tokens="5", status="200")
+    )  # 70 micros
+    again = await ask(stub, descriptor(tenant, request_id="r2", max_tokens="90", body_bytes="0"))
+    assert again.overall_code == OK  # the slot is free; 930 micros left covers 900
+    await ask(stub, settle(tenant, "r2"))  # the client left before usage: the 900 stay charged
+    over = await ask(stub, descriptor(tenant, request_id="r3", max_tokens="5"))  # 50 > 30 left
+    assert over.overall_code == OVER
+    assert json.loads(over.raw_body)["error"]["code"] == "insufficient_quota"  # spend is a quota
+
+
+async def test_bad_descriptor_values_are_estimated_not_trusted(start, policy, tenant):
+    _, stub, health = await start()
+    policy.snapshot("v1", limit(tenant, "T1", n=100, kind=policy_pb2.Limit.TOKENS, window_seconds=60))
+    await wait_serving(health)
+    for value in ["-5", "abc", "1e400", "2.5"]:
+        resp = await ask(stub, descriptor(tenant, request_id=f"r-{value}", max_tokens=value))
+        assert resp.overall_code == OVER  # the service default (1024) is reserved, more than 100
+    ok = await ask(stub, descriptor(tenant, request_id="float", max_tokens="64.000000"))
+    assert ok.overall_code == OK
+    assert headers(ok)["x-ratelimit-remaining-tokens"] == "36"

@@ -41,7 +41,7 @@ def snapshot():
     )
 
 
-def test_compile_keeps_request_limits_only(snapshot):
+def test_compile_keeps_limits_and_models(snapshot):
     assert snapshot.version == "v1"
     assert snapshot.size == 6
     assert set(snapshot.by_tenant) == {"t1", "t2"}
@@ -87,17 +87,74 @@ def test_other_and_unknown_tenants(snapshot):
     assert EMPTY_SNAPSHOT.applicable("t1", "a", "x") == ()
 
 
-@pytest.mark.parametrize("kind", [policy_pb2.Limit.TOKENS, policy_pb2.Limit.SPEND, 0, 99])
-def test_other_kinds_ignored(kind):
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        (policy_pb2.Limit.REQUESTS, "requests"),
+        (policy_pb2.Limit.TOKENS, "tokens"),
+        (policy_pb2.Limit.SPEND, "spend"),
+        (policy_pb2.Limit.CONCURRENCY, "concurrency"),
+    ],
+)
+def test_every_kind_compiles(kind, name):
+    (compiled,) = snapshot_from_policy("v", [limit("L", kind=kind, completion_weight=250)]).applicable(
+        "t1", "", ""
+    )
+    assert compiled.kind == name
+    assert (compiled.prompt_weight, compiled.completion_weight) == (100, 250)
+    assert compiled.window_seconds == (0 if name == "concurrency" else 60)
+
+
+@pytest.mark.parametrize("kind", [0, 99])
+def test_unknown_kinds_are_skipped(kind):
     snap = snapshot_from_policy("v", [limit("L", kind=kind)])
     assert snap.size == 0
     assert snap.applicable("t1", "", "") == ()
 
 
+def test_month_windows_and_quota_kinds():
+    snap = snapshot_from_policy(
+        "v",
+        [
+            limit("month", window_seconds=0),
+            limit("spend", kind=policy_pb2.Limit.SPEND),
+            limit("rate", kind=policy_pb2.Limit.TOKENS),
+            limit("slots", kind=policy_pb2.Limit.CONCURRENCY, window_seconds=0),
+        ],
+    )
+    quota = {lim.id: lim.is_quota for lim in snap.applicable("t1", "", "")}
+    assert quota == {"month": True, "spend": True, "rate": False, "slots": False}
+
+
+def test_models_carry_max_tokens_and_prices():
+    snap = snapshot_from_policy(
+        "v",
+        [
+            policy_pb2.Resource(
+                model=policy_pb2.Model(
+                    name="m",
+                    default_max_tokens=64,
+                    max_max_tokens=512,
+                    input_micros=3,
+                    output_micros=9,
+                    currency="USD",
+                )
+            ),
+            policy_pb2.Resource(model=policy_pb2.Model(name="free")),
+        ],
+    )
+    assert (snap.model("m").default_max_tokens, snap.model("m").output_micros, snap.model("m").priced) == (
+        64,
+        9,
+        True,
+    )
+    assert not snap.model("free").priced
+    assert snap.model("unknown") == snap.model("free")
+
+
 @pytest.mark.parametrize(
     ("resource", "field"),
     [
-        (limit("L", window_seconds=0), "limit/L.window_seconds"),
         (limit("L", tenant=""), "limit/L.tenant_id"),
         (limit(""), "limit.id"),
     ],
