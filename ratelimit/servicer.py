@@ -30,7 +30,7 @@ from tessera.openai_errors import error_body
 DOMAIN = "tessera"
 SERVICE_NAME: str = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 _REQUIRED: Final = frozenset({"tenant_id", "key_id", "model"})
-_REQUEST_KEYS: Final = _REQUIRED | {"request_id", "max_tokens", "body_bytes"}
+_REQUEST_KEYS: Final = _REQUIRED | {"request_id", "max_tokens", "max_completion_tokens", "body_bytes"}
 _SETTLE_KEYS: Final = _REQUIRED | {
     "phase",
     "request_id",
@@ -60,9 +60,6 @@ _UNITS: dict[int, int] = {
 _UINT32_MAX = 0xFFFFFFFF
 
 RETRY_AFTER_HEADER = "retry-after"
-QUOTA_HEADER = (
-    "x-tessera-quota"  # on a 429 for an exhausted quota: Envoy's local reply says insufficient_quota
-)
 _HEADER_KIND: Final = {REQUESTS: "requests", TOKENS: "tokens"}
 
 
@@ -130,7 +127,8 @@ def _hit(descriptor: Any, entries: dict[str, str], default_hits: int) -> Hit | N
         model=entries["model"],
         hits=hits,
         request_id=entries.get("request_id", ""),
-        max_tokens=_count(entries.get("max_tokens")) or None,
+        # OpenAI's newer name wins when both are given
+        max_tokens=_count(entries.get("max_completion_tokens")) or _count(entries.get("max_tokens")) or None,
         body_bytes=_count(entries.get("body_bytes")) or 0,
     )
 
@@ -217,11 +215,12 @@ def _response(verdict: Verdict, slots: list[int]) -> rls_pb2.RateLimitResponse:
             headers.add(key=f"x-ratelimit-reset-{name}", value=go_duration(top.reset_after))
     if not verdict.allowed:
         refusing = _most_restrictive(o for o in every if o.refuses)
-        quota = refusing is not None and refusing.limit.is_quota
-        code = "insufficient_quota" if quota else "rate_limit_exceeded"
+        code = (
+            "insufficient_quota"
+            if refusing is not None and refusing.limit.is_quota
+            else "rate_limit_exceeded"
+        )
         headers.add(key=RETRY_AFTER_HEADER, value=str(max(1, math.ceil(verdict.retry_after))))
         headers.add(key="content-type", value="application/json")
-        if quota:
-            headers.add(key=QUOTA_HEADER, value="exhausted")
         response.raw_body = json.dumps(error_body(code)).encode()
     return response

@@ -25,6 +25,8 @@ INVALID = ":invalid"
 T = "type.googleapis.com/"
 FILTER_CONFIG = T + "envoy.config.route.v3.FilterConfig"
 DISABLED = {"@type": FILTER_CONFIG, "disabled": True}
+LUA_FILTER = "envoy.filters.http.lua"
+SSE_FILTER = "envoy.filters.http.sse_to_metadata"
 HCM = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ADS = {"ads": {}, "resource_api_version": "V3"}
 # Inference calls are POSTs; a GET to an unknown path is a plain 404, whatever its body.

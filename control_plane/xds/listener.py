@@ -2,13 +2,18 @@
 
 Decode order: local_ratelimit (per client IP) → body_size_limit → jwt_authn (ECDS) →
 json_to_metadata (body ``model`` → ``ai.gw:model``; it clears the route cache, so the
-route is chosen by model) → ext_authz → ratelimit → grpc_json_transcoder (admin routes
-only) → router. Envoy's own replies are rewritten into OpenAI's error shape.
+route is chosen by model; ``max_tokens`` for reservations; on the way back, a JSON answer's
+usage) → ext_authz → ratelimit (reserve; settle at stream end) → lua (asks a stream for
+usage; on the way back records the status and strips the usage chunk the client did not
+ask for) → sse_to_metadata (a stream's usage, read before lua strips it) →
+grpc_json_transcoder (admin routes only) → router. Envoy's own replies are rewritten into
+OpenAI's error shape.
 """
 
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 from control_plane.state import State
@@ -22,17 +27,24 @@ from control_plane.xds.config import (
     JWT_FILTER,
     JWT_NS,
     LISTENER_NAME,
+    LUA_FILTER,
     MISSING,
     MODEL_NAMED,
     MODEL_NS,
     RATELIMIT_CLUSTER,
     RATELIMIT_DOMAIN,
     ROUTES_NAME,
+    SSE_FILTER,
     TRANSCODER,
     GatewayConfig,
     T,
 )
 from tessera.openai_errors import error_body
+
+USAGE_NS = "ai.gw.usage"
+JSON_CONTENT = {"regex": "^application/json(;.*)?$"}  # aiohttp and others add "; charset=utf-8"
+PER_IP_STATUS = 423  # the per-IP guard's refusal (Envoy never sends it otherwise), rewritten to 429
+USAGE_LUA = (Path(__file__).parent / "usage.lua").read_text()
 
 
 def _status_filter(code: int) -> dict[str, Any]:
@@ -71,7 +83,10 @@ def _local_reply_config() -> dict[str, Any]:
             _mapper({"and_filter": {"filters": [_status_filter(404), model_known]}}, unknown_model),
             _mapper(_status_filter(404), error_body("not_found")),
             _mapper(_status_filter(413), error_body("request_too_large")),
-            _mapper(_status_filter(429), error_body("rate_limit_exceeded")),
+            # The per-IP guard answers 423 so that it can be told apart here (a mapper cannot
+            # see headers added to a local reply); the ratelimit service's own 429s keep the
+            # OpenAI body it wrote (rate_limit_exceeded or insufficient_quota).
+            {**_mapper(_status_filter(PER_IP_STATUS), error_body("rate_limit_exceeded")), "status_code": 429},
             _mapper(
                 {
                     "and_filter": {
@@ -162,6 +177,7 @@ def _per_ip_guard(cfg: GatewayConfig) -> list[dict[str, Any]]:
                     "tokens_per_fill": 1_000_000,
                     "fill_interval": "1s",
                 },
+                "status": {"code": PER_IP_STATUS},
                 "filter_enabled": {**always, "runtime_key": "tessera.per_ip.enabled"},
                 "filter_enforced": {**always, "runtime_key": "tessera.per_ip.enforced"},
                 "rate_limits": [{"actions": [{"remote_address": {}}]}],
@@ -229,10 +245,24 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
                             "on_present": {**kv, "type": "STRING"},
                             "on_missing": {**kv, "value": MISSING},
                             "on_error": {**kv, "value": INVALID},
-                        }
+                        },
+                        # What the ratelimit service reserves (descriptor values are strings).
+                        *(
+                            {
+                                "selectors": [{"key": field}],
+                                "on_present": {
+                                    "metadata_namespace": MODEL_NS,
+                                    "key": field,
+                                    "type": "STRING",
+                                },
+                            }
+                            for field in ("max_tokens", "max_completion_tokens")
+                        ),
                     ],
-                    "allow_content_types_regex": {"regex": "^application/json(;.*)?$"},
+                    "allow_content_types_regex": JSON_CONTENT,
                 },
+                # Usage of a JSON (non-stream) answer; SSE answers: sse_to_metadata below.
+                "response_rules": {"rules": _usage_rules(), "allow_content_types_regex": JSON_CONTENT},
             },
         },
         {
@@ -259,22 +289,57 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
                     "transport_api_version": "V3",
                     "grpc_service": {"envoy_grpc": {"cluster_name": RATELIMIT_CLUSTER}},
                 },
-                # Filter-level (not route-level) so later hits_addend settings are honoured.
+                # Filter-level (route-level rate_limits ignore hits_addend). One descriptor at
+                # request time (count, reserve); one at stream end (settle the real usage).
+                # Envoy makes the stream-done call for every request it asked about, refused,
+                # failed or cut ones included (docs/usage-and-limits.md).
                 "rate_limits": [
                     {
                         "actions": [
-                            _authz_descriptor("tenant_id"),
-                            _authz_descriptor("key_id"),
-                            {
-                                "metadata": {
-                                    "descriptor_key": "model",
-                                    "metadata_key": {"key": MODEL_NS, "path": [{"key": "model"}]},
-                                    "default_value": MISSING,
-                                }
-                            },
+                            *_identity(),
+                            _header_entry("x-request-id", "request_id"),
+                            _meta_entry(MODEL_NS, "max_tokens"),
+                            _meta_entry(MODEL_NS, "max_completion_tokens"),
+                            _header_entry("content-length", "body_bytes", optional=True),
                         ]
-                    }
+                    },
+                    {
+                        "apply_on_stream_done": True,
+                        "actions": [
+                            {"generic_key": {"descriptor_key": "phase", "descriptor_value": "settle"}},
+                            *_identity(),
+                            _header_entry("x-request-id", "request_id"),
+                            *(
+                                _meta_entry(USAGE_NS, k)
+                                for k in ("prompt_tokens", "completion_tokens", "cached_tokens")
+                            ),
+                            _meta_entry(MODEL_NS, "status"),
+                        ],
+                    },
                 ],
+            },
+        },
+        {
+            "name": LUA_FILTER,
+            "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": USAGE_LUA},
+            },
+        },
+        {
+            "name": SSE_FILTER,
+            "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
+                "response_rules": {
+                    "max_event_size": 65536,
+                    "content_parser": {
+                        "name": "envoy.content_parsers.json",
+                        "typed_config": {
+                            "@type": T + "envoy.extensions.content_parsers.json.v3.JsonContentParser",
+                            "rules": [{"rule": rule} for rule in _usage_rules()],
+                        },
+                    },
+                },
             },
         },
         _transcoder(cfg.admin_descriptor),
@@ -287,6 +352,51 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
 
 def _authz_descriptor(key: str) -> dict[str, Any]:
     return {"metadata": {"descriptor_key": key, "metadata_key": {"key": AUTHZ_NS, "path": [{"key": key}]}}}
+
+
+def _identity() -> list[dict[str, Any]]:
+    """tenant_id, key_id (from ext_authz), model: without them no descriptor is sent."""
+    model = {"key": MODEL_NS, "path": [{"key": "model"}]}
+    return [
+        _authz_descriptor("tenant_id"),
+        _authz_descriptor("key_id"),
+        {"metadata": {"descriptor_key": "model", "metadata_key": model, "default_value": MISSING}},
+    ]
+
+
+def _meta_entry(namespace: str, key: str) -> dict[str, Any]:
+    """An optional descriptor entry from string metadata (left out when absent)."""
+    return {
+        "metadata": {
+            "descriptor_key": key,
+            "metadata_key": {"key": namespace, "path": [{"key": key}]},
+            "skip_if_absent": True,
+        }
+    }
+
+
+def _header_entry(header: str, key: str, *, optional: bool = False) -> dict[str, Any]:
+    entry: dict[str, Any] = {"header_name": header, "descriptor_key": key}
+    if optional:
+        entry["skip_if_absent"] = True
+    return {"request_headers": entry}
+
+
+def _usage_rules() -> list[dict[str, Any]]:
+    """usage.{prompt,completion}_tokens and prompt_tokens_details.cached_tokens → ai.gw.usage,
+    as strings (they feed ratelimit descriptors, and the access log reads them either way)."""
+    paths = {
+        "prompt_tokens": ["usage", "prompt_tokens"],
+        "completion_tokens": ["usage", "completion_tokens"],
+        "cached_tokens": ["usage", "prompt_tokens_details", "cached_tokens"],
+    }
+    return [
+        {
+            "selectors": [{"key": k} for k in path],
+            "on_present": {"metadata_namespace": USAGE_NS, "key": key, "type": "STRING"},
+        }
+        for key, path in paths.items()
+    ]
 
 
 def listener(cfg: GatewayConfig) -> dict[str, Any]:

@@ -11,13 +11,16 @@ from typing import Any
 
 # Importing these registers their messages for Any "@type" resolution.
 import envoy_data_plane.envoy.extensions.access_loggers.file.v3
+import envoy_data_plane.envoy.extensions.content_parsers.json.v3
 import envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3
 import envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3
 import envoy_data_plane.envoy.extensions.filters.http.json_to_metadata.v3
 import envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3
 import envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3
+import envoy_data_plane.envoy.extensions.filters.http.lua.v3
 import envoy_data_plane.envoy.extensions.filters.http.ratelimit.v3
 import envoy_data_plane.envoy.extensions.filters.http.router.v3
+import envoy_data_plane.envoy.extensions.filters.http.sse_to_metadata.v3
 import envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3
 import envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3
 import envoy_data_plane.envoy.extensions.transport_sockets.tls.v3

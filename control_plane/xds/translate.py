@@ -24,11 +24,13 @@ from control_plane.xds.config import (
     JSON_CT,
     JWT_FILTER,
     LISTENER_NAME,
+    LUA_FILTER,
     MISSING,
     MODEL_NAMED,
     MODEL_NS,
     POST,
     ROUTES_NAME,
+    SSE_FILTER,
     TRANSCODER,
     GatewayConfig,
     T,
@@ -70,7 +72,7 @@ def _direct(name: str, match: dict[str, Any], code: str) -> dict[str, Any]:
 
 
 def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
-    no_ratelimit = {"envoy.filters.http.ratelimit": DISABLED}
+    not_inference = {"envoy.filters.http.ratelimit": DISABLED, LUA_FILTER: DISABLED, SSE_FILTER: DISABLED}
     routes: list[dict[str, Any]] = [
         {
             # The admin API as REST/JSON. The control plane authenticates these callers itself.
@@ -80,7 +82,7 @@ def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
             "typed_per_filter_config": {
                 "envoy.filters.http.json_to_metadata": DISABLED,
                 "envoy.filters.http.ext_authz": DISABLED,
-                "envoy.filters.http.ratelimit": DISABLED,
+                **not_inference,
                 # Enables the (default-off) transcoder here; Envoy wants its config again.
                 TRANSCODER: {"@type": FILTER_CONFIG, "config": transcoder_config(cfg.admin_descriptor)},
             },
@@ -93,14 +95,14 @@ def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
             "typed_per_filter_config": {
                 "envoy.filters.http.json_to_metadata": DISABLED,
                 "envoy.filters.http.ext_authz": DISABLED,
-                "envoy.filters.http.ratelimit": DISABLED,
+                **not_inference,
             },
         },
         {
             "name": "models_list",
             "match": {"path": "/v1/models"},
             "route": {"cluster": CP_HTTP_CLUSTER, "timeout": "5s"},
-            "typed_per_filter_config": no_ratelimit,
+            "typed_per_filter_config": not_inference,
         },
         _direct(
             "invalid_json",

@@ -83,7 +83,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _read(request: web.Request) -> dict[str, Any]:
-    """Record the request for /debug/requests, then parse its JSON body."""
+    """Record the request (headers and JSON body) for /debug/requests, then parse its body."""
     state = request.app[_STATE]
     entry: dict[str, Any] = {
         "path": request.path,
@@ -92,6 +92,7 @@ async def _read(request: web.Request) -> dict[str, Any]:
     }
     state.seen.append(entry)
     body = parse_body(await request.read())
+    entry["body"] = body
     model = body.get("model")
     entry["model"] = model if isinstance(model, str) else None
     return body

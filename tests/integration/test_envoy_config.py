@@ -6,7 +6,6 @@ translated listener, routes and clusters into a static bootstrap and validates t
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -14,53 +13,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
-from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
-from google.protobuf import json_format
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
+from envoy_data_plane.envoy.config.listener.v3 import Listener
+from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
 
 from control_plane.app import ADMIN_DESCRIPTOR
 from control_plane.state import BackendState, ModelState, State
 from control_plane.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, encode_all
 from control_plane.xds.translate import GatewayConfig, resources_from_state
 from tessera.bootstrap import BootstrapParams, render_bootstrap
-
-# xds-protos message types, registered so Any fields can be rendered to JSON.
-for _module in (
-    "envoy.extensions.access_loggers.file.v3.file_pb2",
-    "envoy.extensions.filters.http.ext_authz.v3.ext_authz_pb2",
-    "envoy.extensions.filters.http.grpc_json_transcoder.v3.transcoder_pb2",
-    "envoy.extensions.filters.http.json_to_metadata.v3.json_to_metadata_pb2",
-    "envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2",
-    "envoy.extensions.filters.http.ratelimit.v3.rate_limit_pb2",
-    "envoy.extensions.filters.http.router.v3.router_pb2",
-    "envoy.extensions.http.early_header_mutation.header_mutation.v3.header_mutation_pb2",
-    "envoy.extensions.transport_sockets.tls.v3.tls_pb2",
-    "envoy.extensions.upstreams.http.v3.http_protocol_options_pb2",
-):
-    importlib.import_module(_module)
-
-
-def _register_body_size_limit() -> None:
-    """xds-protos lacks BodySizeLimit: describe it (as the Envoy binary does) for json_format."""
-    from google.protobuf import descriptor_pb2, descriptor_pool  # noqa: PLC0415
-
-    fd = descriptor_pb2.FileDescriptorProto(
-        name="tessera_test/body_size_limit.proto",
-        package="envoy.extensions.filters.http.body_size_limit.v3",
-        dependency=["google/protobuf/wrappers.proto"],
-        syntax="proto3",
-    )
-    msg = fd.message_type.add(name="BodySizeLimit")
-    msg.field.add(
-        name="max_request_bytes", number=1, label=1, type=11, type_name=".google.protobuf.UInt64Value"
-    )
-    descriptor_pool.Default().Add(fd)
-
-
-_register_body_size_limit()
 
 ENVOY = str(Path(sys.executable).parent / "envoy")
 DESCRIPTOR = ADMIN_DESCRIPTOR.read_bytes()
@@ -99,28 +61,20 @@ def _static_bootstrap(tmp_path: Path) -> Path:
             BootstrapParams("n", "127.0.0.1", 0, "127.0.0.1", 1, (("127.0.0.1", 2),), "127.0.0.1", 3)
         )
     )
+    # Rendered back to JSON with envoy-data-plane, which knows every 1.40 type we use.
     (lst_any,) = res[LISTENER_TYPE].values()
-    lst = listener_pb2.Listener.FromString(lst_any.value)
-    hcm = http_connection_manager_pb2.HttpConnectionManager.FromString(
-        lst.filter_chains[0].filters[0].typed_config.value
-    )
-    hcm.ClearField("rds")
-    hcm.route_config.CopyFrom(
-        route_pb2.RouteConfiguration.FromString(res[ROUTE_TYPE]["tessera_routes"].value)
-    )
-    lst.filter_chains[0].filters[0].typed_config.Pack(hcm)
-    boot["static_resources"]["listeners"] = [json_format.MessageToDict(lst, preserving_proto_field_name=True)]
+    lst = Listener.parse(lst_any.value).to_dict()
+    hcm = lst["filterChains"][0]["filters"][0]["typedConfig"]
+    del hcm["rds"]
+    hcm["routeConfig"] = RouteConfiguration.parse(res[ROUTE_TYPE]["tessera_routes"].value).to_dict()
+    boot["static_resources"]["listeners"] = [lst]
     for name, c_any in res[CLUSTER_TYPE].items():
-        cluster = cluster_pb2.Cluster.FromString(c_any.value)
-        if cluster.type == cluster_pb2.Cluster.EDS:  # inline what EDS would deliver
-            cluster.type = cluster_pb2.Cluster.STATIC
-            cluster.ClearField("eds_cluster_config")
-            cluster.load_assignment.CopyFrom(
-                endpoint_pb2.ClusterLoadAssignment.FromString(res[ENDPOINT_TYPE][name].value)
-            )
-        boot["static_resources"]["clusters"].append(
-            json_format.MessageToDict(cluster, preserving_proto_field_name=True)
-        )
+        cluster = Cluster.parse(c_any.value).to_dict()
+        if cluster.get("type") == "EDS":  # inline what EDS would deliver
+            cluster["type"] = "STATIC"
+            del cluster["edsClusterConfig"]
+            cluster["loadAssignment"] = ClusterLoadAssignment.parse(res[ENDPOINT_TYPE][name].value).to_dict()
+        boot["static_resources"]["clusters"].append(cluster)
     path = tmp_path / "bootstrap.json"
     path.write_text(json.dumps(boot))
     return path

@@ -1,0 +1,193 @@
+"""Token budgets, concurrency and usage through real Envoy with the openai client (ARCHITECTURE §2, §4).
+
+Each test has a tenant of its own on the shared stack (memory:// counters). Reservations are
+estimated from the request (body bytes / 4 + max_tokens), so requests with the same body
+reserve the same amount, and the difference of two ``x-ratelimit-remaining-tokens`` readings
+is what was really charged in between.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import openai
+import pytest
+
+from tests.e2e.conftest import start_stack, stop_stack
+from tests.e2e.test_gateway import eventually, http, upstream_requests
+
+pytestmark = pytest.mark.envoy
+
+DELAY = "x-demo-delay-ms"  # the demo upstream waits this long per generated token
+
+
+def tenant_with(stack, *limit_args: list[str]) -> str:
+    """A new tenant with these limits and a key; returns the key once the limits are live."""
+    tenant = f"lim{time.monotonic_ns()}"
+    stack.cli("tenants", "create", tenant)
+    key = stack.new_key(tenant)
+    for args in limit_args:
+        stack.cli("limits", "create", "--tenant", tenant, *args)
+    time.sleep(1.0)  # keys and limits are live everywhere within 1 s
+    return key
+
+
+def chat(client: openai.OpenAI, **kw: Any) -> Any:
+    kw.setdefault("model", "demo")
+    kw.setdefault("messages", [{"role": "user", "content": "count for me"}])
+    kw.setdefault("max_tokens", 5)
+    return client.chat.completions.with_raw_response.create(**kw)
+
+
+def remaining_tokens(raw: Any) -> int:
+    return int(raw.headers["x-ratelimit-remaining-tokens"])
+
+
+def test_a_stream_without_include_usage_is_charged_its_real_tokens_and_shows_no_usage(stack):
+    client = stack.client(tenant_with(stack, ["--kind", "tokens", "--window", "month", "--limit", "100000"]))
+    plain = chat(client)  # a JSON answer tells the real prompt size of this body
+    prompt = plain.parse().usage.prompt_tokens
+    first = chat(client, stream=True)
+    chunks = list(first.parse())
+    assert all(c.usage is None for c in chunks)  # the client did not ask: no usage chunk
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).split() == [
+        f"tok{i}" for i in range(5)
+    ]
+    sent = upstream_requests(stack)[-1]["body"]
+    assert sent["stream_options"] == {"include_usage": True}  # Tessera asked the upstream for it
+
+    def charged_exactly_the_real_usage() -> None:
+        again = chat(client, stream=True)
+        list(again.parse())
+        # same body, same reservation: the difference is what the first stream was charged
+        assert remaining_tokens(first) - remaining_tokens(again) == prompt + 5
+
+    eventually(charged_exactly_the_real_usage, timeout=2.0)
+
+
+def test_include_usage_false_cannot_defeat_metering(stack):
+    client = stack.client(tenant_with(stack, ["--kind", "tokens", "--window", "day", "--limit", "100000"]))
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": False}).parse())
+    assert all(c.usage is None for c in chunks)
+    assert upstream_requests(stack)[-1]["body"]["stream_options"] == {"include_usage": True}
+    asked = list(chat(client, stream=True, stream_options={"include_usage": True}).parse())
+    assert asked[-1].usage.completion_tokens == 5  # a client that asks still gets it
+
+
+def test_reservations_bound_concurrent_streams_and_unused_tokens_come_back(stack):
+    key = tenant_with(stack, ["--kind", "tokens", "--window", "month", "--limit", "300"])
+    client = stack.client(key)
+    # One 600-character word: the estimate (~170 prompt tokens + 10) is far above the real (~1 + 10).
+    big = [{"role": "user", "content": "a" * 600}]
+    held = chat(client, messages=big, max_tokens=10, stream=True, extra_headers={DELAY: "150"})
+    reserved = 300 - remaining_tokens(held)
+    assert reserved > 150
+    stream = held.parse()
+    next(iter(stream))  # the first stream is in flight, its reservation held
+    with pytest.raises(openai.RateLimitError) as err:
+        chat(client, messages=big, max_tokens=10)
+    assert err.value.code == "insufficient_quota"  # a calendar-month budget
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    list(stream)  # the first stream ends and settles its real, much smaller, usage
+
+    def the_next_request_fits() -> None:
+        assert chat(client, messages=big, max_tokens=10).parse().usage.completion_tokens == 10
+
+    eventually(the_next_request_fits, timeout=2.0)
+
+
+def test_a_client_that_disconnects_mid_stream_is_charged_not_free(stack):
+    client = stack.client(tenant_with(stack, ["--kind", "tokens", "--window", "month", "--limit", "100000"]))
+    cut = chat(client, max_tokens=40, stream=True, extra_headers={DELAY: "100"})
+    stream = cut.parse()
+    it = iter(stream)
+    next(it)
+    next(it)
+    stream.close()  # gone before the usage arrived
+
+    def charged_its_reservation() -> None:
+        probe = chat(client, max_tokens=40, stream=True)  # same body: same reservation
+        list(probe.parse())
+        reservation = 100000 - remaining_tokens(cut)
+        assert remaining_tokens(cut) - remaining_tokens(probe) == reservation
+
+    eventually(charged_its_reservation, timeout=2.0)
+
+
+def test_concurrency_limit_refuses_the_extra_stream_and_frees_the_slot(stack):
+    client = stack.client(tenant_with(stack, ["--kind", "concurrency", "--limit", "1"]))
+    held = chat(client, max_tokens=6, stream=True, extra_headers={DELAY: "150"}).parse()
+    it = iter(held)
+    next(it)
+    with pytest.raises(openai.RateLimitError) as err:
+        chat(client)
+    assert err.value.code == "rate_limit_exceeded"
+    list(it)
+    eventually(lambda: chat(client), timeout=2.0)  # the slot freed when the stream ended
+
+
+def test_limits_show_openai_headers_and_shadow_limits_never_refuse(stack):
+    key = tenant_with(
+        stack,
+        ["--kind", "requests", "--window", "minute", "--limit", "50"],
+        ["--kind", "tokens", "--window", "minute", "--limit", "10000"],
+        ["--kind", "tokens", "--window", "day", "--limit", "1", "--shadow"],
+    )
+    raw = chat(stack.client(key))
+    h = raw.headers
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == ("50", "49")
+    assert h["x-ratelimit-reset-requests"] == "1m0s"
+    assert h["x-ratelimit-limit-tokens"] == "10000"  # the shadow limit stays invisible
+    assert 0 < int(h["x-ratelimit-remaining-tokens"]) < 10000
+    assert h["x-ratelimit-reset-tokens"].endswith(("ms", "s"))
+    for _ in range(3):
+        chat(stack.client(key))  # far over the shadow limit of 1 token a day: never refused
+
+
+def test_parallel_requests_never_exceed_a_request_limit(stack):
+    client = stack.client(tenant_with(stack, ["--kind", "requests", "--window", "minute", "--limit", "7"]))
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        try:
+            chat(client, max_tokens=1)
+            result = "ok"
+        except openai.RateLimitError:
+            result = "429"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("ok") == 7
+    assert outcomes.count("429") == 9
+
+
+def test_per_ip_guard_is_429_rate_limit_exceeded_and_a_spoofed_forwarded_for_does_not_help(tmp_path):
+    s = start_stack(
+        tmp_path,
+        env_extra={"TESSERA_GATEWAY__PER_IP_REQUESTS_PER_SECOND": "1", "TESSERA_GATEWAY__PER_IP_BURST": "3"},
+    )
+    try:
+        body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        headers = {"authorization": f"Bearer {s.demo_key}", "content-type": "application/json"}
+        url = f"{s.gateway}/v1/chat/completions"
+        codes = [http("POST", url, body.encode(), headers)[0] for _ in range(4)]
+        # a burst of 3 (the stack's own readiness probe may have taken one), then refused
+        assert codes[0] == 200
+        assert codes[-1] == 429
+        status, got, raw = http("POST", url, body.encode(), headers)
+        assert status == 429
+        assert got["content-type"] == "application/json"
+        assert json.loads(raw)["error"]["code"] == "rate_limit_exceeded"
+        spoofed = http("POST", url, body.encode(), {**headers, "x-forwarded-for": "203.0.113.9"})
+        assert spoofed[0] == 429  # the peer address counts, not a client-sent header
+    finally:
+        stop_stack(s)
