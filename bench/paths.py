@@ -5,6 +5,8 @@
 (c) callouts   - static Envoy + no-op Python ext_authz + no-op Python ratelimit -> (a)
 (d) tessera    - ``tessera up`` with an API key; model ``bench`` routed to (a)
 (e) tessera-jwt - the same stack as (d), the bearer a JWT from ``POST /oauth/token``
+(f) tessera-redis - a second ``tessera up`` with ``--redis``: request and token limits whose
+    counters live in Redis (reserve at request time, settle at stream end)
 
 Every path answers the same ``POST /v1/chat/completions``. ``Target.pids`` names every
 process whose CPU the path costs (the upstream included), for per-request CPU accounting.
@@ -112,8 +114,8 @@ def start_callouts(workdir: Path, upstream: Target) -> Target:
 class TesseraStack:
     """``tessera up`` in a temp data dir, driven with the CLI like an operator would."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.root = workdir / "tessera"
+    def __init__(self, workdir: Path, name: str = "tessera") -> None:
+        self.root = workdir / name
         self.port, self.admin_port = free_port(), free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -125,13 +127,13 @@ class TesseraStack:
             raise RuntimeError(msg)
         return json.loads(out.stdout) if out.stdout.strip() else None
 
-    def start(self, per_ip_rps: int) -> None:
+    def start(self, per_ip_rps: int, *extra: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
         env["TESSERA_GATEWAY__PER_IP_REQUESTS_PER_SECOND"] = str(per_ip_rps)
         env["TESSERA_GATEWAY__PER_IP_BURST"] = str(per_ip_rps)
-        log = self.root.parent / "tessera-up.log"
+        log = self.root.parent / f"{self.root.name}-up.log"
         argv = [TESSERA, "up", "--port", str(self.port), "--admin-port", str(self.admin_port)]
-        argv += ["--data-dir", str(self.root)]
+        argv += ["--data-dir", str(self.root), *extra]
         self.proc = spawn(argv, log, env)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -180,23 +182,44 @@ def _wait_allowed(url: str, key: str, timeout: float = 30.0) -> None:
 
 
 def start_tessera(workdir: Path, upstream: Target, *, request_limit: int) -> Target:
-    stack = TesseraStack(workdir)
-    target = Target("d", "(d) Tessera, API key", f"http://{HOST}:{stack.port}", {})
+    """Path (d): the embedded stack (memory:// counters) with one request limit."""
+    target = Target("d", "(d) Tessera, API key", "", {})
+    limits = []
+    if request_limit:
+        # A limit that never trips, so ratelimit really counts every request.
+        limits.append(["--kind", "requests", "--window", "minute", "--limit", str(request_limit)])
+        target.notes.append(f"request limit {request_limit}/minute on the tenant (never trips)")
+    return _tessera_path(target, TesseraStack(workdir), upstream, limits)
+
+
+def start_tessera_redis(workdir: Path, upstream: Target, *, redis_url: str, limit: int) -> Target:
+    """Path (f): a second stack with its counters in Redis and the tenant under a request
+    limit and a token limit, both reserved at request time and the tokens settled at stream end."""
+    target = Target("f", "(f) Tessera, limits on redis://", "", {})
+    limits = [
+        ["--kind", "requests", "--window", "minute", "--limit", str(limit)],
+        ["--kind", "tokens", "--window", "minute", "--limit", str(limit)],
+    ]
+    target.notes.append(f"request and token limits of {limit}/minute (never trip), counters in {redis_url}")
+    return _tessera_path(
+        target, TesseraStack(workdir, "tessera-redis"), upstream, limits, "--redis", redis_url
+    )
+
+
+def _tessera_path(
+    target: Target, stack: TesseraStack, upstream: Target, limits: list[list[str]], *extra: str
+) -> Target:
+    target.base_url = f"http://{HOST}:{stack.port}"
     target.stoppers.append(stack.stop)
     try:
-        stack.start(per_ip_rps=1_000_000)
+        stack.start(1_000_000, *extra)
         stack.cli("tenants", "create", "bench")
         created = stack.cli("keys", "create", "--tenant", "bench", "--name", "bench")
         target.key = str(created["key"])
         target.key_id = str(created["id"])
         stack.cli("models", "add", "bench", "--backend", upstream.base_url)
-        if request_limit:
-            # A limit that never trips, so ratelimit really counts every request.
-            stack.cli(
-                "limits", "create", "--tenant", "bench", "--kind", "requests",
-                "--window", "minute", "--limit", str(request_limit),
-            )  # fmt: skip
-            target.notes.append(f"request limit {request_limit}/minute on the tenant (never trips)")
+        for args in limits:
+            stack.cli("limits", "create", "--tenant", "bench", *args)
         _wait_allowed(target.base_url, target.key)
     except BaseException:
         target.stop()

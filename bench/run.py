@@ -3,7 +3,8 @@
 Environment knobs: ``BENCH_DURATION`` (seconds per load run, default 10), ``BENCH_RATE``
 (open-loop req/s, default 500), ``BENCH_KEYS`` (comma-separated key counts for the ext_authz
 scale test, default ``1000,1000000``; empty to skip), ``BENCH_CHECKS`` (Checks per key count,
-default 20000), ``BENCH_REQUEST_LIMIT`` (requests/minute limit put on the bench tenant so the
+default 20000), ``BENCH_REDIS`` (counters of path (f), default ``redis://127.0.0.1:6379/0``; empty
+to skip (f)), ``BENCH_REQUEST_LIMIT`` (requests/minute limit put on the bench tenant so the
 ratelimit path counts, default 1000000000; 0 for none), ``BENCH_OUTPUT`` (Markdown results,
 default ``bench/results/latest.md``), ``BENCH_KEEP=1`` (keep the temp dir with all logs).
 """
@@ -101,11 +102,30 @@ def measure(target: paths.Target, label: str, run: object) -> Measurement:
     return m
 
 
+def _start_paths(
+    targets: list[paths.Target], workdir: Path, request_limit: int, redis_url: str
+) -> paths.Target:
+    """Start every path into ``targets`` (so the caller stops what started); returns (d)."""
+    upstream = paths.start_upstream(workdir)
+    targets.append(upstream)
+    targets.append(paths.start_plain(workdir, upstream))
+    targets.append(paths.start_callouts(workdir, upstream))
+    print("bench: starting tessera up ...", flush=True)
+    tessera = paths.start_tessera(workdir, upstream, request_limit=request_limit)
+    targets.append(tessera)
+    targets.append(paths.start_tessera_jwt(tessera))
+    if redis_url:
+        print("bench: starting tessera up on redis:// ...", flush=True)
+        targets.append(paths.start_tessera_redis(workdir, upstream, redis_url=redis_url, limit=10**9))
+    return tessera
+
+
 def main() -> int:
     duration = _env_int("BENCH_DURATION", 10)
     rate = _env_int("BENCH_RATE", 500)
     checks = _env_int("BENCH_CHECKS", 20_000)
     request_limit = _env_int("BENCH_REQUEST_LIMIT", 1_000_000_000)
+    redis_url = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0")
     sizes = [int(s) for s in os.environ.get("BENCH_KEYS", "1000,1000000").split(",") if s.strip()]
     output = Path(os.environ.get("BENCH_OUTPUT", "bench/results/latest.md"))
     workdir = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
@@ -118,14 +138,7 @@ def main() -> int:
     open_label = f"{rate}rps"
     closed_labels = [f"c{c}" for c in CONNECTIONS]
     try:
-        upstream = paths.start_upstream(workdir)
-        targets.append(upstream)
-        targets.append(paths.start_plain(workdir, upstream))
-        targets.append(paths.start_callouts(workdir, upstream))
-        print("bench: starting tessera up ...", flush=True)
-        tessera = paths.start_tessera(workdir, upstream, request_limit=request_limit)
-        targets.append(tessera)
-        targets.append(paths.start_tessera_jwt(tessera))
+        tessera = _start_paths(targets, workdir, request_limit, redis_url)
         # Every path gets the same request bytes: Tessera's key goes to all of them (the JWT to (e)).
         scripts = {t.name: wrk_script(workdir / f"{t.name}.lua", t.key or tessera.key) for t in targets}
         for t in targets:  # warm connections, caches and the JITs nobody has

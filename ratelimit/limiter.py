@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import structlog
@@ -40,6 +40,9 @@ BACKEND_ERRORS = Counter(
     "Counter backend calls that failed; each limit's fail mode decided the answer",
 )
 SETTLED = Counter("tessera_ratelimit_settlements_total", "Stream-done settlements applied")
+RESERVED = Counter(
+    "tessera_ratelimit_reservations_total", "Admitted requests that reserved tokens, spend or a slot"
+)
 NEAR_LIMIT = Counter(
     "tessera_ratelimit_near_limit_total", "Admitted hits that left a limit under 10% of its value"
 )
@@ -108,6 +111,8 @@ class Verdict:
     """Per hit, in request order: the outcome of each applicable limit."""
     retry_after: float
     """When refused: seconds until every refusing limit has room again; else 0."""
+    reserved: bool = False
+    """Admitted with a reservation or a slot: the stream-done call must settle it."""
 
 
 _SETTLED_KINDS: Final = (TOKENS, SPEND, CONCURRENCY)
@@ -159,7 +164,11 @@ class RateLimiter:
             )
             for limits in per_hit
         )
-        return self._judge(hits, outcomes)
+        verdict = self._judge(hits, outcomes)
+        if verdict.allowed and states and any(r.reserve or r.kind == SLOTS for r in requests):
+            RESERVED.inc()
+            return replace(verdict, reserved=True)
+        return verdict
 
     async def settle(self, usage: Usage) -> None:
         """Replace the request's reservations by its real cost and free its slots. A failure is

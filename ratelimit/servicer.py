@@ -6,9 +6,11 @@ Descriptor contract (domain ``tessera``; entries are read by key, values are str
   ``x-request-id``: the reservation's name), ``max_tokens`` and ``body_bytes`` (the estimate).
   Hits: the descriptor's own ``hits_addend`` when set and > 0, else the request's when > 0,
   else 1 (request limits only).
-- stream done (``apply_on_stream_done``): ``phase=settle``, ``tenant_id``, ``key_id``,
-  ``model``, ``request_id`` and, when known, ``prompt_tokens``, ``completion_tokens``,
-  ``cached_tokens``, ``status``. Always answered OK; Envoy does not wait for it.
+- stream done (``apply_on_stream_done``): ``phase=settle``, ``reserved``, ``tenant_id``,
+  ``key_id``, ``model``, ``request_id`` and, when known, ``prompt_tokens``,
+  ``completion_tokens``, ``cached_tokens``, ``status``. Envoy sends it only when the
+  request-time answer carried ``reserved`` in its dynamic metadata (a request with no token,
+  spend or concurrency limit costs one call, not two). Always answered OK; Envoy does not wait.
 
 Any other descriptor (unknown keys, another domain) is answered OK, uncounted.
 """
@@ -33,6 +35,7 @@ _REQUIRED: Final = frozenset({"tenant_id", "key_id", "model"})
 _REQUEST_KEYS: Final = _REQUIRED | {"request_id", "max_tokens", "max_completion_tokens", "body_bytes"}
 _SETTLE_KEYS: Final = _REQUIRED | {
     "phase",
+    "reserved",
     "request_id",
     "prompt_tokens",
     "completion_tokens",
@@ -60,6 +63,7 @@ _UNITS: dict[int, int] = {
 _UINT32_MAX = 0xFFFFFFFF
 
 RETRY_AFTER_HEADER = "retry-after"
+RESERVED_KEY = "reserved"  # response metadata: this request holds a reservation to settle
 _HEADER_KIND: Final = {REQUESTS: "requests", TOKENS: "tokens"}
 
 
@@ -205,6 +209,8 @@ def _response(verdict: Verdict, slots: list[int]) -> rls_pb2.RateLimitResponse:
         status = statuses.add(code=_OK)
         if slot >= 0:
             _fill_status(status, verdict.outcomes[slot])
+    if verdict.reserved:  # Envoy keeps it as metadata: only then does it make the settle call
+        response.dynamic_metadata.fields[RESERVED_KEY].string_value = "1"
     every = [o for per in verdict.outcomes for o in per]
     headers = response.response_headers_to_add
     for kind, name in _HEADER_KIND.items():

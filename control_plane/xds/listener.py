@@ -42,6 +42,7 @@ from control_plane.xds.config import (
 from tessera.openai_errors import error_body
 
 USAGE_NS = "ai.gw.usage"
+RATELIMIT_NS = "envoy.filters.http.ratelimit"  # where Envoy keeps the ratelimit answer's metadata
 JSON_CONTENT = {"regex": "^application/json(;.*)?$"}  # aiohttp and others add "; charset=utf-8"
 PER_IP_STATUS = 423  # the per-IP guard's refusal (Envoy never sends it otherwise), rewritten to 429
 USAGE_LUA = (Path(__file__).parent / "usage.lua").read_text()
@@ -292,7 +293,8 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
                 # Filter-level (route-level rate_limits ignore hits_addend). One descriptor at
                 # request time (count, reserve); one at stream end (settle the real usage).
                 # Envoy makes the stream-done call for every request it asked about, refused,
-                # failed or cut ones included (docs/usage-and-limits.md).
+                # failed or cut ones included, unless a descriptor entry is missing
+                # (docs/usage-and-limits.md).
                 "rate_limits": [
                     {
                         "actions": [
@@ -307,6 +309,13 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
                         "apply_on_stream_done": True,
                         "actions": [
                             {"generic_key": {"descriptor_key": "phase", "descriptor_value": "settle"}},
+                            # Only for a request that reserved: no metadata, no descriptor, no call.
+                            {
+                                "metadata": {
+                                    "descriptor_key": "reserved",
+                                    "metadata_key": {"key": RATELIMIT_NS, "path": [{"key": "reserved"}]},
+                                }
+                            },
                             *_identity(),
                             _header_entry("x-request-id", "request_id"),
                             *(

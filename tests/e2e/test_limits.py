@@ -9,6 +9,7 @@ is what was really charged in between.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 
 from tests.e2e.conftest import start_stack, stop_stack
 from tests.e2e.test_gateway import eventually, http, upstream_requests
+from tests.proxy import ThreadedTcpProxy
 
 pytestmark = pytest.mark.envoy
 
@@ -191,3 +193,97 @@ def test_per_ip_guard_is_429_rate_limit_exceeded_and_a_spoofed_forwarded_for_doe
         assert spoofed[0] == 429  # the peer address counts, not a client-sent header
     finally:
         stop_stack(s)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_two_gateways_share_exact_limits_on_one_redis_and_each_limit_keeps_its_fail_mode(
+    tmp_path, postgres_url, redis_url
+):
+    """Two full stacks (two Envoys, two ratelimit services, two control planes) on one PostgreSQL
+    and one Redis, reached through a proxy the test can cut and restore."""
+    redis_proxy = ThreadedTcpProxy(6379)
+    shared_redis = redis_url.replace("127.0.0.1:6379", f"127.0.0.1:{redis_proxy.port}")
+    a = start_stack(tmp_path / "a", "--db", postgres_url, "--redis", shared_redis)
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "pepper", tmp_path / "b" / "pepper")  # replicas share the secret pepper
+    b = start_stack(tmp_path / "b", "--db", postgres_url, "--redis", shared_redis)
+    try:
+        n = 20
+        exact, fail_open, fail_closed = (f"{x}{time.monotonic_ns()}" for x in ("exact", "open", "closed"))
+        for tenant, args in (
+            (exact, ["--window", "minute", "--limit", str(n)]),
+            (fail_open, ["--window", "minute", "--limit", "1000"]),
+            (fail_closed, ["--window", "minute", "--limit", "1000", "--fail", "closed"]),
+        ):
+            a.cli("tenants", "create", tenant)
+            a.cli("limits", "create", "--tenant", tenant, "--kind", "requests", *args)
+        keys = {t: a.new_key(t) for t in (exact, fail_open, fail_closed)}
+        time.sleep(6.0)  # b's control plane reloads other replicas' writes every 5 s
+        body = json.dumps(
+            {"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+        ).encode()
+
+        def post(stack, key: str) -> int:
+            headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+            return http("POST", f"{stack.gateway}/v1/chat/completions", body, headers)[0]
+
+        codes: list[int] = []
+        lock = threading.Lock()
+
+        def client(i: int) -> None:
+            code = post(a if i % 2 else b, keys[exact])
+            with lock:
+                codes.append(code)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert (codes.count(200), codes.count(429)) == (n, 64 - n), sorted(codes)  # 64 clients, 2 gateways
+
+        redis_proxy.cut()  # Redis goes away mid-run
+        assert [post(a, keys[fail_open]), post(b, keys[fail_open])] == [200, 200]
+        assert [post(a, keys[fail_closed]), post(b, keys[fail_closed])] == [429, 429]
+        redis_proxy.resume()  # and comes back: no restart needed
+        eventually(
+            lambda: [post(a, keys[fail_closed]), post(b, keys[fail_closed])] == [200, 200] or 1 / 0, 5.0
+        )
+    finally:
+        stop_stack(b)
+        stop_stack(a)
+        redis_proxy.close()
+
+
+def test_no_double_burst_at_a_window_edge(stack):
+    """N at x.8 s and N at (x+1).2 s of the wall clock: a fixed per-second window would admit 2N."""
+    n = 4
+    client = stack.client(tenant_with(stack, ["--kind", "requests", "--window", "second", "--limit", str(n)]))
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        try:
+            chat(client, max_tokens=1)
+            result = "ok"
+        except openai.RateLimitError:
+            result = "429"
+        with lock:
+            outcomes.append(result)
+
+    def burst() -> None:
+        threads = [threading.Thread(target=one) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    now = time.time()
+    time.sleep((0.8 - now % 1) % 1)  # to x.8
+    started = time.monotonic()
+    burst()
+    time.sleep(max(0.0, 0.4 - (time.monotonic() - started)))  # to (x+1).2
+    burst()
+    assert time.monotonic() - started < 1.0  # both bursts inside one window length
+    assert outcomes.count("ok") == n

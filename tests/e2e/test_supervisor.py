@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 
 import openai
@@ -15,59 +13,9 @@ import pytest
 
 from tests.e2e.conftest import TESSERA, start_stack, stop_stack
 from tests.e2e.test_gateway import eventually, upstream_requests
+from tests.proxy import ThreadedTcpProxy
 
 pytestmark = pytest.mark.envoy
-
-
-class ThreadedTcpProxy:
-    """A real TCP forwarder on its own thread; ``cut()`` drops every connection and refuses new ones."""
-
-    def __init__(self, target_port: int) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._target = target_port
-        self._conns: list[socket.socket] = []
-        self._open = True
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while self._open:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            if not self._open:
-                client.close()
-                return
-            upstream = socket.create_connection(("127.0.0.1", self._target))
-            self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        self._open = False
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        self._listener.close()
-        for c in self._conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-                c.close()
-
-    def close(self) -> None:
-        if self._open:
-            self.cut()
 
 
 def alive(pid: int) -> bool:

@@ -205,6 +205,7 @@ async def test_ok_then_over_limit_with_retry_after(start, policy, tenant):
         "x-ratelimit-reset-requests": "1m0s",
     }
     assert headers(second)["x-ratelimit-remaining-requests"] == "0"
+    assert not first.dynamic_metadata.fields  # nothing reserved: Envoy makes no settle call
     assert first.statuses[0].current_limit.requests_per_unit == 2
     assert first.statuses[0].current_limit.unit == rls_pb2.RateLimitResponse.RateLimit.MINUTE
 
@@ -472,6 +473,7 @@ async def test_token_budget_reserves_then_settles_to_the_real_count(start, polic
     first = await ask(stub, descriptor(tenant, request_id="r1", max_tokens="50", body_bytes="40"))
     assert first.overall_code == OK
     assert headers(first)["x-ratelimit-remaining-tokens"] == "40"
+    assert first.dynamic_metadata.fields["reserved"].string_value == "1"  # Envoy will settle it
     # max_tokens above the model's maximum is capped at 60: 10 + 60 = 70 > 40 left
     second = await ask(stub, descriptor(tenant, request_id="r2", max_tokens="500", body_bytes="40"))
     assert second.overall_code == OVER
@@ -510,6 +512,10 @@ async def test_spend_limit_charges_prices_and_concurrency_frees_slots(start, pol
     priced = policy_pb2.Model(name="m1", input_micros=2_000_000, output_micros=10_000_000, currency="USD")
     policy.snapshot("v1", spend, slots, models=(priced,))
     await wait_serving(health)
+    reserved0, settled0 = (
+        sample("tessera_ratelimit_reservations_total"),
+        sample("tessera_ratelimit_settlements_total"),
+    )
     first = await ask(stub, descriptor(tenant, request_id="r1", max_tokens="50", body_bytes="400"))
     assert first.overall_code == OK  # reserves 100 * 2 + 50 * 10 = 700 micros and the one slot
     busy = await ask(stub, descriptor(tenant, request_id="r2", max_tokens="1"))
@@ -524,6 +530,9 @@ async def test_spend_limit_charges_prices_and_concurrency_frees_slots(start, pol
     over = await ask(stub, descriptor(tenant, request_id="r3", max_tokens="5"))  # 50 > 30 left
     assert over.overall_code == OVER
     assert json.loads(over.raw_body)["error"]["code"] == "insufficient_quota"  # spend is a quota
+    # two admitted requests reserved, two settled: the backlog (the difference) is back to zero
+    assert sample("tessera_ratelimit_reservations_total") - reserved0 == 2
+    assert sample("tessera_ratelimit_settlements_total") - settled0 == 2
 
 
 async def test_bad_descriptor_values_are_estimated_not_trusted(start, policy, tenant):
