@@ -60,11 +60,16 @@ def _model(m: ModelState, now: float) -> policy_pb2.Model:
 def policy_resources_from_state(state: State, now: float) -> dict[str, policy_pb2.Resource]:
     """``now`` picks each model's price in effect (a publish after a price's effective time
     carries it: the 5 s refresh republishes)."""
+    priority = {p.name: p.priority for p in state.plans}
     out: list[policy_pb2.Resource] = []
     out.extend(
         policy_pb2.Resource(
             tenant=policy_pb2.Tenant(
-                id=t.id, name=t.name, suspended=t.suspended, allowed_models=t.allowed_models
+                id=t.id,
+                name=t.name,
+                suspended=t.suspended,
+                allowed_models=t.allowed_models,
+                priority=priority.get(t.plan, 0),
             )
         )
         for t in state.tenants

@@ -50,6 +50,7 @@ class TenantEntry:
     tenant_id: str
     suspended: bool
     allowed_models: frozenset[str]  # empty = every public model
+    priority: int = 0  # the plan's scheduling priority, passed to the backend as a hint
 
 
 def _prefix(d: bytes) -> int:
@@ -323,7 +324,10 @@ def _apply_upserts(
         elif kind == "tenant":
             t = resource.tenant
             tenants[t.id] = TenantEntry(
-                tenant_id=t.id, suspended=t.suspended, allowed_models=frozenset(t.allowed_models)
+                tenant_id=t.id,
+                suspended=t.suspended,
+                allowed_models=frozenset(t.allowed_models),
+                priority=t.priority,
             )
         elif kind == "model":
             models[resource.model.name] = resource.model.restricted

@@ -26,6 +26,7 @@ class Decision:
     tenant_id: str = ""
     key_id: str = ""
     key_prefix: str = ""  # display prefix only; never the key
+    priority: int = 0  # the tenant's plan priority (allowed decisions only)
 
     @property
     def allowed(self) -> bool:
@@ -118,4 +119,4 @@ def check_entry(entry: KeyEntry, prefix: str, model: str | None, index: KeyIndex
                 key_id=entry.key_id,
                 key_prefix=prefix,
             )
-    return Decision(tenant_id=tenant_id, key_id=entry.key_id, key_prefix=prefix)
+    return Decision(tenant_id=tenant_id, key_id=entry.key_id, key_prefix=prefix, priority=tenant.priority)

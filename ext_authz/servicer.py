@@ -47,6 +47,7 @@ _DENY_CODES: Final = (
 )
 
 _ALLOW_COUNT = DECISIONS.labels("allow")
+ALLOW_CACHE_MAX: Final = 65_536
 _DENY_COUNT = {code: DECISIONS.labels(code) for code in _DENY_CODES}
 
 
@@ -56,11 +57,23 @@ def _header(key: str, value: str) -> Any:
     )
 
 
-def allow_response(tenant_id: str, key_id: str) -> Any:
+FAIRNESS_HEADER: Final = "x-gateway-inference-fairness-id"  # Gateway API Inference Extension / llm-d
+PRIORITY_HEADER: Final = "x-tessera-priority"  # the plan's priority, for schedulers that take a hint
+
+
+def allow_response(tenant_id: str, key_id: str, priority: int = 0) -> Any:
+    """Identity and scheduling headers, always ours (they overwrite anything the client sent)."""
     resp = external_auth_pb2.CheckResponse()
     resp.status.code = _RPC_OK
     ok = resp.ok_response
-    ok.headers.extend((_header("x-tenant-id", tenant_id), _header("x-key-id", key_id)))
+    ok.headers.extend(
+        (
+            _header("x-tenant-id", tenant_id),
+            _header("x-key-id", key_id),
+            _header(FAIRNESS_HEADER, tenant_id),
+            _header(PRIORITY_HEADER, str(priority)),
+        )
+    )
     ok.headers_to_remove.extend(HEADERS_TO_REMOVE)
     # Envoy puts this in namespace envoy.filters.http.ext_authz for ratelimit and the access log.
     fields = resp.dynamic_metadata.fields
@@ -124,7 +137,7 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
         self._pepper = pepper
         self._clock = clock
         self._index = EMPTY_INDEX
-        self._allow_cache: dict[tuple[str, str], Any] = {}
+        self._allow_cache: dict[tuple[str, str, int], Any] = {}
         self._log_sampler = LogSampler(clock=clock)
 
     @property
@@ -151,9 +164,11 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
         )
         if decision.allowed:
             _ALLOW_COUNT.inc()
-            ident = (decision.tenant_id, decision.key_id)
+            ident = (decision.tenant_id, decision.key_id, decision.priority)
             resp = self._allow_cache.get(ident)
             if resp is None:
+                if len(self._allow_cache) >= ALLOW_CACHE_MAX:  # bounded, whatever the key count
+                    self._allow_cache.clear()
                 resp = self._allow_cache[ident] = allow_response(*ident)
             return resp
         return self._deny(decision, headers.get("x-request-id", ""))

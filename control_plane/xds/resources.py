@@ -23,6 +23,8 @@ import envoy_data_plane.envoy.extensions.filters.http.router.v3
 import envoy_data_plane.envoy.extensions.filters.http.sse_to_metadata.v3
 import envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3
 import envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3
+import envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3
+import envoy_data_plane.envoy.extensions.retry.priority.previous_priorities.v3
 import envoy_data_plane.envoy.extensions.transport_sockets.tls.v3
 import envoy_data_plane.envoy.extensions.upstreams.http.v3  # noqa: F401
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster

@@ -128,7 +128,12 @@ def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
             "name": f"model:{m.name}",
             "match": {"prefix": "/v1/", "dynamic_metadata": _meta_match({"string_match": {"exact": m.name}})},
             # No overall timeout: a long generation is never cut; idle streams end after 5 min.
-            "route": {"cluster": cluster_name(m.name), "timeout": "0s", "idle_timeout": "300s"},
+            "route": {
+                "cluster": cluster_name(m.name),
+                "timeout": "0s",
+                "idle_timeout": "300s",
+                "retry_policy": RETRY_POLICY,
+            },
         }
         for m in state.models
         if m.backends
@@ -181,6 +186,95 @@ def _locality_groups(backends: tuple[BackendState, ...]) -> list[dict[str, Any]]
     return [{"priority": p, "lb_endpoints": eps} for p, eps in sorted(groups.items())]
 
 
+# Active health checks by backend kind: the model servers that have a health endpoint. A generic
+# OpenAI-compatible server may have none; it is watched by outlier detection only.
+HEALTH_PATHS: dict[str, str] = {
+    "vllm": "/health",
+    "dynamo": "/health",
+    "trtllm": "/health",
+    "llamacpp": "/health",
+}
+
+
+def _health_path(m: ModelState) -> str | None:
+    """The model's health path, when every backend has the same one (one cluster, one check)."""
+    paths = {HEALTH_PATHS.get(b.kind) for b in m.backends}
+    return paths.pop() if len(paths) == 1 else None
+
+
+def _resilience(m: ModelState) -> dict[str, Any]:
+    """How a model's cluster survives a broken GPU server (docs/backends.md):
+
+    - outlier detection ejects a backend after 5 consecutive 5xx or 3 connect failures, for
+      15 s and longer each time, up to every backend (a model with one backend can lose it);
+    - an active health check (when the kind has a health path) keeps a dead one out, and
+      brings it back after one good answer;
+    - no panic mode: with no healthy backend at any priority Envoy answers 503
+      no_healthy_backend instead of sending traffic to ones known to be broken;
+    - a retry budget (20% of active requests, at least 3) bounds retries under load.
+    """
+    out: dict[str, Any] = {
+        # Envoy's defaults eject after 5 consecutive 5xx, always enforced. (envoy-data-plane
+        # cannot spell consecutive_5xx: its dict casing turns it into consecutive_5_xx.)
+        "outlier_detection": {
+            "consecutive_gateway_failure": 3,
+            "enforcing_consecutive_gateway_failure": 100,
+            "interval": "1s",
+            "base_ejection_time": "15s",
+            "max_ejection_percent": 100,
+        },
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_requests": 1_000_000,
+                    "max_pending_requests": 1_000_000,
+                    "retry_budget": {"budget_percent": {"value": 20}, "min_retry_concurrency": 3},
+                }
+            ]
+        },
+    }
+    path = _health_path(m)
+    if path is not None:
+        out["health_checks"] = [
+            {
+                "timeout": "1s",
+                "interval": "2s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": path},
+            }
+        ]
+    return out
+
+
+# Fallback: a connect failure, a reset, a 5xx or a 429 before the answer starts is retried on
+# another backend, next priority first once this one has been tried (a started stream is
+# never retried: its first bytes are with the client).
+RETRY_POLICY: dict[str, Any] = {
+    "retry_on": "5xx,reset,connect-failure,refused-stream,retriable-status-codes",
+    "retriable_status_codes": [429],
+    "num_retries": 2,
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ],
+    "host_selection_retry_max_attempts": 3,
+    "retry_priority": {
+        "name": "envoy.retry_priorities.previous_priorities",
+        "typed_config": {
+            "@type": T + "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+            "update_frequency": 1,
+        },
+    },
+}
+
+
 def model_cluster(m: ModelState) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The model's cluster, and its ClusterLoadAssignment when served over EDS."""
     name = cluster_name(m.name)
@@ -189,6 +283,7 @@ def model_cluster(m: ModelState) -> tuple[dict[str, Any], dict[str, Any] | None]
         "name": name,
         "connect_timeout": "5s",
         "lb_policy": "ROUND_ROBIN",
+        **_resilience(m),
     }
     if all(_is_ip(b.host) for b in m.backends):
         cluster |= {"type": "EDS", "eds_cluster_config": {"eds_config": ADS}}

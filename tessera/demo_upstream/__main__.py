@@ -45,12 +45,17 @@ def _parser() -> argparse.ArgumentParser:
         help="model to serve (repeatable; default: demo)",
     )
     parser.add_argument("--name", default="demo-upstream", help="upstream name, for logs and responses")
+    parser.add_argument(
+        "--fail-status", type=int, default=0, help="answer everything with this status (a broken server)"
+    )
     return parser
 
 
-async def _serve(host: str, port: int, models: Sequence[str], name: str) -> int:
+async def _serve(host: str, port: int, models: Sequence[str], name: str, fail_status: int = 0) -> int:
     runner = web.AppRunner(
-        build_app(models, name=name), access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT_S
+        build_app(models, name=name, fail_status=fail_status),
+        access_log=None,
+        shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
     )
     await runner.setup()
     try:
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(LogSettings(), service="demo-upstream")
     models: list[str] = args.models or ["demo"]
-    return asyncio.run(_serve(args.host, args.port, models, args.name))
+    return asyncio.run(_serve(args.host, args.port, models, args.name, args.fail_status))
 
 
 if __name__ == "__main__":

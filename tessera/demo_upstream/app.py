@@ -49,6 +49,7 @@ class _State:
     name: str
     models: tuple[str, ...]
     metrics: UpstreamMetrics
+    fail_status: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
     seen: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECORDED_REQUESTS))
 
@@ -56,10 +57,14 @@ class _State:
 _STATE = web.AppKey("demo_upstream_state", _State)
 
 
-def build_app(models: Sequence[str] = ("demo",), *, name: str = "demo-upstream") -> web.Application:
+def build_app(
+    models: Sequence[str] = ("demo",), *, name: str = "demo-upstream", fail_status: int = 0
+) -> web.Application:
+    """``fail_status`` (e.g. 500): a broken server that answers every request, /health included,
+    with that status, as a GPU server with a dead engine would."""
     models = tuple(models)
     app = web.Application(middlewares=[_errors])
-    app[_STATE] = _State(name=name, models=models, metrics=UpstreamMetrics(models))
+    app[_STATE] = _State(name=name, models=models, metrics=UpstreamMetrics(models), fail_status=fail_status)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/embeddings", _embeddings)
@@ -71,9 +76,16 @@ def build_app(models: Sequence[str] = ("demo",), *, name: str = "demo-upstream")
     return app
 
 
+def _fail_if_broken(request: web.Request) -> None:
+    fail = request.app[_STATE].fail_status
+    if fail and not request.path.startswith("/debug/"):
+        raise ApiError(fail, "This demo upstream is set to fail.", kind="InternalServerError")
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        _fail_if_broken(request)
         response = await handler(request)
     except ApiError as exc:
         response = web.json_response(exc.body(), status=exc.status)

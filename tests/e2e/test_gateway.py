@@ -147,7 +147,13 @@ def test_identity_headers_are_ours_and_credentials_never_reach_the_upstream(stac
         base_url=f"{stack.gateway}/v1",
         api_key=stack.demo_key,
         max_retries=0,
-        default_headers={"x-tenant-id": "evil", "x-key-id": "evil", "x-api-key": stack.demo_key},
+        default_headers={
+            "x-tenant-id": "evil",
+            "x-key-id": "evil",
+            "x-api-key": stack.demo_key,
+            "x-gateway-inference-fairness-id": "evil",
+            "x-tessera-priority": "999",
+        },
     )
     marker = f"marker-{time.monotonic_ns()}"
     client.chat.completions.create(model="demo", messages=[{"role": "user", "content": marker}], max_tokens=1)
@@ -157,6 +163,8 @@ def test_identity_headers_are_ours_and_credentials_never_reach_the_upstream(stac
     ]
     headers = seen["headers"]
     assert headers["x-tenant-id"] == demo_tenant
+    assert headers["x-gateway-inference-fairness-id"] == demo_tenant  # scheduler fairness by tenant
+    assert headers["x-tessera-priority"] == "0"  # the demo tenant has no plan
     assert headers["x-key-id"] != "evil"
     assert "authorization" not in headers
     assert "x-api-key" not in headers

@@ -233,7 +233,12 @@ async def test_allow_sets_identity_and_strips_credentials(ready, authz):
         assert resp.status.code == 0
         assert resp.WhichOneof("http_response") == "ok_response"
         ok = resp.ok_response
-        assert headers_of(ok.headers) == {"x-tenant-id": ("t1", OVERWRITE), "x-key-id": ("k1", OVERWRITE)}
+        assert headers_of(ok.headers) == {
+            "x-tenant-id": ("t1", OVERWRITE),
+            "x-key-id": ("k1", OVERWRITE),
+            "x-gateway-inference-fairness-id": ("t1", OVERWRITE),
+            "x-tessera-priority": ("0", OVERWRITE),
+        }
         assert list(ok.headers_to_remove) == ["authorization", "x-api-key"]
         assert dict(resp.dynamic_metadata) == {"tenant_id": "t1", "key_id": "k1"}
 

@@ -375,3 +375,17 @@ def test_a_verified_jwt_is_checked_against_the_snapshot_by_key_id():
         == "invalid_api_key"
     )
     assert decide({}, "m", index(), pepper=b"p" * 32, now=0, jwt_key_id="nope").code == "invalid_api_key"
+
+
+def test_an_allowed_decision_carries_the_plans_priority_to_the_headers(clock):
+    from ext_authz.servicer import allow_response  # noqa: PLC0415
+
+    idx = index_of(api_key(KEY), tenant(priority=7))
+    decision = run(idx, clock)
+    assert (decision.allowed, decision.priority) == (True, 7)
+    headers = {
+        h.header.key: h.header.value
+        for h in allow_response("t1", "k1", decision.priority).ok_response.headers
+    }
+    assert headers["x-gateway-inference-fairness-id"] == "t1"
+    assert headers["x-tessera-priority"] == "7"

