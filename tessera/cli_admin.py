@@ -220,6 +220,20 @@ def _update_limit(a: argparse.Namespace, pb: Any) -> Any:
     )
 
 
+def _update_backend(a: argparse.Namespace, pb: Any) -> Any:
+    mask = _mask(
+        {"weight": a.weight is not None, "priority": a.priority is not None, "kind": a.kind is not None}
+    )
+    return pb.UpdateBackendRequest(
+        name=a.name,
+        url=a.backend,
+        update_mask=mask,
+        weight=a.weight or 0,
+        priority=a.priority or 0,
+        kind=a.kind or "",
+    )
+
+
 def _update_model(a: argparse.Namespace, pb: Any) -> Any:
     mask = _mask(
         {"default_max_tokens": a.default_max_tokens is not None, "max_max_tokens": a.max_tokens is not None}
@@ -700,6 +714,60 @@ COMMANDS: tuple[Command, ...] = (
         _page("ListModelsRequest"),
         lambda r: _models(r.items),
         paged=True,
+    ),
+    Command(
+        ("models", "show"),
+        "show one model: backends, max_tokens, prices",
+        "GetModel",
+        lambda a, pb: pb.GetModelRequest(name=a.name),
+        lambda r: _models([r.model]),
+        (arg("name"),),
+    ),
+    Command(
+        ("models", "add-backend"),
+        "add a backend to a registered model",
+        "AddBackend",
+        lambda a, pb: pb.AddBackendRequest(
+            name=a.name, backend=pb.Backend(url=a.backend, kind=a.kind, weight=a.weight, priority=a.priority)
+        ),
+        lambda r: _models([r.model]),
+        (
+            arg("name"),
+            arg("--backend", required=True, metavar="URL", help="scheme://host:port"),
+            arg("--kind", choices=BACKEND_KINDS, default="openai-compatible"),
+            arg("--weight", type=count, default=1),
+            arg("--priority", type=count, default=0, help="0 first; higher = fallback"),
+        ),
+    ),
+    Command(
+        ("models", "update-backend"),
+        "change a backend's weight, priority or kind (streams in flight go on)",
+        "UpdateBackend",
+        _update_backend,
+        lambda r: _models([r.model]),
+        (
+            arg("name"),
+            arg("--backend", required=True, metavar="URL", help="which backend"),
+            arg("--weight", type=count),
+            arg("--priority", type=count),
+            arg("--kind", choices=BACKEND_KINDS),
+        ),
+    ),
+    Command(
+        ("models", "remove-backend"),
+        "remove one backend from a model",
+        "RemoveBackend",
+        lambda a, pb: pb.RemoveBackendRequest(name=a.name, url=a.backend),
+        lambda r: _models([r.model]),
+        (arg("name"), arg("--backend", required=True, metavar="URL")),
+    ),
+    Command(
+        ("models", "remove"),
+        "remove a model from the registry (no longer routed or listed)",
+        "RemoveModel",
+        lambda a, pb: pb.RemoveModelRequest(name=a.name),
+        lambda _r: [["REMOVED"], ["yes"]],
+        (arg("name"),),
     ),
     Command(
         ("models", "update"),

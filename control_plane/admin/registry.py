@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,17 +20,41 @@ from tessera.admin.v1 import admin_pb2_grpc
 from tessera.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 
 
+def _weight(value: int) -> int:
+    return min(value or 1, 10_000)
+
+
+def _backend(msg: pb.Backend) -> Backend:
+    if not msg.url:
+        raise InvalidArgumentError("backend.url", "is required")
+    return Backend(
+        url=v.backend_url(msg.url),
+        kind=v.backend_kind(msg.kind),
+        weight=_weight(msg.weight),
+        priority=min(msg.priority, 1_000),
+    )
+
+
+def _attach(model: Model, backend: Backend) -> None:
+    if any(b.url == backend.url for b in model.backends):
+        raise AlreadyExistsError(f"model {model.name!r} already has backend {backend.url}")
+    model.backends.append(backend)
+
+
+def _find_backend(model: Model, url: str) -> Backend:
+    wanted = v.backend_url(url) if url else ""
+    for b in model.backends:
+        if b.url == wanted:
+            return b
+    raise NotFoundError(f"model {model.name!r} has no backend {url!r}")
+
+
 class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceServicer):
     async def AddModel(self, request: pb.AddModelRequest, context: Any) -> pb.AddModelResponse:
         name = v.model_name(request.name)
-        if not request.HasField("backend") or not request.backend.url:
+        if not request.HasField("backend"):
             raise InvalidArgumentError("backend.url", "is required")
-        backend = Backend(
-            url=v.backend_url(request.backend.url),
-            kind=v.backend_kind(request.backend.kind),
-            weight=min(request.backend.weight or 1, 10_000),
-            priority=min(request.backend.priority, 1_000),
-        )
+        backend = _backend(request.backend)
         visibility = v.visibility(request.visibility)
         async with self.tx(context) as (s, caller):
             caller.require_platform("changing the model registry")
@@ -52,6 +77,86 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
             )
         await self.publish()
         return pb.AddModelResponse(model=reply)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
+        async with self.read(context) as (s, caller):
+            model = await self._model(s, request.name)
+            if not await self._visible(s, caller, model):
+                raise NotFoundError(f"model {request.name!r} not found")
+            return pb.GetModelResponse(model=model_pb(model))
+
+    async def AddBackend(self, request: pb.AddBackendRequest, context: Any) -> pb.AddBackendResponse:
+        backend = _backend(request.backend)
+        return pb.AddBackendResponse(
+            model=await self._change(
+                context, request.name, "model.add_backend", lambda m: _attach(m, backend)
+            )
+        )
+
+    async def UpdateBackend(self, request: pb.UpdateBackendRequest, context: Any) -> pb.UpdateBackendResponse:
+        mask = v.update_mask(list(request.update_mask), {"weight", "priority", "kind"})
+        kind = v.backend_kind(request.kind) if "kind" in mask else ""
+
+        def change(m: Model) -> None:
+            b = _find_backend(m, request.url)
+            if "weight" in mask:
+                b.weight = _weight(request.weight)
+            if "priority" in mask:
+                b.priority = min(request.priority, 1_000)
+            if kind:
+                b.kind = kind
+
+        return pb.UpdateBackendResponse(
+            model=await self._change(context, request.name, "model.update_backend", change)
+        )
+
+    async def RemoveBackend(self, request: pb.RemoveBackendRequest, context: Any) -> pb.RemoveBackendResponse:
+        def change(m: Model) -> None:
+            m.backends.remove(_find_backend(m, request.url))
+
+        return pb.RemoveBackendResponse(
+            model=await self._change(context, request.name, "model.remove_backend", change)
+        )
+
+    async def RemoveModel(self, request: pb.RemoveModelRequest, context: Any) -> pb.RemoveModelResponse:
+        async with self.tx(context) as (s, caller):
+            caller.require_platform("changing the model registry")
+            model = await self._model(s, request.name)
+            before = model_pb(model)
+            await s.delete(model)
+            self.audit(
+                s, context, caller, "model.remove", target_type="model", target_id=model.name,
+                tenant_id=None, before=before,
+            )  # fmt: skip
+        await self.publish()
+        return pb.RemoveModelResponse()
+
+    async def _change(
+        self, context: Any, name: str, action: str, change: Callable[[Model], None]
+    ) -> pb.Model:
+        """Apply ``change`` to the model in one audited transaction, then publish."""
+        async with self.tx(context) as (s, caller):
+            caller.require_platform("changing the model registry")
+            model = await self._model(s, name)
+            before = model_pb(model)
+            change(model)
+            await s.flush()
+            await s.refresh(model, ["backends"])
+            reply = model_pb(model)
+            self.audit(
+                s, context, caller, action, target_type="model", target_id=model.name,
+                tenant_id=None, before=before, after=reply,
+            )  # fmt: skip
+        await self.publish()
+        return reply
+
+    @staticmethod
+    async def _visible(s: AsyncSession, caller: Any, model: Model) -> bool:
+        readable = caller.readable_tenants
+        if readable is None or model.visibility == "public":
+            return True
+        tenants = (await s.scalars(select(Tenant).where(Tenant.id.in_(readable)))).all()
+        return any(model.name in t.allowed_models for t in tenants)
 
     async def UpdateModel(self, request: pb.UpdateModelRequest, context: Any) -> pb.UpdateModelResponse:
         mask = v.update_mask(list(request.update_mask), {"default_max_tokens", "max_max_tokens"})

@@ -147,3 +147,88 @@ def test_the_tenant_and_its_plan_priority_reach_the_backend_as_scheduling_hints(
     headers = upstream_requests(stack)[-1]["headers"]
     assert headers["x-gateway-inference-fairness-id"] == tenant_id
     assert headers["x-tessera-priority"] == "10"
+
+
+def test_changing_weights_while_streams_run_cuts_none_and_streams_arrive_incrementally(stack, upstreams):
+    model = f"live{time.monotonic_ns()}"
+    one, two = Upstream(model, "one"), Upstream(model, "two")
+    upstreams += [one, two]
+    stack.cli("models", "add", model, "--backend", one.url, "--kind", "vllm")
+    stack.cli("models", "add-backend", model, "--backend", two.url, "--kind", "vllm")
+    client = stack.client(stack.demo_key)
+    eventually(
+        lambda: client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1
+        ),
+        timeout=5,
+    )
+    results: list[tuple[int, float, float]] = []  # (tokens, first chunk at, done at)
+    lock = threading.Lock()
+
+    def stream() -> None:
+        started = time.monotonic()
+        first = 0.0
+        words: list[str] = []
+        for chunk in client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "go"}],
+            max_tokens=20,
+            stream=True,
+            extra_headers={"x-demo-delay-ms": "60"},
+        ):
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.monotonic() - started
+                words += chunk.choices[0].delta.content.split()
+        with lock:
+            results.append((len(words), first, time.monotonic() - started))
+
+    threads = [threading.Thread(target=stream) for _ in range(20)]
+    for t in threads:
+        t.start()
+    time.sleep(0.4)  # every stream is under way
+    stack.cli("models", "update-backend", model, "--backend", one.url, "--weight", "5")
+    stack.cli("models", "update-backend", model, "--backend", two.url, "--priority", "1")
+    for t in threads:
+        t.join()
+    assert [r[0] for r in results] == [20] * 20  # every stream got every token
+    # the first chunk is with the client long before the last one is generated (20 x 60 ms)
+    assert all(first < done / 2 for _, first, done in results), results
+
+
+def test_a_client_disconnect_reaches_the_upstream(stack, upstreams):
+    model = f"cancel{time.monotonic_ns()}"
+    up = Upstream(model, "cancel")
+    upstreams.append(up)
+    stack.cli("models", "add", model, "--backend", up.url, "--kind", "vllm")
+    client = stack.client(stack.demo_key)
+    eventually(
+        lambda: client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1
+        ),
+        timeout=5,
+    )
+
+    def running() -> float:
+        text = urllib.request.urlopen(f"{up.url}/metrics", timeout=2).read().decode()  # noqa: S310
+        line = next(x for x in text.splitlines() if x.startswith("vllm:num_requests_running{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "go"}],
+        max_tokens=100,
+        stream=True,
+        extra_headers={"x-demo-delay-ms": "200"},  # 20 s if nobody stops it
+    )
+    it = iter(stream)
+    next(it)
+    next(it)
+    assert running() == 1
+    stream.close()
+    started = time.monotonic()
+
+    def stopped() -> None:
+        assert running() == 0
+
+    eventually(stopped, timeout=3)
+    assert time.monotonic() - started < 3  # the generation was cancelled, not finished

@@ -504,3 +504,50 @@ async def test_limits_of_every_kind_and_model_prices_reach_the_ratelimit_stream(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(req, metadata=AUTH)
         assert err.value.code() == code
+
+
+async def test_model_registry_backends_can_be_added_changed_removed(admin):
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    first, second = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
+    missing = admin_pb2.AddBackendRequest(name=name, backend=admin_pb2.Backend(url=second))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin.AddBackend(missing, metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # AddBackend never creates a model
+    await admin.AddModel(
+        admin_pb2.AddModelRequest(name=name, backend=admin_pb2.Backend(url=first)), metadata=AUTH
+    )
+    added = (await admin.AddBackend(missing, metadata=AUTH)).model
+    assert [b.url for b in added.backends] == [first, second]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin.AddBackend(missing, metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    change = admin_pb2.UpdateBackendRequest(
+        name=name, url=second, update_mask=["weight", "priority"], weight=5, priority=2
+    )
+    changed = (await admin.UpdateBackend(change, metadata=AUTH)).model
+    assert [(b.weight, b.priority) for b in changed.backends] == [(1, 0), (5, 2)]
+    for bad, code in [
+        (
+            admin_pb2.UpdateBackendRequest(name=name, url="http://127.0.0.1:9", update_mask=["weight"]),
+            "NOT_FOUND",
+        ),
+        (admin_pb2.UpdateBackendRequest(name=name, url=second, update_mask=["url"]), "INVALID_ARGUMENT"),
+        (
+            admin_pb2.UpdateBackendRequest(name=name, url=second, update_mask=["kind"], kind="gpu"),
+            "INVALID_ARGUMENT",
+        ),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.UpdateBackend(bad, metadata=AUTH)
+        assert err.value.code().name == code
+    left = (
+        await admin.RemoveBackend(admin_pb2.RemoveBackendRequest(name=name, url=first), metadata=AUTH)
+    ).model
+    assert [b.url for b in left.backends] == [second]
+    assert (await admin.GetModel(admin_pb2.GetModelRequest(name=name), metadata=AUTH)).model.name == name
+    await admin.RemoveModel(admin_pb2.RemoveModelRequest(name=name), metadata=AUTH)
+    listed = await admin.ListModels(admin_pb2.ListModelsRequest(), metadata=AUTH)
+    assert name not in [m.name for m in listed.items]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin.GetModel(admin_pb2.GetModelRequest(name=name), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

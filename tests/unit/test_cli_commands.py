@@ -78,6 +78,11 @@ def test_output_json_before_or_after_every_command(path):
         ("keys", "rotate"): ["k"],
         ("models", "add"): ["m", "--backend", "http://h:1"],
         ("models", "update"): ["m", "--max-tokens", "9"],
+        ("models", "show"): ["m"],
+        ("models", "add-backend"): ["m", "--backend", "http://h:1"],
+        ("models", "update-backend"): ["m", "--backend", "http://h:1", "--weight", "2"],
+        ("models", "remove-backend"): ["m", "--backend", "http://h:1"],
+        ("models", "remove"): ["m"],
         ("models", "price"): ["m", "--input", "1", "--output", "2"],
         ("limits", "create"): ["--tenant", "t", "--kind", "requests", "--window", "day", "--limit", "1"],
         ("limits", "update"): ["l", "--limit", "2"],
@@ -397,6 +402,29 @@ def test_limits_create_and_list():
         "ListLimits",
         pb.ListLimitsRequest(tenant="acme", page_size=PAGE_SIZE),
     )
+
+
+def test_models_show_backends_and_remove(capsys):
+    assert req("models", "show", "m") == ("GetModel", pb.GetModelRequest(name="m"))
+    assert req(
+        "models", "add-backend", "m", "--backend", "http://h:2", "--weight", "3", "--priority", "1"
+    ) == (
+        "AddBackend",
+        pb.AddBackendRequest(
+            name="m", backend=pb.Backend(url="http://h:2", kind="openai-compatible", weight=3, priority=1)
+        ),
+    )
+    assert req("models", "update-backend", "m", "--backend", "http://h:2", "--weight", "5")[1] == (
+        pb.UpdateBackendRequest(name="m", url="http://h:2", update_mask=["weight"], weight=5)
+    )
+    assert "nothing to update" in usage_error(
+        capsys, "models", "update-backend", "m", "--backend", "http://h:2"
+    )
+    assert req("models", "remove-backend", "m", "--backend", "http://h:2") == (
+        "RemoveBackend",
+        pb.RemoveBackendRequest(name="m", url="http://h:2"),
+    )
+    assert req("models", "remove", "m") == ("RemoveModel", pb.RemoveModelRequest(name="m"))
 
 
 def test_models_update_and_price():

@@ -1279,6 +1279,31 @@ class ModelServiceStub:
                 request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/tessera.admin.v1.ModelService/GetModel',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetModelResponse.FromString,
+                _registered_method=True)
+        self.AddBackend = channel.unary_unary(
+                '/tessera.admin.v1.ModelService/AddBackend',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddBackendRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddBackendResponse.FromString,
+                _registered_method=True)
+        self.UpdateBackend = channel.unary_unary(
+                '/tessera.admin.v1.ModelService/UpdateBackend',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateBackendRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateBackendResponse.FromString,
+                _registered_method=True)
+        self.RemoveBackend = channel.unary_unary(
+                '/tessera.admin.v1.ModelService/RemoveBackend',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveBackendRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveBackendResponse.FromString,
+                _registered_method=True)
+        self.RemoveModel = channel.unary_unary(
+                '/tessera.admin.v1.ModelService/RemoveModel',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveModelRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveModelResponse.FromString,
+                _registered_method=True)
         self.UpdateModel = channel.unary_unary(
                 '/tessera.admin.v1.ModelService/UpdateModel',
                 request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateModelRequest.SerializeToString,
@@ -1309,6 +1334,39 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddBackend(self, request, context):
+        """Add a backend to a model that exists (AddModel also creates the model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateBackend(self, request, context):
+        """Change a backend's weight, priority or kind; streams in flight are not cut.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveBackend(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveModel(self, request, context):
+        """The model stops being routed and listed; usage recorded for it stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpdateModel(self, request, context):
         """Default and maximum max_tokens (what limits reserve when a request names none).
         """
@@ -1335,6 +1393,31 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsRequest.FromString,
                     response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetModelRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetModelResponse.SerializeToString,
+            ),
+            'AddBackend': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddBackend,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddBackendRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.AddBackendResponse.SerializeToString,
+            ),
+            'UpdateBackend': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateBackend,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateBackendRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateBackendResponse.SerializeToString,
+            ),
+            'RemoveBackend': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveBackend,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveBackendRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveBackendResponse.SerializeToString,
+            ),
+            'RemoveModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveModel,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveModelRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveModelResponse.SerializeToString,
             ),
             'UpdateModel': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateModel,
@@ -1404,6 +1487,141 @@ class ModelService:
             '/tessera.admin.v1.ModelService/ListModels',
             tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.ModelService/GetModel',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.GetModelRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddBackend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.ModelService/AddBackend',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.AddBackendRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.AddBackendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateBackend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.ModelService/UpdateBackend',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateBackendRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.UpdateBackendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveBackend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.ModelService/RemoveBackend',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveBackendRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveBackendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.ModelService/RemoveModel',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveModelRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.RemoveModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -419,6 +419,14 @@ class ModelServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ModelServiceAsyncStub: ...
     AddModel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddModelRequest, _admin_pb2.AddModelResponse]
     ListModels: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListModelsRequest, _admin_pb2.ListModelsResponse]
+    GetModel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetModelRequest, _admin_pb2.GetModelResponse]
+    AddBackend: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddBackendRequest, _admin_pb2.AddBackendResponse]
+    """Add a backend to a model that exists (AddModel also creates the model)."""
+    UpdateBackend: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdateBackendRequest, _admin_pb2.UpdateBackendResponse]
+    """Change a backend's weight, priority or kind; streams in flight are not cut."""
+    RemoveBackend: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemoveBackendRequest, _admin_pb2.RemoveBackendResponse]
+    RemoveModel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemoveModelRequest, _admin_pb2.RemoveModelResponse]
+    """The model stops being routed and listed; usage recorded for it stays."""
     UpdateModel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdateModelRequest, _admin_pb2.UpdateModelResponse]
     """Default and maximum max_tokens (what limits reserve when a request names none)."""
     SetModelPrice: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetModelPriceRequest, _admin_pb2.SetModelPriceResponse]
@@ -433,6 +441,14 @@ class ModelServiceAsyncStub(ModelServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     AddModel: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddModelRequest, _admin_pb2.AddModelResponse]  # type: ignore[assignment]
     ListModels: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListModelsRequest, _admin_pb2.ListModelsResponse]  # type: ignore[assignment]
+    GetModel: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetModelRequest, _admin_pb2.GetModelResponse]  # type: ignore[assignment]
+    AddBackend: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddBackendRequest, _admin_pb2.AddBackendResponse]  # type: ignore[assignment]
+    """Add a backend to a model that exists (AddModel also creates the model)."""
+    UpdateBackend: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdateBackendRequest, _admin_pb2.UpdateBackendResponse]  # type: ignore[assignment]
+    """Change a backend's weight, priority or kind; streams in flight are not cut."""
+    RemoveBackend: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveBackendRequest, _admin_pb2.RemoveBackendResponse]  # type: ignore[assignment]
+    RemoveModel: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveModelRequest, _admin_pb2.RemoveModelResponse]  # type: ignore[assignment]
+    """The model stops being routed and listed; usage recorded for it stays."""
     UpdateModel: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdateModelRequest, _admin_pb2.UpdateModelResponse]  # type: ignore[assignment]
     """Default and maximum max_tokens (what limits reserve when a request names none)."""
     SetModelPrice: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetModelPriceRequest, _admin_pb2.SetModelPriceResponse]  # type: ignore[assignment]
@@ -456,6 +472,44 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListModelsResponse, _abc.Awaitable[_admin_pb2.ListModelsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetModel(
+        self,
+        request: _admin_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetModelResponse, _abc.Awaitable[_admin_pb2.GetModelResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AddBackend(
+        self,
+        request: _admin_pb2.AddBackendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AddBackendResponse, _abc.Awaitable[_admin_pb2.AddBackendResponse]]:
+        """Add a backend to a model that exists (AddModel also creates the model)."""
+
+    @_abc_1.abstractmethod
+    def UpdateBackend(
+        self,
+        request: _admin_pb2.UpdateBackendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.UpdateBackendResponse, _abc.Awaitable[_admin_pb2.UpdateBackendResponse]]:
+        """Change a backend's weight, priority or kind; streams in flight are not cut."""
+
+    @_abc_1.abstractmethod
+    def RemoveBackend(
+        self,
+        request: _admin_pb2.RemoveBackendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RemoveBackendResponse, _abc.Awaitable[_admin_pb2.RemoveBackendResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveModel(
+        self,
+        request: _admin_pb2.RemoveModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RemoveModelResponse, _abc.Awaitable[_admin_pb2.RemoveModelResponse]]:
+        """The model stops being routed and listed; usage recorded for it stays."""
 
     @_abc_1.abstractmethod
     def UpdateModel(
