@@ -26,6 +26,7 @@ from control_plane.db.engine import make_engine, make_sessionmaker
 from control_plane.db.migrate import current_revision, head_revision
 from control_plane.http_api import build_http_app
 from control_plane.jwt_keys import JwtPolicy
+from control_plane.load import LoadWatcher
 from control_plane.policy_servicer import PolicyCache, PolicyServiceServicer
 from control_plane.publisher import Publisher
 from control_plane.settings import ControlPlaneSettings
@@ -196,6 +197,11 @@ async def build_app(settings: ControlPlaneSettings) -> App:
     await xds.set_serving(True)
     app = App(admin, xds, http_runner, http_port, metrics, engine, publisher)
     app.tasks.append(asyncio.create_task(publisher.refresh_forever(settings.refresh_seconds)))
+    if settings.load_scrape_seconds > 0:
+        watcher = LoadWatcher(
+            publisher.load_targets, publisher.set_load, interval=settings.load_scrape_seconds
+        )
+        app.tasks.append(asyncio.create_task(watcher.run_forever()))
     log.info(
         "control_plane_listening",
         admin_port=admin.port,

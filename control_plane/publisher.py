@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,12 +18,13 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from control_plane.jwt_keys import JwtPolicy, ensure_keys, signer
+from control_plane.load import Target
 from control_plane.policy import policy_resources_from_state
 from control_plane.policy_servicer import PolicyCache, PolicySnapshot
 from control_plane.state import State, load_state
 from control_plane.xds.cache import SnapshotCache, XdsSnapshot
 from control_plane.xds.resources import encode_all
-from control_plane.xds.translate import GatewayConfig, resources_from_state
+from control_plane.xds.translate import GatewayConfig, is_eds, resources_from_state
 
 log = structlog.get_logger("control_plane.publisher")
 PUBLISHES = Counter("tessera_publishes_total", "Snapshots published", ["result"])
@@ -48,6 +50,7 @@ class Publisher:
         self._lock = asyncio.Lock()
         self._serial = 0
         self.state: State | None = None
+        self.load: Mapping[str, float] = {}  # backend URL -> weight factor (control_plane.load)
 
     def configure(self, gateway: GatewayConfig) -> None:
         """What Envoy needs to know about the gateway and us; nothing is published before."""
@@ -66,7 +69,7 @@ class Publisher:
             if state == self.state:
                 return
             try:
-                xds = encode_all(resources_from_state(state, self._gateway))
+                xds = encode_all(resources_from_state(state, self._gateway, self.load))
                 policy = policy_resources_from_state(state, time.time())
             except Exception:
                 PUBLISHES.labels("failed").inc()
@@ -85,6 +88,23 @@ class Publisher:
                 models=len(state.models),
                 limits=len(state.limits),
             )
+
+    def load_targets(self) -> list[Target]:
+        """The backends whose weights follow their load: those of EDS (all-IP) models."""
+        if self.state is None:
+            return []
+        return [Target(b.url, b.kind) for m in self.state.models if is_eds(m) for b in m.backends]
+
+    async def set_load(self, factors: Mapping[str, float]) -> None:
+        """Republish the endpoints with new load factors (only EDS changes reach Envoy)."""
+        async with self._lock:
+            self.load = dict(factors)
+            if self.state is None or self._gateway is None:
+                return
+            xds = encode_all(resources_from_state(self.state, self._gateway, self.load))
+            self._serial += 1
+            await self._xds.set(XdsSnapshot.build(self._serial, xds))
+            log.info("load_weights_published", serial=self._serial, factors=self.load)
 
     async def refresh_forever(self, interval: float) -> None:
         while True:

@@ -71,3 +71,6 @@ class ControlPlaneSettings(BaseSettings):
     # Local platform-admin credential (admin.json); principals and roles arrive with the admin issue.
     admin_token: SecretStr = SecretStr("")
     refresh_seconds: float = Field(default=5.0, gt=0, description="periodic re-read of the store")
+    load_scrape_seconds: float = Field(
+        default=2.0, ge=0, description="scrape backends' /metrics for load-aware weights (0 = off)"
+    )

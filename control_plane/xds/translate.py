@@ -10,6 +10,7 @@ backend.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,15 +173,24 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _locality_groups(backends: tuple[BackendState, ...]) -> list[dict[str, Any]]:
+WEIGHT_SCALE = 100  # endpoint weight = configured weight x 100 x load factor (>= 1)
+
+
+def is_eds(m: ModelState) -> bool:
+    """Every backend is an IP: endpoints over EDS (and load-aware weights)."""
+    return all(_is_ip(b.host) for b in m.backends)
+
+
+def _locality_groups(backends: tuple[BackendState, ...], load: Mapping[str, float]) -> list[dict[str, Any]]:
     # Envoy priorities must be dense from 0: rank the configured priorities.
     ranks = {p: i for i, p in enumerate(sorted({b.priority for b in backends}))}
     groups: dict[int, list[dict[str, Any]]] = {}
     for b in backends:
+        weight = max(1, round(max(1, b.weight) * WEIGHT_SCALE * load.get(b.url, 1.0)))
         groups.setdefault(ranks[b.priority], []).append(
             {
                 "endpoint": {"address": {"socket_address": {"address": b.host, "port_value": b.port}}},
-                "load_balancing_weight": max(1, b.weight),
+                "load_balancing_weight": weight,
             }
         )
     return [{"priority": p, "lb_endpoints": eps} for p, eps in sorted(groups.items())]
@@ -275,17 +285,21 @@ RETRY_POLICY: dict[str, Any] = {
 }
 
 
-def model_cluster(m: ModelState) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The model's cluster, and its ClusterLoadAssignment when served over EDS."""
+def model_cluster(
+    m: ModelState, load: Mapping[str, float] | None = None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The model's cluster, and its ClusterLoadAssignment when served over EDS. ``load``
+    (backend URL -> factor) scales EDS weights only (see ``control_plane.load``)."""
     name = cluster_name(m.name)
-    cla = {"cluster_name": name, "endpoints": _locality_groups(m.backends)}
+    eds_model = is_eds(m)
+    cla = {"cluster_name": name, "endpoints": _locality_groups(m.backends, (load or {}) if eds_model else {})}
     cluster: dict[str, Any] = {
         "name": name,
         "connect_timeout": "5s",
         "lb_policy": "ROUND_ROBIN",
         **_resilience(m),
     }
-    if all(_is_ip(b.host) for b in m.backends):
+    if eds_model:
         cluster |= {"type": "EDS", "eds_cluster_config": {"eds_config": ADS}}
         eds: dict[str, Any] | None = cla
     else:
@@ -338,13 +352,15 @@ def _admin_cluster(cfg: GatewayConfig) -> dict[str, Any]:
     }
 
 
-def resources_from_state(state: State, cfg: GatewayConfig) -> XdsResources:
+def resources_from_state(
+    state: State, cfg: GatewayConfig, load: Mapping[str, float] | None = None
+) -> XdsResources:
     clusters = {CP_HTTP_CLUSTER: _cp_http_cluster(cfg), ADMIN_CLUSTER: _admin_cluster(cfg)}
     endpoints: dict[str, dict[str, Any]] = {}
     for m in state.models:
         if not m.backends:
             continue
-        cluster, cla = model_cluster(m)
+        cluster, cla = model_cluster(m, load)
         clusters[cluster["name"]] = cluster
         if cla is not None:
             endpoints[cla["cluster_name"]] = cla

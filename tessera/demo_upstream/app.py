@@ -73,6 +73,7 @@ def build_app(
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/debug/requests", _debug_list)
     app.router.add_delete("/debug/requests", _debug_clear)
+    app.router.add_post("/debug/load", _debug_load)
     return app
 
 
@@ -216,8 +217,23 @@ async def _health(_request: web.Request) -> web.StreamResponse:
 
 
 async def _metrics(request: web.Request) -> web.StreamResponse:
-    body = request.app[_STATE].metrics.exposition()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    metrics = request.app[_STATE].metrics
+    if metrics.broken:
+        return web.Response(status=500, text="metrics are broken on purpose")
+    return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _debug_load(request: web.Request) -> web.StreamResponse:
+    """``{"waiting": N, "broken": bool}``: pretend N requests are queued (a loaded GPU), or make
+    ``/metrics`` fail. Tests use it to drive the gateway's load-aware weights."""
+    body = parse_body(await request.read())
+    state = request.app[_STATE]
+    waiting = body.get("waiting", 0)
+    if not isinstance(waiting, int) or waiting < 0:
+        raise ApiError(400, "`waiting` must be a non-negative integer.", param="waiting")
+    state.metrics.pretend_waiting(waiting)
+    state.metrics.broken = bool(body.get("broken", False))
+    return web.Response(status=204)
 
 
 async def _debug_list(request: web.Request) -> web.StreamResponse:

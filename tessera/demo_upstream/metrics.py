@@ -40,6 +40,8 @@ class UpstreamMetrics:
             "vllm:generation_tokens", "Number of generation tokens processed.", labels, registry=self.registry
         )
         self._in_flight: dict[str, int] = {}
+        self._models = tuple(models)
+        self.broken = False  # /metrics answers 500 (a scrape that fails)
         for model in models:
             for metric in (
                 self.running,
@@ -65,6 +67,11 @@ class UpstreamMetrics:
         self._in_flight[model] = count
         self.running.labels(model_name=model).set(count)
         self.kv_cache.labels(model_name=model).set(min(1.0, count * _KV_SHARE_PER_REQUEST))
+
+    def pretend_waiting(self, count: int) -> None:
+        """Report ``count`` queued requests for every model (the demo never queues for real)."""
+        for model in self._models:
+            self.waiting.labels(model_name=model).set(count)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -232,3 +232,37 @@ def test_a_client_disconnect_reaches_the_upstream(stack, upstreams):
 
     eventually(stopped, timeout=3)
     assert time.monotonic() - started < 3  # the generation was cancelled, not finished
+
+
+def test_a_backend_with_a_deep_queue_gets_less_traffic_until_it_drains(stack, upstreams):
+    model = f"load{time.monotonic_ns()}"
+    calm, busy = Upstream(model, "calm"), Upstream(model, "busy")
+    upstreams += [calm, busy]
+    stack.cli("models", "add", model, "--backend", calm.url, "--kind", "vllm")
+    stack.cli("models", "add-backend", model, "--backend", busy.url, "--kind", "vllm")
+
+    def report(upstream: Upstream, **load: object) -> None:
+        http(
+            "POST",
+            f"{upstream.url}/debug/load",
+            json.dumps(load).encode(),
+            {"content-type": "application/json"},
+        )
+
+    def busy_share() -> float:
+        counts = served_by(stack, model, stack.demo_key, 400, threads=1)
+        assert counts["calm"] + counts["busy"] == 400, counts
+        return counts["busy"] / 400
+
+    def share_between(low: float, high: float) -> None:
+        share = busy_share()
+        assert low <= share <= high, share
+
+    eventually(lambda: share_between(0.4, 0.6), timeout=10)  # equal weights: half each
+    report(busy, waiting=20)  # a deep queue: a factor of 1/11 on the next scrape (every 2 s)
+    eventually(lambda: share_between(0.0, 0.5 / 3), timeout=10)  # at most a third of its share
+    report(busy, waiting=0)  # drained
+    eventually(lambda: share_between(0.4, 0.6), timeout=10)
+    report(busy, waiting=20, broken=True)  # its /metrics fail: neutral, whatever it last said
+    time.sleep(4.5)
+    share_between(0.4, 0.6)

@@ -72,10 +72,45 @@ def test_priorities_are_dense_and_weights_kept():
     )
     cla = res.endpoints[cluster_name("m")]
     assert [(g["priority"], g["lb_endpoints"][0]["load_balancing_weight"]) for g in cla["endpoints"]] == [
-        (0, 3),
-        (1, 1),
+        (0, 300),  # configured weight x 100, so load factors can scale it finely
+        (1, 100),
     ]
     assert res.clusters[cluster_name("m")]["type"] == "EDS"
+
+
+def test_load_factors_scale_ip_backends_only():
+    ips = model("m", b("http://10.0.0.1:80", 2), b("http://10.0.0.2:80", 2))
+    names = model("n", b("http://gpu.example.com:80", 2))
+    load = {"http://10.0.0.1:80": 0.2, "http://gpu.example.com:80": 0.2}
+    res = resources_from_state(State(models=(ips, names)), CFG, load)
+    weights = [
+        e["load_balancing_weight"] for e in res.endpoints[cluster_name("m")]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert weights == [40, 200]  # the loaded backend at a fifth of its share; the other unchanged
+    dns = res.clusters[cluster_name("n")]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert dns[0]["load_balancing_weight"] == 200  # a DNS backend keeps its weight (no cluster churn)
+
+
+def test_load_factor_from_metrics():
+    from control_plane.load import load_factor, parse_metrics  # noqa: PLC0415
+
+    text = (
+        "# HELP vllm:num_requests_waiting queued\n"
+        'vllm:num_requests_waiting{model_name="a"} 6.0\n'
+        'vllm:num_requests_waiting{model_name="b"} 2.0\n'
+        'vllm:kv_cache_usage_perc{model_name="a"} 0.2\n'
+    )
+    samples = parse_metrics(text)
+    assert samples["vllm:num_requests_waiting"] == 8.0  # summed over models
+    assert load_factor("vllm", samples) == 0.2  # a queue of 8: a fifth
+    assert load_factor("vllm", parse_metrics('vllm:num_requests_waiting{m="a"} 0\n')) == 1.0
+    assert (
+        load_factor("vllm", parse_metrics("vllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 0.97\n"))
+        == 0.5
+    )
+    assert load_factor("llamacpp", parse_metrics("llamacpp:requests_deferred 2\n")) == 0.5
+    assert load_factor("vllm", parse_metrics("something_else 3\n")) == 1.0  # unreadable: neutral
+    assert load_factor("vllm", parse_metrics("vllm:num_requests_waiting 10000\n")) == 0.05  # floor
 
 
 def test_hostnames_use_dns_and_https_gets_sni():
