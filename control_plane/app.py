@@ -174,6 +174,7 @@ async def build_app(settings: ControlPlaneSettings) -> App:
             per_ip_requests_per_second=gw.per_ip_requests_per_second,
             per_ip_burst=gw.per_ip_burst,
             xff_trusted_hops=gw.xff_trusted_hops,
+            upstream_ca_file=gw.upstream_ca_file,
             jwt_issuer=settings.jwt.issuer,
             jwt_audience=settings.jwt.audience,
         )

@@ -43,6 +43,8 @@ class GatewaySettings(BaseModel):
     per_ip_requests_per_second: int = Field(default=20_000, ge=0)
     per_ip_burst: int = Field(default=20_000, ge=1)
     xff_trusted_hops: int = Field(default=0, ge=0, le=10)
+    # CA bundle (a path on the Envoy host) that https backends' certificates must chain to.
+    upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
 
 
 class JwtSettings(BaseModel):

@@ -35,6 +35,9 @@ MODEL_NAMED = {"string_match": {"safe_regex": {"regex": "^[^:].*"}}}  # a name, 
 JSON_CT = {"header": {"key": "content-type", "value": "application/json"}}
 
 
+SYSTEM_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"  # Debian/Ubuntu, and the Envoy images
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     host: str
@@ -51,3 +54,4 @@ class GatewayConfig:
     xff_trusted_hops: int = 0  # proxies in front of Envoy whose X-Forwarded-For is believed
     jwt_issuer: str = "https://tessera.local"
     jwt_audience: str = "tessera-gateway"
+    upstream_ca_file: str = SYSTEM_CA_FILE  # verifies https backends

@@ -32,6 +32,7 @@ from control_plane.xds.config import (
     POST,
     ROUTES_NAME,
     SSE_FILTER,
+    SYSTEM_CA_FILE,
     TRANSCODER,
     GatewayConfig,
     T,
@@ -285,8 +286,28 @@ RETRY_POLICY: dict[str, Any] = {
 }
 
 
+def _upstream_tls(hosts: list[str], ca_file: str) -> dict[str, Any]:
+    """TLS to https backends: SNI, and the server's certificate checked against the CA bundle
+    and the backend's host name (any of the model's https hosts)."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": hosts[0],
+            "common_tls_context": {
+                "validation_context": {
+                    "trusted_ca": {"filename": ca_file},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": h}} for h in dict.fromkeys(hosts)
+                    ],
+                }
+            },
+        },
+    }
+
+
 def model_cluster(
-    m: ModelState, load: Mapping[str, float] | None = None
+    m: ModelState, load: Mapping[str, float] | None = None, *, ca_file: str = SYSTEM_CA_FILE
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The model's cluster, and its ClusterLoadAssignment when served over EDS. ``load``
     (backend URL -> factor) scales EDS weights only (see ``control_plane.load``)."""
@@ -307,13 +328,7 @@ def model_cluster(
         eds = None
     tls_hosts = [b.host for b in m.backends if b.scheme == "https"]
     if tls_hosts:
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": tls_hosts[0],
-            },
-        }
+        cluster["transport_socket"] = _upstream_tls(tls_hosts, ca_file)
     return cluster, eds
 
 
@@ -360,7 +375,7 @@ def resources_from_state(
     for m in state.models:
         if not m.backends:
             continue
-        cluster, cla = model_cluster(m, load)
+        cluster, cla = model_cluster(m, load, ca_file=cfg.upstream_ca_file)
         clusters[cluster["name"]] = cluster
         if cla is not None:
             endpoints[cla["cluster_name"]] = cla

@@ -82,15 +82,13 @@ def test_weights_split_traffic_as_configured(stack, upstreams):
     stack.cli("models", "add", model, "--backend", heavy.url, "--kind", "vllm", "--weight", "3")
     stack.cli("models", "add", model, "--backend", light.url, "--kind", "vllm", "--weight", "1")
 
-    def routed() -> None:
-        assert set(served_by(stack, model, stack.demo_key, 8)) <= {"heavy", "light"}
+    def both_serving() -> None:  # a new backend takes traffic once its first health check passes
+        assert set(served_by(stack, model, stack.demo_key, 16)) == {"heavy", "light"}
 
-    eventually(routed, timeout=5)
-    # One client at a time. (With 8 concurrent clients this split came out 84:16, not 75:25,
-    # with no retry or ejection in Envoy's stats: unexplained so far, see the closing note.)
-    counts = served_by(stack, model, stack.demo_key, 2000, threads=1)
+    eventually(both_serving, timeout=10)
+    counts = served_by(stack, model, stack.demo_key, 2000)
     assert counts["heavy"] + counts["light"] == 2000, counts
-    assert 0.70 <= counts["heavy"] / 2000 <= 0.80, counts  # 3:1, weighted round robin
+    assert 0.72 <= counts["heavy"] / 2000 <= 0.78, counts  # 3:1, weighted round robin
 
 
 def test_a_failing_backend_is_ejected_and_traffic_falls_back_to_the_next_priority(stack, upstreams):

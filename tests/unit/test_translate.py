@@ -117,7 +117,14 @@ def test_hostnames_use_dns_and_https_gets_sni():
     res = resources_from_state(State(models=(model("m", b("https://vllm.example.com:443")),)), CFG)
     cluster = res.clusters[cluster_name("m")]
     assert cluster["type"] == "STRICT_DNS"
-    assert cluster["transport_socket"]["typed_config"]["sni"] == "vllm.example.com"
+    tls = cluster["transport_socket"]["typed_config"]
+    assert tls["sni"] == "vllm.example.com"
+    # the server's certificate is checked: the CA bundle and the backend's host name
+    validation = tls["common_tls_context"]["validation_context"]
+    assert validation["trusted_ca"]["filename"] == CFG.upstream_ca_file
+    assert validation["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "vllm.example.com"}}
+    ]
     assert cluster_name("m") not in res.endpoints
 
 
