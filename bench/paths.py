@@ -47,6 +47,7 @@ class Target:
     key_id: str = ""
     stoppers: list[Callable[[], None]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    cli: Callable[..., Any] | None = None  # a Tessera path: its admin CLI
 
     def stop(self) -> None:
         for fn in reversed(self.stoppers):
@@ -211,6 +212,7 @@ def _tessera_path(
 ) -> Target:
     target.base_url = f"http://{HOST}:{stack.port}"
     target.stoppers.append(stack.stop)
+    target.cli = stack.cli
     try:
         stack.start(1_000_000, *extra)
         stack.cli("tenants", "create", "bench")

@@ -22,9 +22,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import keyscale, paths, report
+from bench import keyscale, paths, report, ttft
 from bench.load import run_h2load, run_wrk, wrk_script
-from bench.procs import CpuMeter
+from bench.procs import CpuMeter, stop
 from bench.report import Measurement
 
 CONNECTIONS = (16, 64)
@@ -102,6 +102,19 @@ def measure(target: paths.Target, label: str, run: object) -> Measurement:
     return m
 
 
+def _ttft(workdir: Path, tessera: paths.Target) -> list[ttft.TtftResult]:
+    """Streaming time to first token, direct vs path (d), on a demo upstream of its own."""
+    if tessera.cli is None or tessera.key is None:
+        return []
+    url, proc = ttft.start_upstream(workdir)
+    try:
+        tessera.cli("models", "add", ttft.MODEL, "--backend", url, "--kind", "vllm")
+        print("bench: time to first token ...", flush=True)
+        return ttft.measure(url, tessera.base_url, tessera.key)
+    finally:
+        stop(proc)
+
+
 def _start_paths(
     targets: list[paths.Target], workdir: Path, request_limit: int, redis_url: str
 ) -> paths.Target:
@@ -135,6 +148,7 @@ def main() -> int:
 
     targets: list[paths.Target] = []
     measurements: list[Measurement] = []
+    ttft_results: list[ttft.TtftResult] = []
     open_label = f"{rate}rps"
     closed_labels = [f"c{c}" for c in CONNECTIONS]
     try:
@@ -155,6 +169,7 @@ def main() -> int:
                         ),
                     )
                 )
+        ttft_results = _ttft(workdir, tessera)
         for t in targets:
             time.sleep(1)
             measurements.append(
@@ -203,6 +218,19 @@ def main() -> int:
         *report.cpu_table(measurements),
         "",
     ]
+    if ttft_results:
+        lines += [
+            "## Time to first token (streaming)",
+            "",
+            (
+                f"A demo upstream (vLLM stand-in) streaming {ttft.MAX_TOKENS} tokens, one every "
+                f"{ttft.TOKEN_MS} ms; sequential streams on one keep-alive connection each, "
+                "alternating direct and through path (d). TTFT = first SSE event with content."
+            ),
+            "",
+            *ttft.table(ttft_results),
+            "",
+        ]
     if ks:
         lines += [
             "## ext_authz with many keys",
