@@ -24,6 +24,7 @@ class BackendState:
     kind: str
     weight: int
     priority: int
+    max_concurrency: int = 0  # requests in flight this backend takes; 0 = no limit
 
     @property
     def scheme(self) -> str:
@@ -184,7 +185,10 @@ async def load_state(session: AsyncSession) -> State:
                     ModelState(
                         name=m.name,
                         visibility=m.visibility,
-                        backends=tuple(BackendState(b.url, b.kind, b.weight, b.priority) for b in m.backends),
+                        backends=tuple(
+                            BackendState(b.url, b.kind, b.weight, b.priority, b.max_concurrency or 0)
+                            for b in m.backends
+                        ),
                         created_unix=unix(m.created_at),
                         default_max_tokens=m.default_max_tokens or 0,
                         max_max_tokens=m.max_max_tokens or 0,

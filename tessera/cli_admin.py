@@ -188,7 +188,9 @@ def _create_key(a: argparse.Namespace, pb: Any) -> Any:
 
 
 def _add_model(a: argparse.Namespace, pb: Any) -> Any:
-    backend = pb.Backend(url=a.backend, kind=a.kind, weight=a.weight, priority=a.priority)
+    backend = pb.Backend(
+        url=a.backend, kind=a.kind, weight=a.weight, priority=a.priority, max_concurrency=a.max_concurrency
+    )
     return pb.AddModelRequest(
         name=a.name, backend=backend, visibility=a.visibility, replace_backends=a.replace
     )
@@ -367,7 +369,11 @@ def _audit(items: Sequence[Any]) -> Rows:
 
 def _models(items: Sequence[Any]) -> Rows:
     def backends(m: Any) -> str:
-        return ", ".join(f"{b.url} ({b.kind}, w={b.weight}, p={b.priority})" for b in m.backends)
+        return ", ".join(
+            f"{b.url} ({b.kind}, w={b.weight}, p={b.priority}"
+            + (f", max={b.max_concurrency})" if b.max_concurrency else ")")
+            for b in m.backends
+        )
 
     def max_tokens(m: Any) -> str:
         return f"{m.default_max_tokens or '-'}/{m.max_max_tokens or '-'}"
@@ -705,6 +711,9 @@ COMMANDS: tuple[Command, ...] = (
             arg("--priority", type=count, default=0),
             arg("--visibility", choices=("public", "restricted"), default="public"),
             arg("--replace", action="store_true", help="replace the model's backends with this one"),
+            arg(
+                "--max-concurrency", type=count, default=0, help="requests in flight it takes (0 = no limit)"
+            ),
         ),
     ),
     Command(
@@ -728,7 +737,14 @@ COMMANDS: tuple[Command, ...] = (
         "add a backend to a registered model",
         "AddBackend",
         lambda a, pb: pb.AddBackendRequest(
-            name=a.name, backend=pb.Backend(url=a.backend, kind=a.kind, weight=a.weight, priority=a.priority)
+            name=a.name,
+            backend=pb.Backend(
+                url=a.backend,
+                kind=a.kind,
+                weight=a.weight,
+                priority=a.priority,
+                max_concurrency=a.max_concurrency,
+            ),
         ),
         lambda r: _models([r.model]),
         (
@@ -737,6 +753,9 @@ COMMANDS: tuple[Command, ...] = (
             arg("--kind", choices=BACKEND_KINDS, default="openai-compatible"),
             arg("--weight", type=count, default=1),
             arg("--priority", type=count, default=0, help="0 first; higher = fallback"),
+            arg(
+                "--max-concurrency", type=count, default=0, help="requests in flight it takes (0 = no limit)"
+            ),
         ),
     ),
     Command(
@@ -751,6 +770,7 @@ COMMANDS: tuple[Command, ...] = (
             arg("--weight", type=count),
             arg("--priority", type=count),
             arg("--kind", choices=BACKEND_KINDS),
+            arg("--max-concurrency", type=count, help="0 = no limit"),
         ),
     ),
     Command(

@@ -112,7 +112,14 @@ def model_pb(m: db.Model) -> pb.Model:
         visibility=m.visibility,
         create_time=rfc3339(m.created_at),
         backends=[
-            pb.Backend(url=b.url, kind=b.kind, weight=b.weight, priority=b.priority) for b in m.backends
+            pb.Backend(
+                url=b.url,
+                kind=b.kind,
+                weight=b.weight,
+                priority=b.priority,
+                max_concurrency=b.max_concurrency or 0,
+            )
+            for b in m.backends
         ],
         default_max_tokens=m.default_max_tokens or 0,
         max_max_tokens=m.max_max_tokens or 0,

@@ -19,6 +19,8 @@ from tessera.admin.v1 import admin_pb2 as pb
 from tessera.admin.v1 import admin_pb2_grpc
 from tessera.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 
+MAX_CONCURRENCY = 1_000_000
+
 
 def _weight(value: int) -> int:
     return min(value or 1, 10_000)
@@ -32,7 +34,14 @@ def _backend(msg: pb.Backend) -> Backend:
         kind=v.backend_kind(msg.kind),
         weight=_weight(msg.weight),
         priority=min(msg.priority, 1_000),
+        max_concurrency=_concurrency(msg.max_concurrency),
     )
+
+
+def _concurrency(value: int) -> int | None:
+    if value > MAX_CONCURRENCY:
+        raise InvalidArgumentError("max_concurrency", f"at most {MAX_CONCURRENCY}")
+    return value or None
 
 
 def _attach(model: Model, backend: Backend) -> None:
@@ -94,7 +103,8 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
         )
 
     async def UpdateBackend(self, request: pb.UpdateBackendRequest, context: Any) -> pb.UpdateBackendResponse:
-        mask = v.update_mask(list(request.update_mask), {"weight", "priority", "kind"})
+        mask = v.update_mask(list(request.update_mask), {"weight", "priority", "kind", "max_concurrency"})
+        concurrency = _concurrency(request.max_concurrency)
         kind = v.backend_kind(request.kind) if "kind" in mask else ""
 
         def change(m: Model) -> None:
@@ -105,6 +115,8 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
                 b.priority = min(request.priority, 1_000)
             if kind:
                 b.kind = kind
+            if "max_concurrency" in mask:
+                b.max_concurrency = concurrency
 
         return pb.UpdateBackendResponse(
             model=await self._change(context, request.name, "model.update_backend", change)

@@ -182,6 +182,7 @@ class Backend(Base):
     kind: Mapped[str] = mapped_column(String(32), default="openai-compatible")
     weight: Mapped[int] = mapped_column(Integer, default=1)
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    max_concurrency: Mapped[int | None] = mapped_column(Integer)
 
     model: Mapped[Model] = relationship(back_populates="backends")
 

@@ -224,6 +224,10 @@ def _resilience(m: ModelState) -> dict[str, Any]:
       no_healthy_backend instead of sending traffic to ones known to be broken;
     - a retry budget (20% of active requests, at least 3) bounds retries under load.
     """
+    limits = [b.max_concurrency for b in m.backends]
+    # Circuit breaker: the sum of the backends' max concurrency when every one has one
+    # (one cluster per model: the breaker counts the model's requests in flight).
+    max_requests = sum(limits) if all(limits) else 1_000_000
     out: dict[str, Any] = {
         # Envoy's defaults eject after 5 consecutive 5xx, always enforced. (envoy-data-plane
         # cannot spell consecutive_5xx: its dict casing turns it into consecutive_5_xx.)
@@ -239,8 +243,8 @@ def _resilience(m: ModelState) -> dict[str, Any]:
             "thresholds": [
                 {
                     "priority": "DEFAULT",
-                    "max_requests": 1_000_000,
-                    "max_pending_requests": 1_000_000,
+                    "max_requests": max_requests,
+                    "max_pending_requests": max_requests,
                     "retry_budget": {"budget_percent": {"value": 20}, "min_retry_concurrency": 3},
                 }
             ]

@@ -264,3 +264,40 @@ def test_a_backend_with_a_deep_queue_gets_less_traffic_until_it_drains(stack, up
     report(busy, waiting=20, broken=True)  # its /metrics fail: neutral, whatever it last said
     time.sleep(4.5)
     share_between(0.4, 0.6)
+
+
+def test_max_concurrency_is_a_circuit_breaker(stack, upstreams):
+    model = f"breaker{time.monotonic_ns()}"
+    up = Upstream(model, "small")
+    upstreams.append(up)
+    stack.cli("models", "add", model, "--backend", up.url, "--kind", "vllm", "--max-concurrency", "1")
+    client = stack.client(stack.demo_key)
+    eventually(
+        lambda: client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1
+        ),
+        timeout=5,
+    )
+    held = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "go"}], max_tokens=10, stream=True,
+        extra_headers={"x-demo-delay-ms": "100"},
+    )  # fmt: skip
+    it = iter(held)
+    next(it)
+    status, _, raw = http(
+        "POST",
+        f"{stack.gateway}/v1/chat/completions",
+        json.dumps(
+            {"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+        ).encode(),
+        {"authorization": f"Bearer {stack.demo_key}", "content-type": "application/json"},
+    )
+    assert status == 503  # the backend's one slot is taken: refused at the gateway, not queued there
+    assert json.loads(raw)["error"]["type"] == "server_error"
+    list(it)
+    eventually(
+        lambda: client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1
+        ),
+        timeout=3,
+    )

@@ -155,3 +155,15 @@ def test_type_versions_change_only_with_content():
     assert type_version(one[ENDPOINT_TYPE]) == type_version(same[ENDPOINT_TYPE])
     assert type_version(one[ENDPOINT_TYPE]) != type_version(moved[ENDPOINT_TYPE])
     assert type_version(one[CLUSTER_TYPE]) == type_version(moved[CLUSTER_TYPE])
+
+
+def test_circuit_breaker_is_the_sum_of_the_backends_max_concurrency():
+    def breaker(*backends: BackendState) -> int:
+        cluster = resources_from_state(State(models=(model("m", *backends),)), CFG).clusters[
+            cluster_name("m")
+        ]
+        return cluster["circuit_breakers"]["thresholds"][0]["max_requests"]
+
+    limited = [BackendState(f"http://10.0.0.{i}:80", "vllm", 1, 0, 8) for i in (1, 2)]
+    assert breaker(*limited) == 16
+    assert breaker(limited[0], b("http://10.0.0.3:80")) == 1_000_000  # one backend without a limit

@@ -1434,12 +1434,15 @@ class Backend(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     """scheme://host:port, no path"""
     kind: _builtins.str
     """vllm | dynamo | trtllm | llamacpp | openai-compatible"""
     weight: _builtins.int
     priority: _builtins.int
+    max_concurrency: _builtins.int
+    """requests in flight it takes; 0 = no limit"""
     def __init__(
         self,
         *,
@@ -1447,10 +1450,11 @@ class Backend(_message.Message):
         kind: _builtins.str = ...,
         weight: _builtins.int = ...,
         priority: _builtins.int = ...,
+        max_concurrency: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "priority", b"priority", "url", b"url", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "max_concurrency", b"max_concurrency", "priority", b"priority", "url", b"url", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1627,15 +1631,17 @@ class UpdateBackendRequest(_message.Message):
     WEIGHT_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     url: _builtins.str
     """which backend"""
     weight: _builtins.int
     priority: _builtins.int
     kind: _builtins.str
+    max_concurrency: _builtins.int
     @_builtins.property
     def update_mask(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """"weight", "priority", "kind" """
+        """"weight", "priority", "kind", "max_concurrency" """
 
     def __init__(
         self,
@@ -1646,10 +1652,11 @@ class UpdateBackendRequest(_message.Message):
         weight: _builtins.int = ...,
         priority: _builtins.int = ...,
         kind: _builtins.str = ...,
+        max_concurrency: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "priority", b"priority", "update_mask", b"update_mask", "url", b"url", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "max_concurrency", b"max_concurrency", "name", b"name", "priority", b"priority", "update_mask", b"update_mask", "url", b"url", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
