@@ -21,7 +21,7 @@ from control_plane.jwt_keys import JwtPolicy, ensure_keys, signer
 from control_plane.load import Target
 from control_plane.policy import policy_resources_from_state
 from control_plane.policy_servicer import PolicyCache, PolicySnapshot
-from control_plane.state import State, load_state
+from control_plane.state import PriceState, State, load_state
 from control_plane.xds.cache import SnapshotCache, XdsSnapshot
 from control_plane.xds.resources import encode_all
 from control_plane.xds.translate import GatewayConfig, is_eds, resources_from_state
@@ -50,6 +50,7 @@ class Publisher:
         self._lock = asyncio.Lock()
         self._serial = 0
         self.state: State | None = None
+        self._prices: tuple[PriceState | None, ...] = ()  # each model's price in effect, last published
         self.load: Mapping[str, float] = {}  # backend URL -> weight factor (control_plane.load)
 
     def configure(self, gateway: GatewayConfig) -> None:
@@ -66,17 +67,19 @@ class Publisher:
                 state = await load_state(session)
                 if self.signing is None or self.state is None or state.jwks != self.state.jwks:
                     self.signing = await signer(session, self._pepper)
-            if state == self.state:
-                return
+            now = time.time()
+            prices = tuple(m.price_at(now) for m in state.models)
+            if state == self.state and prices == self._prices:
+                return  # nothing new (a price that just took effect counts as new)
             try:
                 xds = encode_all(resources_from_state(state, self._gateway, self.load))
-                policy = policy_resources_from_state(state, time.time())
+                policy = policy_resources_from_state(state, now)
             except Exception:
                 PUBLISHES.labels("failed").inc()
                 log.exception("publish_failed")
                 raise
             self._serial += 1
-            self.state = state
+            self.state, self._prices = state, prices
             await self._xds.set(XdsSnapshot.build(self._serial, xds))
             await self._policy.set(PolicySnapshot(self._serial, policy))
             PUBLISHES.labels("ok").inc()

@@ -181,7 +181,7 @@ class RateLimiter:
         ]
         if not limits:
             return
-        period = calendar_month(self._clock.now())[0]
+        period, _, period_end = calendar_month(self._clock.now())
         info = snapshot.model(usage.model)
         seen: set[str] = set()
         settlements = []
@@ -192,7 +192,13 @@ class RateLimiter:
             kind = SLOTS if lim.kind == CONCURRENCY else BUDGET
             settlements.append(
                 Settlement(
-                    lim.counter_key, kind, lim.limit, lim.window_seconds, period, _actual(lim, usage, info)
+                    lim.counter_key,
+                    kind,
+                    lim.limit,
+                    lim.window_seconds,
+                    period,
+                    period_end,
+                    _actual(lim, usage, info),
                 )
             )
         try:
@@ -310,11 +316,11 @@ def _actual(lim: RequestLimit, usage: Usage, info: ModelInfo) -> int | None:
     """The request's real cost on ``lim``: 0 for a failed request (its reservation comes back),
     None when the usage is unknown (the reservation stands: a stream the client cut is charged
     what was reserved, never zero)."""
-    if usage.status >= 400:  # noqa: PLR2004 - HTTP error statuses
+    if usage.prompt_tokens is not None and usage.completion_tokens is not None:
+        return _cost(lim, info, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+    if usage.status >= 400:  # noqa: PLR2004 - HTTP error statuses: failed, nothing to charge
         return 0
-    if usage.prompt_tokens is None or usage.completion_tokens is None:
-        return None
-    return _cost(lim, info, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+    return None
 
 
 def _cost(lim: RequestLimit, info: ModelInfo, prompt: int, completion: int, cached: int) -> int:

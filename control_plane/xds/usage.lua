@@ -116,7 +116,8 @@ function envoy_on_response(h)
   h:headers():remove("content-length")
   local pending, last, last_out = "", nil, nil
   for chunk in h:bodyChunks() do
-    local s = pending .. chunk:getBytes(0, chunk:length())
+    local own = chunk:getBytes(0, chunk:length())
+    local s = pending .. own
     local out, pos = {}, 1
     local crlf = string.find(s, "\r", 1, true) ~= nil
     while true do
@@ -129,7 +130,7 @@ function envoy_on_response(h)
     end
     pending = string.sub(s, pos) -- an unfinished event waits for its end
     local o = table.concat(out)
-    if o ~= s then chunk:setBytes(o) end
+    if o ~= own then chunk:setBytes(o) end -- compare with this chunk's own bytes, not pending .. own
     last, last_out = chunk, o
   end
   if #pending > 0 and last then last:setBytes(last_out .. pending) end -- an unterminated tail

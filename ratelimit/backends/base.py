@@ -58,6 +58,7 @@ class Settlement:
     limit: int
     window_seconds: float
     period: int = 0
+    period_end: float = 0.0  # BUDGET with window 0: the calendar period's end (unix seconds)
     actual: int | None = None
     """BUDGET: the real amount (0 gives the whole reservation back); None keeps the reservation."""
 

@@ -28,10 +28,11 @@ class _Log:
 
 
 class _Budget:
-    __slots__ = ("level", "period", "reservations", "settled", "t")
+    __slots__ = ("level", "limit", "period", "reservations", "settled", "t")
 
     def __init__(self, limit: int, now: float, period: int) -> None:
         self.level = float(limit)
+        self.limit = limit
         self.t = now
         self.period = period
         self.reservations: dict[str, tuple[int, float]] = {}  # request id -> (amount, expiry)
@@ -39,6 +40,9 @@ class _Budget:
 
     def refresh(self, limit: int, window: float, period: int, now: float) -> None:
         """Refill (or start the new calendar period), then release expired reservations."""
+        if limit != self.limit:  # a changed limit keeps what was used
+            self.level += limit - self.limit
+            self.limit = limit
         if window > 0:
             self.level = min(float(limit), self.level + (now - self.t) * limit / window)
         elif period != self.period:

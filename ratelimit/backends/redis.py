@@ -27,10 +27,12 @@ DEFAULT_PREFIX = "tessera:rl:"
 _COMMON = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local LIMITS = {} -- state key -> the limit this call saw (saved with the level)
 local function budget_level(st, idx, limit, window, period)
-  local h = redis.call('HMGET', st, 'level', 't', 'period')
-  local lv, lt, lp = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
-  if lv == nil then lv, lt, lp = limit, now, period end
+  local h = redis.call('HMGET', st, 'level', 't', 'period', 'limit')
+  local lv, lt, lp, ll = tonumber(h[1]), tonumber(h[2]), tonumber(h[3]), tonumber(h[4])
+  if lv == nil then lv, lt, lp, ll = limit, now, period, limit end
+  if ll ~= nil and ll ~= limit then lv = lv + limit - ll end -- a changed limit keeps what was used
   if window > 0 then
     lv = math.min(limit, lv + (now - lt) * limit / window)
   elseif lp ~= period then
@@ -50,7 +52,7 @@ local function budget_level(st, idx, limit, window, period)
   return lv, lp
 end
 local function budget_save(st, idx, lv, lp, ttl_us)
-  redis.call('HSET', st, 'level', tostring(lv), 't', now, 'period', lp)
+  redis.call('HSET', st, 'level', tostring(lv), 't', now, 'period', lp, 'limit', LIMITS[st])
   local ms = math.ceil(ttl_us / 1000) + 1000
   redis.call('PEXPIRE', st, ms)
   redis.call('PEXPIRE', idx, ms)
@@ -72,6 +74,7 @@ for i = 1, n do
   local kind, limit = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   local window, hits = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 4])
   if kind == 2 then
+    LIMITS[KEYS[k]] = limit
     value[i], periods[i] = budget_level(KEYS[k], KEYS[k + 1], limit, window, tonumber(ARGV[a + 6]))
     over[i] = value[i] < hits
   elseif kind == 3 then
@@ -97,7 +100,7 @@ for i = 1, n do
       if window > 0 then
         if hits > limit then retry = window else retry = (hits - lv) * window / limit end
       else
-        retry = tonumber(ARGV[a + 7]) - now
+        retry = math.max(1000000, tonumber(ARGV[a + 7]) - now)
       end
     elseif admitted == 1 then
       lv = lv - hits
@@ -147,30 +150,33 @@ return out
 """
 )
 
-# ARGV[1]: request id; ARGV[2]: lease (µs); then per counter 5 values: kind, limit, window_us,
-# period, actual (-1: keep the reservation).
+# ARGV[1]: request id; ARGV[2]: lease (µs); then per counter 6 values: kind, limit, window_us,
+# period, period_end_us, actual (-1: keep the reservation).
 _SETTLE = (
     _COMMON
     + """
 local rid, lease = ARGV[1], tonumber(ARGV[2])
 for i = 1, #KEYS / 2 do
-  local a, k = 3 + (i - 1) * 5, 2 * i - 1
+  local a, k = 3 + (i - 1) * 6, 2 * i - 1
   local kind, limit, window = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   if kind == 3 then
     redis.call('ZREM', KEYS[k], rid)
   elseif redis.call('HEXISTS', KEYS[k], 'd:' .. rid) == 0 then
+    LIMITS[KEYS[k]] = limit
     local lv, lp = budget_level(KEYS[k], KEYS[k + 1], limit, window, tonumber(ARGV[a + 3]))
     local v = redis.call('HGET', KEYS[k], 'r:' .. rid)
     local reserved = 0
     if v then reserved = tonumber(v) end
-    local actual = tonumber(ARGV[a + 4])
+    local actual = tonumber(ARGV[a + 5])
     if actual < 0 then actual = reserved end
     lv = math.min(limit, lv + reserved - actual)
     redis.call('HDEL', KEYS[k], 'r:' .. rid)
     redis.call('ZREM', KEYS[k + 1], rid)
     redis.call('HSET', KEYS[k], 'd:' .. rid, 1)
     redis.call('ZADD', KEYS[k + 1], now + lease, 'd:' .. rid)
-    budget_save(KEYS[k], KEYS[k + 1], lv, lp, math.max(window, 0) + 2 * lease)
+    local ttl = window + 2 * lease -- the same rule as acquire: a month budget lives to its end
+    if window == 0 then ttl = math.max(tonumber(ARGV[a + 4]) - now, 0) + 2 * lease end
+    budget_save(KEYS[k], KEYS[k + 1], lv, lp, ttl)
   end
 end
 return 1
@@ -232,7 +238,10 @@ class RedisCounterBackend:
         args: list[str | int] = [request_id, _us(lease_seconds)]
         for s in settlements:
             keys += self._keys(s.key)
-            args += (s.kind, s.limit, _us(s.window_seconds), s.period, -1 if s.actual is None else s.actual)
+            args += (
+                s.kind, s.limit, _us(s.window_seconds), s.period, _us(s.period_end),
+                -1 if s.actual is None else s.actual,
+            )  # fmt: skip
         await self._call(self._settle, keys, args)
 
     @staticmethod

@@ -40,6 +40,7 @@ from tessera.demo_upstream.tokens import embedding, generated_words, to_base64
 
 RECORDED_REQUESTS = 200
 DELAY_HEADER = "x-demo-delay-ms"
+SPLIT_HEADER = "x-demo-split-events"  # "1": every SSE event in two writes (as TCP may deliver it)
 MAX_DELAY_MS = 10_000
 NAME_HEADER = "x-demo-upstream"
 
@@ -154,6 +155,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
                 delay=delay,
                 headers={NAME_HEADER: state.name},
                 on_tokens=metrics.generation_tokens.labels(model_name=gen.model).inc,
+                split=request.headers.get(SPLIT_HEADER) == "1",
             )
         if delay:
             await asyncio.sleep(delay * gen.completion_tokens)

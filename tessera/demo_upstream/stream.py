@@ -61,6 +61,15 @@ class _Chunks:
         return {**self.base, "choices": [], "usage": usage}
 
 
+async def _write_event(response: web.StreamResponse, event: bytes, *, split: bool) -> None:
+    if split:  # the first half now, the rest a moment later: a proxy sees two reads
+        half = len(event) // 2
+        await response.write(event[:half])
+        await asyncio.sleep(0.005)
+        event = event[half:]
+    await response.write(event)
+
+
 async def stream(
     request: web.Request,
     gen: GenerateRequest,
@@ -69,6 +78,7 @@ async def stream(
     delay: float,
     headers: dict[str, str],
     on_tokens: Callable[[int], None],
+    split: bool = False,
 ) -> web.StreamResponse:
     """One write per chunk (so the client sees tokens as they come); stops if the client leaves."""
     response = web.StreamResponse(
@@ -79,7 +89,9 @@ async def stream(
     chunks = _Chunks(gen, chat)
 
     async def send(payload: dict[str, Any]) -> None:
-        await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+        await _write_event(
+            response, b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n", split=split
+        )
 
     try:
         if chat:

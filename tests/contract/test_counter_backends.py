@@ -7,6 +7,7 @@ so windows are 1 s and the suite sleeps for a few seconds at most.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -371,3 +372,33 @@ async def test_a_shadow_budget_never_refuses(harness):
     result = await b.acquire([shadow], request_id="r1", lease_seconds=60)
     assert result.admitted
     assert result.states[0].over
+
+
+async def test_changing_a_budgets_limit_keeps_what_was_used(harness):
+    b = harness.backend
+    assert (await b.acquire([budget(hits=100)], request_id="r1", lease_seconds=60)).admitted  # all used
+    raised = await b.acquire([budget(limit=1000, hits=400)], request_id="r2", lease_seconds=60)
+    assert raised.admitted  # 900 left of the new 1000
+    assert raised.states[0].remaining == 500
+    lowered = await b.acquire([budget(limit=400, hits=0)], request_id="r3", lease_seconds=60)
+    assert not lowered.admitted  # 500 used is over a limit of 400: even a free request waits
+    await b.settle([settlement(limit=400, actual=100)], request_id="r2")  # r2 used 100 of its 400
+    back = await b.acquire([budget(limit=1000, hits=0)], request_id="p", lease_seconds=60)
+    assert back.states[0].remaining == 800  # 100 + 100 used of 1000
+
+
+@pytest.mark.redis
+async def test_a_settled_month_budget_lives_until_its_month_ends():
+    prefix = f"tessera:test:{uuid.uuid4().hex}:rl:"
+    backend = RedisCounterBackend(REDIS_URL, prefix=prefix)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        end = time.time() + 20 * 86400  # 20 days from now
+        await backend.acquire([budget(hits=10, period_end=end)], request_id="r1", lease_seconds=60)
+        settle = Settlement(counter_key("t1", "B1"), BUDGET, 100, 0.0, period=1, period_end=end, actual=5)
+        await backend.settle([settle], request_id="r1", lease_seconds=60)
+        ttl = await client.pttl(prefix + counter_key("t1", "B1"))
+        assert ttl > 19 * 86400 * 1000  # not cut to the lease: an idle tenant keeps its count
+    finally:
+        await client.aclose()
+        await backend.close()

@@ -287,3 +287,18 @@ def test_no_double_burst_at_a_window_edge(stack):
     burst()
     assert time.monotonic() - started < 1.0  # both bursts inside one window length
     assert outcomes.count("ok") == n
+
+
+def test_events_split_across_reads_reach_the_client_whole_when_usage_is_stripped(stack):
+    """An upstream (or TCP) may cut an SSE event in two: the usage strip must not lose bytes."""
+    client = stack.client(stack.demo_key)
+    for include_usage in (None, True):  # stripped (injected) and passed through (asked for)
+        options = {} if include_usage is None else {"stream_options": {"include_usage": True}}
+        chunks = list(
+            chat(
+                client, max_tokens=6, stream=True, extra_headers={"x-demo-split-events": "1"}, **options
+            ).parse()
+        )
+        words = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).split()
+        assert words == [f"tok{i}" for i in range(6)]
+        assert (chunks[-1].usage is not None) == bool(include_usage)

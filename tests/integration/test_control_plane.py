@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -551,3 +552,39 @@ async def test_model_registry_backends_can_be_added_changed_removed(admin):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await admin.GetModel(admin_pb2.GetModelRequest(name=name), metadata=AUTH)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_price_reaches_the_ratelimit_stream_when_it_takes_effect(admin, app):
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    await admin.AddModel(
+        admin_pb2.AddModelRequest(name=model, backend=admin_pb2.Backend(url="http://127.0.0.1:9")),
+        metadata=AUTH,
+    )
+    soon = datetime.now(UTC) + timedelta(seconds=2)
+    price = admin_pb2.SetModelPriceRequest(
+        name=model, input_micros=7, output_micros=9, effective_time=soon.isoformat().replace("+00:00", "Z")
+    )
+    await admin.SetModelPrice(price, metadata=AUTH)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.xds_port}") as ch:
+        stream = policy_pb2_grpc.PolicyServiceStub(ch).Stream()
+        await stream.write(policy_pb2.StreamPolicyRequest(node_id="test", service="ratelimit"))
+        first = await asyncio.wait_for(stream.read(), 5)
+        snapshot = (
+            list(first.upserts)
+            if first.complete
+            else [*first.upserts, *(await _next_complete(stream)).upserts]
+        )
+        (m,) = [r.model for r in snapshot if r.WhichOneof("kind") == "model" and r.model.name == model]
+        assert m.currency == ""  # not in effect yet: unpriced
+        deadline = asyncio.get_running_loop().time() + 12  # the 5 s refresh notices the new price
+        while True:
+            delta = await asyncio.wait_for(
+                _next_complete(stream), max(0.1, deadline - asyncio.get_running_loop().time())
+            )
+            priced = [
+                r.model for r in delta.upserts if r.WhichOneof("kind") == "model" and r.model.name == model
+            ]
+            if priced:
+                assert (priced[0].input_micros, priced[0].output_micros, priced[0].currency) == (7, 9, "USD")
+                break
+        stream.cancel()
