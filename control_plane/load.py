@@ -127,8 +127,8 @@ class LoadWatcher:
         for url, f in factors.items():
             LOAD_FACTOR.labels(url).set(f)
         if factors != self.factors:
-            self.factors = factors
             await self._apply(factors)
+            self.factors = factors  # only once applied: a failed republish is retried next round
 
     async def _scrape(self, http: aiohttp.ClientSession, target: Target) -> float:
         try:

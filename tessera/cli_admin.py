@@ -253,7 +253,7 @@ def _price_model(a: argparse.Namespace, pb: Any) -> Any:
         name=a.name,
         input_micros=a.input,
         output_micros=a.output_micros,
-        cached_micros=a.cached or 0,
+        **({} if a.cached is None else {"cached_micros": a.cached}),
         currency=a.currency,
         effective_time=a.effective or "",
     )

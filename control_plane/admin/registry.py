@@ -200,7 +200,11 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
     async def SetModelPrice(self, request: pb.SetModelPriceRequest, context: Any) -> pb.SetModelPriceResponse:
         input_micros = v.micros(request.input_micros, "input_micros")
         output_micros = v.micros(request.output_micros, "output_micros")
-        cached = v.micros(request.cached_micros, "cached_micros") if request.cached_micros else input_micros
+        cached = (
+            v.micros(request.cached_micros, "cached_micros")
+            if request.HasField("cached_micros")
+            else input_micros
+        )
         currency = v.currency(request.currency)
         effective = v.effective_time(request.effective_time, datetime.now(UTC))
         async with self.tx(context) as (s, caller):

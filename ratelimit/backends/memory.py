@@ -45,7 +45,7 @@ class _Budget:
             self.limit = limit
         if window > 0:
             self.level = min(float(limit), self.level + (now - self.t) * limit / window)
-        elif period != self.period:
+        elif period > self.period:  # only forward: replicas' clocks may straddle a month's end
             self.level, self.period = float(limit), period
         self.t = now
         for rid, (amount, expiry) in list(self.reservations.items()):

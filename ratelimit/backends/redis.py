@@ -35,7 +35,7 @@ local function budget_level(st, idx, limit, window, period)
   if ll ~= nil and ll ~= limit then lv = lv + limit - ll end -- a changed limit keeps what was used
   if window > 0 then
     lv = math.min(limit, lv + (now - lt) * limit / window)
-  elseif lp ~= period then
+  elseif period > lp then -- only forward: replicas' clocks may straddle a month's end
     lv, lp = limit, period
   end
   local expired = redis.call('ZRANGEBYSCORE', idx, '-inf', now, 'LIMIT', 0, 256)

@@ -419,10 +419,14 @@ async def test_limits_of_every_kind_and_model_prices_reach_the_ratelimit_stream(
     price = admin_pb2.SetModelPriceRequest(name=model, input_micros=150_000, output_micros=600_000)
     priced = (await admin.SetModelPrice(price, metadata=AUTH)).model
     assert (priced.prices[0].cached_micros, priced.prices[0].currency) == (150_000, "USD")
+    free_cache = admin_pb2.SetModelPriceRequest(
+        name=model, input_micros=3, output_micros=4, cached_micros=0, effective_time="2998-01-01"
+    )
+    assert (await admin.SetModelPrice(free_cache, metadata=AUTH)).model.prices[-1].cached_micros == 0
     future = admin_pb2.SetModelPriceRequest(
         name=model, input_micros=1, output_micros=2, effective_time="2999-01-01"
     )
-    assert len((await admin.SetModelPrice(future, metadata=AUTH)).model.prices) == 2
+    assert len((await admin.SetModelPrice(future, metadata=AUTH)).model.prices) == 3
     tokens = (
         await admin.CreateLimit(
             admin_pb2.CreateLimitRequest(

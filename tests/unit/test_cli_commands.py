@@ -441,6 +441,10 @@ def test_models_update_and_price():
     assert msg == pb.SetModelPriceRequest(
         name="m", input_micros=150000, output_micros=600000, currency="USD", effective_time="2026-12-01"
     )
+    _, free_cache = req("models", "price", "m", "--input", "5", "--output", "9", "--cached", "0")
+    assert free_cache.HasField("cached_micros")  # cached tokens free: 0 is sent, not "unset"
+    assert free_cache.cached_micros == 0
+    assert not msg.HasField("cached_micros")  # not given: the server uses the input price
     # the price's --output is not the output format; -o still is
     args = build_parser().parse_args(["models", "price", "m", "--input", "1", "--output", "2", "-o", "json"])
     assert (args.output, args.output_micros) == ("json", 2)

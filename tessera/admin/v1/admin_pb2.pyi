@@ -1823,7 +1823,7 @@ class SetModelPriceRequest(_message.Message):
     input_micros: _builtins.int
     output_micros: _builtins.int
     cached_micros: _builtins.int
-    """default: the input price"""
+    """default: the input price (0 = cached tokens are free)"""
     currency: _builtins.str
     """default USD"""
     effective_time: _builtins.str
@@ -1834,15 +1834,17 @@ class SetModelPriceRequest(_message.Message):
         name: _builtins.str = ...,
         input_micros: _builtins.int = ...,
         output_micros: _builtins.int = ...,
-        cached_micros: _builtins.int = ...,
+        cached_micros: _builtins.int | None = ...,
         currency: _builtins.str = ...,
         effective_time: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cached_micros", b"_cached_micros", "cached_micros", b"cached_micros"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_micros", b"cached_micros", "currency", b"currency", "effective_time", b"effective_time", "input_micros", b"input_micros", "name", b"name", "output_micros", b"output_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cached_micros", b"_cached_micros", "cached_micros", b"cached_micros", "currency", b"currency", "effective_time", b"effective_time", "input_micros", b"input_micros", "name", b"name", "output_micros", b"output_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__cached_micros: _TypeAlias = _typing.Literal["cached_micros"]  # noqa: Y015
+    _WhichOneofArgType__cached_micros: _TypeAlias = _typing.Literal["_cached_micros", b"_cached_micros"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cached_micros) -> _WhichOneofReturnType__cached_micros | None: ...
 
 Global___SetModelPriceRequest: _TypeAlias = SetModelPriceRequest  # noqa: Y015
 
