@@ -44,6 +44,26 @@ def chat(client: openai.OpenAI, **kw: Any) -> Any:
     return client.chat.completions.with_raw_response.create(**kw)
 
 
+def burst(client: openai.OpenAI, n: int, outcomes: list[str]) -> None:
+    """``n`` requests at once; appends "ok" or "429" for each to ``outcomes``."""
+    lock = threading.Lock()
+
+    def one() -> None:
+        try:
+            chat(client, max_tokens=1)
+            result = "ok"
+        except openai.RateLimitError:
+            result = "429"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def remaining_tokens(raw: Any) -> int:
     return int(raw.headers["x-ratelimit-remaining-tokens"])
 
@@ -152,22 +172,7 @@ def test_limits_show_openai_headers_and_shadow_limits_never_refuse(stack):
 def test_parallel_requests_never_exceed_a_request_limit(stack):
     client = stack.client(tenant_with(stack, ["--kind", "requests", "--window", "minute", "--limit", "7"]))
     outcomes: list[str] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        try:
-            chat(client, max_tokens=1)
-            result = "ok"
-        except openai.RateLimitError:
-            result = "429"
-        with lock:
-            outcomes.append(result)
-
-    threads = [threading.Thread(target=one) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    burst(client, 16, outcomes)
     assert outcomes.count("ok") == 7
     assert outcomes.count("429") == 9
 
@@ -261,30 +266,12 @@ def test_no_double_burst_at_a_window_edge(stack):
     n = 4
     client = stack.client(tenant_with(stack, ["--kind", "requests", "--window", "second", "--limit", str(n)]))
     outcomes: list[str] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        try:
-            chat(client, max_tokens=1)
-            result = "ok"
-        except openai.RateLimitError:
-            result = "429"
-        with lock:
-            outcomes.append(result)
-
-    def burst() -> None:
-        threads = [threading.Thread(target=one) for _ in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
     now = time.time()
     time.sleep((0.8 - now % 1) % 1)  # to x.8
     started = time.monotonic()
-    burst()
+    burst(client, n, outcomes)
     time.sleep(max(0.0, 0.4 - (time.monotonic() - started)))  # to (x+1).2
-    burst()
+    burst(client, n, outcomes)
     assert time.monotonic() - started < 1.0  # both bursts inside one window length
     assert outcomes.count("ok") == n
 

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,16 @@ def upstreams() -> Iterator[list[Upstream]]:
     yield started
     for u in started:
         u.stop()
+
+
+def wait_routed(client: Any, model: str, timeout: float = 5) -> None:
+    """Until a newly registered model answers (its config reaches Envoy within about a second)."""
+    eventually(
+        lambda: client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1
+        ),
+        timeout=timeout,
+    )
 
 
 def served_by(stack, model: str, key: str, n: int, threads: int = 8) -> Counter[str]:
@@ -154,12 +165,7 @@ def test_changing_weights_while_streams_run_cuts_none_and_streams_arrive_increme
     stack.cli("models", "add", model, "--backend", one.url, "--kind", "vllm")
     stack.cli("models", "add-backend", model, "--backend", two.url, "--kind", "vllm")
     client = stack.client(stack.demo_key)
-    eventually(
-        lambda: client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1
-        ),
-        timeout=5,
-    )
+    wait_routed(client, model)
     results: list[tuple[int, float, float]] = []  # (tokens, first chunk at, done at)
     lock = threading.Lock()
 
@@ -199,12 +205,7 @@ def test_a_client_disconnect_reaches_the_upstream(stack, upstreams):
     upstreams.append(up)
     stack.cli("models", "add", model, "--backend", up.url, "--kind", "vllm")
     client = stack.client(stack.demo_key)
-    eventually(
-        lambda: client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1
-        ),
-        timeout=5,
-    )
+    wait_routed(client, model)
 
     def running() -> float:
         text = urllib.request.urlopen(f"{up.url}/metrics", timeout=2).read().decode()  # noqa: S310
@@ -272,12 +273,7 @@ def test_max_concurrency_is_a_circuit_breaker(stack, upstreams):
     upstreams.append(up)
     stack.cli("models", "add", model, "--backend", up.url, "--kind", "vllm", "--max-concurrency", "1")
     client = stack.client(stack.demo_key)
-    eventually(
-        lambda: client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1
-        ),
-        timeout=5,
-    )
+    wait_routed(client, model)
     held = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "go"}], max_tokens=10, stream=True,
         extra_headers={"x-demo-delay-ms": "100"},
@@ -295,9 +291,4 @@ def test_max_concurrency_is_a_circuit_breaker(stack, upstreams):
     assert status == 503  # the backend's one slot is taken: refused at the gateway, not queued there
     assert json.loads(raw)["error"]["type"] == "server_error"
     list(it)
-    eventually(
-        lambda: client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1
-        ),
-        timeout=3,
-    )
+    wait_routed(client, model, timeout=3)
