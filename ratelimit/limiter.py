@@ -133,6 +133,7 @@ class RateLimiter:
         self._clock = clock
         self._lease = lease_seconds
         self._default_completion = default_completion_tokens
+        self._month_cache = (0, 0.0, 0.0)  # (id, start, end) of the calendar month last seen
 
     def replace(self, snapshot: LimitSnapshot) -> None:
         """Swap the whole snapshot; requests in flight keep the one they started with."""
@@ -143,7 +144,8 @@ class RateLimiter:
         per_hit = [snapshot.applicable(h.tenant_id, h.key_id, h.model) for h in hits]
         index: dict[str, int] = {}  # counter key -> position; a limit counts once per request
         requests: list[CounterRequest] = []
-        month = calendar_month(self._clock.now())
+        now = self._clock.now()
+        month = self._month(now)
         request_id = ""
         for hit, limits in zip(hits, per_hit, strict=True):
             request_id = request_id or hit.request_id
@@ -157,9 +159,7 @@ class RateLimiter:
         states = await self._acquire(requests, hits[0].tenant_id, request_id)
         outcomes = tuple(
             tuple(
-                _outcome(
-                    lim, states[index[lim.counter_key]] if states else None, month[2] - self._clock.now()
-                )
+                _outcome(lim, states[index[lim.counter_key]] if states else None, month[2] - now)
                 for lim in limits
             )
             for limits in per_hit
@@ -181,7 +181,7 @@ class RateLimiter:
         ]
         if not limits:
             return
-        period, _, period_end = calendar_month(self._clock.now())
+        period, _, period_end = self._month(self._clock.now())
         info = snapshot.model(usage.model)
         seen: set[str] = set()
         settlements = []
@@ -233,6 +233,13 @@ class RateLimiter:
             period=month[0],
             period_end=month[2],
         )
+
+    def _month(self, now: float) -> tuple[int, float, float]:
+        """The calendar month of ``now``, recomputed only when it changes (a hot-path call)."""
+        cached = self._month_cache
+        if not cached[1] <= now < cached[2]:
+            cached = self._month_cache = calendar_month(now)
+        return cached
 
     def estimate(self, hit: Hit, info: ModelInfo) -> tuple[int, int]:
         """(prompt, completion) tokens to reserve: the body's size / 4 for the prompt (JSON

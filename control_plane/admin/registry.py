@@ -13,7 +13,7 @@ from control_plane import validation as v
 from control_plane.admin.base import AdminServicerBase
 from control_plane.admin.convert import aware, limit_pb, model_pb, rfc3339
 from control_plane.db.models import Backend, Limit, Model, ModelPrice, Tenant
-from control_plane.db.repositories import ModelRepository
+from control_plane.db.repositories import ModelRepository, attach_backend
 from tessera import keys
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.admin.v1 import admin_pb2_grpc
@@ -42,12 +42,6 @@ def _concurrency(value: int) -> int | None:
     if value > MAX_CONCURRENCY:
         raise InvalidArgumentError("max_concurrency", f"at most {MAX_CONCURRENCY}")
     return value or None
-
-
-def _attach(model: Model, backend: Backend) -> None:
-    if any(b.url == backend.url for b in model.backends):
-        raise AlreadyExistsError(f"model {model.name!r} already has backend {backend.url}")
-    model.backends.append(backend)
 
 
 def _find_backend(model: Model, url: str) -> Backend:
@@ -98,7 +92,7 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
         backend = _backend(request.backend)
         return pb.AddBackendResponse(
             model=await self._change(
-                context, request.name, "model.add_backend", lambda m: _attach(m, backend)
+                context, request.name, "model.add_backend", lambda m: attach_backend(m, backend)
             )
         )
 

@@ -22,6 +22,13 @@ async def all_rows(session: AsyncSession, model: type[Any]) -> Sequence[Any]:
     return (await session.scalars(select(model))).all()
 
 
+def attach_backend(model: Model, backend: Backend) -> None:
+    """Add ``backend`` to ``model``; the same URL twice is a conflict."""
+    if any(b.url == backend.url for b in model.backends):
+        raise AlreadyExistsError(f"model {model.name!r} already has backend {backend.url}")
+    model.backends.append(backend)
+
+
 class ModelRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.s = session
@@ -43,9 +50,7 @@ class ModelRepository:
         elif replace:
             model.backends.clear()
             await self.s.flush()
-        elif any(b.url == backend.url for b in model.backends):
-            raise AlreadyExistsError(f"model {name!r} already has backend {backend.url}")
-        model.backends.append(backend)
+        attach_backend(model, backend)
         await self.s.flush()
         return model
 
