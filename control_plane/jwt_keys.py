@@ -8,9 +8,6 @@ plain text. ``ensure_keys`` is idempotent and runs at startup and on every refre
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -24,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from control_plane import sealing
 from control_plane.admin.convert import aware
 from control_plane.db.models import JwtSigningKey
 from tessera import keys
@@ -42,8 +40,7 @@ class JwtPolicy:
 
 
 def _fernet(pepper: bytes) -> Fernet:
-    derived = hmac.new(pepper, b"tessera/jwt-signing-key-encryption", hashlib.sha256).digest()
-    return Fernet(base64.urlsafe_b64encode(derived))
+    return sealing.fernet(pepper, sealing.JWT_SIGNING_KEY)
 
 
 def _new_key(pepper: bytes, now: datetime) -> JwtSigningKey:

@@ -64,7 +64,7 @@ class Publisher:
             async with self._sessionmaker.begin() as session:
                 await ensure_keys(session, self._pepper, self.jwt_policy, datetime.now(UTC))
             async with self._sessionmaker() as session:
-                state = await load_state(session)
+                state = await load_state(session, self._pepper)
                 if self.signing is None or self.state is None or state.jwks != self.state.jwks:
                     self.signing = await signer(session, self._pepper)
             now = time.time()

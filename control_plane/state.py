@@ -7,15 +7,20 @@ pure function of a ``State``; equal states publish nothing new.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
+import structlog
+from cryptography.fernet import InvalidToken
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control_plane.db.models import ApiKey, JwtSigningKey, Limit, Model, Plan, Tenant
+from control_plane import sealing
+from control_plane.db.models import ApiKey, Backend, JwtSigningKey, Limit, Model, Plan, Tenant
 from control_plane.db.repositories import all_rows
+
+log = structlog.get_logger("control_plane.state")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +30,15 @@ class BackendState:
     weight: int
     priority: int
     max_concurrency: int = 0  # requests in flight this backend takes; 0 = no limit
+    id: int = 0
+    # The header value Envoy sends (unsealed; never logged: it stays out of repr).
+    credential: str | None = field(default=None, repr=False)
+    credential_header: str = "authorization"
+    ca_bundle: str | None = None  # PEM; None = the gateway's CA file
+    sni: str | None = None
+    health_path: str | None = None  # None = the kind's default; "none" = no active check
+    timeout_seconds: int = 0  # 0 = no limit
+    idle_timeout_seconds: int = 0  # 0 = the default (300 s)
 
     @property
     def scheme(self) -> str:
@@ -58,6 +72,8 @@ class ModelState:
     default_max_tokens: int = 0
     max_max_tokens: int = 0
     prices: tuple[PriceState, ...] = ()  # oldest first
+    aliases: tuple[str, ...] = ()
+    realtime: bool = False
 
     def price_at(self, now: float) -> PriceState | None:
         """The price in effect at ``now``: the latest that is not in the future."""
@@ -135,7 +151,37 @@ def _secret_expiry(expires_at: datetime | None, grace_until: datetime | None) ->
     return max(1, min(ends)) if ends else 0
 
 
-async def load_state(session: AsyncSession) -> State:
+def _credential(b: Backend, pepper: bytes) -> str | None:
+    """The header value for the backend's credential: "Bearer <secret>" for authorization."""
+    if b.credential_sealed is None:
+        return None
+    try:
+        secret = sealing.unseal(pepper, sealing.UPSTREAM_CREDENTIAL, b.credential_sealed)
+    except InvalidToken:
+        log.error("upstream_credential_unreadable", backend_id=b.id, hint="sealed with another pepper")  # noqa: TRY400
+        return None
+    return secret if b.credential_header else f"Bearer {secret}"
+
+
+def _backend(b: Backend, pepper: bytes) -> BackendState:
+    return BackendState(
+        b.url,
+        b.kind,
+        b.weight,
+        b.priority,
+        b.max_concurrency or 0,
+        id=b.id,
+        credential=_credential(b, pepper),
+        credential_header=b.credential_header or "authorization",
+        ca_bundle=b.ca_bundle,
+        sni=b.sni,
+        health_path=b.health_path,
+        timeout_seconds=b.timeout_seconds or 0,
+        idle_timeout_seconds=b.idle_timeout_seconds or 0,
+    )
+
+
+async def load_state(session: AsyncSession, pepper: bytes) -> State:
     tenants = await all_rows(session, Tenant)
     keys = await all_rows(session, ApiKey)
     models = await all_rows(session, Model)
@@ -185,10 +231,7 @@ async def load_state(session: AsyncSession) -> State:
                     ModelState(
                         name=m.name,
                         visibility=m.visibility,
-                        backends=tuple(
-                            BackendState(b.url, b.kind, b.weight, b.priority, b.max_concurrency or 0)
-                            for b in m.backends
-                        ),
+                        backends=tuple(_backend(b, pepper) for b in m.backends),
                         created_unix=unix(m.created_at),
                         default_max_tokens=m.default_max_tokens or 0,
                         max_max_tokens=m.max_max_tokens or 0,
@@ -202,6 +245,8 @@ async def load_state(session: AsyncSession) -> State:
                             )
                             for p in m.prices
                         ),
+                        aliases=tuple(a.alias for a in m.aliases),
+                        realtime=m.realtime,
                     )
                     for m in models
                 ),

@@ -255,3 +255,87 @@ def short_text(value: str, field: str, limit: int = 256) -> str:
     if len(value) > limit:
         raise InvalidArgumentError(field, f"at most {limit} characters")
     return value
+
+
+# --- backend connection options (docs/backends.md) -------------------------------------------
+
+MAX_CREDENTIAL = 4096
+MAX_CA_BUNDLE = 256 * 1024
+MAX_TIMEOUT_SECONDS = 7 * 86400
+_CREDENTIAL = re.compile(r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$")  # visible ASCII, inner spaces
+_HEADER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+_HEALTH_PATH = re.compile(r"^/[A-Za-z0-9._~/%!$&'()*+,;=:@?-]{0,255}$")
+# Headers Tessera sets or Envoy owns: a credential may not replace them.
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "content-type", "transfer-encoding", "connection", "upgrade", "te",
+     "x-request-id", "x-tenant-id", "x-key-id", "x-tessera-priority", "x-tessera-backend",
+     "x-gateway-inference-fairness-id"}
+)  # fmt: skip
+NO_HEALTH_CHECK = "none"
+
+
+def credential(value: str) -> str:
+    """A secret for the upstream: printable ASCII (it becomes a header value), no line breaks."""
+    if len(value) > MAX_CREDENTIAL or not _CREDENTIAL.fullmatch(value):
+        raise InvalidArgumentError(
+            "backend.credential", f"must be 1-{MAX_CREDENTIAL} printable ASCII characters, no line breaks"
+        )
+    return value
+
+
+def credential_header(value: str) -> str | None:
+    """The header that carries the credential; None = authorization (as a Bearer token)."""
+    name = value.lower()
+    if not name or name == "authorization":
+        return None
+    if not _HEADER_NAME.fullmatch(name) or name in _RESERVED_HEADERS or name.startswith("x-envoy-"):
+        raise InvalidArgumentError(
+            "backend.credential_header", "must be a header name Tessera does not set (e.g. api-key)"
+        )
+    return name
+
+
+def ca_bundle(value: str) -> str | None:
+    """PEM CA certificates (each must parse); "" = the gateway's CA file."""
+    if not value:
+        return None
+    from cryptography import x509  # noqa: PLC0415 - only writes of a CA bundle need it
+
+    if len(value) > MAX_CA_BUNDLE:
+        raise InvalidArgumentError("backend.ca_bundle", f"at most {MAX_CA_BUNDLE} bytes")
+    try:
+        certs = x509.load_pem_x509_certificates(value.encode())
+    except ValueError as exc:
+        raise InvalidArgumentError("backend.ca_bundle", "must be PEM certificates") from exc
+    if not certs:
+        raise InvalidArgumentError("backend.ca_bundle", "must be PEM certificates")
+    return value
+
+
+def sni(value: str) -> str | None:
+    name = value.lower().rstrip(".")
+    if not name:
+        return None
+    if not _HOSTNAME.fullmatch(name):
+        raise InvalidArgumentError("backend.sni", "must be a DNS host name")
+    return name
+
+
+def health_path(value: str) -> str | None:
+    """ "" = the kind's default; "none" = no active health check; else an absolute path."""
+    if not value:
+        return None
+    if value != NO_HEALTH_CHECK and not _HEALTH_PATH.fullmatch(value):
+        raise InvalidArgumentError(
+            "backend.health_path", 'must be an absolute path such as /health, or "none"'
+        )
+    return value
+
+
+def timeout_seconds(value: int, field: str) -> int | None:
+    if value > MAX_TIMEOUT_SECONDS:
+        raise InvalidArgumentError(field, f"at most {MAX_TIMEOUT_SECONDS} seconds")
+    return value or None

@@ -30,6 +30,7 @@ log = structlog.get_logger("ext_authz")
 DECISIONS = Counter("tessera_authz_decisions", "ext_authz decisions", ["result"])
 
 MODEL_NAMESPACE: Final = "ai.gw"
+ROUTE_NAMESPACE: Final = "tessera"
 JWT_NAMESPACE: Final = "envoy.filters.http.jwt_authn"  # only ever written by Envoy after verification
 JWT_PAYLOAD_KEY: Final = "jwt_payload"
 HEADERS_TO_REMOVE: Final = ("authorization", "x-api-key")
@@ -107,15 +108,24 @@ _FIXED_DENIALS: Final = {
 }
 
 
-def model_of(attributes: Any) -> str | None:
-    """``metadata_context.filter_metadata["ai.gw"].model`` if it is a string, else None."""
-    meta = attributes.metadata_context.filter_metadata.get(MODEL_NAMESPACE)
+def _string_field(metadata: Any, namespace: str, key: str) -> str | None:
+    meta = metadata.filter_metadata.get(namespace)
     if meta is None:
         return None
-    value = meta.fields.get("model")
+    value = meta.fields.get(key)
     if value is None or value.WhichOneof("kind") != "string_value":
         return None
     return str(value.string_value)
+
+
+def model_of(attributes: Any) -> str | None:
+    """The model the request is for: the served model named by its route (an alias resolved,
+    or ``/v1/realtime``'s ``?model=``), else the body's model as Envoy read it (an unknown
+    model has no route of its own), else None."""
+    served = _string_field(attributes.route_metadata_context, ROUTE_NAMESPACE, "model")
+    if served is not None:
+        return served
+    return _string_field(attributes.metadata_context, MODEL_NAMESPACE, "model")
 
 
 def jwt_key_id_of(attributes: Any) -> str | None:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 PAGE_SIZE = 500
@@ -187,12 +189,38 @@ def _create_key(a: argparse.Namespace, pb: Any) -> Any:
     )
 
 
-def _add_model(a: argparse.Namespace, pb: Any) -> Any:
-    backend = pb.Backend(
-        url=a.backend, kind=a.kind, weight=a.weight, priority=a.priority, max_concurrency=a.max_concurrency
+def _read_text(path: str | None, what: str) -> str:
+    """A file's text ("-" = standard input), stripped of surrounding whitespace; secrets are read
+    from files, never taken on the command line (where ps and shell history keep them)."""
+    if path is None:
+        return ""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} from {path}: {exc.strerror}") from exc
+    return text.strip()
+
+
+def _backend_pb(a: argparse.Namespace, pb: Any) -> Any:
+    return pb.Backend(
+        url=a.backend,
+        kind=a.kind,
+        weight=a.weight,
+        priority=a.priority,
+        max_concurrency=a.max_concurrency,
+        credential=_read_text(a.credential_file, "the credential"),
+        credential_header=a.credential_header or "",
+        ca_bundle=_read_text(a.ca_bundle, "the CA bundle"),
+        sni=a.sni or "",
+        health_path=a.health_path or "",
+        timeout_seconds=a.timeout or 0,
+        idle_timeout_seconds=a.idle_timeout or 0,
     )
+
+
+def _add_model(a: argparse.Namespace, pb: Any) -> Any:
     return pb.AddModelRequest(
-        name=a.name, backend=backend, visibility=a.visibility, replace_backends=a.replace
+        name=a.name, backend=_backend_pb(a, pb), visibility=a.visibility, replace_backends=a.replace
     )
 
 
@@ -224,7 +252,19 @@ def _update_limit(a: argparse.Namespace, pb: Any) -> Any:
 
 def _update_backend(a: argparse.Namespace, pb: Any) -> Any:
     mask = _mask(
-        {"weight": a.weight is not None, "priority": a.priority is not None, "kind": a.kind is not None}
+        {
+            "weight": a.weight is not None,
+            "priority": a.priority is not None,
+            "kind": a.kind is not None,
+            "max_concurrency": a.max_concurrency is not None,
+            "credential": a.credential_file is not None or a.clear_credential,
+            "credential_header": a.credential_header is not None,
+            "ca_bundle": a.ca_bundle is not None,
+            "sni": a.sni is not None,
+            "health_path": a.health_path is not None,
+            "timeout_seconds": a.timeout is not None,
+            "idle_timeout_seconds": a.idle_timeout is not None,
+        }
     )
     return pb.UpdateBackendRequest(
         name=a.name,
@@ -233,18 +273,35 @@ def _update_backend(a: argparse.Namespace, pb: Any) -> Any:
         weight=a.weight or 0,
         priority=a.priority or 0,
         kind=a.kind or "",
+        max_concurrency=a.max_concurrency or 0,
+        credential=_read_text(a.credential_file, "the credential"),
+        credential_header=a.credential_header or "",
+        ca_bundle=_read_text(a.ca_bundle or None, "the CA bundle"),
+        sni=a.sni or "",
+        health_path=a.health_path or "",
+        timeout_seconds=a.timeout or 0,
+        idle_timeout_seconds=a.idle_timeout or 0,
     )
 
 
 def _update_model(a: argparse.Namespace, pb: Any) -> Any:
     mask = _mask(
-        {"default_max_tokens": a.default_max_tokens is not None, "max_max_tokens": a.max_tokens is not None}
+        {
+            "default_max_tokens": a.default_max_tokens is not None,
+            "max_max_tokens": a.max_tokens is not None,
+            "aliases": a.aliases is not None or a.clear_aliases,
+            "realtime": a.realtime is not None,
+            "visibility": a.visibility is not None,
+        }
     )
     return pb.UpdateModelRequest(
         name=a.name,
         update_mask=mask,
         default_max_tokens=a.default_max_tokens or 0,
         max_max_tokens=a.max_tokens or 0,
+        aliases=a.aliases or [],
+        realtime=a.realtime == "on",
+        visibility=a.visibility or "",
     )
 
 
@@ -367,13 +424,46 @@ def _audit(items: Sequence[Any]) -> Rows:
     ]
 
 
+_CREDENTIAL_HELP = 'file holding a secret Envoy sends upstream ("-" = stdin); stored encrypted, never shown'
+_CONNECTION_ARGS = (
+    arg(
+        "--credential-header",
+        metavar="HEADER",
+        help="header for the credential (default authorization: Bearer)",
+    ),
+    arg("--ca-bundle", metavar="FILE", help="https: PEM CA certificates to trust (default the gateway's)"),
+    arg("--sni", metavar="HOST", help="https: server name sent and checked (default the URL's host)"),
+    arg("--health-path", metavar="PATH", help='active health check path (default by kind; "none" = off)'),
+    arg("--timeout", type=count, metavar="SECONDS", help="a whole request (default 0: no limit)"),
+    arg("--idle-timeout", type=count, metavar="SECONDS", help="no byte either way (default 300)"),
+)
+_BACKEND_ARGS = (
+    arg("--backend", required=True, metavar="URL", help="scheme://host:port"),
+    arg("--kind", choices=BACKEND_KINDS, default="openai-compatible"),
+    arg("--weight", type=count, default=1),
+    arg("--priority", type=count, default=0, help="0 first; higher = fallback"),
+    arg("--max-concurrency", type=count, default=0, help="requests in flight it takes (0 = no limit)"),
+    arg("--credential-file", metavar="FILE", help=_CREDENTIAL_HELP),
+    *_CONNECTION_ARGS,
+)
+
+
 def _models(items: Sequence[Any]) -> Rows:
+    def backend(b: Any) -> str:
+        extra = [f"max={b.max_concurrency}"] if b.max_concurrency else []
+        extra += [f"credential in {b.credential_header}"] if b.has_credential else []
+        extra += ["own CA"] if b.ca_bundle else []
+        extra += [f"sni={b.sni}"] if b.sni else []
+        extra += [f"health={b.health_path}"] if b.health_path else []
+        extra += [f"timeout={b.timeout_seconds}s"] if b.timeout_seconds else []
+        extra += [f"idle={b.idle_timeout_seconds}s"] if b.idle_timeout_seconds else []
+        return f"{b.url} ({', '.join([b.kind, f'w={b.weight}', f'p={b.priority}', *extra])})"
+
     def backends(m: Any) -> str:
-        return ", ".join(
-            f"{b.url} ({b.kind}, w={b.weight}, p={b.priority}"
-            + (f", max={b.max_concurrency})" if b.max_concurrency else ")")
-            for b in m.backends
-        )
+        return ", ".join(backend(b) for b in m.backends)
+
+    def names(m: Any) -> str:
+        return str(m.name) + (f" (aliases: {', '.join(m.aliases)})" if m.aliases else "")
 
     def max_tokens(m: Any) -> str:
         return f"{m.default_max_tokens or '-'}/{m.max_max_tokens or '-'}"
@@ -388,8 +478,18 @@ def _models(items: Sequence[Any]) -> Rows:
         )
 
     return [
-        ["NAME", "VISIBILITY", "BACKENDS", "MAX_TOKENS (DEFAULT/MAX)", "PRICES (MICROS PER 1M TOKENS)"],
-        *[[m.name, m.visibility, backends(m), max_tokens(m), prices(m)] for m in items],
+        [
+            "NAME",
+            "VISIBILITY",
+            "REALTIME",
+            "BACKENDS",
+            "MAX_TOKENS (DEFAULT/MAX)",
+            "PRICES (MICROS PER 1M TOKENS)",
+        ],
+        *[
+            [names(m), m.visibility, "yes" if m.realtime else "no", backends(m), max_tokens(m), prices(m)]
+            for m in items
+        ],
     ]
 
 
@@ -705,15 +805,9 @@ COMMANDS: tuple[Command, ...] = (
         lambda r: _models([r.model]),
         (
             arg("name"),
-            arg("--backend", required=True, metavar="URL", help="scheme://host:port"),
-            arg("--kind", choices=BACKEND_KINDS, default="openai-compatible"),
-            arg("--weight", type=count, default=1),
-            arg("--priority", type=count, default=0),
+            *_BACKEND_ARGS,
             arg("--visibility", choices=("public", "restricted"), default="public"),
             arg("--replace", action="store_true", help="replace the model's backends with this one"),
-            arg(
-                "--max-concurrency", type=count, default=0, help="requests in flight it takes (0 = no limit)"
-            ),
         ),
     ),
     Command(
@@ -736,31 +830,13 @@ COMMANDS: tuple[Command, ...] = (
         ("models", "add-backend"),
         "add a backend to a registered model",
         "AddBackend",
-        lambda a, pb: pb.AddBackendRequest(
-            name=a.name,
-            backend=pb.Backend(
-                url=a.backend,
-                kind=a.kind,
-                weight=a.weight,
-                priority=a.priority,
-                max_concurrency=a.max_concurrency,
-            ),
-        ),
+        lambda a, pb: pb.AddBackendRequest(name=a.name, backend=_backend_pb(a, pb)),
         lambda r: _models([r.model]),
-        (
-            arg("name"),
-            arg("--backend", required=True, metavar="URL", help="scheme://host:port"),
-            arg("--kind", choices=BACKEND_KINDS, default="openai-compatible"),
-            arg("--weight", type=count, default=1),
-            arg("--priority", type=count, default=0, help="0 first; higher = fallback"),
-            arg(
-                "--max-concurrency", type=count, default=0, help="requests in flight it takes (0 = no limit)"
-            ),
-        ),
+        (arg("name"), *_BACKEND_ARGS),
     ),
     Command(
         ("models", "update-backend"),
-        "change a backend's weight, priority or kind (streams in flight go on)",
+        "change a backend's settings (streams in flight go on)",
         "UpdateBackend",
         _update_backend,
         lambda r: _models([r.model]),
@@ -771,6 +847,13 @@ COMMANDS: tuple[Command, ...] = (
             arg("--priority", type=count),
             arg("--kind", choices=BACKEND_KINDS),
             arg("--max-concurrency", type=count, help="0 = no limit"),
+            OneOf(
+                (
+                    arg("--credential-file", metavar="FILE", help=_CREDENTIAL_HELP),
+                    arg("--clear-credential", action="store_true", help="send no credential any more"),
+                )
+            ),
+            *_CONNECTION_ARGS,
         ),
     ),
     Command(
@@ -791,7 +874,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         ("models", "update"),
-        "set a model's default and maximum max_tokens (what limits reserve for a request)",
+        "set a model's max_tokens defaults, aliases, realtime or visibility",
         "UpdateModel",
         _update_model,
         lambda r: _models([r.model]),
@@ -799,6 +882,20 @@ COMMANDS: tuple[Command, ...] = (
             arg("name"),
             arg("--default-max-tokens", type=count, help="used when a request names none (0 = unset)"),
             arg("--max-tokens", type=count, help="cap on a request's max_tokens (0 = unset)"),
+            OneOf(
+                (
+                    arg(
+                        "--alias",
+                        dest="aliases",
+                        action="append",
+                        metavar="NAME",
+                        help="another name callers may use (repeat; replaces the aliases)",
+                    ),
+                    arg("--clear-aliases", action="store_true", help="remove every alias"),
+                )
+            ),
+            arg("--realtime", choices=("on", "off"), help="let /v1/realtime WebSockets through"),
+            arg("--visibility", choices=("public", "restricted")),
         ),
     ),
     Command(

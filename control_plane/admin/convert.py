@@ -118,9 +118,19 @@ def model_pb(m: db.Model) -> pb.Model:
                 weight=b.weight,
                 priority=b.priority,
                 max_concurrency=b.max_concurrency or 0,
+                # The credential itself is write-only: only whether one is set comes back.
+                has_credential=b.credential_sealed is not None,
+                credential_header=(b.credential_header or "authorization") if b.credential_sealed else "",
+                ca_bundle=b.ca_bundle or "",
+                sni=b.sni or "",
+                health_path=b.health_path or "",
+                timeout_seconds=b.timeout_seconds or 0,
+                idle_timeout_seconds=b.idle_timeout_seconds or 0,
             )
             for b in m.backends
         ],
+        aliases=[a.alias for a in m.aliases],
+        realtime=m.realtime,
         default_max_tokens=m.default_max_tokens or 0,
         max_max_tokens=m.max_max_tokens or 0,
         prices=[

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from control_plane import sealing
 from control_plane import validation as v
 from control_plane.admin.base import AdminServicerBase
 from control_plane.admin.convert import aware, limit_pb, model_pb, rfc3339
@@ -26,16 +27,31 @@ def _weight(value: int) -> int:
     return min(value or 1, 10_000)
 
 
-def _backend(msg: pb.Backend) -> Backend:
+def _backend(msg: pb.Backend, pepper: bytes) -> Backend:
     if not msg.url:
         raise InvalidArgumentError("backend.url", "is required")
-    return Backend(
+    b = Backend(
         url=v.backend_url(msg.url),
         kind=v.backend_kind(msg.kind),
         weight=_weight(msg.weight),
         priority=min(msg.priority, 1_000),
         max_concurrency=_concurrency(msg.max_concurrency),
+        credential_header=v.credential_header(msg.credential_header),
+        ca_bundle=v.ca_bundle(msg.ca_bundle),
+        sni=v.sni(msg.sni),
+        health_path=v.health_path(msg.health_path),
+        timeout_seconds=v.timeout_seconds(msg.timeout_seconds, "backend.timeout_seconds"),
+        idle_timeout_seconds=v.timeout_seconds(msg.idle_timeout_seconds, "backend.idle_timeout_seconds"),
     )
+    if msg.credential:
+        b.credential_sealed = sealing.seal(pepper, sealing.UPSTREAM_CREDENTIAL, v.credential(msg.credential))
+    _check_tls(b)
+    return b
+
+
+def _check_tls(b: Backend) -> None:
+    if (b.ca_bundle or b.sni) and not b.url.startswith("https://"):
+        raise InvalidArgumentError("backend.ca_bundle", "TLS options need an https:// backend")
 
 
 def _concurrency(value: int) -> int | None:
@@ -52,12 +68,44 @@ def _find_backend(model: Model, url: str) -> Backend:
     raise NotFoundError(f"model {model.name!r} has no backend {url!r}")
 
 
+BACKEND_FIELDS = frozenset(
+    {"weight", "priority", "kind", "max_concurrency", "credential", "credential_header", "ca_bundle",
+     "sni", "health_path", "timeout_seconds", "idle_timeout_seconds"}
+)  # fmt: skip
+
+
+def _backend_changes(request: pb.UpdateBackendRequest, pepper: bytes) -> dict[str, Any]:
+    """Column -> new value for each field in the mask (validated before anything changes)."""
+    mask = v.update_mask(list(request.update_mask), set(BACKEND_FIELDS))
+    parse: dict[str, Callable[[], Any]] = {
+        "weight": lambda: _weight(request.weight),
+        "priority": lambda: min(request.priority, 1_000),
+        "kind": lambda: v.backend_kind(request.kind),
+        "max_concurrency": lambda: _concurrency(request.max_concurrency),
+        "credential": lambda: (
+            sealing.seal(pepper, sealing.UPSTREAM_CREDENTIAL, v.credential(request.credential))
+            if request.credential
+            else None
+        ),
+        "credential_header": lambda: v.credential_header(request.credential_header),
+        "ca_bundle": lambda: v.ca_bundle(request.ca_bundle),
+        "sni": lambda: v.sni(request.sni),
+        "health_path": lambda: v.health_path(request.health_path),
+        "timeout_seconds": lambda: v.timeout_seconds(request.timeout_seconds, "timeout_seconds"),
+        "idle_timeout_seconds": lambda: v.timeout_seconds(
+            request.idle_timeout_seconds, "idle_timeout_seconds"
+        ),
+    }
+    column = {"credential": "credential_sealed"}
+    return {column.get(f, f): parse[f]() for f in sorted(mask)}
+
+
 class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceServicer):
     async def AddModel(self, request: pb.AddModelRequest, context: Any) -> pb.AddModelResponse:
         name = v.model_name(request.name)
         if not request.HasField("backend"):
             raise InvalidArgumentError("backend.url", "is required")
-        backend = _backend(request.backend)
+        backend = _backend(request.backend, self.ctx.pepper)
         visibility = v.visibility(request.visibility)
         async with self.tx(context) as (s, caller):
             caller.require_platform("changing the model registry")
@@ -89,7 +137,7 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
             return pb.GetModelResponse(model=model_pb(model))
 
     async def AddBackend(self, request: pb.AddBackendRequest, context: Any) -> pb.AddBackendResponse:
-        backend = _backend(request.backend)
+        backend = _backend(request.backend, self.ctx.pepper)
         return pb.AddBackendResponse(
             model=await self._change(
                 context, request.name, "model.add_backend", lambda m: attach_backend(m, backend)
@@ -97,20 +145,13 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
         )
 
     async def UpdateBackend(self, request: pb.UpdateBackendRequest, context: Any) -> pb.UpdateBackendResponse:
-        mask = v.update_mask(list(request.update_mask), {"weight", "priority", "kind", "max_concurrency"})
-        concurrency = _concurrency(request.max_concurrency)
-        kind = v.backend_kind(request.kind) if "kind" in mask else ""
+        changes = _backend_changes(request, self.ctx.pepper)
 
         def change(m: Model) -> None:
             b = _find_backend(m, request.url)
-            if "weight" in mask:
-                b.weight = _weight(request.weight)
-            if "priority" in mask:
-                b.priority = min(request.priority, 1_000)
-            if kind:
-                b.kind = kind
-            if "max_concurrency" in mask:
-                b.max_concurrency = concurrency
+            for column, value in changes.items():
+                setattr(b, column, value)
+            _check_tls(b)
 
         return pb.UpdateBackendResponse(
             model=await self._change(context, request.name, "model.update_backend", change)
@@ -147,7 +188,7 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
             before = model_pb(model)
             change(model)
             await s.flush()
-            await s.refresh(model, ["backends"])
+            await s.refresh(model, ["backends", "aliases"])
             reply = model_pb(model)
             self.audit(
                 s, context, caller, action, target_type="model", target_id=model.name,
@@ -165,9 +206,14 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
         return any(model.name in t.allowed_models for t in tenants)
 
     async def UpdateModel(self, request: pb.UpdateModelRequest, context: Any) -> pb.UpdateModelResponse:
-        mask = v.update_mask(list(request.update_mask), {"default_max_tokens", "max_max_tokens"})
+        mask = v.update_mask(
+            list(request.update_mask),
+            {"default_max_tokens", "max_max_tokens", "aliases", "realtime", "visibility"},
+        )
         default = v.max_tokens(request.default_max_tokens, "default_max_tokens")
         maximum = v.max_tokens(request.max_max_tokens, "max_max_tokens")
+        aliases = v.model_names(list(request.aliases), "aliases") if "aliases" in mask else []
+        visibility = v.visibility(request.visibility) if "visibility" in mask else ""
         async with self.tx(context) as (s, caller):
             caller.require_platform("changing the model registry")
             model = await self._model(s, request.name)
@@ -182,6 +228,12 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
                 and model.default_max_tokens > model.max_max_tokens
             ):
                 raise InvalidArgumentError("default_max_tokens", "must not exceed max_max_tokens")
+            if "aliases" in mask:
+                await ModelRepository(s).set_aliases(model, aliases)
+            if "realtime" in mask:
+                model.realtime = request.realtime
+            if visibility:
+                model.visibility = visibility
             await s.flush()
             reply = model_pb(model)
             self.audit(

@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -147,10 +148,14 @@ class Model(Base):
     visibility: Mapped[str] = mapped_column(String(16), default="public")
     default_max_tokens: Mapped[int | None] = mapped_column(Integer)
     max_max_tokens: Mapped[int | None] = mapped_column(Integer)
+    realtime: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     backends: Mapped[list[Backend]] = relationship(
         back_populates="model", cascade="all, delete-orphan", order_by="Backend.id", lazy="selectin"
+    )
+    aliases: Mapped[list[ModelAlias]] = relationship(
+        cascade="all, delete-orphan", order_by="ModelAlias.alias", lazy="selectin"
     )
     prices: Mapped[list[ModelPrice]] = relationship(
         cascade="all, delete-orphan", order_by="ModelPrice.effective_at", lazy="selectin"
@@ -183,8 +188,24 @@ class Backend(Base):
     weight: Mapped[int] = mapped_column(Integer, default=1)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     max_concurrency: Mapped[int | None] = mapped_column(Integer)
+    credential_sealed: Mapped[str | None] = mapped_column(Text)  # control_plane.sealing, never plain
+    credential_header: Mapped[str | None] = mapped_column(String(64))
+    ca_bundle: Mapped[str | None] = mapped_column(Text)
+    sni: Mapped[str | None] = mapped_column(String(253))
+    health_path: Mapped[str | None] = mapped_column(String(256))
+    timeout_seconds: Mapped[int | None] = mapped_column(Integer)
+    idle_timeout_seconds: Mapped[int | None] = mapped_column(Integer)
 
     model: Mapped[Model] = relationship(back_populates="backends")
+
+
+class ModelAlias(Base):
+    """Another name for a model; one namespace with model names (checked on write)."""
+
+    __tablename__ = "model_aliases"
+
+    alias: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
 
 
 class Limit(Base):

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control_plane.db.models import Backend, Model
+from control_plane.db.models import Backend, Model, ModelAlias
 from tessera.errors import AlreadyExistsError
 
 
@@ -43,16 +43,39 @@ class ModelRepository:
         """Create the model if needed and attach the backend (same URL twice is a conflict)."""
         model = await self.get(name)
         if model is None:
+            if (owner := await self.alias_owner(name)) is not None:
+                raise AlreadyExistsError(f"{name!r} is an alias of model {owner!r}")
             model = Model(name=name, visibility=visibility)
             self.s.add(model)
             await self.s.flush()
-            await self.s.refresh(model, ["backends", "prices"])
+            await self.s.refresh(model, ["backends", "prices", "aliases"])
         elif replace:
             model.backends.clear()
             await self.s.flush()
         attach_backend(model, backend)
         await self.s.flush()
         return model
+
+    async def alias_owner(self, alias: str) -> str | None:
+        """The model ``alias`` names, if it is an alias."""
+        owner: str | None = await self.s.scalar(
+            select(Model.name)
+            .join(ModelAlias, ModelAlias.model_id == Model.id)
+            .where(ModelAlias.alias == alias)
+        )
+        return owner
+
+    async def set_aliases(self, model: Model, aliases: list[str]) -> None:
+        """The model's aliases become exactly ``aliases``: one namespace with model names."""
+        for alias in aliases:
+            if alias == model.name or await self.get(alias) is not None:
+                raise AlreadyExistsError(f"alias {alias!r} is the name of a model")
+            owner = await self.alias_owner(alias)
+            if owner is not None and owner != model.name:
+                raise AlreadyExistsError(f"alias {alias!r} already names model {owner!r}")
+        model.aliases.clear()
+        await self.s.flush()
+        model.aliases.extend(ModelAlias(alias=a) for a in aliases)
 
     async def list(self, *, after: str, limit: int) -> Sequence[Model]:
         stmt = select(Model).where(Model.name > after).order_by(Model.name).limit(limit)

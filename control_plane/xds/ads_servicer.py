@@ -20,7 +20,14 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from prometheus_client import Counter, Gauge
 
 from control_plane.xds.cache import SnapshotCache, XdsSnapshot
-from control_plane.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, EXTENSION_TYPE, LISTENER_TYPE, ROUTE_TYPE
+from control_plane.xds.resources import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    EXTENSION_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+    SECRET_TYPE,
+)
 
 log = structlog.get_logger("control_plane.xds")
 
@@ -124,8 +131,9 @@ class AggregatedDiscoveryServiceServicer(ads_pb2_grpc.AggregatedDiscoveryService
 
     def _pending(self, stream: _Stream, snap: XdsSnapshot) -> list[discovery_pb2.DiscoveryResponse]:
         out = []
-        # CDS before EDS, LDS before ECDS and RDS (Envoy's own ordering expectations).
-        for type_url in (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, EXTENSION_TYPE, ROUTE_TYPE):
+        # SDS before the clusters that use it, CDS before EDS, LDS before ECDS and RDS (Envoy's
+        # own ordering expectations).
+        for type_url in (SECRET_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, EXTENSION_TYPE, ROUTE_TYPE):
             ts = stream.types.get(type_url)
             if ts is None:
                 continue

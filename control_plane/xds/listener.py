@@ -33,6 +33,7 @@ from control_plane.xds.config import (
     MODEL_NS,
     RATELIMIT_CLUSTER,
     RATELIMIT_DOMAIN,
+    ROUTE_NS,
     ROUTES_NAME,
     SSE_FILTER,
     TRANSCODER,
@@ -276,6 +277,8 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
                 "failure_mode_allow": False,
                 "status_on_error": {"code": 503},
                 "metadata_context_namespaces": [MODEL_NS, JWT_NS],
+                # The served model (an alias resolved; /v1/realtime's ?model=) from the route.
+                "route_metadata_context_namespaces": [ROUTE_NS],
             },
         },
         {
@@ -364,12 +367,20 @@ def _authz_descriptor(key: str) -> dict[str, Any]:
 
 
 def _identity() -> list[dict[str, Any]]:
-    """tenant_id, key_id (from ext_authz), model: without them no descriptor is sent."""
-    model = {"key": MODEL_NS, "path": [{"key": "model"}]}
+    """tenant_id, key_id (from ext_authz), model: without them no descriptor is sent. The
+    model is the served one, from the route (an alias counts as its model)."""
+    model = {"key": ROUTE_NS, "path": [{"key": "model"}]}
     return [
         _authz_descriptor("tenant_id"),
         _authz_descriptor("key_id"),
-        {"metadata": {"descriptor_key": "model", "metadata_key": model, "default_value": MISSING}},
+        {
+            "metadata": {
+                "descriptor_key": "model",
+                "metadata_key": model,
+                "default_value": MISSING,
+                "source": "ROUTE_ENTRY",
+            }
+        },
     ]
 
 

@@ -11,9 +11,13 @@ from typing import Any
 
 # Importing these registers their messages for Any "@type" resolution.
 import envoy_data_plane.envoy.extensions.access_loggers.file.v3
+import envoy_data_plane.envoy.extensions.common.matching.v3
 import envoy_data_plane.envoy.extensions.content_parsers.json.v3
+import envoy_data_plane.envoy.extensions.filters.http.composite.v3
+import envoy_data_plane.envoy.extensions.filters.http.credential_injector.v3
 import envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3
 import envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3
+import envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3
 import envoy_data_plane.envoy.extensions.filters.http.json_to_metadata.v3
 import envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3
 import envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3
@@ -21,17 +25,21 @@ import envoy_data_plane.envoy.extensions.filters.http.lua.v3
 import envoy_data_plane.envoy.extensions.filters.http.ratelimit.v3
 import envoy_data_plane.envoy.extensions.filters.http.router.v3
 import envoy_data_plane.envoy.extensions.filters.http.sse_to_metadata.v3
+import envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3
 import envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3
 import envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3
+import envoy_data_plane.envoy.extensions.http.injected_credentials.generic.v3
 import envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3
 import envoy_data_plane.envoy.extensions.retry.priority.previous_priorities.v3
 import envoy_data_plane.envoy.extensions.transport_sockets.tls.v3
-import envoy_data_plane.envoy.extensions.upstreams.http.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.upstreams.http.v3
+import envoy_data_plane.envoy.type.matcher.v3  # noqa: F401
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import TypedExtensionConfig
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
 from envoy_data_plane.envoy.config.listener.v3 import Listener
 from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 from google.protobuf import any_pb2
 
 from control_plane.xds import extra_types  # noqa: F401 - registers BodySizeLimit
@@ -42,6 +50,7 @@ ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 EXTENSION_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"  # ECDS
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # noqa: S105 - SDS
 
 _CLASSES: dict[str, Any] = {
     LISTENER_TYPE: Listener,
@@ -49,6 +58,7 @@ _CLASSES: dict[str, Any] = {
     CLUSTER_TYPE: Cluster,
     ENDPOINT_TYPE: ClusterLoadAssignment,
     EXTENSION_TYPE: TypedExtensionConfig,
+    SECRET_TYPE: Secret,
 }
 
 
@@ -64,6 +74,7 @@ def encode_all(res: XdsResources) -> dict[str, dict[str, any_pb2.Any]]:
         CLUSTER_TYPE: res.clusters,
         ENDPOINT_TYPE: res.endpoints,
         EXTENSION_TYPE: res.extension_configs,
+        SECRET_TYPE: res.secrets,
     }
     return {t: {name: encode(t, r) for name, r in items.items()} for t, items in by_type.items()}
 

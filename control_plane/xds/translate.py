@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from control_plane.state import BackendState, ModelState, State
+from control_plane.validation import NO_HEALTH_CHECK
 from control_plane.xds.config import (
     ADMIN_CLUSTER,
     ADS,
@@ -30,10 +31,12 @@ from control_plane.xds.config import (
     MODEL_NAMED,
     MODEL_NS,
     POST,
+    ROUTE_NS,
     ROUTES_NAME,
     SSE_FILTER,
     SYSTEM_CA_FILE,
     TRANSCODER,
+    TRANSPORT_SOCKET_MATCH,
     GatewayConfig,
     T,
 )
@@ -52,6 +55,7 @@ class XdsResources:
     clusters: dict[str, dict[str, Any]]
     endpoints: dict[str, dict[str, Any]]
     extension_configs: dict[str, dict[str, Any]]  # ECDS: TypedExtensionConfig by filter name
+    secrets: dict[str, dict[str, Any]]  # SDS: upstream credentials (Envoy redacts them in config_dump)
 
 
 def cluster_name(model: str) -> str:
@@ -125,21 +129,13 @@ def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
             "missing_model",
         ),
     ]
+    served = [m for m in state.models if m.backends]
+    # WebSocket upgrades first: GET /v1/realtime?model=NAME has no body to route on.
     routes.extend(
-        {
-            "name": f"model:{m.name}",
-            "match": {"prefix": "/v1/", "dynamic_metadata": _meta_match({"string_match": {"exact": m.name}})},
-            # No overall timeout: a long generation is never cut; idle streams end after 5 min.
-            "route": {
-                "cluster": cluster_name(m.name),
-                "timeout": "0s",
-                "idle_timeout": "300s",
-                "retry_policy": RETRY_POLICY,
-            },
-        }
-        for m in state.models
-        if m.backends
+        _realtime_route(m, name, not_inference) for m in served if m.realtime for name in (m.name, *m.aliases)
     )
+    routes.append(_direct("realtime_off", {"path": "/v1/realtime"}, "model_not_found"))
+    routes.extend(_model_route(m, name) for m in served for name in (m.name, *m.aliases))
     routes.extend(
         [
             # A model that is not registered: Envoy answers 404 model_not_found itself.
@@ -166,6 +162,55 @@ def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
     }
 
 
+DEFAULT_IDLE_TIMEOUT = 300  # seconds with no byte either way before a stream is ended
+
+
+def _timeouts(m: ModelState) -> dict[str, str]:
+    """Envoy times out per route, and a model is one route: it gets the longest of its
+    backends' timeouts, so no backend's generations are cut short (0 = no limit wins)."""
+    totals = [b.timeout_seconds for b in m.backends]
+    idle = max(b.idle_timeout_seconds or DEFAULT_IDLE_TIMEOUT for b in m.backends)
+    return {"timeout": f"{0 if 0 in totals else max(totals)}s", "idle_timeout": f"{idle}s"}
+
+
+def _route_meta(m: ModelState, name: str) -> dict[str, Any]:
+    """The served model for ext_authz (route_metadata_context) and ratelimit (ROUTE_ENTRY);
+    on an alias route, also for the Lua filter that renames the body's model."""
+    meta: dict[str, Any] = {ROUTE_NS: {"model": m.name}}
+    if name != m.name:
+        meta[LUA_FILTER] = {"served_model": m.name}
+    return {"filter_metadata": meta}
+
+
+def _model_route(m: ModelState, name: str) -> dict[str, Any]:
+    return {
+        "name": f"model:{name}",
+        "match": {"prefix": "/v1/", "dynamic_metadata": _meta_match({"string_match": {"exact": name}})},
+        "metadata": _route_meta(m, name),
+        "route": {"cluster": cluster_name(m.name), **_timeouts(m), "retry_policy": RETRY_POLICY},
+    }
+
+
+def _realtime_route(m: ModelState, name: str, not_inference: dict[str, Any]) -> dict[str, Any]:
+    """A WebSocket upgrade to the model's backends, authenticated like any request (ext_authz
+    reads the model from this route's metadata) and never retried once upgraded."""
+    return {
+        "name": f"realtime:{name}",
+        "match": {
+            "path": "/v1/realtime",
+            "headers": [{"name": "upgrade", "string_match": {"exact": "websocket", "ignore_case": True}}],
+            "query_parameters": [{"name": "model", "string_match": {"exact": name}}],
+        },
+        "metadata": _route_meta(m, name),
+        "route": {
+            "cluster": cluster_name(m.name),
+            **_timeouts(m),
+            "upgrade_configs": [{"upgrade_type": "websocket", "enabled": True}],
+        },
+        "typed_per_filter_config": {**not_inference, "envoy.filters.http.json_to_metadata": DISABLED},
+    }
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -174,6 +219,7 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 WEIGHT_SCALE = 100  # endpoint weight = configured weight x 100 x load factor (>= 1)
 
 
@@ -192,6 +238,13 @@ def _locality_groups(backends: tuple[BackendState, ...], load: Mapping[str, floa
             {
                 "endpoint": {"address": {"socket_address": {"address": b.host, "port_value": b.port}}},
                 "load_balancing_weight": weight,
+                # Which backend this is: picks its TLS settings and its credential (per endpoint).
+                "metadata": {
+                    "filter_metadata": {
+                        ROUTE_NS: {"backend": backend_ref(b)},
+                        TRANSPORT_SOCKET_MATCH: {"backend": backend_ref(b)},
+                    }
+                },
             }
         )
     return [{"priority": p, "lb_endpoints": eps} for p, eps in sorted(groups.items())]
@@ -207,9 +260,16 @@ HEALTH_PATHS: dict[str, str] = {
 }
 
 
+def backend_health_path(b: BackendState) -> str | None:
+    if b.health_path == NO_HEALTH_CHECK:
+        return None
+    return b.health_path or HEALTH_PATHS.get(b.kind)
+
+
 def _health_path(m: ModelState) -> str | None:
-    """The model's health path, when every backend has the same one (one cluster, one check)."""
-    paths = {HEALTH_PATHS.get(b.kind) for b in m.backends}
+    """The model's health path, when every backend has the same one (Envoy checks per cluster,
+    and a model is one cluster: backends that differ are watched by outlier detection only)."""
+    paths = {backend_health_path(b) for b in m.backends}
     return paths.pop() if len(paths) == 1 else None
 
 
@@ -290,24 +350,127 @@ RETRY_POLICY: dict[str, Any] = {
 }
 
 
-def _upstream_tls(hosts: list[str], ca_file: str) -> dict[str, Any]:
-    """TLS to https backends: SNI, and the server's certificate checked against the CA bundle
-    and the backend's host name (any of the model's https hosts)."""
+def backend_ref(b: BackendState) -> str:
+    return f"b{b.id}"
+
+
+def secret_name(b: BackendState) -> str:
+    return f"backend-credential/{b.id}"
+
+
+def _upstream_tls(b: BackendState, ca_file: str) -> dict[str, Any]:
+    """TLS to one https backend: SNI, and its certificate checked against its CA bundle (or the
+    gateway's CA file) and its server name."""
+    server = b.sni or b.host
+    trusted = {"inline_string": b.ca_bundle} if b.ca_bundle else {"filename": ca_file}
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "sni": hosts[0],
+            "sni": server,
             "common_tls_context": {
                 "validation_context": {
-                    "trusted_ca": {"filename": ca_file},
-                    "match_typed_subject_alt_names": [
-                        {"san_type": "DNS", "matcher": {"exact": h}} for h in dict.fromkeys(hosts)
-                    ],
+                    "trusted_ca": trusted,
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": server}}],
                 }
             },
         },
     }
+
+
+def _credential_filters(m: ModelState) -> list[dict[str, Any]]:
+    """Upstream filters that give each backend its own credential. The host is chosen before
+    upstream filters run: the first marks the request with the chosen endpoint's backend ref
+    (endpoint metadata), a matcher runs credential_injector with that backend's SDS secret, and
+    the mark is removed before the request leaves. The secret itself only ever travels over
+    SDS; Envoy redacts it in /config_dump."""
+    marker = "x-tessera-backend"
+    matchers = [
+        {
+            "predicate": {
+                "single_predicate": {
+                    "input": {
+                        "name": "backend",
+                        "typed_config": {
+                            "@type": T + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                            "header_name": marker,
+                        },
+                    },
+                    "value_match": {"exact": backend_ref(b)},
+                }
+            },
+            "on_match": {
+                "action": {
+                    "name": "inject",
+                    "typed_config": {
+                        "@type": T + "envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
+                        "typed_config": {
+                            "name": "envoy.filters.http.credential_injector",
+                            "typed_config": {
+                                "@type": T
+                                + "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+                                "overwrite": True,
+                                "credential": {
+                                    "name": "envoy.http.injected_credentials.generic",
+                                    "typed_config": {
+                                        "@type": T
+                                        + "envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                                        "credential": {"name": secret_name(b), "sds_config": ADS},
+                                        "header": b.credential_header,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+        }
+        for b in m.backends
+        if b.credential
+    ]
+    if not matchers:
+        return []
+    mutation = T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
+    return [
+        {
+            "name": "tessera.mark_backend",
+            "typed_config": {
+                "@type": mutation,
+                "mutations": {
+                    "request_mutations": [
+                        {
+                            "append": {
+                                "header": {
+                                    "key": marker,
+                                    "value": f"%UPSTREAM_METADATA({ROUTE_NS}:backend)%",
+                                },
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                            }
+                        }
+                    ]
+                },
+            },
+        },
+        {
+            "name": "tessera.upstream_credential",
+            "typed_config": {
+                "@type": T + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+                "extension_config": {
+                    "name": "envoy.filters.http.composite",
+                    "typed_config": {"@type": T + "envoy.extensions.filters.http.composite.v3.Composite"},
+                },
+                "xds_matcher": {"matcher_list": {"matchers": matchers}},
+            },
+        },
+        {
+            "name": "tessera.unmark_backend",
+            "typed_config": {"@type": mutation, "mutations": {"request_mutations": [{"remove": marker}]}},
+        },
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {"@type": T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+        },
+    ]
 
 
 def model_cluster(
@@ -330,10 +493,39 @@ def model_cluster(
     else:
         cluster |= {"type": "STRICT_DNS", "load_assignment": cla}
         eds = None
-    tls_hosts = [b.host for b in m.backends if b.scheme == "https"]
-    if tls_hosts:
-        cluster["transport_socket"] = _upstream_tls(tls_hosts, ca_file)
+    tls = [
+        {
+            "name": backend_ref(b),
+            "match": {"backend": backend_ref(b)},
+            "transport_socket": _upstream_tls(b, ca_file),
+        }
+        for b in m.backends
+        if b.scheme == "https"
+    ]
+    if tls:  # per endpoint: http backends of the same model stay plain
+        cluster["transport_socket_matches"] = tls
+    filters = _credential_filters(m)
+    if filters:
+        cluster["typed_extension_protocol_options"] = {
+            HTTP_OPTIONS: {
+                "@type": T + HTTP_OPTIONS,
+                "explicit_http_config": {"http_protocol_options": {}},
+                "http_filters": filters,
+            }
+        }
     return cluster, eds
+
+
+def _secrets(state: State) -> dict[str, dict[str, Any]]:
+    return {
+        secret_name(b): {
+            "name": secret_name(b),
+            "generic_secret": {"secret": {"inline_string": b.credential}},
+        }
+        for m in state.models
+        for b in m.backends
+        if b.credential
+    }
 
 
 def _cp_http_cluster(cfg: GatewayConfig) -> dict[str, Any]:
@@ -359,8 +551,8 @@ def _admin_cluster(cfg: GatewayConfig) -> dict[str, Any]:
         "type": "STRICT_DNS",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            HTTP_OPTIONS: {
+                "@type": T + HTTP_OPTIONS,
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         },
@@ -389,4 +581,5 @@ def resources_from_state(
         clusters=clusters,
         endpoints=endpoints,
         extension_configs={JWT_FILTER: jwt_authn_config(state, cfg)},
+        secrets=_secrets(state),
     )

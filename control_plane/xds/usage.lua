@@ -1,9 +1,11 @@
 -- Tessera: exact usage for every OpenAI stream, and the response status for settlement.
 -- (ARCHITECTURE §2 and §4; verified design and traps: docs/usage-and-limits.md)
 --
--- request : a top-level "stream": true without stream_options.include_usage: true (absent,
---           false, null, {}) gets include_usage set, by splicing the body text (never
---           re-serialising it); ai.gw.inject:injected marks the stream.
+-- request : on an alias route, the top-level "model" becomes the served model's name (route
+--           metadata served_model; model names need no JSON escaping). A top-level
+--           "stream": true without stream_options.include_usage: true (absent, false, null, {})
+--           gets include_usage set, by splicing the body text (never re-serialising it);
+--           ai.gw.inject:injected marks the stream.
 -- response: records ai.gw:status (a string, for the ratelimit stream-done descriptor); on an
 --           injected SSE stream drops the one event with "choices": [] and "usage", which
 --           sse_to_metadata (after this filter in decode order, so before it on the way back)
@@ -84,6 +86,16 @@ local function with_usage(s)
     .. string.sub(s, sclose)
 end
 
+local function with_model(s, served)
+  -- the body naming the served model instead of the alias the caller used (route metadata)
+  local first = string.find(s, "[^ \t\r\n]")
+  if not first or string.byte(s, first) ~= 123 then return nil end
+  local keys = top_level(s, first)
+  if not keys or not keys["model"] then return nil end
+  local m = keys["model"]
+  return string.sub(s, 1, m[1] - 1) .. '"' .. served .. '"' .. string.sub(s, m[2] + 1)
+end
+
 function envoy_on_request(h)
   if h:headers():get(":method") ~= "POST" then return end
   local ct = h:headers():get("content-type") or ""
@@ -92,13 +104,20 @@ function envoy_on_request(h)
   if not body then return end
   local n = body:length()
   if n == 0 then return end
-  local nb = with_usage(body:getBytes(0, n))
-  if not nb then return end
+  local s = body:getBytes(0, n)
+  local served = h:metadata():get("served_model") -- set on alias routes only
+  local renamed = served and with_model(s, served) or s
+  local nb = with_usage(renamed)
+  if nb then
+    h:streamInfo():dynamicMetadata():set("ai.gw.inject", "injected", true)
+  else
+    nb = renamed
+  end
+  if nb == s then return end
   body:setBytes(nb)
   if h:headers():get("content-length") then
     h:headers():replace("content-length", tostring(#nb))
   end
-  h:streamInfo():dynamicMetadata():set("ai.gw.inject", "injected", true)
 end
 
 local function is_usage_event(e)

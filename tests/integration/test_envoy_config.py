@@ -17,10 +17,18 @@ from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
 from envoy_data_plane.envoy.config.listener.v3 import Listener
 from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 
 from control_plane.app import ADMIN_DESCRIPTOR
 from control_plane.state import BackendState, ModelState, State
-from control_plane.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, encode_all
+from control_plane.xds.resources import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+    SECRET_TYPE,
+    encode_all,
+)
 from control_plane.xds.translate import GatewayConfig, resources_from_state
 from tessera.bootstrap import BootstrapParams, render_bootstrap
 
@@ -34,10 +42,24 @@ STATE = State(
             "llama",
             "restricted",
             (
-                BackendState("https://vllm.example.com:443", "vllm", 3, 0),
-                BackendState("http://10.0.0.9:8000", "vllm", 1, 7),
+                BackendState("https://vllm.example.com:443", "vllm", 3, 0, id=1, credential="Bearer sk-one"),
+                BackendState("http://10.0.0.9:8000", "vllm", 1, 7, id=2),
+                BackendState(
+                    "https://10.0.0.10:8443",
+                    "dynamo",
+                    1,
+                    7,
+                    id=3,
+                    credential="k2",
+                    credential_header="api-key",
+                    sni="dynamo.internal",
+                    timeout_seconds=600,
+                    idle_timeout_seconds=900,
+                ),
             ),
             0,
+            aliases=("gpt-4o",),
+            realtime=True,
         ),
     )
 )
@@ -75,9 +97,23 @@ def _static_bootstrap(tmp_path: Path) -> Path:
             del cluster["edsClusterConfig"]
             cluster["loadAssignment"] = ClusterLoadAssignment.parse(res[ENDPOINT_TYPE][name].value).to_dict()
         boot["static_resources"]["clusters"].append(cluster)
+    # Envoy 1.40's validate mode crashes (SIGSEGV) on a credential_injector secret over ADS:
+    # inline the SDS secrets as static ones (a running Envoy takes them over ADS: the e2e tests).
+    _drop_sds_config(boot)
+    boot["static_resources"]["secrets"] = [Secret.parse(a.value).to_dict() for a in res[SECRET_TYPE].values()]
     path = tmp_path / "bootstrap.json"
     path.write_text(json.dumps(boot))
     return path
+
+
+def _drop_sds_config(node: object) -> None:
+    if isinstance(node, dict):
+        node.pop("sdsConfig", None)
+        for value in node.values():
+            _drop_sds_config(value)
+    elif isinstance(node, list):
+        for value in node:
+            _drop_sds_config(value)
 
 
 @pytest.mark.envoy

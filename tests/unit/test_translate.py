@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from control_plane.state import BackendState, ModelState, State
 from control_plane.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, encode_all, type_version
@@ -15,8 +16,8 @@ def model(name: str, *backends: BackendState, visibility: str = "public") -> Mod
     return ModelState(name, visibility, backends, 0)
 
 
-def b(url: str, weight: int = 1, priority: int = 0) -> BackendState:
-    return BackendState(url, "openai-compatible", weight, priority)
+def b(url: str, weight: int = 1, priority: int = 0, id_: int = 0) -> BackendState:
+    return BackendState(url, "openai-compatible", weight, priority, id=id_)
 
 
 def routes(state: State) -> list[dict]:
@@ -113,11 +114,19 @@ def test_load_factor_from_metrics():
     assert load_factor("vllm", parse_metrics("vllm:num_requests_waiting 10000\n")) == 0.05  # floor
 
 
+def _tls_by_backend(cluster: dict) -> dict[str, dict]:
+    return {
+        m["match"]["backend"]: m["transport_socket"]["typed_config"]
+        for m in cluster["transport_socket_matches"]
+    }
+
+
 def test_hostnames_use_dns_and_https_gets_sni():
-    res = resources_from_state(State(models=(model("m", b("https://vllm.example.com:443")),)), CFG)
+    res = resources_from_state(State(models=(model("m", b("https://vllm.example.com:443", id_=4)),)), CFG)
     cluster = res.clusters[cluster_name("m")]
     assert cluster["type"] == "STRICT_DNS"
-    tls = cluster["transport_socket"]["typed_config"]
+    assert "transport_socket" not in cluster  # TLS is per endpoint, by its backend
+    tls = _tls_by_backend(cluster)["b4"]
     assert tls["sni"] == "vllm.example.com"
     # the server's certificate is checked: the CA bundle and the backend's host name
     validation = tls["common_tls_context"]["validation_context"]
@@ -125,7 +134,134 @@ def test_hostnames_use_dns_and_https_gets_sni():
     assert validation["match_typed_subject_alt_names"] == [
         {"san_type": "DNS", "matcher": {"exact": "vllm.example.com"}}
     ]
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["metadata"]["filter_metadata"]["envoy.transport_socket_match"] == {"backend": "b4"}
     assert cluster_name("m") not in res.endpoints
+
+
+def test_each_https_backend_gets_its_own_ca_and_server_name_and_http_ones_stay_plain():
+    own = replace(b("https://10.0.0.2:8443", id_=2), ca_bundle="PEM", sni="gpu.internal")
+    plain = b("http://10.0.0.3:8000", id_=3)
+    res = resources_from_state(State(models=(model("m", own, plain),)), CFG)
+    tls = _tls_by_backend(res.clusters[cluster_name("m")])
+    assert set(tls) == {"b2"}  # the http backend matches no TLS socket: plain text
+    assert tls["b2"]["sni"] == "gpu.internal"
+    validation = tls["b2"]["common_tls_context"]["validation_context"]
+    assert validation["trusted_ca"] == {"inline_string": "PEM"}
+    assert validation["match_typed_subject_alt_names"][0]["matcher"] == {"exact": "gpu.internal"}
+
+
+def test_credentials_go_over_sds_and_are_injected_per_backend():
+    keyed = replace(b("http://10.0.0.2:8000", id_=2), credential="Bearer sk-secret")
+    header = replace(b("http://10.0.0.4:8000", id_=4), credential="k4", credential_header="api-key")
+    bare = b("http://10.0.0.3:8000", id_=3)
+    res = resources_from_state(State(models=(model("m", keyed, bare, header), model("n", bare))), CFG)
+    assert res.secrets == {
+        "backend-credential/2": {
+            "name": "backend-credential/2",
+            "generic_secret": {"secret": {"inline_string": "Bearer sk-secret"}},
+        },
+        "backend-credential/4": {
+            "name": "backend-credential/4",
+            "generic_secret": {"secret": {"inline_string": "k4"}},
+        },
+    }
+    # The secret appears nowhere else: clusters, routes and listeners only name it.
+    others = json.dumps([res.clusters, res.routes, res.listeners, res.endpoints])
+    assert "sk-secret" not in others
+    options = res.clusters[cluster_name("m")]["typed_extension_protocol_options"]
+    filters = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
+    assert [f["name"] for f in filters] == [
+        "tessera.mark_backend",
+        "tessera.upstream_credential",
+        "tessera.unmark_backend",
+        "envoy.filters.http.upstream_codec",
+    ]
+    matchers = filters[1]["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
+    injected = {
+        m["predicate"]["single_predicate"]["value_match"]["exact"]: m["on_match"]["action"]["typed_config"][
+            "typed_config"
+        ]["typed_config"]["credential"]["typed_config"]
+        for m in matchers
+    }
+    assert injected == {
+        "b2": {
+            "@type": "type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic",
+            "credential": {
+                "name": "backend-credential/2",
+                "sds_config": {"ads": {}, "resource_api_version": "V3"},
+            },
+            "header": "authorization",
+        },
+        "b4": {
+            "@type": "type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic",
+            "credential": {
+                "name": "backend-credential/4",
+                "sds_config": {"ads": {}, "resource_api_version": "V3"},
+            },
+            "header": "api-key",
+        },
+    }
+    # A model with no credential keeps Envoy's default upstream chain.
+    assert "typed_extension_protocol_options" not in res.clusters[cluster_name("n")]
+    encode_all(res)  # every type is known to envoy-data-plane
+
+
+def test_aliases_route_to_their_model_and_rename_it():
+    state = State(models=(replace(model("llama-3-70b", b("http://10.0.0.1:80")), aliases=("gpt-4o",)),))
+    rs = {r["name"]: r for r in routes(state)}
+    assert rs["model:gpt-4o"]["route"]["cluster"] == rs["model:llama-3-70b"]["route"]["cluster"]
+    assert rs["model:gpt-4o"]["metadata"]["filter_metadata"] == {
+        "tessera": {"model": "llama-3-70b"},  # what ext_authz and ratelimit see
+        "envoy.filters.http.lua": {"served_model": "llama-3-70b"},  # the Lua filter renames the body
+    }
+    assert rs["model:llama-3-70b"]["metadata"]["filter_metadata"] == {"tessera": {"model": "llama-3-70b"}}
+
+
+def test_realtime_routes_only_for_enabled_models_by_query_model():
+    on = replace(model("rt", b("http://10.0.0.1:80")), realtime=True, aliases=("rt-alias",))
+    off = model("plain", b("http://10.0.0.2:80"))
+    rs = routes(State(models=(on, off)))
+    realtime = [r for r in rs if r["name"].startswith("realtime:")]
+    assert [r["match"]["query_parameters"][0]["string_match"]["exact"] for r in realtime] == [
+        "rt",
+        "rt-alias",
+    ]
+    for r in realtime:
+        assert r["match"]["path"] == "/v1/realtime"
+        assert r["route"]["upgrade_configs"] == [{"upgrade_type": "websocket", "enabled": True}]
+        assert r["route"]["cluster"] == cluster_name("rt")
+        assert r["metadata"]["filter_metadata"]["tessera"] == {"model": "rt"}
+    # Any other /v1/realtime (a model without realtime, no upgrade) is refused before a backend.
+    (off_route,) = [r for r in rs if r["name"] == "realtime_off"]
+    assert off_route["direct_response"]["status"] == 404
+    assert rs.index(off_route) > max(rs.index(r) for r in realtime)
+
+
+def test_route_timeouts_are_the_longest_of_the_backends():
+    short = replace(b("http://10.0.0.1:80"), timeout_seconds=30, idle_timeout_seconds=60)
+    long_ = replace(b("http://10.0.0.2:80"), timeout_seconds=600)
+    rs = {r["name"]: r for r in routes(State(models=(model("m", short, long_),)))}
+    assert (rs["model:m"]["route"]["timeout"], rs["model:m"]["route"]["idle_timeout"]) == ("600s", "300s")
+    unlimited = b("http://10.0.0.3:80")  # 0: no limit wins
+    rs = {r["name"]: r for r in routes(State(models=(model("m", short, unlimited),)))}
+    assert rs["model:m"]["route"]["timeout"] == "0s"
+
+
+def test_health_path_override_and_none():
+    vllm = BackendState("http://10.0.0.1:80", "vllm", 1, 0)
+    custom = replace(vllm, health_path="/ready")
+    res = resources_from_state(
+        State(models=(model("a", vllm), model("b", custom), model("c", custom, vllm))), CFG
+    )
+    assert res.clusters[cluster_name("a")]["health_checks"][0]["http_health_check"]["path"] == "/health"
+    assert res.clusters[cluster_name("b")]["health_checks"][0]["http_health_check"]["path"] == "/ready"
+    assert "health_checks" not in res.clusters[cluster_name("c")]  # they differ: outlier detection only
+    off = replace(vllm, health_path="none")
+    assert (
+        "health_checks"
+        not in resources_from_state(State(models=(model("d", off),)), CFG).clusters[cluster_name("d")]
+    )
 
 
 def test_local_replies_cover_the_documented_statuses():

@@ -1435,6 +1435,14 @@ class Backend(_message.Message):
     WEIGHT_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_HEADER_FIELD_NUMBER: _builtins.int
+    HAS_CREDENTIAL_FIELD_NUMBER: _builtins.int
+    CA_BUNDLE_FIELD_NUMBER: _builtins.int
+    SNI_FIELD_NUMBER: _builtins.int
+    HEALTH_PATH_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     """scheme://host:port, no path"""
     kind: _builtins.str
@@ -1443,6 +1451,26 @@ class Backend(_message.Message):
     priority: _builtins.int
     max_concurrency: _builtins.int
     """requests in flight it takes; 0 = no limit"""
+    credential: _builtins.str
+    """A secret Envoy sends to this backend (an API key for a hosted OpenAI-compatible server).
+    Write-only: stored encrypted, delivered to Envoy over SDS, never returned (see has_credential).
+    """
+    credential_header: _builtins.str
+    """default "authorization", sent as "Bearer <credential>";"""
+    has_credential: _builtins.bool
+    """any other header gets the credential as it is
+    output only
+    """
+    ca_bundle: _builtins.str
+    """https: PEM CA certificates; default the gateway's CA file"""
+    sni: _builtins.str
+    """https: server name sent and checked; default the URL's host"""
+    health_path: _builtins.str
+    """active health check path; default by kind; "none" = no check"""
+    timeout_seconds: _builtins.int
+    """a whole request; 0 = no limit (a long generation is never cut)"""
+    idle_timeout_seconds: _builtins.int
+    """no byte either way for this long ends it; 0 = 300"""
     def __init__(
         self,
         *,
@@ -1451,10 +1479,18 @@ class Backend(_message.Message):
         weight: _builtins.int = ...,
         priority: _builtins.int = ...,
         max_concurrency: _builtins.int = ...,
+        credential: _builtins.str = ...,
+        credential_header: _builtins.str = ...,
+        has_credential: _builtins.bool = ...,
+        ca_bundle: _builtins.str = ...,
+        sni: _builtins.str = ...,
+        health_path: _builtins.str = ...,
+        timeout_seconds: _builtins.int = ...,
+        idle_timeout_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "max_concurrency", b"max_concurrency", "priority", b"priority", "url", b"url", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_bundle", b"ca_bundle", "credential", b"credential", "credential_header", b"credential_header", "has_credential", b"has_credential", "health_path", b"health_path", "idle_timeout_seconds", b"idle_timeout_seconds", "kind", b"kind", "max_concurrency", b"max_concurrency", "priority", b"priority", "sni", b"sni", "timeout_seconds", b"timeout_seconds", "url", b"url", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1506,6 +1542,8 @@ class Model(_message.Message):
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_MAX_TOKENS_FIELD_NUMBER: _builtins.int
     PRICES_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    REALTIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     visibility: _builtins.str
     """public | restricted"""
@@ -1514,11 +1552,17 @@ class Model(_message.Message):
     """0 = none set"""
     max_max_tokens: _builtins.int
     """0 = none set"""
+    realtime: _builtins.bool
+    """/v1/realtime WebSocket upgrades pass through"""
     @_builtins.property
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___Backend]: ...
     @_builtins.property
     def prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelPrice]:
         """oldest first"""
+
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """other names callers may use (gpt-4o -> llama-3-70b)"""
 
     def __init__(
         self,
@@ -1530,10 +1574,12 @@ class Model(_message.Message):
         default_max_tokens: _builtins.int = ...,
         max_max_tokens: _builtins.int = ...,
         prices: _abc.Iterable[Global___ModelPrice] | None = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+        realtime: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "create_time", b"create_time", "default_max_tokens", b"default_max_tokens", "max_max_tokens", b"max_max_tokens", "name", b"name", "prices", b"prices", "visibility", b"visibility"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "backends", b"backends", "create_time", b"create_time", "default_max_tokens", b"default_max_tokens", "max_max_tokens", b"max_max_tokens", "name", b"name", "prices", b"prices", "realtime", b"realtime", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1632,6 +1678,13 @@ class UpdateBackendRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_HEADER_FIELD_NUMBER: _builtins.int
+    CA_BUNDLE_FIELD_NUMBER: _builtins.int
+    SNI_FIELD_NUMBER: _builtins.int
+    HEALTH_PATH_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     url: _builtins.str
     """which backend"""
@@ -1639,9 +1692,19 @@ class UpdateBackendRequest(_message.Message):
     priority: _builtins.int
     kind: _builtins.str
     max_concurrency: _builtins.int
+    credential: _builtins.str
+    credential_header: _builtins.str
+    ca_bundle: _builtins.str
+    sni: _builtins.str
+    health_path: _builtins.str
+    timeout_seconds: _builtins.int
+    idle_timeout_seconds: _builtins.int
     @_builtins.property
     def update_mask(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """"weight", "priority", "kind", "max_concurrency" """
+        """"weight", "priority", "kind", "max_concurrency", "credential" (empty clears it),
+        "credential_header", "ca_bundle", "sni", "health_path", "timeout_seconds",
+        "idle_timeout_seconds"
+        """
 
     def __init__(
         self,
@@ -1653,10 +1716,17 @@ class UpdateBackendRequest(_message.Message):
         priority: _builtins.int = ...,
         kind: _builtins.str = ...,
         max_concurrency: _builtins.int = ...,
+        credential: _builtins.str = ...,
+        credential_header: _builtins.str = ...,
+        ca_bundle: _builtins.str = ...,
+        sni: _builtins.str = ...,
+        health_path: _builtins.str = ...,
+        timeout_seconds: _builtins.int = ...,
+        idle_timeout_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "max_concurrency", b"max_concurrency", "name", b"name", "priority", b"priority", "update_mask", b"update_mask", "url", b"url", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_bundle", b"ca_bundle", "credential", b"credential", "credential_header", b"credential_header", "health_path", b"health_path", "idle_timeout_seconds", b"idle_timeout_seconds", "kind", b"kind", "max_concurrency", b"max_concurrency", "name", b"name", "priority", b"priority", "sni", b"sni", "timeout_seconds", b"timeout_seconds", "update_mask", b"update_mask", "url", b"url", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1766,13 +1836,20 @@ class UpdateModelRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    REALTIME_FIELD_NUMBER: _builtins.int
+    VISIBILITY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     default_max_tokens: _builtins.int
     max_max_tokens: _builtins.int
+    realtime: _builtins.bool
+    visibility: _builtins.str
     @_builtins.property
     def update_mask(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """"default_max_tokens", "max_max_tokens" """
+        """"default_max_tokens", "max_max_tokens", "aliases" (replaces them), "realtime", "visibility" """
 
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -1780,10 +1857,13 @@ class UpdateModelRequest(_message.Message):
         update_mask: _abc.Iterable[_builtins.str] | None = ...,
         default_max_tokens: _builtins.int = ...,
         max_max_tokens: _builtins.int = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+        realtime: _builtins.bool = ...,
+        visibility: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_max_tokens", b"default_max_tokens", "max_max_tokens", b"max_max_tokens", "name", b"name", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_max_tokens", b"default_max_tokens", "max_max_tokens", b"max_max_tokens", "name", b"name", "realtime", b"realtime", "update_mask", b"update_mask", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1368,7 +1368,8 @@ class ModelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateModel(self, request, context):
-        """Default and maximum max_tokens (what limits reserve when a request names none).
+        """Default and maximum max_tokens (what limits reserve when a request names none), aliases,
+        realtime, visibility.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -428,7 +428,9 @@ class ModelServiceStub:
     RemoveModel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemoveModelRequest, _admin_pb2.RemoveModelResponse]
     """The model stops being routed and listed; usage recorded for it stays."""
     UpdateModel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdateModelRequest, _admin_pb2.UpdateModelResponse]
-    """Default and maximum max_tokens (what limits reserve when a request names none)."""
+    """Default and maximum max_tokens (what limits reserve when a request names none), aliases,
+    realtime, visibility.
+    """
     SetModelPrice: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetModelPriceRequest, _admin_pb2.SetModelPriceResponse]
     """Add an effective-dated price; usage before effective_time keeps the older price."""
 
@@ -450,7 +452,9 @@ class ModelServiceAsyncStub(ModelServiceStub):
     RemoveModel: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveModelRequest, _admin_pb2.RemoveModelResponse]  # type: ignore[assignment]
     """The model stops being routed and listed; usage recorded for it stays."""
     UpdateModel: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdateModelRequest, _admin_pb2.UpdateModelResponse]  # type: ignore[assignment]
-    """Default and maximum max_tokens (what limits reserve when a request names none)."""
+    """Default and maximum max_tokens (what limits reserve when a request names none), aliases,
+    realtime, visibility.
+    """
     SetModelPrice: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetModelPriceRequest, _admin_pb2.SetModelPriceResponse]  # type: ignore[assignment]
     """Add an effective-dated price; usage before effective_time keeps the older price."""
 
@@ -517,7 +521,9 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.UpdateModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.UpdateModelResponse, _abc.Awaitable[_admin_pb2.UpdateModelResponse]]:
-        """Default and maximum max_tokens (what limits reserve when a request names none)."""
+        """Default and maximum max_tokens (what limits reserve when a request names none), aliases,
+        realtime, visibility.
+        """
 
     @_abc_1.abstractmethod
     def SetModelPrice(
