@@ -60,6 +60,7 @@ def visible_models(state: State, tenant_id: str, key_id: str) -> list[str]:
         if key_scopes and m.name not in key_scopes:
             continue
         names.append(m.name)
+        names.extend(m.aliases)  # an alias is usable exactly where its model is
     return names
 
 
@@ -111,7 +112,7 @@ class _Handlers:
         names = visible_models(
             current, request.headers.get("x-tenant-id", ""), request.headers.get("x-key-id", "")
         )
-        created = {m.name: m.created_unix for m in current.models}
+        created = {n: m.created_unix for m in current.models for n in (m.name, *m.aliases)}
         data = [{"id": n, "object": "model", "created": created[n], "owned_by": "tessera"} for n in names]
         return web.json_response({"object": "list", "data": data})
 

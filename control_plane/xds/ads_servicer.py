@@ -131,9 +131,15 @@ class AggregatedDiscoveryServiceServicer(ads_pb2_grpc.AggregatedDiscoveryService
 
     def _pending(self, stream: _Stream, snap: XdsSnapshot) -> list[discovery_pb2.DiscoveryResponse]:
         out = []
-        # SDS before the clusters that use it, CDS before EDS, LDS before ECDS and RDS (Envoy's
-        # own ordering expectations).
-        for type_url in (SECRET_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, EXTENSION_TYPE, ROUTE_TYPE):
+        cds = stream.types.get(CLUSTER_TYPE)
+        if cds is not None and cds.sent_version != snap.versions.get(CLUSTER_TYPE, ""):
+            # A changed cluster warms until it gets its endpoints (and its secrets) again, even
+            # unchanged ones: send them after the clusters, or it never leaves warming.
+            for dependent in (ENDPOINT_TYPE, SECRET_TYPE):
+                if (ts := stream.types.get(dependent)) is not None:
+                    ts.sent_version = None
+        # CDS before EDS and SDS, LDS before ECDS and RDS (Envoy's own ordering expectations).
+        for type_url in (CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE, LISTENER_TYPE, EXTENSION_TYPE, ROUTE_TYPE):
             ts = stream.types.get(type_url)
             if ts is None:
                 continue

@@ -45,6 +45,7 @@ from tessera.openai_errors import error_body
 USAGE_NS = "ai.gw.usage"
 RATELIMIT_NS = "envoy.filters.http.ratelimit"  # where Envoy keeps the ratelimit answer's metadata
 JSON_CONTENT = {"regex": "^application/json(;.*)?$"}  # aiohttp and others add "; charset=utf-8"
+REALTIME_OFF = "Realtime is not enabled for this model, or you do not have access to it."
 PER_IP_STATUS = 423  # the per-IP guard's refusal (Envoy never sends it otherwise), rewritten to 429
 USAGE_LUA = (Path(__file__).parent / "usage.lua").read_text()
 
@@ -84,6 +85,22 @@ def _local_reply_config() -> dict[str, Any]:
         "mappers": [
             _mapper({"and_filter": {"filters": [_status_filter(404), model_known]}}, unknown_model),
             _mapper(_status_filter(404), error_body("not_found")),
+            # Envoy refuses a WebSocket upgrade on a route that does not enable it (a model
+            # without realtime, or no such model) with a bare 403.
+            {
+                **_mapper(
+                    {
+                        "and_filter": {
+                            "filters": [
+                                _status_filter(403),
+                                {"header_filter": {"header": {"name": "upgrade", "present_match": True}}},
+                            ]
+                        }
+                    },
+                    error_body("model_not_found", message=REALTIME_OFF, param="model"),
+                ),
+                "status_code": 404,
+            },
             _mapper(_status_filter(413), error_body("request_too_large")),
             # The per-IP guard answers 423 so that it can be told apart here (a mapper cannot
             # see headers added to a local reply); the ratelimit service's own 429s keep the

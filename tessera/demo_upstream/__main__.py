@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -48,10 +49,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fail-status", type=int, default=0, help="answer everything with this status (a broken server)"
     )
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve https with this certificate (chain)")
+    parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     return parser
 
 
-async def _serve(host: str, port: int, models: Sequence[str], name: str, fail_status: int = 0) -> int:
+def _tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def _serve(
+    host: str,
+    port: int,
+    models: Sequence[str],
+    name: str,
+    *,
+    fail_status: int = 0,
+    tls: ssl.SSLContext | None = None,
+) -> int:
     runner = web.AppRunner(
         build_app(models, name=name, fail_status=fail_status),
         access_log=None,
@@ -60,7 +79,7 @@ async def _serve(host: str, port: int, models: Sequence[str], name: str, fail_st
     await runner.setup()
     try:
         try:
-            await web.TCPSite(runner, host, port).start()
+            await web.TCPSite(runner, host, port, ssl_context=tls).start()
         except OSError as exc:
             sys.stderr.write(f"demo-upstream: cannot listen on {host}:{port}: {exc.strerror or exc}\n")
             return 2
@@ -81,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(LogSettings(), service="demo-upstream")
     models: list[str] = args.models or ["demo"]
-    return asyncio.run(_serve(args.host, args.port, models, args.name, args.fail_status))
+    tls = _tls(args.tls_cert, args.tls_key)
+    return asyncio.run(_serve(args.host, args.port, models, args.name, fail_status=args.fail_status, tls=tls))
 
 
 if __name__ == "__main__":

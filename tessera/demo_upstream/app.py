@@ -70,6 +70,7 @@ def build_app(
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/embeddings", _embeddings)
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/realtime", _realtime)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/debug/requests", _debug_list)
@@ -212,6 +213,30 @@ async def _models(request: web.Request) -> web.StreamResponse:
         for model in state.models
     ]
     return web.json_response({"object": "list", "data": data})
+
+
+async def _realtime(request: web.Request) -> web.StreamResponse:
+    """A WebSocket like vLLM's realtime endpoint, reduced to what a gateway test needs: it
+    records the upgrade request, announces the session with its model (``?model=``), then
+    answers each text message with a ``response.done`` event that echoes it."""
+    state = request.app[_STATE]
+    model = request.query.get("model", "")
+    state.seen.append(
+        {
+            "path": request.path,
+            "headers": {key.lower(): value for key, value in request.headers.items()},
+            "model": model,
+            "body": None,
+        }
+    )
+    _check_model(request, model)
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    await ws.send_json({"type": "session.created", "session": {"model": model}, "upstream": state.name})
+    async for msg in ws:
+        if msg.type == web.WSMsgType.TEXT:
+            await ws.send_json({"type": "response.done", "echo": msg.data})
+    return ws
 
 
 async def _health(_request: web.Request) -> web.StreamResponse:

@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from tests.conftest import free_port
+from tests.upstream import Upstream
 
 BIN = Path(sys.executable).parent
 TESSERA = str(BIN / "tessera")
@@ -134,3 +135,12 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     s = start_stack(tmp_path_factory.mktemp("stack"))
     yield s
     stop_stack(s)
+
+
+@pytest.fixture
+def upstreams() -> Iterator[list[Upstream]]:
+    """Demo upstreams a test starts (append them); stopped when it ends."""
+    started: list[Upstream] = []
+    yield started
+    for u in started:
+        u.stop()

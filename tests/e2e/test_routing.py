@@ -3,54 +3,20 @@ weights, health checks, outlier ejection, fallback to the next priority, schedul
 
 from __future__ import annotations
 
-import contextlib
 import json
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
 from tests.e2e.test_gateway import eventually, http, upstream_requests
+from tests.upstream import Upstream
 
 pytestmark = pytest.mark.envoy
-
-
-class Upstream:
-    def __init__(self, model: str, name: str, *, fail_status: int = 0) -> None:
-        self.port, self.name = free_port(), name
-        argv = [sys.executable, "-m", "tessera.demo_upstream", "--port", str(self.port)]
-        argv += ["--model", model, "--name", name, "--fail-status", str(fail_status)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        eventually(self._answers, timeout=15)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _answers(self) -> None:
-        with contextlib.suppress(urllib.error.HTTPError):  # a failing upstream answers, with its error
-            urllib.request.urlopen(f"{self.url}/health", timeout=1)  # noqa: S310
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def upstreams() -> Iterator[list[Upstream]]:
-    started: list[Upstream] = []
-    yield started
-    for u in started:
-        u.stop()
 
 
 def wait_routed(client: Any, model: str, timeout: float = 5) -> None:

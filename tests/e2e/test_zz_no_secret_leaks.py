@@ -12,6 +12,7 @@ pepper and the local admin token. ``pepper`` and ``admin.json`` hold their secre
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import secrets
 import time
@@ -29,6 +30,7 @@ from google.protobuf.message import Message
 
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.admin.v1 import admin_pb2_grpc
+from tests.e2e.test_gateway import upstream_requests
 
 pytestmark = pytest.mark.envoy
 
@@ -136,6 +138,7 @@ def _every_page(admin: Admin, rpc: str, make, token: str) -> None:
 class Minted:
     watched: dict[str, str] = field(default_factory=dict)  # what -> secret
     admin_key_works: bool = False
+    upstream_credential_sent: bool = False
 
 
 def _api_key_lifecycle(stack, admin: Admin, platform: str, tenant_id: str, m: Minted) -> None:
@@ -194,6 +197,36 @@ def _admin_key_lifecycle(stack, admin: Admin, platform: str, tenant_id: str, m: 
     seen["REST whoami (disabled admin key)"] = _http("GET", f"{stack.gateway}/admin/v1/whoami", bearer)
 
 
+def _upstream_credential(stack, admin: Admin, platform: str, m: Minted) -> None:
+    """A backend credential set, rotated, read back over gRPC and REST, and used by Envoy."""
+    name = f"leak-{uuid.uuid4().hex[:8]}"
+    url = stack.endpoints()["demo_upstream"]
+    m.watched["upstream credential"] = first = f"sk-upstream-{secrets.token_urlsafe(24)}"
+    backend = pb.Backend(url=url, credential=first)
+    assert admin("AddModel", pb.AddModelRequest(name=name, backend=backend), platform) is not None
+    admin("GetModel", pb.GetModelRequest(name=name), platform)
+    m.watched["rotated upstream credential"] = second = f"sk-upstream-{secrets.token_urlsafe(24)}"
+    update = pb.UpdateBackendRequest(name=name, url=url, update_mask=["credential"], credential=second)
+    assert admin("UpdateBackend", update, platform) is not None
+    admin.seen[f"REST model {name}"] = _http(
+        "GET", f"{stack.gateway}/admin/v1/models/{name}", {"authorization": f"Bearer {platform}"}
+    )
+    # Envoy sends it: the demo upstream (which serves only "demo", so it answers 404) records
+    # the header. What the upstream recorded is the upstream's business and is not searched.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with contextlib.suppress(openai.APIStatusError):
+            stack.client(stack.demo_key).chat.completions.create(
+                model=name, messages=[{"role": "user", "content": "x"}], max_tokens=1
+            )
+        seen = upstream_requests(stack)
+        if seen and seen[-1]["model"] == name:
+            m.upstream_credential_sent = seen[-1]["headers"].get("authorization") == f"Bearer {second}"
+            if m.upstream_credential_sent:
+                return
+        time.sleep(0.1)
+
+
 def _read_everything(stack, admin: Admin, platform: str) -> None:
     """Every list of the admin API (all pages) over gRPC, and over REST."""
     for rpc, make in [
@@ -228,6 +261,7 @@ def test_no_secret_leaks_anywhere(stack):
         assert tenant is not None
         _api_key_lifecycle(stack, admin, platform, tenant.tenant.id, m)
         _admin_key_lifecycle(stack, admin, platform, tenant.tenant.id, m)
+        _upstream_credential(stack, admin, platform, m)
         _read_everything(stack, admin, platform)
 
     _flush_access_log(stack, found)
@@ -250,3 +284,4 @@ def test_no_secret_leaks_anywhere(stack):
     ]
     assert not leaks, "secrets leaked:\n  " + "\n  ".join(leaks)
     assert m.admin_key_works, {k: v for k, v in found.items() if "WhoAmI" in k}
+    assert m.upstream_credential_sent  # the secret searched for really went through Envoy
