@@ -5,6 +5,7 @@ No network: requests are built from parsed argv, and paging runs against a fake 
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -425,6 +426,44 @@ def test_models_show_backends_and_remove(capsys):
         pb.RemoveBackendRequest(name="m", url="http://h:2"),
     )
     assert req("models", "remove", "m") == ("RemoveModel", pb.RemoveModelRequest(name="m"))
+
+
+def test_backend_connection_options_and_secrets_read_from_files(tmp_path, monkeypatch, capsys):
+    (tmp_path / "key").write_text("sk-upstream\n")
+    _, msg = req(
+        "models", "add-backend", "m", "--backend", "https://h:443", "--credential-file", str(tmp_path / "key"),
+        "--credential-header", "api-key", "--sni", "gpu.internal", "--health-path", "/ready",
+        "--timeout", "600", "--idle-timeout", "900",
+    )  # fmt: skip
+    assert msg.backend == pb.Backend(
+        url="https://h:443", kind="openai-compatible", weight=1, credential="sk-upstream",
+        credential_header="api-key", sni="gpu.internal", health_path="/ready", timeout_seconds=600,
+        idle_timeout_seconds=900,
+    )  # fmt: skip
+    monkeypatch.setattr("sys.stdin", io.StringIO("sk-from-stdin\n"))
+    _, msg = req("models", "update-backend", "m", "--backend", "https://h:443", "--credential-file", "-")
+    assert (list(msg.update_mask), msg.credential) == (["credential"], "sk-from-stdin")
+    _, msg = req(
+        "models", "update-backend", "m", "--backend", "https://h:443", "--clear-credential", "--sni", ""
+    )
+    assert (list(msg.update_mask), msg.credential, msg.sni) == (["credential", "sni"], "", "")
+    missing = usage_error(
+        capsys, "models", "add", "m", "--backend", "http://h:1", "--credential-file", str(tmp_path / "nope")
+    )
+    assert "cannot read the credential" in missing
+
+
+def test_models_update_aliases_realtime_visibility(capsys):
+    _, msg = req("models", "update", "m", "--alias", "gpt-4o", "--alias", "gpt-4", "--realtime", "on")
+    assert msg == pb.UpdateModelRequest(
+        name="m", update_mask=["aliases", "realtime"], aliases=["gpt-4o", "gpt-4"], realtime=True
+    )
+    _, msg = req(
+        "models", "update", "m", "--clear-aliases", "--realtime", "off", "--visibility", "restricted"
+    )
+    assert msg == pb.UpdateModelRequest(
+        name="m", update_mask=["aliases", "realtime", "visibility"], visibility="restricted"
+    )
 
 
 def test_models_update_and_price():
