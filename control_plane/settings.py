@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings
@@ -58,6 +59,31 @@ class JwtSettings(BaseModel):
     publish_lead_seconds: int = Field(default=30, ge=0, description="in the JWKS this long before signing")
 
 
+class SinkSettings(BaseModel):
+    """Where billing events go (control_plane/usage/delivery.py). ``secret``: for
+    ``standard-webhooks`` the signing secret (``whsec_`` + base64); for the others a bearer token
+    sent as ``Authorization`` (empty = none)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
+    url: str
+    format: Literal["standard-webhooks", "cloudevents", "stripe", "lago"] = "standard-webhooks"
+    secret: SecretStr = SecretStr("")
+    batch_size: int = Field(default=100, ge=1, le=1000)
+    kinds: tuple[str, ...] = ()  # event kinds it takes; empty = every kind its format carries
+
+
+class BillingSettings(BaseModel):
+    """Usage ledger, invoices and billing export (control_plane/usage/)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sinks: tuple[SinkSettings, ...] = ()
+    delivery_interval_seconds: float = Field(default=1.0, gt=0)
+    max_backoff_seconds: float = Field(default=300.0, gt=0)
+    raw_retention_days: int = Field(default=90, ge=1, description="ledger rows; rollups are kept")
+    invoice_grace_seconds: int = Field(default=3 * 86400, ge=0, description="after a month ends")
+
+
 class ControlPlaneSettings(BaseSettings):
     model_config = SETTINGS_CONFIG
 
@@ -70,6 +96,7 @@ class ControlPlaneSettings(BaseSettings):
     pepper: PepperSettings = PepperSettings()
     gateway: GatewaySettings = GatewaySettings()
     jwt: JwtSettings = JwtSettings()
+    billing: BillingSettings = BillingSettings()
     # Local platform-admin credential (admin.json); principals and roles arrive with the admin issue.
     admin_token: SecretStr = SecretStr("")
     refresh_seconds: float = Field(default=5.0, gt=0, description="periodic re-read of the store")

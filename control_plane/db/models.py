@@ -10,6 +10,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -242,3 +243,149 @@ class JwtSigningKey(Base):
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     unpublish_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# --- usage, billing (control_plane/usage/) ----------------------------------------------------
+
+_BIGID = BigInteger().with_variant(Integer, "sqlite")
+
+
+class UsageRecord(Base):
+    """The ledger: one row per request an Envoy completed, refusals and errors included.
+
+    Keyed by (Envoy node, request id): Envoy mints the id, and the meter inserts a line at most
+    once whatever it re-reads. Money is ``cost_picos`` = tokens x price in micros per 1M tokens
+    (1e-12 of the currency unit): exact integers, rounded to micros only when summed.
+    """
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        UniqueConstraint("node", "request_id"),
+        Index("ix_usage_records_tenant_time", "tenant_id", "time"),
+    )
+
+    id: Mapped[int] = mapped_column(_BIGID, primary_key=True, autoincrement=True)
+    node: Mapped[str] = mapped_column(String(128))
+    request_id: Mapped[str] = mapped_column(String(64))
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    tenant_id: Mapped[str | None] = mapped_column(String(32))
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    principal: Mapped[str | None] = mapped_column(String(256))
+    model_requested: Mapped[str | None] = mapped_column(String(128))
+    model: Mapped[str | None] = mapped_column(String(128))  # served (an alias resolved)
+    backend: Mapped[str | None] = mapped_column(String(256))
+    status: Mapped[int] = mapped_column(Integer)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    usage_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
+    streamed: Mapped[bool] = mapped_column(Boolean, default=False)
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+    ttfb_ms: Mapped[int | None] = mapped_column(Integer)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
+    price_id: Mapped[int | None] = mapped_column(ForeignKey("model_prices.id", ondelete="SET NULL"))
+    cost_picos: Mapped[int] = mapped_column(BigInteger, default=0)
+    currency: Mapped[str | None] = mapped_column(String(3))
+    unpriced: Mapped[bool] = mapped_column(Boolean, default=False)
+    invoice_id: Mapped[str | None] = mapped_column(String(32), index=True)
+
+
+class UsageRollup(Base):
+    """Usage summed per hour and per day by tenant, key and model (kept after raw rows expire)."""
+
+    __tablename__ = "usage_rollups"
+
+    period: Mapped[str] = mapped_column(String(4), primary_key=True)  # hour | day
+    bucket: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)  # "" = none
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)  # "" = none
+    currency: Mapped[str] = mapped_column(String(3), primary_key=True)  # "" = unpriced
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_picos: Mapped[int] = mapped_column(BigInteger, default=0)
+    unpriced_requests: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class MeterCheckpoint(Base):
+    """How far the meter has read each usage log file of an Envoy node (by device and inode, so a
+    rotated file is still recognised); written in the same transaction as the rows it read."""
+
+    __tablename__ = "meter_checkpoints"
+
+    node: Mapped[str] = mapped_column(String(128), primary_key=True)
+    file_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    path: Mapped[str] = mapped_column(String(1024))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Invoice(Base):
+    """A tenant's month (UTC) in one currency: open until closed after the grace period, then
+    immutable. Usage that arrives after close goes on the next invoice as adjustment lines."""
+
+    __tablename__ = "invoices"
+    __table_args__ = (UniqueConstraint("tenant_id", "period_start", "currency"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(32), index=True)
+    period_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    period_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(8), default="closed")
+    total_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    closed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    lines: Mapped[list[InvoiceLine]] = relationship(
+        cascade="all, delete-orphan", order_by="InvoiceLine.id", lazy="selectin"
+    )
+
+
+class InvoiceLine(Base):
+    __tablename__ = "invoice_lines"
+
+    id: Mapped[int] = mapped_column(_BIGID, primary_key=True, autoincrement=True)
+    invoice_id: Mapped[str] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(12))  # usage | adjustment
+    model: Mapped[str] = mapped_column(String(128))
+    usage_month: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # whose usage it bills
+    price_from: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # None = unpriced
+    input_micros: Mapped[int] = mapped_column(BigInteger, default=0)  # unit prices per 1M tokens
+    output_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    amount_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class OutboxEvent(Base):
+    """A billing event to deliver: its id is stable (derived from what it describes), so a
+    receiver deduplicates retries and re-deliveries by it."""
+
+    __tablename__ = "outbox_events"
+
+    seq: Mapped[int] = mapped_column(_BIGID, primary_key=True, autoincrement=True)  # delivery order
+    id: Mapped[str] = mapped_column(String(96), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))  # usage.recorded | invoice.closed | budget.threshold
+    tenant_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    payload: Mapped[dict[str, object]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class OutboxDelivery(Base):
+    """One sink's progress with one event: retried with backoff until acknowledged."""
+
+    __tablename__ = "outbox_deliveries"
+
+    event_id: Mapped[str] = mapped_column(ForeignKey("outbox_events.id", ondelete="CASCADE"), primary_key=True)
+    sink: Mapped[str] = mapped_column(String(64), primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(String(512))
