@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 import structlog
 
@@ -73,6 +74,48 @@ async def _bootstrap(settings: ControlPlaneSettings, name: str) -> tuple[str, st
     finally:
         await engine.dispose()
     return doc, key
+
+
+async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> None:
+    from datetime import timedelta  # noqa: PLC0415
+
+    from control_plane.app import check_schema  # noqa: PLC0415
+    from control_plane.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
+    from control_plane.usage.meter import Meter  # noqa: PLC0415
+    from tessera.metrics import serve_metrics  # noqa: PLC0415
+
+    engine = make_engine(settings.database.url.get_secret_value())
+    try:
+        await check_schema(engine)
+        metrics = serve_metrics(settings.metrics)
+        retention = timedelta(days=settings.billing.raw_retention_days)
+        meter = Meter(make_sessionmaker(engine), log_path, node, retention=retention)
+        log.info("meter_started", log=str(log_path), node=node, metrics_port=metrics.port)
+        await meter.run_forever(settings.meter.poll_seconds)
+    finally:
+        await engine.dispose()
+
+
+def meter_main(argv: list[str] | None = None) -> int:
+    """``tessera meter``: ingest one Envoy's usage log into the ledger (ARCHITECTURE §4)."""
+    parser = argparse.ArgumentParser(prog="tessera meter")
+    parser.add_argument("--log", type=Path, help="the Envoy's usage log (default TESSERA_METER__LOG_PATH)")
+    parser.add_argument("--node", help="node name for lines that carry none (default TESSERA_METER__NODE)")
+    args = parser.parse_args(argv)
+    settings = ControlPlaneSettings()
+    configure_logging(settings.log, service="meter")
+    log_path = args.log or settings.meter.log_path or settings.gateway.access_log_path
+    if log_path is None:
+        print("tessera meter: give --log PATH (or TESSERA_METER__LOG_PATH)", file=sys.stderr)  # noqa: T201
+        return 2
+    try:
+        asyncio.run(_meter(settings, log_path, args.node or settings.meter.node or "unknown"))
+    except ConfigError as exc:
+        print(f"tessera meter: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
 
 
 def admin_main(argv: list[str] | None = None) -> int:

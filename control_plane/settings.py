@@ -84,6 +84,15 @@ class BillingSettings(BaseModel):
     invoice_grace_seconds: int = Field(default=3 * 86400, ge=0, description="after a month ends")
 
 
+class MeterSettings(BaseModel):
+    """``tessera meter``: one per Envoy (beside it: the same file system)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    log_path: Path | None = None  # the Envoy's usage log (gateway.access_log_path on one machine)
+    node: str = ""  # default for lines that name none (Envoy sets TESSERA_NODE in each line)
+    poll_seconds: float = Field(default=0.5, gt=0)
+
+
 class ControlPlaneSettings(BaseSettings):
     model_config = SETTINGS_CONFIG
 
@@ -97,6 +106,7 @@ class ControlPlaneSettings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     jwt: JwtSettings = JwtSettings()
     billing: BillingSettings = BillingSettings()
+    meter: MeterSettings = MeterSettings()
     # Local platform-admin credential (admin.json); principals and roles arrive with the admin issue.
     admin_token: SecretStr = SecretStr("")
     refresh_seconds: float = Field(default=5.0, gt=0, description="periodic re-read of the store")

@@ -27,6 +27,7 @@ from ratelimit.limits import (
 )
 from tessera.clock import SYSTEM_CLOCK, Clock, calendar_month
 from tessera.errors import StorageError
+from tessera.usage_line import DEFAULT_COMPLETION_TOKENS, reserved_tokens
 
 log = structlog.get_logger("ratelimit")
 
@@ -52,7 +53,6 @@ BACKEND_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 NEAR_LIMIT_SHARE: Final = 0.1
-BYTES_PER_TOKEN: Final = 4
 _NEAR = NEAR_LIMIT
 _OK = DECISIONS.labels("ok")
 _OVER = DECISIONS.labels("over_limit")
@@ -126,7 +126,7 @@ class RateLimiter:
         *,
         clock: Clock = SYSTEM_CLOCK,
         lease_seconds: float = 900.0,
-        default_completion_tokens: int = 1024,
+        default_completion_tokens: int = DEFAULT_COMPLETION_TOKENS,
     ) -> None:
         self._backend = backend
         self.snapshot = snapshot
@@ -245,11 +245,13 @@ class RateLimiter:
         """(prompt, completion) tokens to reserve: the body's size / 4 for the prompt (JSON
         overhead makes it an over-estimate); for the completion the request's ``max_tokens``,
         else the model's default, else the service default, capped by the model's maximum."""
-        prompt = -(-hit.body_bytes // BYTES_PER_TOKEN)
-        completion = hit.max_tokens or info.default_max_tokens or self._default_completion
-        if info.max_max_tokens:
-            completion = min(completion, info.max_max_tokens)
-        return prompt, completion
+        return reserved_tokens(
+            hit.body_bytes,
+            hit.max_tokens,
+            default_max_tokens=info.default_max_tokens,
+            max_max_tokens=info.max_max_tokens,
+            default_completion=self._default_completion,
+        )
 
     async def _acquire(
         self, requests: list[CounterRequest], tenant_id: str, request_id: str

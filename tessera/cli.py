@@ -23,7 +23,7 @@ from tessera.cli_admin import UsageError, add_admin_commands, build_request, fet
 
 # Commands served by the services' entry points (group ``tessera.commands``); ``admin``
 # (``tessera admin bootstrap``) talks to the store directly, so it lives in the control plane.
-SERVICE_COMMANDS = ("control-plane", "ext-authz", "ratelimit", "admin")
+SERVICE_COMMANDS = ("control-plane", "ext-authz", "ratelimit", "admin", "meter")
 
 
 def _global_flags(defaults: bool, *, long_output: bool = True) -> argparse.ArgumentParser:

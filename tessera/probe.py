@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.error
 import urllib.request
 
@@ -32,3 +33,30 @@ def _http_status(url: str, timeout: float) -> int:
 
 async def http_status(url: str, *, expect: int, timeout: float = 0.5) -> bool:
     return await asyncio.to_thread(_http_status, url, timeout) == expect
+
+
+def _fetch(url: str, method: str, timeout: float) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method=method)  # noqa: S310 - loopback URLs we built
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), b""
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+async def http_post(url: str, timeout: float = 5.0) -> int:
+    status, _ = await asyncio.to_thread(_fetch, url, "POST", timeout)
+    return status
+
+
+async def active_requests(envoy_admin: str, stat_prefix: str = "gateway") -> int:
+    """Requests in flight on an Envoy's HTTP listener (``stat_prefix``), from its admin stats."""
+    url = f"{envoy_admin}/stats?filter=^http\\.{stat_prefix}\\.downstream_rq_active$&format=json"
+    status, body = await asyncio.to_thread(_fetch, url, "GET", 2.0)
+    if status != 200:  # noqa: PLR2004
+        return 0
+
+    stats = json.loads(body).get("stats", [])
+    return sum(int(s.get("value", 0)) for s in stats)

@@ -25,14 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tessera import usage_line
 from tessera.bootstrap import BootstrapParams, render_bootstrap
 from tessera.datadir import DataDir, resolve_data_dir, write_json
 from tessera.keys import ensure_pepper
-from tessera.probe import grpc_serving, http_status
+from tessera.probe import active_requests, grpc_serving, http_post, http_status
 from tessera.workers import die_with_parent
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
+DRAIN_SECONDS = 2  # listeners drain this long on SIGHUP
+RESTART_STREAM_GRACE = 60.0  # then streams in flight get this long to end
 
 
 def _say(msg: str) -> None:
@@ -123,6 +126,7 @@ class Ports:
     ratelimit_metrics: int = field(default_factory=free_port)
     envoy_admin: int = field(default_factory=free_port)
     demo: int = field(default_factory=free_port)
+    meter_metrics: int = field(default_factory=free_port)
 
 
 class Stack:
@@ -141,13 +145,16 @@ class Stack:
         bindir = Path(sys.executable).parent
         self.python = sys.executable
         self.envoy = str(bindir / "envoy")
+        self.node_id = f"tessera-{socket.gethostname()}"
+        self.usage_log = self.dd.logs / "access.log"  # Envoy's usage lines (tessera/usage_line.py)
+        self.reloading = False
 
     # --- environment -------------------------------------------------------------------------
 
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
         # Log levels, gateway knobs (e.g. the per-IP guard) and JWT settings pass through.
-        passthrough = ("TESSERA_LOG__", "TESSERA_GATEWAY__", "TESSERA_JWT__")
+        passthrough = ("TESSERA_LOG__", "TESSERA_GATEWAY__", "TESSERA_JWT__", "TESSERA_BILLING__")
         keep = {k: v for k, v in os.environ.items() if k.startswith(passthrough)}
         return {**env, **keep, "TESSERA_LOG__FORMAT": "json", **extra}
 
@@ -164,7 +171,7 @@ class Stack:
                 "TESSERA_METRICS__PORT": str(p.cp_metrics),
                 "TESSERA_GATEWAY__HOST": self.args.host,
                 "TESSERA_GATEWAY__PORT": str(p.gateway),
-                "TESSERA_GATEWAY__ACCESS_LOG_PATH": str(self.dd.logs / "access.log"),
+                "TESSERA_GATEWAY__ACCESS_LOG_PATH": str(self.usage_log),
             }
         )
 
@@ -245,6 +252,18 @@ class Stack:
                 self._env({}),
                 lambda: http_status(f"http://{HOST}:{p.demo}/health", expect=200),
             )
+        self._child(
+            "meter",
+            [self.python, "-m", "control_plane.usage", "--log", str(self.usage_log), "--node", self.node_id],
+            self._env(
+                {
+                    "TESSERA_DATABASE__URL": self.db_url,
+                    "TESSERA_METRICS__PORT": str(p.meter_metrics),
+                    **{k: v for k, v in os.environ.items() if k.startswith("TESSERA_BILLING__")},
+                }
+            ),
+            lambda: http_status(f"http://{HOST}:{p.meter_metrics}/metrics", expect=200),
+        )
         bootstrap = self.dd.run / "envoy.yaml"
         self._child(
             "envoy",
@@ -257,8 +276,14 @@ class Stack:
                 "2",
                 "--log-level",
                 "warning",
+                # The usage log reaches the meter within a second (Envoy's default is 10 s).
+                "--file-flush-interval-msec",
+                "1000",
+                # A SIGHUP drains the listeners for this long before the restart (the default 600).
+                "--drain-time-s",
+                str(DRAIN_SECONDS),
             ],
-            self._env({}),
+            self._env({usage_line.NODE_ENV: self.node_id}),
             # 401 means: listener up, routes loaded, ext_authz answering.
             lambda: http_status(f"http://{HOST}:{p.gateway}/v1/models", expect=401),
         )
@@ -267,7 +292,7 @@ class Stack:
         p = self.ports
         text = render_bootstrap(
             BootstrapParams(
-                node_id=f"tessera-{socket.gethostname()}",
+                node_id=self.node_id,
                 admin_host=HOST,
                 admin_port=p.envoy_admin,
                 xds_host=HOST,
@@ -360,6 +385,8 @@ class Stack:
                 proc = child.proc
                 if proc is None or proc.returncode is None or self.stopping.is_set():
                     continue
+                if child.name == "envoy" and self.reloading:
+                    continue  # restart_envoy is at work
                 await self._restart(child, proc.returncode)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), 0.2)
@@ -381,6 +408,34 @@ class Stack:
                 return  # still exited: the next round tries again with a longer backoff
         await child.start()
         write_json(self.dd.endpoints, self.endpoints())
+
+    async def restart_envoy(self) -> None:
+        """SIGHUP: drain Envoy's listeners (connections are asked to close, streams in flight run
+        to their end), stop it once nothing is in flight, start a fresh one. Its usage lines are
+        all in the log before it exits; the meter reads on."""
+        if self.reloading or "envoy" not in self.children:
+            return
+        self.reloading = True
+        envoy = self.children["envoy"]
+        admin = f"http://{HOST}:{self.ports.envoy_admin}"
+        try:
+            _say("SIGHUP: draining Envoy's listeners, then restarting Envoy")
+            await http_post(f"{admin}/drain_listeners?graceful")
+            deadline = time.monotonic() + DRAIN_SECONDS + RESTART_STREAM_GRACE
+            await asyncio.sleep(DRAIN_SECONDS)
+            while time.monotonic() < deadline:
+                if await active_requests(admin) == 0:
+                    break
+                await asyncio.sleep(0.1)
+            await envoy.stop(grace=10.0)
+            await envoy.start()
+            await envoy.wait_ready()
+            write_json(self.dd.endpoints, self.endpoints())
+            _say("Envoy restarted")
+        except StartupError as exc:
+            _say(f"Envoy restart: {exc}")  # the supervisor keeps trying
+        finally:
+            self.reloading = False
 
     async def stop(self) -> None:
         self.stopping.set()
@@ -414,6 +469,14 @@ async def _main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stack.stopping.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.create_task(stack.restart_envoy())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     try:
         stack.preflight()
         starting = asyncio.create_task(stack.start())

@@ -40,6 +40,7 @@ from control_plane.xds.config import (
     GatewayConfig,
     T,
 )
+from tessera import usage_line
 from tessera.openai_errors import error_body
 
 USAGE_NS = "ai.gw.usage"
@@ -127,23 +128,8 @@ def _access_log(path: str) -> list[dict[str, Any]]:
             "typed_config": {
                 "@type": T + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
                 "path": path,
-                "log_format": {
-                    "json_format": {
-                        "time": "%START_TIME%",
-                        "request_id": "%REQ(X-REQUEST-ID)%",
-                        "method": "%REQ(:METHOD)%",
-                        "path": "%REQ(:PATH)%",
-                        "status": "%RESPONSE_CODE%",
-                        "flags": "%RESPONSE_FLAGS%",
-                        "tenant_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:tenant_id)%",
-                        "key_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:key_id)%",
-                        "model": "%DYNAMIC_METADATA(ai.gw:model)%",
-                        "upstream": "%UPSTREAM_HOST%",
-                        "duration_ms": "%DURATION%",
-                        "bytes_received": "%BYTES_RECEIVED%",
-                        "bytes_sent": "%BYTES_SENT%",
-                    }
-                },
+                # The usage line (tessera/usage_line.py): the billing record the meter ingests.
+                "log_format": {"json_format": usage_line.ENVOY_FORMAT},
             },
         }
     ]

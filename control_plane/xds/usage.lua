@@ -6,10 +6,12 @@
 --           "stream": true without stream_options.include_usage: true (absent, false, null, {})
 --           gets include_usage set, by splicing the body text (never re-serialising it);
 --           ai.gw.inject:injected marks the stream.
--- response: records ai.gw:status (a string, for the ratelimit stream-done descriptor); on an
---           injected SSE stream drops the one event with "choices": [] and "usage", which
---           sse_to_metadata (after this filter in decode order, so before it on the way back)
---           has already read. Every other byte passes unchanged, incremental, unbuffered.
+-- response: records ai.gw:status (a string, for the ratelimit stream-done descriptor); counts
+--           an SSE stream's data events into ai.gw:chunks (the usage line's estimate for a
+--           stream cut before its usage); on an injected SSE stream drops the one event with
+--           "choices": [] and "usage", which sse_to_metadata (after this filter in decode order,
+--           so before it on the way back) has already read. Every other byte passes unchanged,
+--           incremental, unbuffered.
 -- No JSON library in Envoy's Lua: a scanner finds TOP-LEVEL keys only, skipping strings
 -- (with escapes) and nested values, so a nested "stream" or message text cannot trigger it.
 
@@ -124,33 +126,48 @@ local function is_usage_event(e)
   return string.find(e, '"usage"%s*:%s*{') ~= nil and string.find(e, '"choices"%s*:%s*%[%s*%]') ~= nil
 end
 
+local function events_in(bytes)
+  -- SSE data events that carry a JSON object (an estimate of tokens streamed: one per chunk)
+  local _, n = string.gsub(bytes, "data:%s*{", "")
+  return n
+end
+
 function envoy_on_response(h)
   local meta = h:streamInfo():dynamicMetadata()
   meta:set("ai.gw", "status", h:headers():get(":status") or "")
-  local injected = meta:get("ai.gw.inject")
-  if not (injected and injected["injected"]) then return end
   local ct = h:headers():get("content-type") or ""
   if not string.find(ct, "text/event-stream", 1, true) then return end
+  local injected = meta:get("ai.gw.inject")
+  injected = injected and injected["injected"]
   -- the body shrinks: an upstream content-length would now be wrong (the client would hang)
-  h:headers():remove("content-length")
-  local pending, last, last_out = "", nil, nil
+  if injected then h:headers():remove("content-length") end
+  local pending, last, last_out, sent = "", nil, nil, 0
   for chunk in h:bodyChunks() do
     local own = chunk:getBytes(0, chunk:length())
-    local s = pending .. own
-    local out, pos = {}, 1
-    local crlf = string.find(s, "\r", 1, true) ~= nil
-    while true do
-      local a, b -- an SSE event ends with a blank line (LF or CRLF)
-      if crlf then a, b = string.find(s, "\r?\n\r?\n", pos) else a, b = string.find(s, "\n\n", pos, true) end
-      if not a then break end
-      local e = string.sub(s, pos, b)
-      if not is_usage_event(e) then out[#out + 1] = e end
-      pos = b + 1
+    if injected then
+      local s = pending .. own
+      local out, pos = {}, 1
+      local crlf = string.find(s, "\r", 1, true) ~= nil
+      while true do
+        local a, b -- an SSE event ends with a blank line (LF or CRLF)
+        if crlf then a, b = string.find(s, "\r?\n\r?\n", pos) else a, b = string.find(s, "\n\n", pos, true) end
+        if not a then break end
+        local e = string.sub(s, pos, b)
+        if not is_usage_event(e) then out[#out + 1] = e end
+        pos = b + 1
+      end
+      pending = string.sub(s, pos) -- an unfinished event waits for its end
+      local o = table.concat(out)
+      if o ~= own then chunk:setBytes(o) end -- compare with this chunk's own bytes, not pending .. own
+      last, last_out = chunk, o
+      sent = sent + events_in(o)
+    else
+      sent = sent + events_in(own)
     end
-    pending = string.sub(s, pos) -- an unfinished event waits for its end
-    local o = table.concat(out)
-    if o ~= own then chunk:setBytes(o) end -- compare with this chunk's own bytes, not pending .. own
-    last, last_out = chunk, o
+    -- counted as it goes: a stream the client cuts still says how much it got (the meter's
+    -- estimate when no usage arrives). The metadata handle of the headers phase is out of
+    -- scope once the body is iterated: fetch it again.
+    h:streamInfo():dynamicMetadata():set("ai.gw", "chunks", tostring(sent))
   end
   if #pending > 0 and last then last:setBytes(last_out .. pending) end -- an unterminated tail
 end

@@ -431,9 +431,9 @@ def test_models_show_backends_and_remove(capsys):
 def test_backend_connection_options_and_secrets_read_from_files(tmp_path, monkeypatch, capsys):
     (tmp_path / "key").write_text("sk-upstream\n")
     _, msg = req(
-        "models", "add-backend", "m", "--backend", "https://h:443", "--credential-file", str(tmp_path / "key"),
-        "--credential-header", "api-key", "--sni", "gpu.internal", "--health-path", "/ready",
-        "--timeout", "600", "--idle-timeout", "900",
+        "models", "add-backend", "m", "--backend", "https://h:443",
+        "--credential-file", str(tmp_path / "key"), "--credential-header", "api-key",
+        "--sni", "gpu.internal", "--health-path", "/ready", "--timeout", "600", "--idle-timeout", "900",
     )  # fmt: skip
     assert msg.backend == pb.Backend(
         url="https://h:443", kind="openai-compatible", weight=1, credential="sk-upstream",

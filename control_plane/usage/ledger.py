@@ -1,0 +1,296 @@
+"""Usage lines → ledger rows, priced; rollups, usage events and budget thresholds, all in the
+caller's transaction (the meter's, with its checkpoint): a line counts exactly once.
+
+Money: ``cost_picos`` = tokens x price in micros per 1M tokens (1e-12 of the currency unit), an
+exact integer; sums are rounded to micros once (``picos_to_micros``). No floats.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control_plane.db.models import Limit, Model, OutboxEvent, UsageRecord, UsageRollup
+from tessera.clock import calendar_month
+from tessera.usage_line import UsageLine, reserved_tokens
+
+PICOS_PER_MICRO = 1_000_000
+BUDGET_THRESHOLDS = (80, 100)
+_PERIODS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
+
+
+def picos_to_micros(picos: int) -> int:
+    """Rounded half up (costs are never negative)."""
+    return (picos + PICOS_PER_MICRO // 2) // PICOS_PER_MICRO
+
+
+def aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    id: int
+    effective_at: datetime
+    input_micros: int
+    output_micros: int
+    cached_micros: int
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTerms:
+    prices: tuple[Price, ...]  # oldest first
+    default_max_tokens: int
+    max_max_tokens: int
+
+    def price_at(self, when: datetime) -> Price | None:
+        """The price in effect at ``when``: old usage keeps old prices."""
+        i = bisect.bisect_right([p.effective_at for p in self.prices], when)
+        return self.prices[i - 1] if i else None
+
+
+async def load_terms(s: AsyncSession) -> dict[str, ModelTerms]:
+    models = (await s.scalars(select(Model))).all()
+    return {
+        m.name: ModelTerms(
+            tuple(
+                Price(
+                    p.id, aware(p.effective_at), p.input_micros, p.output_micros, p.cached_micros, p.currency
+                )
+                for p in m.prices
+            ),
+            m.default_max_tokens or 0,
+            m.max_max_tokens or 0,
+        )
+        for m in models
+    }
+
+
+def _is_inference(line: UsageLine) -> bool:
+    return line.method == "POST" and line.path.startswith("/v1/") and line.model is not None
+
+
+def tokens_of(line: UsageLine, terms: ModelTerms | None) -> tuple[int, int, int, bool]:
+    """(prompt, completion, cached, estimated). A successful inference whose answer carried no
+    usage (a stream the client cut, a server that reports none) is charged what was reserved
+    for it, or what was counted going out if that is more, and flagged: never zero."""
+    reported = line.prompt_tokens is not None or line.completion_tokens is not None
+    if reported or not (200 <= line.status < 300 and _is_inference(line)):  # noqa: PLR2004
+        return line.prompt_tokens or 0, line.completion_tokens or 0, line.cached_tokens, False
+    prompt, completion = reserved_tokens(
+        line.bytes_received,
+        line.max_tokens,
+        default_max_tokens=terms.default_max_tokens if terms else 0,
+        max_max_tokens=terms.max_max_tokens if terms else 0,
+    )
+    return prompt, max(completion, line.chunks), 0, True
+
+
+def record_values(line: UsageLine, terms: dict[str, ModelTerms], now: datetime) -> dict[str, Any]:
+    model_terms = terms.get(line.model) if line.model else None
+    prompt, completion, cached, estimated = tokens_of(line, model_terms)
+    cached = min(cached, prompt)
+    price = model_terms.price_at(line.start_time) if model_terms else None
+    cost = 0
+    if price is not None:
+        cost = (prompt - cached) * price.input_micros + cached * price.cached_micros
+        cost += completion * price.output_micros
+    return {
+        "node": line.node,
+        "request_id": line.request_id,
+        "time": line.start_time,
+        "ingested_at": now,
+        "tenant_id": line.tenant_id,
+        "key_id": line.key_id,
+        "principal": line.principal,
+        "model_requested": line.model_requested,
+        "model": line.model,
+        "backend": line.backend,
+        "status": line.status,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cached_tokens": cached,
+        "usage_estimated": estimated,
+        "streamed": line.streamed,
+        "duration_ms": line.duration_ms,
+        "ttfb_ms": line.ttfb_ms,
+        "bytes_received": line.bytes_received,
+        "bytes_sent": line.bytes_sent,
+        "price_id": price.id if price else None,
+        "cost_picos": cost,
+        "currency": price.currency if price else None,
+        "unpriced": price is None and line.model is not None,
+    }
+
+
+def insert_stmt(s: AsyncSession, model: Any) -> Any:
+    """INSERT with ON CONFLICT (PostgreSQL and SQLite both have it)."""
+    dialect = s.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
+
+
+def rfc3339(dt: datetime) -> str:
+    return aware(dt).astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def usage_event(row: dict[str, Any]) -> dict[str, Any]:
+    """The ``usage.recorded`` outbox event of a ledger row (its id: the row's identity)."""
+    payload = {
+        "node": row["node"],
+        "request_id": row["request_id"],
+        "time": rfc3339(row["time"]),
+        "tenant_id": row["tenant_id"],
+        "key_id": row["key_id"],
+        "model": row["model"],
+        "model_requested": row["model_requested"],
+        "status": row["status"],
+        "prompt_tokens": row["prompt_tokens"],
+        "completion_tokens": row["completion_tokens"],
+        "cached_tokens": row["cached_tokens"],
+        "total_tokens": row["prompt_tokens"] + row["completion_tokens"],
+        "usage_estimated": row["usage_estimated"],
+        "streamed": row["streamed"],
+        "cost_micros": picos_to_micros(row["cost_picos"]),
+        "currency": row["currency"],
+        "unpriced": row["unpriced"],
+    }
+    return {
+        "id": f"usage:{row['node']}:{row['request_id']}",
+        "kind": "usage.recorded",
+        "tenant_id": row["tenant_id"],
+        "payload": payload,
+        "created_at": row["ingested_at"],
+    }
+
+
+def bucket(period: str, when: datetime) -> datetime:
+    when = aware(when).astimezone(UTC)
+    if period == "hour":
+        return when.replace(minute=0, second=0, microsecond=0)
+    return when.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+_ROLLUP_SUMS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_picos",
+                "unpriced_requests")  # fmt: skip
+
+
+async def _add_rollups(s: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    sums: dict[tuple[str, datetime, str, str, str, str], list[int]] = {}
+    for r in rows:
+        if r["tenant_id"] is None:
+            continue  # refused before anyone was identified: in the ledger, billed to no one
+        amounts = (1, r["prompt_tokens"], r["completion_tokens"], r["cached_tokens"], r["cost_picos"],
+                   int(r["unpriced"]))  # fmt: skip
+        for period in _PERIODS:
+            group = (period, bucket(period, r["time"]), r["tenant_id"], r["key_id"] or "", r["model"] or "",
+                     r["currency"] or "")  # fmt: skip
+            acc = sums.setdefault(group, [0] * len(_ROLLUP_SUMS))
+            for i, v in enumerate(amounts):
+                acc[i] += v
+    table = UsageRollup.__table__.c
+    for (period, start, tenant, key_id, model, currency), acc in sorted(sums.items()):
+        stmt = insert_stmt(s, UsageRollup).values(
+            period=period, bucket=start, tenant_id=tenant, key_id=key_id, model=model, currency=currency,
+            **dict(zip(_ROLLUP_SUMS, acc, strict=True)),
+        )  # fmt: skip
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["period", "bucket", "tenant_id", "key_id", "model", "currency"],
+            set_={n: table[n] + stmt.excluded[n] for n in _ROLLUP_SUMS},
+        )
+        await s.execute(stmt)
+
+
+def _window(limit: Limit, when: datetime) -> tuple[datetime, datetime] | None:
+    """The calendar period a spend limit counts over, for threshold events (rolling windows
+    shorter than an hour have none)."""
+    if limit.window_seconds == 0:
+        _, start_unix, end_unix = calendar_month(when.timestamp())
+        return datetime.fromtimestamp(start_unix, UTC), datetime.fromtimestamp(end_unix, UTC)
+    for period, length in _PERIODS.items():
+        if limit.window_seconds == int(length.total_seconds()):
+            start = bucket(period, when)
+            return start, start + length
+    return None
+
+
+async def _budget_events(s: AsyncSession, rows: Sequence[dict[str, Any]], now: datetime) -> None:
+    """80% and 100% of each spend limit, once per limit and period (stable ids)."""
+    touched = {(r["tenant_id"], r["time"]) for r in rows if r["tenant_id"] and r["cost_picos"]}
+    if not touched:
+        return
+    tenants = {t for t, _ in touched}
+    limits = (await s.scalars(select(Limit).where(Limit.tenant_id.in_(tenants), Limit.kind == "spend"))).all()
+    seen: set[tuple[str, datetime]] = set()
+    for lim in limits:
+        for tenant, when in touched:
+            window = _window(lim, when) if tenant == lim.tenant_id else None
+            if window is None or (lim.id, window[0]) in seen:
+                continue
+            seen.add((lim.id, window[0]))
+            r = UsageRollup
+            q = select(func.coalesce(func.sum(r.cost_picos), 0), func.max(r.currency)).where(
+                r.period == "hour", r.tenant_id == tenant, r.bucket >= window[0], r.bucket < window[1]
+            )
+            if lim.key_id:
+                q = q.where(r.key_id == lim.key_id)
+            if lim.model:
+                q = q.where(r.model == lim.model)
+            spent_picos, currency = (await s.execute(q)).one()
+            spent = picos_to_micros(int(spent_picos))
+            for pct in BUDGET_THRESHOLDS:
+                if spent * 100 < lim.limit * pct:
+                    continue
+                event = {
+                    "id": f"budget:{lim.id}:{rfc3339(window[0])}:{pct}",
+                    "kind": "budget.threshold",
+                    "tenant_id": tenant,
+                    "payload": {
+                        "tenant_id": tenant,
+                        "limit_id": lim.id,
+                        "threshold_percent": pct,
+                        "period_start": rfc3339(window[0]),
+                        "period_end": rfc3339(window[1]),
+                        "spent_micros": spent,
+                        "limit_micros": lim.limit,
+                        "currency": currency or None,
+                    },
+                    "created_at": now,
+                }
+                await s.execute(
+                    insert_stmt(s, OutboxEvent).values(event).on_conflict_do_nothing(index_elements=["id"])
+                )
+
+
+async def ingest(
+    s: AsyncSession, lines: Iterable[UsageLine], terms: dict[str, ModelTerms], now: datetime
+) -> tuple[int, int]:
+    """Insert the lines not in the ledger yet (by node + request id), and what follows from
+    them. Returns (inserted, duplicates)."""
+    unique = {(ln.node, ln.request_id): ln for ln in lines}
+    if not unique:
+        return 0, 0
+    values = [record_values(ln, terms, now) for ln in unique.values()]
+    stmt = (
+        insert_stmt(s, UsageRecord)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=["node", "request_id"])
+        .returning(UsageRecord.node, UsageRecord.request_id)
+    )
+    inserted = {(n, r) for n, r in (await s.execute(stmt)).all()}
+    rows = [v for v in values if (v["node"], v["request_id"]) in inserted]
+    await _add_rollups(s, rows)
+    events = [usage_event(r) for r in rows if r["tenant_id"]]
+    if events:
+        await s.execute(
+            insert_stmt(s, OutboxEvent).values(events).on_conflict_do_nothing(index_elements=["id"])
+        )
+    await _budget_events(s, rows, now)
+    return len(rows), len(unique) - len(rows)

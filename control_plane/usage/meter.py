@@ -1,0 +1,185 @@
+"""``tessera meter``: ingest one Envoy's usage log into the ledger, exactly once.
+
+The log is a file Envoy appends usage lines to (``tessera/usage_line.py``). The meter reads only
+complete lines, from where its checkpoint says, and commits the rows and the new checkpoint in
+one transaction: killed at any moment, it re-reads at most what it had not committed, and the
+ledger's (node, request id) key drops any line seen twice.
+
+Rotation: files are known by device, inode and a hash of their first line, not by name. A
+rotated file (``usage.log`` renamed to ``usage.log.1`` and Envoy told to reopen) is read to its
+end under its new name, and the new ``usage.log`` from its start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import Counter, Gauge
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from control_plane.db.models import MeterCheckpoint, UsageRecord
+from control_plane.usage import ledger
+from tessera import usage_line
+
+log = structlog.get_logger("control_plane.usage.meter")
+
+LINES = Counter("tessera_meter_lines_total", "Usage lines read", ["result"])  # inserted|duplicate|invalid
+BACKLOG = Gauge("tessera_meter_backlog_bytes", "Bytes of usage log not ingested yet")
+LAG = Gauge("tessera_meter_lag_seconds", "Age of the newest usage line when it was ingested")
+LAST_INGEST = Gauge("tessera_meter_last_ingest_timestamp_seconds", "When the meter last committed rows")
+
+MAX_BATCH_BYTES = 1 << 20
+_ID_PROBE = 256  # bytes of the first line that name a file (with its device and inode)
+
+
+@dataclass(frozen=True, slots=True)
+class LogFile:
+    path: Path
+    file_id: str
+    size: int
+    mtime: float
+
+
+def _identify(path: Path) -> LogFile | None:
+    try:
+        with path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            head = f.read(_ID_PROBE)
+    except OSError:
+        return None
+    if b"\n" not in head and st.st_size <= len(head):
+        return None  # not even one complete line yet: nothing to read, nothing to name
+    digest = hashlib.sha256(head.split(b"\n", 1)[0]).hexdigest()[:16]
+    return LogFile(path, f"{st.st_dev}:{st.st_ino}:{digest}", st.st_size, st.st_mtime)
+
+
+def log_files(log_path: Path) -> list[LogFile]:
+    """The log and its rotated siblings (``usage.log.1``, ``usage.log-2026…``), oldest first."""
+    found = [f for p in log_path.parent.glob(log_path.name + "*") if (f := _identify(p)) is not None]
+    return sorted(found, key=lambda f: (f.mtime, f.path != log_path))
+
+
+def complete_lines(data: bytes) -> tuple[list[bytes], int]:
+    """The complete lines in ``data`` and how many bytes they span (a partial last line waits)."""
+    end = data.rfind(b"\n")
+    if end < 0:
+        return [], 0
+    return [ln for ln in data[:end].split(b"\n") if ln.strip()], end + 1
+
+
+class Meter:
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        log_path: Path,
+        node: str,
+        *,
+        retention: timedelta | None = None,
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._log_path = log_path
+        self._node = node
+        self._retention = retention
+
+    async def _checkpoints(self) -> dict[str, int]:
+        async with self._sessionmaker() as s:
+            rows = (
+                await s.execute(select(MeterCheckpoint).where(MeterCheckpoint.node == self._node))
+            ).scalars()
+            return {c.file_id: c.offset for c in rows}
+
+    async def ingest_available(self) -> int:
+        """Read every complete line not ingested yet, in batches; returns the rows inserted."""
+        inserted = 0
+        offsets = await self._checkpoints()
+        files = log_files(self._log_path)
+        BACKLOG.set(sum(max(0, f.size - offsets.get(f.file_id, 0)) for f in files))
+        for f in files:
+            offset = offsets.get(f.file_id, 0)
+            if f.size < offset:
+                log.warning("usage_log_truncated", path=str(f.path), offset=offset, size=f.size)
+                offset = 0  # truncated in place: its lines are new (duplicates are dropped anyway)
+            while offset < f.size:
+                read, added = await self._ingest_batch(f, offset)
+                if read == 0:
+                    break  # only a partial line left: Envoy has not finished writing it
+                offset += read
+                inserted += added
+        BACKLOG.set(0)
+        return inserted
+
+    async def _ingest_batch(self, f: LogFile, offset: int) -> tuple[int, int]:
+        with f.path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read(MAX_BATCH_BYTES)
+        raw, span = complete_lines(data)
+        if span == 0:
+            return 0, 0
+        parsed = [usage_line.parse(line, self._node) for line in raw]
+        lines = [p for p in parsed if p is not None]
+        now = datetime.now(UTC)
+        async with self._sessionmaker.begin() as s:
+            terms = await ledger.load_terms(s)
+            added, dupes = await ledger.ingest(s, lines, terms, now)
+            await self._save_checkpoint(s, f, offset + span, now)
+        LINES.labels("inserted").inc(added)
+        LINES.labels("duplicate").inc(dupes)
+        LINES.labels("invalid").inc(len(parsed) - len(lines))
+        LAST_INGEST.set(time.time())
+        if lines:
+            newest = max(ln.start_time + timedelta(milliseconds=ln.duration_ms) for ln in lines)
+            LAG.set(max(0.0, (now - newest).total_seconds()))
+        if len(parsed) != len(lines):
+            log.warning("usage_lines_unreadable", count=len(parsed) - len(lines), path=str(f.path))
+        log.debug("usage_ingested", inserted=added, duplicates=dupes, path=str(f.path), offset=offset + span)
+        return span, added
+
+    async def _save_checkpoint(self, s: AsyncSession, f: LogFile, offset: int, now: datetime) -> None:
+        row: dict[str, Any] = {"node": self._node, "file_id": f.file_id, "offset": offset,
+                               "path": str(f.path), "updated_at": now}  # fmt: skip
+        stmt = ledger.insert_stmt(s, MeterCheckpoint).values(row)
+        await s.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["node", "file_id"],
+                set_={"offset": offset, "path": str(f.path), "updated_at": now},
+            )
+        )
+
+    async def expire(self) -> int:
+        """Drop ledger rows past the retention (rollups keep their sums) and checkpoints of
+        files that no longer exist."""
+        present = {f.file_id for f in log_files(self._log_path)}
+        async with self._sessionmaker.begin() as s:
+            await s.execute(
+                delete(MeterCheckpoint).where(
+                    MeterCheckpoint.node == self._node, MeterCheckpoint.file_id.not_in(present or {""})
+                )
+            )
+            if self._retention is None:
+                return 0
+            cutoff = datetime.now(UTC) - self._retention
+            # Billed rows (on a closed invoice) and rows billed to no one (refused unidentified).
+            billed = UsageRecord.invoice_id.is_not(None) | UsageRecord.tenant_id.is_(None)
+            done = await s.execute(delete(UsageRecord).where(UsageRecord.time < cutoff, billed))
+            return int(getattr(done, "rowcount", 0) or 0)
+
+    async def run_forever(self, interval: float = 0.5, expire_every: float = 3600.0) -> None:
+        last_expire = 0.0
+        while True:
+            try:
+                await self.ingest_available()
+                if time.monotonic() - last_expire > expire_every:
+                    last_expire = time.monotonic()
+                    await self.expire()
+            except Exception:
+                log.exception("meter_pass_failed")  # the database may be down: try again
+            await asyncio.sleep(interval)

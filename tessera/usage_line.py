@@ -1,0 +1,157 @@
+"""The usage line, version 1: what Envoy writes for every completed request, and what the meter
+reads back (ARCHITECTURE §4). Defined once: the control plane puts ``ENVOY_FORMAT`` in the
+listener's file access log, ``tessera meter`` parses lines with ``parse``.
+
+One JSON object per line. Envoy fills each field from a command operator; a value it does not
+have is ``null``. Token counts arrive as strings (they come from dynamic metadata).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+VERSION: Final = 1
+NODE_ENV: Final = "TESSERA_NODE"  # Envoy's environment names its node in every line
+
+# JSON key -> Envoy command operator (or a literal).
+ENVOY_FORMAT: Final[dict[str, Any]] = {
+    "v": VERSION,
+    "node": f"%ENVIRONMENT({NODE_ENV})%",
+    "request_id": "%REQ(X-REQUEST-ID)%",  # minted by Envoy: clients cannot choose it
+    "start_time": "%START_TIME(%Y-%m-%dT%H:%M:%S.%6fZ)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "tenant_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:tenant_id)%",
+    "key_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:key_id)%",
+    "jwt_sub": "%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:jwt_payload:sub)%",
+    "model_requested": "%DYNAMIC_METADATA(ai.gw:model)%",
+    "model": "%METADATA(ROUTE:tessera:model)%",  # served: an alias resolved
+    "backend": "%UPSTREAM_HOST%",
+    "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "prompt_tokens": "%DYNAMIC_METADATA(ai.gw.usage:prompt_tokens)%",
+    "completion_tokens": "%DYNAMIC_METADATA(ai.gw.usage:completion_tokens)%",
+    "cached_tokens": "%DYNAMIC_METADATA(ai.gw.usage:cached_tokens)%",
+    "max_tokens": "%DYNAMIC_METADATA(ai.gw:max_tokens)%",
+    "max_completion_tokens": "%DYNAMIC_METADATA(ai.gw:max_completion_tokens)%",
+    "chunks": "%DYNAMIC_METADATA(ai.gw:chunks)%",  # SSE events sent (the Lua filter counts)
+    "content_type": "%RESP(CONTENT-TYPE)%",
+    "duration_ms": "%DURATION%",
+    "ttfb_ms": "%COMMON_DURATION(DS_RX_BEG:US_RX_BODY_BEG:ms)%",  # to the first response-body byte
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageLine:
+    node: str
+    request_id: str
+    start_time: datetime
+    method: str
+    path: str
+    tenant_id: str | None
+    key_id: str | None
+    principal: str | None  # the JWT subject, else the key id
+    model_requested: str | None
+    model: str | None
+    backend: str | None
+    status: int
+    prompt_tokens: int | None  # None: the answer carried no usage
+    completion_tokens: int | None
+    cached_tokens: int
+    max_tokens: int | None
+    chunks: int
+    streamed: bool
+    duration_ms: int
+    ttfb_ms: int | None
+    bytes_received: int
+    bytes_sent: int
+
+
+def _int(value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number >= 0 else None
+
+
+def _str(value: Any, limit: int = 256) -> str | None:
+    if not isinstance(value, str) or not value or value == "-" or value.startswith(":"):
+        return None  # ":missing" / ":invalid" are Envoy-side sentinels, not names
+    return value[:limit]
+
+
+def parse(line: str | bytes, default_node: str = "") -> UsageLine | None:
+    """A v1 line, or None when it is not one (another version, not JSON, no request id)."""
+    try:
+        raw = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(raw, dict) or raw.get("v") != VERSION:
+        return None
+    request_id = _str(raw.get("request_id"), 64)
+    node = _str(raw.get("node"), 128) or default_node
+    started = _str(raw.get("start_time"), 40)
+    if request_id is None or not node or started is None:
+        return None
+    try:
+        start_time = datetime.fromisoformat(started).astimezone(UTC)
+    except ValueError:
+        return None
+    key_id = _str(raw.get("key_id"), 32)
+    max_tokens = _int(raw.get("max_completion_tokens"))
+    return UsageLine(
+        node=node,
+        request_id=request_id,
+        start_time=start_time,
+        method=_str(raw.get("method"), 16) or "",
+        path=_str(raw.get("path"), 1024) or "",
+        tenant_id=_str(raw.get("tenant_id"), 32),
+        key_id=key_id,
+        principal=_str(raw.get("jwt_sub")) or key_id,
+        model_requested=_str(raw.get("model_requested"), 128),
+        model=_str(raw.get("model"), 128),
+        backend=_str(raw.get("backend")),
+        status=_int(raw.get("status")) or 0,
+        prompt_tokens=_int(raw.get("prompt_tokens")),
+        completion_tokens=_int(raw.get("completion_tokens")),
+        cached_tokens=_int(raw.get("cached_tokens")) or 0,
+        max_tokens=max_tokens if max_tokens is not None else _int(raw.get("max_tokens")),
+        chunks=_int(raw.get("chunks")) or 0,
+        streamed=(_str(raw.get("content_type")) or "").startswith("text/event-stream"),
+        duration_ms=_int(raw.get("duration_ms")) or 0,
+        ttfb_ms=_int(raw.get("ttfb_ms")),
+        bytes_received=_int(raw.get("bytes_received")) or 0,
+        bytes_sent=_int(raw.get("bytes_sent")) or 0,
+    )
+
+
+# --- estimates: what a request is assumed to use before (or without) its real usage ----------
+
+BYTES_PER_TOKEN: Final = 4  # the prompt: the body's size / 4 (JSON overhead: an over-estimate)
+DEFAULT_COMPLETION_TOKENS: Final = 1024
+
+
+def reserved_tokens(
+    body_bytes: int,
+    max_tokens: int | None,
+    *,
+    default_max_tokens: int = 0,
+    max_max_tokens: int = 0,
+    default_completion: int = DEFAULT_COMPLETION_TOKENS,
+) -> tuple[int, int]:
+    """(prompt, completion): for the completion the request's ``max_tokens``, else the model's
+    default, else ``default_completion``, capped by the model's maximum. The ratelimit service
+    reserves this; the meter charges at least this for a stream cut before its usage."""
+    prompt = -(-body_bytes // BYTES_PER_TOKEN)
+    completion = max_tokens or default_max_tokens or default_completion
+    if max_max_tokens:
+        completion = min(completion, max_max_tokens)
+    return prompt, completion
