@@ -22,6 +22,7 @@ from control_plane.admin.base import AdminContext
 from control_plane.admin.principals import PrincipalServiceServicer
 from control_plane.admin.registry import LimitServiceServicer, ModelServiceServicer
 from control_plane.admin.tenants import PlanServiceServicer, TenantServiceServicer
+from control_plane.admin.usage import InvoiceServiceServicer, UsageServiceServicer
 from control_plane.db.engine import make_engine, make_sessionmaker
 from control_plane.db.migrate import current_revision, head_revision
 from control_plane.http_api import build_http_app
@@ -30,6 +31,8 @@ from control_plane.load import LoadWatcher
 from control_plane.policy_servicer import PolicyCache, PolicyServiceServicer
 from control_plane.publisher import Publisher
 from control_plane.settings import ControlPlaneSettings
+from control_plane.usage.delivery import OutboxDeliverer
+from control_plane.usage.invoices import close_invoices_forever
 from control_plane.xds.ads_servicer import AggregatedDiscoveryServiceServicer
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.translate import GatewayConfig
@@ -52,6 +55,8 @@ ADMIN_SERVICERS = {
     "AuditService": AuditServiceServicer,
     "ModelService": ModelServiceServicer,
     "LimitService": LimitServiceServicer,
+    "UsageService": UsageServiceServicer,
+    "InvoiceService": InvoiceServiceServicer,
 }
 POLICY_SERVICE = "tessera.policy.v1.PolicyService"
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
@@ -149,8 +154,9 @@ async def build_app(settings: ControlPlaneSettings) -> App:
         publish_lead=timedelta(seconds=jwt_settings.publish_lead_seconds),
     )
     publisher = Publisher(sessionmaker, xds_cache, policy_cache, pepper=pepper, jwt_policy=jwt_policy)
+    grace = timedelta(seconds=settings.billing.invoice_grace_seconds)
     ctx = AdminContext(
-        sessionmaker, publisher, Authenticator(pepper, settings.admin_token.get_secret_value()), pepper
+        sessionmaker, publisher, Authenticator(pepper, settings.admin_token.get_secret_value()), pepper, grace
     )
     admin = await start_server(
         settings.admin,
@@ -203,6 +209,14 @@ async def build_app(settings: ControlPlaneSettings) -> App:
             publisher.load_targets, publisher.set_load, interval=settings.load_scrape_seconds
         )
         app.tasks.append(asyncio.create_task(watcher.run_forever()))
+    app.tasks.append(asyncio.create_task(close_invoices_forever(sessionmaker, grace)))
+    if settings.billing.sinks:
+        deliverer = OutboxDeliverer(
+            sessionmaker, settings.billing.sinks, max_backoff=settings.billing.max_backoff_seconds
+        )
+        app.tasks.append(
+            asyncio.create_task(deliverer.run_forever(settings.billing.delivery_interval_seconds))
+        )
     log.info(
         "control_plane_listening",
         admin_port=admin.port,

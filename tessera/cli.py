@@ -37,7 +37,7 @@ def _global_flags(defaults: bool, *, long_output: bool = True) -> argparse.Argum
     p.add_argument("--admin-url", default=d(None), help="admin API host:port (default from admin.json)")
     p.add_argument("--token", default=d(None), help="admin bearer token (default from admin.json)")
     names = ("--output", "-o") if long_output else ("-o",)
-    p.add_argument(*names, dest="output", choices=("table", "json"), default=d("table"))
+    p.add_argument(*names, dest="output", choices=("table", "json", "csv"), default=d("table"))
     return p
 
 
@@ -133,6 +133,10 @@ def run_admin(args: argparse.Namespace) -> int:
                 response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
             )
         )
+    elif args.output == "csv":
+        import csv  # noqa: PLC0415
+
+        csv.writer(sys.stdout, lineterminator="\n").writerows(r for r in command.render(response) if r)
     else:
         _print_table(command.render(response))
     if command.note and (note := command.note(response)):

@@ -493,6 +493,55 @@ def _models(items: Sequence[Any]) -> Rows:
     ]
 
 
+def _usage(r: Any) -> Rows:
+    fields = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
+              "cost_micros", "currency", "unpriced_requests")  # fmt: skip
+    group = next((f for f in ("model", "key_id", "day") if r.rows and r.rows[0].HasField(f)), "model")
+    rows = [[getattr(row, group) or "-", *(str(getattr(row, f)) for f in fields)] for row in r.rows]
+    return [[group.upper(), *(f.upper() for f in fields)], *rows]
+
+
+def _invoices(items: Sequence[Any]) -> Rows:
+    head = ["ID", "TENANT", "MONTH", "CURRENCY", "TOTAL_MICROS", "STATUS", "CLOSED", "LINES"]
+    return [
+        head,
+        *(
+            [
+                i.id,
+                i.tenant_id,
+                i.period_start[:7],
+                _or(i.currency),
+                str(i.total_micros),
+                i.status,
+                i.close_time,
+                str(len(i.lines)),
+            ]
+            for i in items
+        ),
+    ]
+
+
+def _invoice(i: Any) -> Rows:
+    head = ["KIND", "MODEL", "USAGE_MONTH", "PRICE_FROM", "IN/OUT/CACHED PER 1M", "REQUESTS", "PROMPT",
+            "COMPLETION", "CACHED", "AMOUNT_MICROS"]  # fmt: skip
+    lines = (
+        [
+            ln.kind,
+            ln.model or "-",
+            ln.usage_month,
+            ln.price_from or "unpriced",
+            f"{ln.input_micros}/{ln.output_micros}/{ln.cached_micros}",
+            str(ln.requests),
+            str(ln.prompt_tokens),
+            str(ln.completion_tokens),
+            str(ln.cached_tokens),
+            str(ln.amount_micros),
+        ]
+        for ln in i.lines
+    )
+    return [*_invoices([i]), [], head, *lines]
+
+
 def _limits(items: Sequence[Any]) -> Rows:
     def row(x: Any) -> list[str]:
         scope = [x.id, x.tenant_id, x.key_id or "*", x.model or "*"]
@@ -511,6 +560,7 @@ GROUPS = {
     "audit": "read the audit log",
     "models": "manage the model registry",
     "limits": "manage rate limits",
+    "invoices": "read monthly invoices (closed after a grace period, then immutable)",
 }
 
 _TENANT = arg("tenant", help="tenant name or id")
@@ -1009,6 +1059,50 @@ COMMANDS: tuple[Command, ...] = (
         lambda r: _limits(r.items),
         (arg("--tenant", help="tenant name or id"),),
         paged=True,
+    ),
+    Command(
+        ("usage",),
+        "a tenant's usage, summed by model, key or day (default: this UTC month)",
+        "QueryUsage",
+        lambda a, pb: pb.QueryUsageRequest(
+            tenant=a.tenant, to=a.to or "", group_by=a.group_by, **{"from": a.start or ""}
+        ),
+        _usage,
+        (
+            arg("--tenant", required=True, help="tenant name or id"),
+            arg(
+                "--from",
+                dest="start",
+                metavar="TIME",
+                help="YYYY-MM-DD or RFC 3339, UTC (default: month start)",
+            ),
+            arg("--to", metavar="TIME", help="exclusive (default: next month's start)"),
+            arg("--group-by", choices=("model", "key", "day"), default="model"),
+        ),
+    ),
+    Command(
+        ("invoices", "list"),
+        "list a tenant's invoices",
+        "ListInvoices",
+        _page("ListInvoicesRequest", tenant="tenant"),
+        lambda r: _invoices(r.items),
+        (arg("--tenant", required=True, help="tenant name or id"),),
+        paged=True,
+    ),
+    Command(
+        ("invoices", "show"),
+        "show an invoice and its lines",
+        "GetInvoice",
+        lambda a, pb: pb.GetInvoiceRequest(id=a.id),
+        lambda r: _invoice(r.invoice),
+        (arg("id", help="invoice id"),),
+    ),
+    Command(
+        ("invoices", "close"),
+        "close every month past its grace period now (the control plane also does, every minute)",
+        "CloseDueInvoices",
+        lambda _a, pb: pb.CloseDueInvoicesRequest(),
+        lambda r: _invoices(r.closed),
     ),
 )
 

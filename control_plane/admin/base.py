@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -35,6 +36,7 @@ class AdminContext:
     publisher: Publisher
     auth: Authenticator
     pepper: bytes
+    invoice_grace: timedelta = timedelta(days=3)  # after a month ends, before its invoice closes
 
 
 def _metadata(context: Any) -> dict[str, str]:

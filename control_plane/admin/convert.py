@@ -177,3 +177,34 @@ def audit_pb(e: db.AuditEvent) -> pb.AuditEvent:
         before=e.before,
         after=e.after,
     )
+
+
+def invoice_pb(i: db.Invoice) -> pb.Invoice:
+    return pb.Invoice(
+        id=i.id,
+        tenant_id=i.tenant_id,
+        period_start=rfc3339(i.period_start),
+        period_end=rfc3339(i.period_end),
+        currency=i.currency,
+        status=i.status,
+        total_micros=i.total_micros,
+        close_time=rfc3339(i.closed_at),
+        lines=[
+            pb.InvoiceLine(
+                kind=ln.kind,
+                model=ln.model,
+                usage_month=rfc3339(ln.usage_month)[:7],
+                price_from=rfc3339(ln.price_from),
+                input_micros=ln.input_micros,
+                output_micros=ln.output_micros,
+                cached_micros=ln.cached_micros,
+                requests=ln.requests,
+                prompt_tokens=ln.prompt_tokens,
+                completion_tokens=ln.completion_tokens,
+                cached_tokens=ln.cached_tokens,
+                amount_micros=ln.amount_micros,
+                unpriced=ln.price_from is None,
+            )
+            for ln in i.lines
+        ],
+    )

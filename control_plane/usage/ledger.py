@@ -17,11 +17,19 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from control_plane.admin.convert import rfc3339
 from control_plane.db.models import Limit, Model, OutboxEvent, UsageRecord, UsageRollup
 from tessera.clock import calendar_month
 from tessera.usage_line import UsageLine, reserved_tokens
 
 PICOS_PER_MICRO = 1_000_000
+
+
+def as_utc(dt: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
 BUDGET_THRESHOLDS = (80, 100)
 _PERIODS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 
@@ -29,10 +37,6 @@ _PERIODS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 def picos_to_micros(picos: int) -> int:
     """Rounded half up (costs are never negative)."""
     return (picos + PICOS_PER_MICRO // 2) // PICOS_PER_MICRO
-
-
-def aware(dt: datetime) -> datetime:
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +67,7 @@ async def load_terms(s: AsyncSession) -> dict[str, ModelTerms]:
         m.name: ModelTerms(
             tuple(
                 Price(
-                    p.id, aware(p.effective_at), p.input_micros, p.output_micros, p.cached_micros, p.currency
+                    p.id, as_utc(p.effective_at), p.input_micros, p.output_micros, p.cached_micros, p.currency
                 )
                 for p in m.prices
             ),
@@ -137,10 +141,6 @@ def insert_stmt(s: AsyncSession, model: Any) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
 
 
-def rfc3339(dt: datetime) -> str:
-    return aware(dt).astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def usage_event(row: dict[str, Any]) -> dict[str, Any]:
     """The ``usage.recorded`` outbox event of a ledger row (its id: the row's identity)."""
     payload = {
@@ -172,7 +172,7 @@ def usage_event(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def bucket(period: str, when: datetime) -> datetime:
-    when = aware(when).astimezone(UTC)
+    when = as_utc(when)
     if period == "hour":
         return when.replace(minute=0, second=0, microsecond=0)
     return when.replace(hour=0, minute=0, second=0, microsecond=0)

@@ -88,6 +88,9 @@ def test_output_json_before_or_after_every_command(path):
         ("limits", "create"): ["--tenant", "t", "--kind", "requests", "--window", "day", "--limit", "1"],
         ("limits", "update"): ["l", "--limit", "2"],
         ("limits", "delete"): ["l"],
+        ("usage",): ["--tenant", "t"],
+        ("invoices", "list"): ["--tenant", "t"],
+        ("invoices", "show"): ["inv_x"],
     }.get(tuple(path), [])
     own_output = tuple(path) == ("models", "price")  # its --output is a price: the format is -o
     before = build_parser().parse_args(["-o", "json", "--token", "x", *path, *required])
@@ -464,6 +467,50 @@ def test_models_update_aliases_realtime_visibility(capsys):
     assert msg == pb.UpdateModelRequest(
         name="m", update_mask=["aliases", "realtime", "visibility"], visibility="restricted"
     )
+
+
+def test_usage_and_invoices(capsys):
+    _, msg = req(
+        "usage",
+        "--tenant",
+        "acme",
+        "--from",
+        "2026-11-01",
+        "--to",
+        "2026-11-15T12:00:00Z",
+        "--group-by",
+        "day",
+    )
+    assert msg == pb.QueryUsageRequest(
+        tenant="acme", to="2026-11-15T12:00:00Z", group_by="day", **{"from": "2026-11-01"}
+    )
+    assert req("usage", "--tenant", "acme")[1] == pb.QueryUsageRequest(tenant="acme", group_by="model")
+    assert "invalid choice" in usage_error(capsys, "usage", "--tenant", "a", "--group-by", "week")
+    assert req("invoices", "show", "inv_1") == ("GetInvoice", pb.GetInvoiceRequest(id="inv_1"))
+    assert req("invoices", "list", "--tenant", "acme")[1] == pb.ListInvoicesRequest(
+        tenant="acme", page_size=PAGE_SIZE
+    )
+
+
+def test_usage_table_and_csv_name_the_group(capsys):
+    from tessera.cli_admin import _usage  # noqa: PLC0415
+
+    resp = pb.QueryUsageResponse(
+        rows=[
+            pb.UsageRow(
+                day="2026-11-02",
+                requests=3,
+                prompt_tokens=10,
+                completion_tokens=5,
+                total_tokens=15,
+                cost_micros=42,
+                currency="USD",
+            )
+        ]
+    )
+    head, row = _usage(resp)
+    assert head[:2] == ["DAY", "REQUESTS"]
+    assert row[:5] == ["2026-11-02", "3", "10", "5", "15"]
 
 
 def test_models_update_and_price():

@@ -1896,3 +1896,245 @@ class LimitService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class UsageServiceStub:
+    """---------------------------------------------------------------------------------------------
+    Usage and invoices (tenant-scoped: a tenant's admins and viewers read their own).
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.QueryUsage = channel.unary_unary(
+                '/tessera.admin.v1.UsageService/QueryUsage',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.QueryUsageRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.QueryUsageResponse.FromString,
+                _registered_method=True)
+
+
+class UsageServiceServicer:
+    """---------------------------------------------------------------------------------------------
+    Usage and invoices (tenant-scoped: a tenant's admins and viewers read their own).
+
+    """
+
+    def QueryUsage(self, request, context):
+        """Usage summed from the hourly rollups, grouped by model, key or day (and currency).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_UsageServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'QueryUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryUsage,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.QueryUsageRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.QueryUsageResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tessera.admin.v1.UsageService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tessera.admin.v1.UsageService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class UsageService:
+    """---------------------------------------------------------------------------------------------
+    Usage and invoices (tenant-scoped: a tenant's admins and viewers read their own).
+
+    """
+
+    @staticmethod
+    def QueryUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.UsageService/QueryUsage',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.QueryUsageRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.QueryUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class InvoiceServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListInvoices = channel.unary_unary(
+                '/tessera.admin.v1.InvoiceService/ListInvoices',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListInvoicesRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListInvoicesResponse.FromString,
+                _registered_method=True)
+        self.GetInvoice = channel.unary_unary(
+                '/tessera.admin.v1.InvoiceService/GetInvoice',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetInvoiceRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetInvoiceResponse.FromString,
+                _registered_method=True)
+        self.CloseDueInvoices = channel.unary_unary(
+                '/tessera.admin.v1.InvoiceService/CloseDueInvoices',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CloseDueInvoicesRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CloseDueInvoicesResponse.FromString,
+                _registered_method=True)
+
+
+class InvoiceServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def ListInvoices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInvoice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseDueInvoices(self, request, context):
+        """Close every month whose grace period has passed (platform admins; the control plane also
+        does it on its own every minute).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_InvoiceServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListInvoices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInvoices,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListInvoicesRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ListInvoicesResponse.SerializeToString,
+            ),
+            'GetInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInvoice,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetInvoiceRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetInvoiceResponse.SerializeToString,
+            ),
+            'CloseDueInvoices': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseDueInvoices,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CloseDueInvoicesRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CloseDueInvoicesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tessera.admin.v1.InvoiceService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tessera.admin.v1.InvoiceService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class InvoiceService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def ListInvoices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.InvoiceService/ListInvoices',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ListInvoicesRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ListInvoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.InvoiceService/GetInvoice',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.GetInvoiceRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.GetInvoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseDueInvoices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.InvoiceService/CloseDueInvoices',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.CloseDueInvoicesRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.CloseDueInvoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -595,3 +595,89 @@ class LimitServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.DeleteLimitResponse, _abc.Awaitable[_admin_pb2.DeleteLimitResponse]]: ...
 
 def add_LimitServiceServicer_to_server(servicer: LimitServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class UsageServiceStub:
+    """---------------------------------------------------------------------------------------------
+    Usage and invoices (tenant-scoped: a tenant's admins and viewers read their own).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> UsageServiceAsyncStub: ...
+    QueryUsage: _grpc.UnaryUnaryMultiCallable[_admin_pb2.QueryUsageRequest, _admin_pb2.QueryUsageResponse]
+    """Usage summed from the hourly rollups, grouped by model, key or day (and currency)."""
+
+@_typing.type_check_only
+class UsageServiceAsyncStub(UsageServiceStub):
+    """---------------------------------------------------------------------------------------------
+    Usage and invoices (tenant-scoped: a tenant's admins and viewers read their own).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    QueryUsage: _aio.UnaryUnaryMultiCallable[_admin_pb2.QueryUsageRequest, _admin_pb2.QueryUsageResponse]  # type: ignore[assignment]
+    """Usage summed from the hourly rollups, grouped by model, key or day (and currency)."""
+
+class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
+    """---------------------------------------------------------------------------------------------
+    Usage and invoices (tenant-scoped: a tenant's admins and viewers read their own).
+    """
+
+    @_abc_1.abstractmethod
+    def QueryUsage(
+        self,
+        request: _admin_pb2.QueryUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.QueryUsageResponse, _abc.Awaitable[_admin_pb2.QueryUsageResponse]]:
+        """Usage summed from the hourly rollups, grouped by model, key or day (and currency)."""
+
+def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class InvoiceServiceStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> InvoiceServiceAsyncStub: ...
+    ListInvoices: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]
+    GetInvoice: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetInvoiceRequest, _admin_pb2.GetInvoiceResponse]
+    CloseDueInvoices: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloseDueInvoicesRequest, _admin_pb2.CloseDueInvoicesResponse]
+    """Close every month whose grace period has passed (platform admins; the control plane also
+    does it on its own every minute).
+    """
+
+@_typing.type_check_only
+class InvoiceServiceAsyncStub(InvoiceServiceStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListInvoices: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]  # type: ignore[assignment]
+    GetInvoice: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetInvoiceRequest, _admin_pb2.GetInvoiceResponse]  # type: ignore[assignment]
+    CloseDueInvoices: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloseDueInvoicesRequest, _admin_pb2.CloseDueInvoicesResponse]  # type: ignore[assignment]
+    """Close every month whose grace period has passed (platform admins; the control plane also
+    does it on its own every minute).
+    """
+
+class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def ListInvoices(
+        self,
+        request: _admin_pb2.ListInvoicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListInvoicesResponse, _abc.Awaitable[_admin_pb2.ListInvoicesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetInvoice(
+        self,
+        request: _admin_pb2.GetInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetInvoiceResponse, _abc.Awaitable[_admin_pb2.GetInvoiceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CloseDueInvoices(
+        self,
+        request: _admin_pb2.CloseDueInvoicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CloseDueInvoicesResponse, _abc.Awaitable[_admin_pb2.CloseDueInvoicesResponse]]:
+        """Close every month whose grace period has passed (platform admins; the control plane also
+        does it on its own every minute).
+        """
+
+def add_InvoiceServiceServicer_to_server(servicer: InvoiceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,344 @@
+"""The meter and what follows from the ledger, on a real database (SQLite file and PostgreSQL,
+schema from `alembic upgrade head`) and real files: exactly-once ingestion through crashes and
+rotation, exact pricing with effective dates, estimates for cut streams, invoices with late
+usage as adjustments, budget thresholds in the outbox.
+
+Lines are written the way Envoy writes them (the keys of `tessera.usage_line.ENVOY_FORMAT`;
+the e2e tests check the real Envoy's lines)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from control_plane.db.engine import make_engine, make_sessionmaker
+from control_plane.db.migrate import upgrade
+from control_plane.db.models import (
+    Invoice,
+    Limit,
+    MeterCheckpoint,
+    Model,
+    ModelPrice,
+    OutboxEvent,
+    Tenant,
+    UsageRecord,
+    UsageRollup,
+)
+from control_plane.usage import invoices
+from control_plane.usage.ledger import picos_to_micros
+from control_plane.usage.meter import Meter
+from tessera import usage_line
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'meter.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    upgrade(url)  # sync: alembic runs its own event loop
+    return url
+
+
+@pytest.fixture
+async def sessionmaker(db_url) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = make_engine(db_url)
+    yield make_sessionmaker(engine)
+    await engine.dispose()
+
+
+def line(request_id: str, *, node: str = "", **fields: Any) -> str:
+    """A usage line as Envoy writes it (numbers as numbers, metadata as strings, absent = null)."""
+    doc: dict[str, Any] = dict.fromkeys(usage_line.ENVOY_FORMAT)
+    doc |= {
+        "v": 1,
+        "node": node or None,
+        "request_id": request_id,
+        "start_time": "2026-11-10T10:00:00.000000Z",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "status": 200,
+        "duration_ms": 12,
+        "bytes_received": 400,
+        "bytes_sent": 900,
+        "content_type": "application/json",
+    }
+    doc |= fields
+    return json.dumps(doc)
+
+
+async def _tenant(s: AsyncSession) -> str:
+    tid = f"ten_{uuid.uuid4().hex[:12]}"
+    s.add(Tenant(id=tid, name=f"t-{uuid.uuid4().hex[:10]}"))
+    await s.flush()
+    return tid
+
+
+async def _model(s: AsyncSession, prices: list[tuple[str, int, int, int]], **kw: Any) -> str:
+    """A model with prices (effective RFC 3339, input, output, cached micros per 1M tokens)."""
+    name = f"m-{uuid.uuid4().hex[:10]}"
+    m = Model(name=name, **kw)
+    for effective, inp, out, cached in prices:
+        m.prices.append(
+            ModelPrice(
+                effective_at=datetime.fromisoformat(effective),
+                input_micros=inp,
+                output_micros=out,
+                cached_micros=cached,
+                currency="USD",
+            )
+        )
+    s.add(m)
+    return name
+
+
+async def _rows(sm, node: str) -> list[UsageRecord]:
+    async with sm() as s:
+        return list((await s.scalars(select(UsageRecord).where(UsageRecord.node == node))).all())
+
+
+async def _closed(s: AsyncSession, now: datetime, tenant: str) -> list[Invoice]:
+    """The invoices ``close_due`` closes for ``tenant`` (three days of grace)."""
+    return [i for i in await invoices.close_due(s, now, timedelta(days=3)) if i.tenant_id == tenant]
+
+
+def _write(path: Path, *lines: str, end: str = "\n") -> None:
+    with path.open("a") as f:
+        f.write("\n".join(lines) + end)
+
+
+async def test_each_complete_line_counts_once_through_crashes_partial_lines_and_rotation(
+    sessionmaker, tmp_path
+):
+    node = f"node-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "access.log"
+    async with sessionmaker.begin() as s:
+        tenant = await _tenant(s)
+        model = await _model(s, [])
+    ok = {
+        "tenant_id": tenant,
+        "key_id": "k1",
+        "model": model,
+        "prompt_tokens": "10",
+        "completion_tokens": "5",
+    }
+    _write(log, *(line(f"r{i}", node=node, **ok) for i in range(5)))
+    _write(log, line("r5", node=node, **ok)[:40], end="")  # Envoy is mid-write: a partial line
+    meter = Meter(sessionmaker, log, "fallback")
+    assert await meter.ingest_available() == 5
+    assert sorted(r.request_id for r in await _rows(sessionmaker, node)) == [f"r{i}" for i in range(5)]
+    _write(log, line("r5", node=node, **ok)[40:])  # the rest of it arrives
+    assert await meter.ingest_available() == 1
+
+    # A crash that lost the checkpoint (the worst case) re-reads everything: nothing doubles.
+    async with sessionmaker.begin() as s:
+        await s.execute(delete(MeterCheckpoint).where(MeterCheckpoint.node == "fallback"))
+    assert await Meter(sessionmaker, log, "fallback").ingest_available() == 0
+    assert len(await _rows(sessionmaker, node)) == 6
+
+    # Rotation: the file is renamed and Envoy reopens a new one; both are read to their end.
+    _write(log, line("r6", node=node, **ok))
+    log.rename(tmp_path / "access.log.1")
+    _write(tmp_path / "access.log.1", line("r7", node=node, **ok))  # a late flush to the old file
+    _write(log, line("r8", node=node, **ok))
+    assert await meter.ingest_available() == 3
+    rows = await _rows(sessionmaker, node)
+    assert sorted(r.request_id for r in rows) == [f"r{i}" for i in range(9)]
+    assert {(r.prompt_tokens, r.completion_tokens, r.usage_estimated) for r in rows} == {(10, 5, False)}
+    # Hourly and daily rollups count each request once.
+    async with sessionmaker() as s:
+        hour = await s.scalar(
+            select(UsageRollup.requests).where(UsageRollup.tenant_id == tenant, UsageRollup.period == "hour")
+        )
+        day = await s.scalar(
+            select(UsageRollup.prompt_tokens).where(
+                UsageRollup.tenant_id == tenant, UsageRollup.period == "day"
+            )
+        )
+    assert (hour, day) == (9, 90)
+
+
+async def test_lines_without_a_node_take_the_meters_and_bad_lines_are_skipped(sessionmaker, tmp_path):
+    node = f"fallback-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "access.log"
+    _write(log, "not json", json.dumps({"v": 2, "request_id": "x"}), line("ok1"), '{"v": 1}')
+    assert await Meter(sessionmaker, log, node).ingest_available() == 1
+    (row,) = await _rows(sessionmaker, node)
+    assert (row.request_id, row.tenant_id, row.status) == ("ok1", None, 200)
+
+
+async def test_prices_apply_by_request_time_exactly_and_invoices_use_each_period_price(
+    sessionmaker, tmp_path
+):
+    node = f"node-{uuid.uuid4().hex[:8]}"
+    async with sessionmaker.begin() as s:
+        tenant = await _tenant(s)
+        # 0.15 / 0.60 USD per 1M tokens until the 15th, then 0.20 / 0.80 (cached: 0.075 then 0.10).
+        model = await _model(
+            s,
+            [
+                ("2026-10-01T00:00:00+00:00", 150_000, 600_000, 75_000),
+                ("2026-10-15T00:00:00+00:00", 200_000, 800_000, 100_000),
+            ],
+        )
+        free = await _model(s, [])
+    common = {"tenant_id": tenant, "key_id": "k", "model": model}
+    before = [
+        line(f"a{i}", node=node, start_time=f"2026-10-0{i + 1}T12:00:00.000000Z", prompt_tokens="1001",
+             completion_tokens="333", cached_tokens="7", **common)
+        for i in range(3)
+    ]  # fmt: skip
+    after = [
+        line(f"b{i}", node=node, start_time=f"2026-10-2{i}T12:00:00.000000Z", prompt_tokens="999",
+             completion_tokens="1", **common)
+        for i in range(2)
+    ]  # fmt: skip
+    unpriced = line("c0", node=node, start_time="2026-10-21T00:00:00.000000Z", tenant_id=tenant, model=free,
+                    prompt_tokens="50", completion_tokens="50")  # fmt: skip
+    _write(tmp_path / "u.log", *before, *after, unpriced)
+    await Meter(sessionmaker, tmp_path / "u.log", node).ingest_available()
+
+    rows = {r.request_id: r for r in await _rows(sessionmaker, node)}
+    # picos = tokens x micros per 1M: (1001 - 7) x 150000 + 7 x 75000 + 333 x 600000
+    assert rows["a0"].cost_picos == 994 * 150_000 + 7 * 75_000 + 333 * 600_000
+    assert rows["b0"].cost_picos == 999 * 200_000 + 1 * 800_000
+    assert (rows["c0"].cost_picos, rows["c0"].unpriced, rows["c0"].currency) == (0, True, None)
+
+    async with sessionmaker.begin() as s:
+        closed = await invoices.close_due(s, datetime(2026, 11, 5, tzinfo=UTC), timedelta(days=3))
+    (invoice,) = [i for i in closed if i.tenant_id == tenant]
+    by_price = {(ln.model, ln.input_micros): ln for ln in invoice.lines}
+    first, second = by_price[(model, 150_000)], by_price[(model, 200_000)]
+    assert (first.requests, first.prompt_tokens, first.completion_tokens, first.cached_tokens) == (
+        3,
+        3003,
+        999,
+        21,
+    )
+    assert first.amount_micros == picos_to_micros(3 * (994 * 150_000 + 7 * 75_000 + 333 * 600_000))
+    assert first.amount_micros == 1048  # 1,048,275,000 picos, rounded once per line
+    assert second.amount_micros == picos_to_micros(2 * (999 * 200_000 + 800_000)) == 401
+    assert by_price[(free, 0)].amount_micros == 0
+    assert by_price[(free, 0)].price_from is None  # unpriced: recorded, billed 0, flagged
+    assert invoice.total_micros == first.amount_micros + second.amount_micros
+    assert invoice.currency == "USD"
+
+
+async def test_late_usage_goes_on_the_next_invoice_and_closed_invoices_do_not_change(sessionmaker, tmp_path):
+    node = f"node-{uuid.uuid4().hex[:8]}"
+    async with sessionmaker.begin() as s:
+        tenant = await _tenant(s)
+        model = await _model(s, [("2026-01-01T00:00:00+00:00", 1_000_000, 2_000_000, 0)])
+    common = {"tenant_id": tenant, "model": model, "prompt_tokens": "100", "completion_tokens": "10"}
+    log = tmp_path / "u.log"
+    _write(log, line("oct1", node=node, start_time="2026-10-10T00:00:00.000000Z", **common))
+    meter = Meter(sessionmaker, log, node)
+    await meter.ingest_available()
+    async with sessionmaker.begin() as s:
+        # Not due before the grace period has passed.
+        assert not await _closed(s, datetime(2026, 11, 2, tzinfo=UTC), tenant)
+        (october,) = await _closed(s, datetime(2026, 11, 4, tzinfo=UTC), tenant)
+    assert october.total_micros == 100 + 20  # 100 x 1.0 + 10 x 2.0 micros
+
+    # October usage that reaches the ledger after October closed, and November's own.
+    _write(log, line("oct2", node=node, start_time="2026-10-31T23:59:59.000000Z", **common))
+    _write(log, line("nov1", node=node, start_time="2026-11-20T00:00:00.000000Z", **common))
+    await meter.ingest_available()
+    async with sessionmaker.begin() as s:
+        (november,) = await _closed(s, datetime(2026, 12, 4, tzinfo=UTC), tenant)
+    kinds = sorted((ln.kind, ln.usage_month.strftime("%Y-%m"), ln.amount_micros) for ln in november.lines)
+    assert kinds == [("adjustment", "2026-10", 120), ("usage", "2026-11", 120)]
+    assert november.total_micros == 240
+    async with sessionmaker() as s:
+        again = await s.get(Invoice, october.id)
+        assert again is not None
+        assert (again.total_micros, len(again.lines)) == (120, 1)  # the closed invoice is as it was
+        claimed = await s.scalar(
+            select(func.count())
+            .select_from(UsageRecord)
+            .where(UsageRecord.node == node, UsageRecord.invoice_id.is_(None))
+        )
+        assert claimed == 0
+        # Closing again finds nothing new: each row is on exactly one invoice.
+        assert not await _closed(s, datetime(2026, 12, 5, tzinfo=UTC), tenant)
+
+
+async def test_a_cut_stream_is_charged_its_reservation_or_what_was_sent_and_flagged(sessionmaker, tmp_path):
+    node = f"node-{uuid.uuid4().hex[:8]}"
+    async with sessionmaker.begin() as s:
+        tenant = await _tenant(s)
+        model = await _model(s, [], default_max_tokens=300)
+    sse = {"tenant_id": tenant, "model": model, "content_type": "text/event-stream", "bytes_received": 401}
+    _write(
+        tmp_path / "u.log",
+        line("cut", node=node, max_tokens="50", chunks="7", **sse),  # reservation 50 > 7 sent
+        line("long", node=node, max_tokens="50", chunks="80", **sse),  # more sent than reserved
+        line("nomax", node=node, chunks="3", **sse),  # the model's default_max_tokens
+        line("refused", node=node, status=429, **sse),  # refused: nothing used, nothing estimated
+    )
+    await Meter(sessionmaker, tmp_path / "u.log", node).ingest_available()
+    got = {
+        r.request_id: (r.prompt_tokens, r.completion_tokens, r.usage_estimated)
+        for r in await _rows(sessionmaker, node)
+    }
+    assert got == {
+        "cut": (101, 50, True),  # prompt: 401 body bytes / 4, rounded up
+        "long": (101, 80, True),
+        "nomax": (101, 300, True),
+        "refused": (0, 0, False),
+    }
+
+
+async def test_spend_thresholds_become_outbox_events_once_per_period(sessionmaker, tmp_path):
+    node = f"node-{uuid.uuid4().hex[:8]}"
+    async with sessionmaker.begin() as s:
+        tenant = await _tenant(s)
+        model = await _model(s, [("2026-01-01T00:00:00+00:00", 1_000_000, 0, 0)])  # 1 micro per token
+        s.add(
+            Limit(
+                id=f"lim_{uuid.uuid4().hex[:8]}", tenant_id=tenant, kind="spend", window_seconds=0, limit=1000
+            )
+        )
+    log = tmp_path / "u.log"
+    meter = Meter(sessionmaker, log, node)
+    common = {"tenant_id": tenant, "model": model, "completion_tokens": "0"}
+
+    async def events() -> list[OutboxEvent]:
+        async with sessionmaker() as s:
+            stmt = select(OutboxEvent).where(
+                OutboxEvent.tenant_id == tenant, OutboxEvent.kind == "budget.threshold"
+            )
+            return list((await s.scalars(stmt)).all())
+
+    _write(log, line("s1", node=node, prompt_tokens="700", **common))
+    await meter.ingest_available()
+    assert await events() == []
+    _write(log, line("s2", node=node, prompt_tokens="150", **common))  # 850 of 1000: 80%
+    await meter.ingest_available()
+    assert [e.payload["threshold_percent"] for e in await events()] == [80]
+    _write(
+        log,
+        line("s3", node=node, prompt_tokens="10", **common),
+        line("s4", node=node, prompt_tokens="200", **common),
+    )
+    await meter.ingest_available()
+    got = sorted((e.payload["threshold_percent"], e.id) for e in await events())
+    assert [p for p, _ in got] == [80, 100]
+    assert all(i.endswith(f":{p}") and "2026-11-01T00:00:00Z" in i for p, i in got)  # stable ids
+    async with sessionmaker() as s:
+        usage = await s.scalar(
+            select(func.count())
+            .select_from(OutboxEvent)
+            .where(OutboxEvent.tenant_id == tenant, OutboxEvent.kind == "usage.recorded")
+        )
+    assert usage == 4  # and every request is a usage event
