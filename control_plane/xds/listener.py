@@ -442,6 +442,8 @@ def listener(cfg: GatewayConfig) -> dict[str, Any]:
                 },
             }
         ],
+        # The client gets it back (x-request-id): the id its ledger row and usage event carry.
+        "always_set_request_id_in_response": True,
         "rds": {"route_config_name": ROUTES_NAME, "config_source": ADS},
         # Long generations: no overall request timeout; idle streams end after 5 minutes.
         "request_timeout": "0s",

@@ -56,6 +56,7 @@ class _State:
 
 
 _STATE = web.AppKey("demo_upstream_state", _State)
+_ENTRY = "demo_upstream_entry"  # the request's /debug/requests entry
 
 
 def build_app(
@@ -106,11 +107,20 @@ async def _read(request: web.Request) -> dict[str, Any]:
         "model": None,
     }
     state.seen.append(entry)
+    request[_ENTRY] = entry
     body = parse_body(await request.read())
     entry["body"] = body
     model = body.get("model")
     entry["model"] = model if isinstance(model, str) else None
     return body
+
+
+def _reported(request: web.Request, usage: dict[str, int]) -> None:
+    """Note on this request's /debug/requests entry the usage it was sent (what a meter must
+    count: a stream cut before its usage chunk has none)."""
+    entry = request.get(_ENTRY)
+    if entry is not None:
+        entry["usage"] = usage
 
 
 def _check_model(request: web.Request, model: str) -> None:
@@ -156,6 +166,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
                 delay=delay,
                 headers={NAME_HEADER: state.name},
                 on_tokens=metrics.generation_tokens.labels(model_name=gen.model).inc,
+                on_usage=lambda usage: _reported(request, usage),
                 split=request.headers.get(SPLIT_HEADER) == "1",
             )
         if delay:
@@ -170,6 +181,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
         ]
         for choice in choices:
             choice.update(finish_reason=gen.finish_reason, logprobs=None)
+        _reported(request, usage_of(gen))
         return web.json_response(
             {
                 "id": new_id(chat),

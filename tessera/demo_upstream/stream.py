@@ -78,6 +78,7 @@ async def stream(
     delay: float,
     headers: dict[str, str],
     on_tokens: Callable[[int], None],
+    on_usage: Callable[[dict[str, int]], None] = lambda _usage: None,
     split: bool = False,
 ) -> web.StreamResponse:
     """One write per chunk (so the client sees tokens as they come); stops if the client leaves."""
@@ -108,6 +109,7 @@ async def stream(
             await send(chunks.piece(index, "", gen.finish_reason))
         if gen.include_usage:
             await send(chunks.usage(usage_of(gen)))
+            on_usage(usage_of(gen))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except ConnectionResetError:
