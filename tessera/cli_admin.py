@@ -1098,6 +1098,14 @@ COMMANDS: tuple[Command, ...] = (
         (arg("id", help="invoice id"),),
     ),
     Command(
+        ("invoices", "preview"),
+        "this month's open invoice so far (what closing it now would bill)",
+        "PreviewInvoice",
+        lambda a, pb: pb.PreviewInvoiceRequest(tenant=a.tenant),
+        lambda r: _invoice(r.invoice),
+        (arg("--tenant", required=True, help="tenant name or id"),),
+    ),
+    Command(
         ("invoices", "close"),
         "close every month past its grace period now (the control plane also does, every minute)",
         "CloseDueInvoices",

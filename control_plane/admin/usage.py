@@ -109,6 +109,14 @@ class InvoiceServiceServicer(AdminServicerBase, admin_pb2_grpc.InvoiceServiceSer
                 raise NotFoundError(f"invoice {request.id!r} not found")
             return pb.GetInvoiceResponse(invoice=invoice_pb(invoice))
 
+    async def PreviewInvoice(
+        self, request: pb.PreviewInvoiceRequest, context: Any
+    ) -> pb.PreviewInvoiceResponse:
+        async with self.read(context) as (s, caller):
+            tenant = await self.tenant_for_read(s, caller, request.tenant)
+            invoice = await invoices.preview(s, tenant.id, datetime.now(UTC))
+            return pb.PreviewInvoiceResponse(invoice=invoice_pb(invoice))
+
     async def CloseDueInvoices(
         self, request: pb.CloseDueInvoicesRequest, context: Any
     ) -> pb.CloseDueInvoicesResponse:

@@ -19,13 +19,12 @@ import aiohttp
 import structlog
 from prometheus_client import Counter, Gauge
 from sqlalchemy import Join, Select, and_, func, or_, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.db.models import OutboxDelivery, OutboxEvent
 from control_plane.settings import SinkSettings
 from control_plane.usage.formats import Event, Request, requests_from_events, takes, webhook_key
+from control_plane.usage.ledger import as_utc, insert_stmt
 from tessera.clock import SYSTEM_CLOCK, Clock
 from tessera.errors import ConfigError
 
@@ -176,7 +175,7 @@ class OutboxDeliverer:
         async with self._sessionmaker() as session:
             count, oldest = (await session.execute(_pending(sink.name))).one()
         DEPTH.labels(sink=sink.name).set(count)
-        age = 0.0 if oldest is None else self._clock.now() - _aware(oldest).timestamp()
+        age = 0.0 if oldest is None else self._clock.now() - as_utc(oldest).timestamp()
         OLDEST_AGE.labels(sink=sink.name).set(max(age, 0.0))
 
 
@@ -227,8 +226,7 @@ async def _upsert(session: AsyncSession, rows: Iterable[dict[str, Any]]) -> None
     values = list(rows)
     if not values:
         return
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    stmt = insert(OutboxDelivery).values(values)
+    stmt = insert_stmt(session, OutboxDelivery).values(values)
     update = {c: stmt.excluded[c] for c in ("attempts", "next_attempt_at", "delivered_at", "last_error")}
     await session.execute(
         stmt.on_conflict_do_update(
@@ -247,7 +245,3 @@ def _redact(text: str, sink: SinkSettings) -> str:
 
 def _at(unix: float) -> datetime:
     return datetime.fromtimestamp(unix, UTC)
-
-
-def _aware(t: datetime) -> datetime:
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t

@@ -24,10 +24,11 @@ import hmac
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from control_plane.settings import SinkSettings
+from control_plane.usage.ledger import as_utc
 
 USAGE = "usage.recorded"
 STRIPE_EVENT_NAME = "tessera_tokens"  # the Stripe meter's event_name
@@ -166,10 +167,10 @@ def occurred_at(event: Event) -> datetime:
     raw = event.payload.get("time")
     if isinstance(raw, str):
         try:
-            return _utc(datetime.fromisoformat(raw))
+            return as_utc(datetime.fromisoformat(raw))
         except ValueError:
             pass
-    return _utc(event.created_at)
+    return as_utc(event.created_at)
 
 
 def _request(events: Sequence[Event], body: object, token: str, content_type: str) -> Request:
@@ -181,11 +182,6 @@ def _request(events: Sequence[Event], body: object, token: str, content_type: st
 
 def _json(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _utc(t: datetime) -> datetime:
-    # SQLite hands back naive datetimes; Tessera stores UTC.
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def _rfc3339(t: datetime) -> str:

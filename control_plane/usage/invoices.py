@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from sqlalchemy import distinct, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, distinct, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.admin.convert import rfc3339
@@ -44,6 +44,13 @@ class _Sum:
     cached: int = 0
     picos: int = 0
 
+    def add(self, requests: int, prompt: int, completion: int, cached: int, picos: int) -> None:
+        self.requests += int(requests)
+        self.prompt += int(prompt or 0)
+        self.completion += int(completion or 0)
+        self.cached += int(cached or 0)
+        self.picos += int(picos or 0)
+
 
 async def _claim(
     s: AsyncSession, invoice_id: str, tenant: str, end: datetime, currency: str, *, primary: bool
@@ -63,21 +70,27 @@ async def _claim(
     return int(getattr(done, "rowcount", 0) or 0)
 
 
-async def _lines(s: AsyncSession, invoice: Invoice) -> list[InvoiceLine]:
+async def _lines(s: AsyncSession, where: ColumnElement[bool], period_start: datetime) -> list[InvoiceLine]:
+    """The lines of the rows ``where`` selects: a usage line per model and price for the month
+    from ``period_start``; an adjustment line per month, model and price for earlier (late) rows."""
     r = UsageRecord
-    rows = await s.execute(
+    amounts = (func.count(), func.sum(r.prompt_tokens), func.sum(r.completion_tokens),
+               func.sum(r.cached_tokens), func.sum(r.cost_picos))  # fmt: skip
+    sums: dict[tuple[datetime, str, int | None], _Sum] = defaultdict(_Sum)
+    current = await s.execute(
+        select(r.model, r.price_id, *amounts)
+        .where(where, r.time >= period_start)
+        .group_by(r.model, r.price_id)
+    )
+    for model, price_id, *values in current:
+        sums[(period_start, model or "", price_id)].add(*values)
+    late = await s.execute(
         select(
             r.model, r.price_id, r.time, r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.cost_picos
-        ).where(r.invoice_id == invoice.id)
-    )
-    sums: dict[tuple[datetime, str, int | None], _Sum] = defaultdict(_Sum)
-    for model, price_id, when, prompt, completion, cached, picos in rows:
-        acc = sums[(month_start(when), model or "", price_id)]
-        acc.requests += 1
-        acc.prompt += prompt
-        acc.completion += completion
-        acc.cached += cached
-        acc.picos += picos
+        ).where(where, r.time < period_start)
+    )  # few: usage that reached the ledger after its month closed
+    for model, price_id, when, *values in late:
+        sums[(month_start(when), model or "", price_id)].add(1, *values)
     price_ids = {p for _, _, p in sums if p is not None}
     prices = {
         p.id: p
@@ -90,7 +103,7 @@ async def _lines(s: AsyncSession, invoice: Invoice) -> list[InvoiceLine]:
         price = prices.get(price_id) if price_id is not None else None
         lines.append(
             InvoiceLine(
-                kind="usage" if usage_month == as_utc(invoice.period_start) else "adjustment",
+                kind="usage" if usage_month == period_start else "adjustment",
                 model=model,
                 usage_month=usage_month,
                 price_from=as_utc(price.effective_at) if price else None,
@@ -105,6 +118,22 @@ async def _lines(s: AsyncSession, invoice: Invoice) -> list[InvoiceLine]:
             )
         )
     return lines
+
+
+async def preview(s: AsyncSession, tenant: str, now: datetime) -> Invoice:
+    """The open invoice of this month so far (not stored): what closing it now would bill,
+    late usage of closed months included. Priced usage in more than one currency shows the first."""
+    start = month_start(now)
+    end = next_month(start)
+    r = UsageRecord
+    where = and_(r.tenant_id == tenant, r.invoice_id.is_(None), r.time < end)
+    currency = await s.scalar(select(func.min(r.currency)).where(where)) or ""
+    match = or_(r.currency == currency, r.currency.is_(None)) if currency else r.currency.is_(None)
+    lines = await _lines(s, and_(where, match), start)
+    return Invoice(
+        id="", tenant_id=tenant, period_start=start, period_end=end, currency=currency, status="open",
+        total_micros=sum(ln.amount_micros for ln in lines), closed_at=None, lines=lines,
+    )  # fmt: skip
 
 
 def invoice_event(invoice: Invoice) -> dict[str, object]:
@@ -164,7 +193,7 @@ async def _close_month(s: AsyncSession, tenant: str, start: datetime, now: datet
         if await _claim(s, invoice.id, tenant, end, currency, primary=i == 0) == 0:
             await s.delete(invoice)
             continue
-        lines = await _lines(s, invoice)
+        lines = await _lines(s, UsageRecord.invoice_id == invoice.id, start)
         invoice.lines.extend(lines)
         invoice.total_micros = sum(ln.amount_micros for ln in lines)
         await s.flush()

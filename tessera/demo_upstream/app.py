@@ -56,7 +56,7 @@ class _State:
 
 
 _STATE = web.AppKey("demo_upstream_state", _State)
-_ENTRY = "demo_upstream_entry"  # the request's /debug/requests entry
+_ENTRY = web.RequestKey("demo_upstream_entry", dict)  # the request's /debug/requests entry
 
 
 def build_app(

@@ -314,6 +314,9 @@ FOREIGN: dict[str, Case] = {
     ),
     "list-audit": lambda w: ("ListAuditEvents", {"tenant": w.b.id}),
     "list-limits": lambda w: ("ListLimits", {"tenant": w.b.id}),
+    "query-usage": lambda w: ("QueryUsage", {"tenant": w.b.id, "group_by": "key"}),
+    "list-invoices": lambda w: ("ListInvoices", {"tenant": w.b.id}),
+    "preview-invoice": lambda w: ("PreviewInvoice", {"tenant": w.b.name}),
     "create-limit": lambda w: (
         "CreateLimit",
         {"tenant": w.b.id, "kind": "requests", "window": "minute", "limit": "5"},
@@ -386,6 +389,9 @@ def test_tenant_viewer_reads_its_tenant(transport, world):
     assert _ok(transport, "GetApiKey", {"id": world.key_a.id}, token)["api_key"]["tenant_id"] == world.a.id
     assert _ok(transport, "ListAuditEvents", {"tenant": world.a.id}, token)["items"]
     assert world.key_a.key not in json.dumps(keys)
+    assert "rows" in _ok(transport, "QueryUsage", {"tenant": world.a.id}, token)
+    assert _ok(transport, "PreviewInvoice", {"tenant": world.a.id}, token)["invoice"]["tenant_id"] == world.a.id
+    assert _ok(transport, "ListInvoices", {"tenant": world.a.id}, token)["items"] == []
     # ... and nothing of tenant B.
     assert transport.call("GetTenant", {"tenant": world.b.id}, token).outcome == NOT_FOUND
     assert transport.call("GetApiKey", {"id": world.key_b.id}, token).outcome == NOT_FOUND
@@ -413,6 +419,7 @@ VIEWER_WRITES: dict[str, Case] = {
         "CreateLimit",
         {"tenant": w.a.id, "kind": "requests", "window": "minute", "limit": "5"},
     ),
+    "close-invoices": lambda _w: ("CloseDueInvoices", {}),
 }
 
 

@@ -244,6 +244,12 @@ async def test_late_usage_goes_on_the_next_invoice_and_closed_invoices_do_not_ch
     _write(log, line("oct1", node=node, start_time="2026-10-10T00:00:00.000000Z", **common))
     meter = Meter(sessionmaker, log, node)
     await meter.ingest_available()
+    async with sessionmaker() as s:  # mid-month: the open invoice so far, nothing stored
+        draft = await invoices.preview(s, tenant, datetime(2026, 10, 20, tzinfo=UTC))
+        assert (draft.status, draft.total_micros, [ln.kind for ln in draft.lines]) == ("open", 120, ["usage"])
+        assert (
+            await s.scalar(select(func.count()).select_from(Invoice).where(Invoice.tenant_id == tenant)) == 0
+        )
     async with sessionmaker.begin() as s:
         # Not due before the grace period has passed.
         assert not await _closed(s, datetime(2026, 11, 2, tzinfo=UTC), tenant)

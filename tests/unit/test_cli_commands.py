@@ -91,6 +91,7 @@ def test_output_json_before_or_after_every_command(path):
         ("usage",): ["--tenant", "t"],
         ("invoices", "list"): ["--tenant", "t"],
         ("invoices", "show"): ["inv_x"],
+        ("invoices", "preview"): ["--tenant", "t"],
     }.get(tuple(path), [])
     own_output = tuple(path) == ("models", "price")  # its --output is a price: the format is -o
     before = build_parser().parse_args(["-o", "json", "--token", "x", *path, *required])

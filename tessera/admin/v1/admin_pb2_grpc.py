@@ -1999,6 +1999,11 @@ class InvoiceServiceStub:
                 request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetInvoiceRequest.SerializeToString,
                 response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetInvoiceResponse.FromString,
                 _registered_method=True)
+        self.PreviewInvoice = channel.unary_unary(
+                '/tessera.admin.v1.InvoiceService/PreviewInvoice',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.PreviewInvoiceRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.PreviewInvoiceResponse.FromString,
+                _registered_method=True)
         self.CloseDueInvoices = channel.unary_unary(
                 '/tessera.admin.v1.InvoiceService/CloseDueInvoices',
                 request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.CloseDueInvoicesRequest.SerializeToString,
@@ -2017,6 +2022,13 @@ class InvoiceServiceServicer:
 
     def GetInvoice(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PreviewInvoice(self, request, context):
+        """This month's open invoice so far (status "open", no id): what closing it now would bill.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -2041,6 +2053,11 @@ def add_InvoiceServiceServicer_to_server(servicer, server):
                     servicer.GetInvoice,
                     request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetInvoiceRequest.FromString,
                     response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.GetInvoiceResponse.SerializeToString,
+            ),
+            'PreviewInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewInvoice,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.PreviewInvoiceRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.PreviewInvoiceResponse.SerializeToString,
             ),
             'CloseDueInvoices': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseDueInvoices,
@@ -2102,6 +2119,33 @@ class InvoiceService:
             '/tessera.admin.v1.InvoiceService/GetInvoice',
             tessera_dot_admin_dot_v1_dot_admin__pb2.GetInvoiceRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.GetInvoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.InvoiceService/PreviewInvoice',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.PreviewInvoiceRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.PreviewInvoiceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -640,6 +640,8 @@ class InvoiceServiceStub:
     def __new__(cls, channel: _aio.Channel) -> InvoiceServiceAsyncStub: ...
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]
     GetInvoice: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetInvoiceRequest, _admin_pb2.GetInvoiceResponse]
+    PreviewInvoice: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PreviewInvoiceRequest, _admin_pb2.PreviewInvoiceResponse]
+    """This month's open invoice so far (status "open", no id): what closing it now would bill."""
     CloseDueInvoices: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloseDueInvoicesRequest, _admin_pb2.CloseDueInvoicesResponse]
     """Close every month whose grace period has passed (platform admins; the control plane also
     does it on its own every minute).
@@ -650,6 +652,8 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListInvoices: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]  # type: ignore[assignment]
     GetInvoice: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetInvoiceRequest, _admin_pb2.GetInvoiceResponse]  # type: ignore[assignment]
+    PreviewInvoice: _aio.UnaryUnaryMultiCallable[_admin_pb2.PreviewInvoiceRequest, _admin_pb2.PreviewInvoiceResponse]  # type: ignore[assignment]
+    """This month's open invoice so far (status "open", no id): what closing it now would bill."""
     CloseDueInvoices: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloseDueInvoicesRequest, _admin_pb2.CloseDueInvoicesResponse]  # type: ignore[assignment]
     """Close every month whose grace period has passed (platform admins; the control plane also
     does it on its own every minute).
@@ -669,6 +673,14 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetInvoiceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetInvoiceResponse, _abc.Awaitable[_admin_pb2.GetInvoiceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PreviewInvoice(
+        self,
+        request: _admin_pb2.PreviewInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PreviewInvoiceResponse, _abc.Awaitable[_admin_pb2.PreviewInvoiceResponse]]:
+        """This month's open invoice so far (status "open", no id): what closing it now would bill."""
 
     @_abc_1.abstractmethod
     def CloseDueInvoices(
