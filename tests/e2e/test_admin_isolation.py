@@ -390,7 +390,8 @@ def test_tenant_viewer_reads_its_tenant(transport, world):
     assert _ok(transport, "ListAuditEvents", {"tenant": world.a.id}, token)["items"]
     assert world.key_a.key not in json.dumps(keys)
     assert "rows" in _ok(transport, "QueryUsage", {"tenant": world.a.id}, token)
-    assert _ok(transport, "PreviewInvoice", {"tenant": world.a.id}, token)["invoice"]["tenant_id"] == world.a.id
+    draft = _ok(transport, "PreviewInvoice", {"tenant": world.a.id}, token)["invoice"]
+    assert (draft["tenant_id"], draft["status"]) == (world.a.id, "open")
     assert _ok(transport, "ListInvoices", {"tenant": world.a.id}, token)["items"] == []
     # ... and nothing of tenant B.
     assert transport.call("GetTenant", {"tenant": world.b.id}, token).outcome == NOT_FOUND
