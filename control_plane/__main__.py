@@ -89,7 +89,14 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
         await check_schema(engine)
         metrics = serve_metrics(settings.metrics)
         retention = timedelta(days=settings.billing.raw_retention_days)
-        meter = Meter(make_sessionmaker(engine), log_path, node, retention=retention)
+        meter = Meter(
+            make_sessionmaker(engine),
+            log_path,
+            node,
+            retention=retention,
+            rotate_bytes=settings.meter.rotate_bytes,
+            envoy_admin=settings.meter.envoy_admin,
+        )
         log.info("meter_started", log=str(log_path), node=node, metrics_port=metrics.port)
         await meter.run_forever(settings.meter.poll_seconds)
     finally:

@@ -91,6 +91,9 @@ class MeterSettings(BaseModel):
     log_path: Path | None = None  # the Envoy's usage log (gateway.access_log_path on one machine)
     node: str = ""  # default for lines that name none (Envoy sets TESSERA_NODE in each line)
     poll_seconds: float = Field(default=0.5, gt=0)
+    # Rotate the log at this size once read (0 = off: an outside logrotate + /reopen_logs).
+    rotate_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    envoy_admin: str = "http://127.0.0.1:9901"  # where /reopen_logs is, beside the Envoy
 
 
 class ControlPlaneSettings(BaseSettings):

@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from control_plane.db.models import MeterCheckpoint, UsageRecord
 from control_plane.usage import ledger
 from tessera import usage_line
+from tessera.probe import http_post
 
 log = structlog.get_logger("control_plane.usage.meter")
 
@@ -38,6 +39,7 @@ LAG = Gauge("tessera_meter_lag_seconds", "Age of the newest usage line when it w
 LAST_INGEST = Gauge("tessera_meter_last_ingest_timestamp_seconds", "When the meter last committed rows")
 
 MAX_BATCH_BYTES = 1 << 20
+ROTATED_QUIET_SECONDS = 60.0  # a rotated file this long unwritten and read to its end goes
 _ID_PROBE = 256  # bytes of the first line that name a file (with its device and inode)
 
 
@@ -84,11 +86,15 @@ class Meter:
         node: str,
         *,
         retention: timedelta | None = None,
+        rotate_bytes: int = 0,
+        envoy_admin: str = "",
     ) -> None:
         self._sessionmaker = sessionmaker
         self._log_path = log_path
         self._node = node
         self._retention = retention
+        self._rotate_bytes = rotate_bytes  # 0: someone else rotates (logrotate + /reopen_logs)
+        self._envoy_admin = envoy_admin
 
     async def _checkpoints(self) -> dict[str, int]:
         async with self._sessionmaker() as s:
@@ -172,11 +178,32 @@ class Meter:
             done = await s.execute(delete(UsageRecord).where(UsageRecord.time < cutoff, billed))
             return int(getattr(done, "rowcount", 0) or 0)
 
+    async def rotate(self, now: float | None = None) -> None:
+        """Keep the log bounded: once it passes ``rotate_bytes`` and is read to its end, rename it
+        and have Envoy reopen its path (lines Envoy still writes to the old file are read there);
+        delete rotated files read to their end and quiet for a minute."""
+        if not self._rotate_bytes:
+            return
+        now = time.time() if now is None else now
+        offsets = await self._checkpoints()
+        for f in log_files(self._log_path):
+            done = offsets.get(f.file_id, -1) >= f.size
+            if f.path == self._log_path:
+                if done and f.size >= self._rotate_bytes:
+                    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%S%f")
+                    f.path.rename(f.path.with_name(f"{f.path.name}.{stamp}"))
+                    status = await http_post(f"{self._envoy_admin}/reopen_logs")
+                    log.info("usage_log_rotated", path=str(f.path), size=f.size, reopen_status=status)
+            elif done and now - f.mtime > ROTATED_QUIET_SECONDS:
+                f.path.unlink(missing_ok=True)
+                log.info("usage_log_removed", path=str(f.path))
+
     async def run_forever(self, interval: float = 0.5, expire_every: float = 3600.0) -> None:
         last_expire = 0.0
         while True:
             try:
                 await self.ingest_available()
+                await self.rotate()
                 if time.monotonic() - last_expire > expire_every:
                     last_expire = time.monotonic()
                     await self.expire()

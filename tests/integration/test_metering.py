@@ -9,6 +9,7 @@ the e2e tests check the real Envoy's lines)."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -36,6 +38,7 @@ from control_plane.usage import invoices
 from control_plane.usage.ledger import picos_to_micros
 from control_plane.usage.meter import Meter
 from tessera import usage_line
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.asyncio
 
@@ -348,3 +351,70 @@ async def test_spend_thresholds_become_outbox_events_once_per_period(sessionmake
             .where(OutboxEvent.tenant_id == tenant, OutboxEvent.kind == "usage.recorded")
         )
     assert usage == 4  # and every request is a usage event
+
+
+async def test_the_meter_rotates_a_full_log_once_read_and_removes_it_once_quiet(sessionmaker, tmp_path):
+    reopened: list[str] = []
+
+    async def reopen(request: web.Request) -> web.Response:  # Envoy's admin endpoint, as a stand-in
+        reopened.append(request.path)
+        return web.Response(text="OK\n")
+
+    app = web.Application()
+    app.router.add_post("/reopen_logs", reopen)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        node = f"node-{uuid.uuid4().hex[:8]}"
+        log = tmp_path / "access.log"
+        meter = Meter(sessionmaker, log, node, rotate_bytes=1500, envoy_admin=f"http://127.0.0.1:{port}")
+        _write(log, *(line(f"q{i}", node=node) for i in range(2)))
+        await meter.ingest_available()
+        await meter.rotate()
+        assert reopened == []  # under the size: left alone
+        _write(log, *(line(f"q{i}", node=node) for i in range(2, 6)))
+        await meter.rotate()
+        assert reopened == []  # over the size, but not read yet: never rotated before it is
+        await meter.ingest_available()
+        await meter.rotate()
+        assert reopened == ["/reopen_logs"]
+        (rotated,) = [p for p in tmp_path.iterdir() if p.name.startswith("access.log.")]
+        _write(rotated, line("q6", node=node))  # Envoy flushed to the old file before reopening
+        _write(log, line("q7", node=node))  # ... and writes the new one after
+        await meter.ingest_available()
+        await meter.rotate()
+        assert rotated.exists()  # read to its end, but written to a moment ago
+        await meter.rotate(now=time.time() + 120)
+        assert not rotated.exists()
+        assert sorted(r.request_id for r in await _rows(sessionmaker, node)) == [f"q{i}" for i in range(8)]
+    finally:
+        await runner.cleanup()
+
+
+async def test_retention_drops_old_billed_rows_and_keeps_rollups(sessionmaker, tmp_path):
+    node = f"node-{uuid.uuid4().hex[:8]}"
+    async with sessionmaker.begin() as s:
+        tenant = await _tenant(s)
+    old = {"tenant_id": tenant, "start_time": "2025-01-10T00:00:00.000000Z", "prompt_tokens": "3"}
+    _write(
+        tmp_path / "u.log",
+        line("old", node=node, **old),
+        line("anon", node=node, start_time=old["start_time"]),
+    )
+    _write(tmp_path / "u.log", line("new", node=node, tenant_id=tenant, prompt_tokens="4"))
+    meter = Meter(sessionmaker, tmp_path / "u.log", node, retention=timedelta(days=30))
+    await meter.ingest_available()
+    assert await meter.expire() == 1  # "anon": billed to no one; "old" is not invoiced yet
+    async with sessionmaker.begin() as s:
+        await invoices.close_due(s, datetime(2025, 2, 5, tzinfo=UTC), timedelta(days=3))
+    assert await meter.expire() == 1  # invoiced now
+    assert [r.request_id for r in await _rows(sessionmaker, node)] == ["new"]
+    async with sessionmaker() as s:
+        kept = await s.scalar(
+            select(func.sum(UsageRollup.prompt_tokens)).where(
+                UsageRollup.tenant_id == tenant, UsageRollup.period == "day"
+            )
+        )
+    assert kept == 7
