@@ -89,7 +89,7 @@ class MeterSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     log_path: Path | None = None  # the Envoy's usage log (gateway.access_log_path on one machine)
-    node: str = ""  # default for lines that name none (Envoy sets TESSERA_NODE in each line)
+    node: str = ""  # default for lines that name none (Envoy puts its ENVOY_NODE_ID in each line)
     poll_seconds: float = Field(default=0.5, gt=0)
     # Rotate the log at this size once read (0 = off: an outside logrotate + /reopen_logs).
     rotate_bytes: int = Field(default=256 * 1024 * 1024, ge=0)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 VERSION: Final = 1
-NODE_ENV: Final = "TESSERA_NODE"  # Envoy's environment names its node in every line
+NODE_ENV: Final = "ENVOY_NODE_ID"  # Envoy's environment names its node in every line
 
 # JSON key -> Envoy command operator (or a literal).
 ENVOY_FORMAT: Final[dict[str, Any]] = {
