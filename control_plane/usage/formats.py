@@ -8,9 +8,9 @@ Every request carries each event's own ``id`` (webhook-id, CloudEvents ``id``, S
   where the key is the base64 after the secret's ``whsec_`` prefix.
 - ``cloudevents``: a CloudEvents 1.0 JSON batch (``application/cloudevents-batch+json``), the
   shape OpenMeter ingests at ``POST /api/v1/events``; the secret, if any, is a bearer token.
-- ``stripe``: the v2 meter event stream body (``POST /v2/billing/meter_event_stream``,
-  at most 100 events a request); ``usage.recorded`` only. ``payload`` maps the tenant id to
-  ``stripe_customer_id`` and total tokens to ``value`` (a string, as Stripe documents it).
+- ``stripe``: a billing meter event (``POST /v1/billing/meter_events``, form-encoded, one
+  event a request, the API key as bearer); ``usage.recorded`` only. ``payload`` maps the
+  tenant id to ``stripe_customer_id`` and total tokens to ``value``.
 - ``lago``: ``POST /api/v1/events/batch`` (at most 100 events a request); ``usage.recorded``
   only, metric code ``tokens``, the tenant id as ``external_subscription_id``.
 """
@@ -22,6 +22,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,7 +43,7 @@ _CARRIES: dict[str, frozenset[str] | None] = {
     "stripe": frozenset({USAGE}),
     "lago": frozenset({USAGE}),
 }
-_MAX_BATCH = {"standard-webhooks": 1, "cloudevents": 1000, "stripe": 100, "lago": 100}
+_MAX_BATCH = {"standard-webhooks": 1, "cloudevents": 1000, "stripe": 1, "lago": 100}
 
 
 @dataclass(frozen=True)
@@ -128,21 +129,20 @@ def cloudevents_batch(events: Sequence[Event], token: str) -> Request:
 
 
 def stripe_meter_events(events: Sequence[Event], token: str) -> Request:
-    body = {
-        "events": [
-            {
-                "event_name": STRIPE_EVENT_NAME,
-                "identifier": e.id,
-                "timestamp": _rfc3339(occurred_at(e)),
-                "payload": {
-                    "stripe_customer_id": e.tenant_id,
-                    "value": str(e.payload.get("total_tokens", 0)),
-                },
-            }
-            for e in events
-        ]
+    """One Stripe billing meter event (``POST /v1/billing/meter_events``, form-encoded, the
+    API key as bearer): Stripe takes one event per request there."""
+    (e,) = events
+    form = {
+        "event_name": STRIPE_EVENT_NAME,
+        "identifier": e.id,
+        "timestamp": str(int(occurred_at(e).timestamp())),
+        "payload[stripe_customer_id]": e.tenant_id or "",
+        "payload[value]": str(e.payload.get("total_tokens", 0)),
     }
-    return _request(events, body, token, "application/json")
+    headers = {"content-type": "application/x-www-form-urlencoded"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    return Request((e.id,), urllib.parse.urlencode(form).encode(), headers)
 
 
 def lago_events(events: Sequence[Event], token: str) -> Request:

@@ -4,9 +4,8 @@
 Receivers check what Tessera sends with independent code: the `standardwebhooks` package for
 signatures, the `cloudevents` SDK for CloudEvents, and the providers' documented request
 examples for Stripe and Lago (tests/fixtures/billing/):
-- stripe_meter_event.json: the v2 meter event stream body (POST /v2/billing/meter_event_stream,
-  docs.stripe.com/api/v2/billing/meter-event-stream), with the values of the meter event example
-  at docs.stripe.com/api/billing/meter-event/object;
+- stripe_meter_event.json: the form fields of Stripe's "create a billing meter event" example
+  (POST /v1/billing/meter_events, docs.stripe.com/api/billing/meter-event/create);
 - lago_event.json: the example request of POST /api/v1/events/batch
   (getlago.com/docs/api-reference/events/batch).
 """
@@ -19,6 +18,7 @@ import json
 import random
 import secrets
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -363,7 +363,7 @@ async def test_stripe_and_lago_get_usage_only_in_their_documented_shapes(session
     sinks = [
         SinkSettings(
             name=stripe,
-            url=f"{receiver.url}/v2/billing/meter_event_stream",
+            url=f"{receiver.url}/v1/billing/meter_events",
             format="stripe",
             secret="sk_test_x",
         ),
@@ -373,23 +373,26 @@ async def test_stripe_and_lago_get_usage_only_in_their_documented_shapes(session
 
     await deliver_until_drained(d, [stripe, lago])
 
-    sent = {path: (headers, json.loads(body)) for path, headers, body in receiver.requests}
-    assert len(receiver.requests) == 2  # one batch each, and nothing for the other kinds
+    to_stripe = [(h, b) for path, h, b in receiver.requests if path == "/v1/billing/meter_events"]
+    assert len(to_stripe) == len(usage)  # one request per usage event, nothing for the other kinds
+    sent = {
+        path: (headers, json.loads(body))
+        for path, headers, body in receiver.requests
+        if path != "/v1/billing/meter_events"
+    }
+    assert len(sent) == 1  # one Lago batch
 
-    headers, body = sent["/v2/billing/meter_event_stream"]
-    assert headers["Authorization"] == "Bearer sk_test_x"
-    assert headers["Content-Type"] == "application/json"
     documented = json.loads((FIXTURES / "stripe_meter_event.json").read_text())
-    assert shape(body) == shape(documented)
-    assert [e["identifier"] for e in body["events"]] == [e.id for e in usage]
-    for sent_event, event in zip(body["events"], usage, strict=True):
-        assert sent_event["payload"] == {
-            "stripe_customer_id": event.tenant_id,
-            "value": str(event.payload["total_tokens"]),
-        }
-        assert datetime.fromisoformat(sent_event["timestamp"]) == datetime.fromisoformat(
-            event.payload["time"]
-        )
+    for (headers, body), event in zip(to_stripe, usage, strict=True):
+        assert headers["Authorization"] == "Bearer sk_test_x"
+        assert headers["Content-Type"] == "application/x-www-form-urlencoded"
+        form = {k: v for k, (v,) in urllib.parse.parse_qs(body.decode(), strict_parsing=True).items()}
+        assert set(form) == set(documented)  # the documented fields, all strings
+        assert form["event_name"] == "tessera_tokens"
+        assert form["identifier"] == event.id
+        assert form["payload[stripe_customer_id]"] == event.tenant_id
+        assert form["payload[value]"] == str(event.payload["total_tokens"])
+        assert int(form["timestamp"]) == int(datetime.fromisoformat(event.payload["time"]).timestamp())
 
     headers, body = sent["/api/v1/events/batch"]
     assert headers["Authorization"] == "Bearer lago_key"
