@@ -35,8 +35,6 @@ from sqlalchemy import delete, select
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from structlog.testing import capture_logs
 
-from control_plane.db.engine import make_engine, make_sessionmaker
-from control_plane.db.migrate import upgrade
 from control_plane.db.models import OutboxDelivery, OutboxEvent
 from control_plane.settings import SinkSettings
 from control_plane.usage import formats
@@ -52,20 +50,13 @@ KINDS = ("usage.recorded", "invoice.closed", "budget.threshold")
 # --- database, receiver, events ---------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def sessionmaker(request, tmp_path) -> AsyncIterator[Any]:
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    await asyncio.to_thread(upgrade, url)
-    engine = make_engine(url)
-    sm = make_sessionmaker(engine)
-    async with sm.begin() as s:  # the PostgreSQL database is shared by the run: start empty
+@pytest.fixture
+async def sessionmaker(sessionmaker) -> Any:
+    """The tier's database, its outbox emptied (the PostgreSQL database is shared by the run)."""
+    async with sessionmaker.begin() as s:
         await s.execute(delete(OutboxDelivery))
         await s.execute(delete(OutboxEvent))
-    yield sm
-    await engine.dispose()
+    return sessionmaker
 
 
 Handler = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]

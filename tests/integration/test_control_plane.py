@@ -46,16 +46,6 @@ def _settings(url: str, pepper: Path) -> ControlPlaneSettings:
     )
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'cp.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    upgrade(url)  # sync: alembic runs its own event loop
-    return url
-
-
 @pytest.fixture
 def pepper(tmp_path) -> Path:
     path = tmp_path / "pepper"
