@@ -31,7 +31,7 @@ from control_plane.load import LoadWatcher
 from control_plane.policy_servicer import PolicyCache, PolicyServiceServicer
 from control_plane.publisher import Publisher
 from control_plane.settings import ControlPlaneSettings
-from control_plane.usage.delivery import OutboxDeliverer
+from control_plane.usage.delivery import OutboxDeliverer, prune_forever
 from control_plane.usage.invoices import close_invoices_forever
 from control_plane.xds.ads_servicer import AggregatedDiscoveryServiceServicer
 from control_plane.xds.cache import SnapshotCache
@@ -210,6 +210,9 @@ async def build_app(settings: ControlPlaneSettings) -> App:
         )
         app.tasks.append(asyncio.create_task(watcher.run_forever()))
     app.tasks.append(asyncio.create_task(close_invoices_forever(sessionmaker, grace)))
+    sink_names = [sink.name for sink in settings.billing.sinks]
+    keep = timedelta(days=settings.billing.outbox_retention_days)
+    app.tasks.append(asyncio.create_task(prune_forever(sessionmaker, sink_names, keep)))
     if settings.billing.sinks:
         deliverer = OutboxDeliverer(
             sessionmaker, settings.billing.sinks, max_backoff=settings.billing.max_backoff_seconds

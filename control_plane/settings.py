@@ -82,6 +82,7 @@ class BillingSettings(BaseModel):
     max_backoff_seconds: float = Field(default=300.0, gt=0)
     raw_retention_days: int = Field(default=90, ge=1, description="ledger rows; rollups are kept")
     invoice_grace_seconds: int = Field(default=3 * 86400, ge=0, description="after a month ends")
+    outbox_retention_days: int = Field(default=7, ge=1, description="delivered events; undelivered stay")
 
 
 class MeterSettings(BaseModel):

@@ -131,9 +131,13 @@ def max_tokens(value: int, field: str) -> int | None:
     return value or None
 
 
+MAX_PRICE_MICROS = 9_000_000_000  # per 1M tokens: x at most 10**9 tokens a request fits int64 picos
+
+
 def micros(value: int, field: str) -> int:
-    if value >= 2**62:
-        raise InvalidArgumentError(field, "is too large")
+    """A price in micro-units per 1M tokens (at most 9,000 currency units)."""
+    if value > MAX_PRICE_MICROS:
+        raise InvalidArgumentError(field, f"at most {MAX_PRICE_MICROS} (9,000 currency units per 1M tokens)")
     return value
 
 

@@ -72,6 +72,9 @@ class UsageLine:
     bytes_sent: int
 
 
+MAX_COUNT: Final = 10**9  # a count (tokens, bytes, ms) beyond this is capped: money stays in int64
+
+
 def _int(value: Any) -> int | None:
     if value is None or isinstance(value, bool):
         return None
@@ -79,7 +82,7 @@ def _int(value: Any) -> int | None:
         number = int(value)
     except (TypeError, ValueError):
         return None
-    return number if number >= 0 else None
+    return min(number, MAX_COUNT) if number >= 0 else None
 
 
 def _str(value: Any, limit: int = 256) -> str | None:

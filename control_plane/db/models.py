@@ -276,9 +276,9 @@ class UsageRecord(Base):
     model: Mapped[str | None] = mapped_column(String(128))  # served (an alias resolved)
     backend: Mapped[str | None] = mapped_column(String(256))
     status: Mapped[int] = mapped_column(Integer)
-    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     usage_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
     streamed: Mapped[bool] = mapped_column(Boolean, default=False)
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
@@ -371,7 +371,7 @@ class OutboxEvent(Base):
     __tablename__ = "outbox_events"
 
     seq: Mapped[int] = mapped_column(_BIGID, primary_key=True, autoincrement=True)  # delivery order
-    id: Mapped[str] = mapped_column(String(96), unique=True)
+    id: Mapped[str] = mapped_column(String(255), unique=True)
     kind: Mapped[str] = mapped_column(String(32))  # usage.recorded | invoice.closed | budget.threshold
     tenant_id: Mapped[str | None] = mapped_column(String(32), index=True)
     payload: Mapped[dict[str, object]] = mapped_column(JSON)

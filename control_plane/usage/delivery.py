@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import structlog
 from prometheus_client import Counter, Gauge
-from sqlalchemy import Join, Select, and_, func, or_, select
+from sqlalchemy import Join, Select, and_, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.db.models import OutboxDelivery, OutboxEvent
@@ -245,3 +245,41 @@ def _redact(text: str, sink: SinkSettings) -> str:
 
 def _at(unix: float) -> datetime:
     return datetime.fromtimestamp(unix, UTC)
+
+
+async def prune_outbox(session: AsyncSession, sink_names: Sequence[str], before: datetime) -> int:
+    """Delete events written before ``before`` that every sink has acknowledged (with no sink,
+    every such event: there is no one to deliver to). Undelivered events are never pruned."""
+    stmt = select(OutboxEvent.id).where(OutboxEvent.created_at < before).limit(10_000)
+    for name in sink_names:
+        stmt = stmt.where(
+            select(OutboxDelivery.event_id)
+            .where(
+                OutboxDelivery.event_id == OutboxEvent.id,
+                OutboxDelivery.sink == name,
+                OutboxDelivery.delivered_at.is_not(None),
+            )
+            .exists()
+        )
+    ids = list((await session.scalars(stmt)).all())
+    if ids:
+        await session.execute(delete(OutboxDelivery).where(OutboxDelivery.event_id.in_(ids)))
+        await session.execute(delete(OutboxEvent).where(OutboxEvent.id.in_(ids)))
+    return len(ids)
+
+
+async def prune_forever(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    sink_names: Sequence[str],
+    keep: timedelta,
+    interval: float = 3600.0,
+) -> None:
+    while True:
+        try:
+            async with sessionmaker.begin() as s:
+                pruned = await prune_outbox(s, sink_names, datetime.now(UTC) - keep)
+            if pruned:
+                log.info("outbox_pruned", events=pruned)
+        except Exception:
+            log.warning("outbox_prune_failed", exc_info=True)
+        await asyncio.sleep(interval)

@@ -23,6 +23,7 @@ from tessera.clock import calendar_month
 from tessera.usage_line import UsageLine, reserved_tokens
 
 PICOS_PER_MICRO = 1_000_000
+INSERT_CHUNK = 500  # rows per INSERT: x 26 columns stays under SQLite's 32,766 parameters
 
 
 def as_utc(dt: datetime) -> datetime:
@@ -278,19 +279,23 @@ async def ingest(
     if not unique:
         return 0, 0
     values = [record_values(ln, terms, now) for ln in unique.values()]
-    stmt = (
-        insert_stmt(s, UsageRecord)
-        .values(values)
-        .on_conflict_do_nothing(index_elements=["node", "request_id"])
-        .returning(UsageRecord.node, UsageRecord.request_id)
-    )
-    inserted = {(n, r) for n, r in (await s.execute(stmt)).all()}
+    inserted: set[tuple[str, str]] = set()
+    for i in range(0, len(values), INSERT_CHUNK):  # bound parameters per statement
+        stmt = (
+            insert_stmt(s, UsageRecord)
+            .values(values[i : i + INSERT_CHUNK])
+            .on_conflict_do_nothing(index_elements=["node", "request_id"])
+            .returning(UsageRecord.node, UsageRecord.request_id)
+        )
+        inserted.update((n, r) for n, r in (await s.execute(stmt)).all())
     rows = [v for v in values if (v["node"], v["request_id"]) in inserted]
     await _add_rollups(s, rows)
     events = [usage_event(r) for r in rows if r["tenant_id"]]
-    if events:
+    for i in range(0, len(events), INSERT_CHUNK):
         await s.execute(
-            insert_stmt(s, OutboxEvent).values(events).on_conflict_do_nothing(index_elements=["id"])
+            insert_stmt(s, OutboxEvent)
+            .values(events[i : i + INSERT_CHUNK])
+            .on_conflict_do_nothing(index_elements=["id"])
         )
     await _budget_events(s, rows, now)
     return len(rows), len(unique) - len(rows)

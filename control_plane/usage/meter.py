@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 from prometheus_client import Counter, Gauge
 from sqlalchemy import delete, select
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.db.models import MeterCheckpoint, UsageRecord
@@ -33,14 +34,15 @@ from tessera.probe import http_post
 
 log = structlog.get_logger("control_plane.usage.meter")
 
-LINES = Counter("tessera_meter_lines_total", "Usage lines read", ["result"])  # inserted|duplicate|invalid
+# result: inserted | duplicate | invalid (not a v1 line) | refused (the database would not take it)
+LINES = Counter("tessera_meter_lines_total", "Usage lines read", ["result"])
 BACKLOG = Gauge("tessera_meter_backlog_bytes", "Bytes of usage log not ingested yet")
 LAG = Gauge("tessera_meter_lag_seconds", "Age of the newest usage line when it was ingested")
 LAST_INGEST = Gauge("tessera_meter_last_ingest_timestamp_seconds", "When the meter last committed rows")
 
 MAX_BATCH_BYTES = 1 << 20
 ROTATED_QUIET_SECONDS = 60.0  # a rotated file this long unwritten and read to its end goes
-_ID_PROBE = 256  # bytes of the first line that name a file (with its device and inode)
+_ID_PROBE = 64 * 1024  # the first line (up to this) names a file, with its device and inode
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,17 +53,26 @@ class LogFile:
     mtime: float
 
 
+def _file_id(fd: int) -> tuple[str, os.stat_result] | None:
+    """Device, inode and the hash of the whole first line (an inode can be reused)."""
+    st = os.fstat(fd)
+    head = os.pread(fd, _ID_PROBE, 0)
+    if b"\n" not in head and st.st_size <= len(head):
+        return None  # not even one complete line yet: nothing to read, nothing to name
+    digest = hashlib.sha256(head.split(b"\n", 1)[0]).hexdigest()[:24]
+    return f"{st.st_dev}:{st.st_ino}:{digest}", st
+
+
 def _identify(path: Path) -> LogFile | None:
     try:
         with path.open("rb") as f:
-            st = os.fstat(f.fileno())
-            head = f.read(_ID_PROBE)
+            found = _file_id(f.fileno())
     except OSError:
         return None
-    if b"\n" not in head and st.st_size <= len(head):
-        return None  # not even one complete line yet: nothing to read, nothing to name
-    digest = hashlib.sha256(head.split(b"\n", 1)[0]).hexdigest()[:16]
-    return LogFile(path, f"{st.st_dev}:{st.st_ino}:{digest}", st.st_size, st.st_mtime)
+    if found is None:
+        return None
+    file_id, st = found
+    return LogFile(path, file_id, st.st_size, st.st_mtime)
 
 
 def log_files(log_path: Path) -> list[LogFile]:
@@ -124,19 +135,29 @@ class Meter:
         return inserted
 
     async def _ingest_batch(self, f: LogFile, offset: int) -> tuple[int, int]:
-        with f.path.open("rb") as fh:
-            fh.seek(offset)
-            data = fh.read(MAX_BATCH_BYTES)
+        try:
+            with f.path.open("rb") as fh:
+                found = _file_id(fh.fileno())
+                if found is None or found[0] != f.file_id:
+                    return 0, 0  # the name now holds another file (rotated meanwhile): next pass
+                data = os.pread(fh.fileno(), MAX_BATCH_BYTES, offset)
+        except OSError:
+            return 0, 0
         raw, span = complete_lines(data)
         if span == 0:
             return 0, 0
         parsed = [usage_line.parse(line, self._node) for line in raw]
         lines = [p for p in parsed if p is not None]
         now = datetime.now(UTC)
-        async with self._sessionmaker.begin() as s:
-            terms = await ledger.load_terms(s)
-            added, dupes = await ledger.ingest(s, lines, terms, now)
-            await self._save_checkpoint(s, f, offset + span, now)
+        try:
+            async with self._sessionmaker.begin() as s:
+                terms = await ledger.load_terms(s)
+                added, dupes = await ledger.ingest(s, lines, terms, now)
+                await self._save_checkpoint(s, f, offset + span, now)
+        except (DataError, IntegrityError):
+            # A line the database refuses must not stop metering: take them one at a time.
+            added, dupes, refused = await self._one_by_one(f, lines, offset + span, now)
+            LINES.labels("refused").inc(refused)
         LINES.labels("inserted").inc(added)
         LINES.labels("duplicate").inc(dupes)
         LINES.labels("invalid").inc(len(parsed) - len(lines))
@@ -148,6 +169,22 @@ class Meter:
             log.warning("usage_lines_unreadable", count=len(parsed) - len(lines), path=str(f.path))
         log.debug("usage_ingested", inserted=added, duplicates=dupes, path=str(f.path), offset=offset + span)
         return span, added
+
+    async def _one_by_one(
+        self, f: LogFile, lines: list[usage_line.UsageLine], end: int, now: datetime
+    ) -> tuple[int, int, int]:
+        added = dupes = refused = 0
+        for ln in lines:
+            try:
+                async with self._sessionmaker.begin() as s:
+                    a, d = await ledger.ingest(s, [ln], await ledger.load_terms(s), now)
+                added, dupes = added + a, dupes + d
+            except (DataError, IntegrityError):
+                refused += 1
+                log.exception("usage_line_refused", node=ln.node, request_id=ln.request_id)
+        async with self._sessionmaker.begin() as s:
+            await self._save_checkpoint(s, f, end, now)
+        return added, dupes, refused
 
     async def _save_checkpoint(self, s: AsyncSession, f: LogFile, offset: int, now: datetime) -> None:
         row: dict[str, Any] = {"node": self._node, "file_id": f.file_id, "offset": offset,
@@ -190,13 +227,33 @@ class Meter:
             done = offsets.get(f.file_id, -1) >= f.size
             if f.path == self._log_path:
                 if done and f.size >= self._rotate_bytes:
-                    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%S%f")
-                    f.path.rename(f.path.with_name(f"{f.path.name}.{stamp}"))
-                    status = await http_post(f"{self._envoy_admin}/reopen_logs")
-                    log.info("usage_log_rotated", path=str(f.path), size=f.size, reopen_status=status)
-            elif done and now - f.mtime > ROTATED_QUIET_SECONDS:
+                    await self._rotate_current(f, now)
+            elif done and now - f.mtime > ROTATED_QUIET_SECONDS and self._reopened(f):
                 f.path.unlink(missing_ok=True)
+                async with self._sessionmaker.begin() as s:
+                    await s.execute(
+                        delete(MeterCheckpoint).where(
+                            MeterCheckpoint.node == self._node, MeterCheckpoint.file_id == f.file_id
+                        )
+                    )
                 log.info("usage_log_removed", path=str(f.path))
+
+    async def _rotate_current(self, f: LogFile, now: float) -> None:
+        stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%S%f")
+        rotated = f.path.with_name(f"{f.path.name}.{stamp}")
+        f.path.rename(rotated)
+        status = await http_post(f"{self._envoy_admin}/reopen_logs")
+        if status != 200:  # noqa: PLR2004
+            # Envoy still writes to this file: put it back, or the next pass would delete it.
+            rotated.rename(f.path)
+            log.error("usage_log_rotation_failed", envoy_admin=self._envoy_admin, status=status)
+            return
+        log.info("usage_log_rotated", path=str(rotated), size=f.size)
+
+    def _reopened(self, rotated: LogFile) -> bool:
+        """Envoy writes a new file at the log's path (so not this one any more)."""
+        current = _identify(self._log_path)
+        return current is not None and current.file_id != rotated.file_id
 
     async def run_forever(self, interval: float = 0.5, expire_every: float = 3600.0) -> None:
         last_expire = 0.0

@@ -131,9 +131,7 @@ def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
     ]
     served = [m for m in state.models if m.backends]
     # WebSocket upgrades first: GET /v1/realtime?model=NAME has no body to route on.
-    routes.extend(
-        _realtime_route(m, name, not_inference) for m in served if m.realtime for name in (m.name, *m.aliases)
-    )
+    routes.extend(_realtime_route(m, name) for m in served if m.realtime for name in (m.name, *m.aliases))
     routes.append(_direct("realtime_off", {"path": "/v1/realtime"}, "model_not_found"))
     routes.extend(_model_route(m, name) for m in served for name in (m.name, *m.aliases))
     routes.extend(
@@ -191,9 +189,10 @@ def _model_route(m: ModelState, name: str) -> dict[str, Any]:
     }
 
 
-def _realtime_route(m: ModelState, name: str, not_inference: dict[str, Any]) -> dict[str, Any]:
-    """A WebSocket upgrade to the model's backends, authenticated like any request (ext_authz
-    reads the model from this route's metadata) and never retried once upgraded."""
+def _realtime_route(m: ModelState, name: str) -> dict[str, Any]:
+    """A WebSocket upgrade to the model's backends, authenticated and rate-limited like any
+    request (ext_authz and the ratelimit descriptors read the model from this route's metadata)
+    and never retried once upgraded. The frames are not read: no body model, no SSE usage."""
     return {
         "name": f"realtime:{name}",
         "match": {
@@ -207,7 +206,11 @@ def _realtime_route(m: ModelState, name: str, not_inference: dict[str, Any]) -> 
             **_timeouts(m),
             "upgrade_configs": [{"upgrade_type": "websocket", "enabled": True}],
         },
-        "typed_per_filter_config": {**not_inference, "envoy.filters.http.json_to_metadata": DISABLED},
+        "typed_per_filter_config": {
+            "envoy.filters.http.json_to_metadata": DISABLED,
+            LUA_FILTER: DISABLED,
+            SSE_FILTER: DISABLED,
+        },
     }
 
 

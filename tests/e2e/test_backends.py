@@ -323,3 +323,23 @@ def test_realtime_websockets_pass_through_only_where_enabled_and_entitled(stack,
 
 def _assert_status(got: int, want: int) -> None:
     assert got == want
+
+
+def test_realtime_sessions_count_against_request_limits(stack, upstreams):
+    model = _unique("rtlim")
+    upstream = Upstream(model, "realtime-limited")
+    upstreams.append(upstream)
+    stack.cli("models", "add", model, "--backend", upstream.url)
+    stack.cli("models", "update", model, "--realtime", "on")
+    tenant = _unique("rtlim")
+    stack.cli("tenants", "create", tenant)
+    key = stack.new_key(tenant)
+    eventually(lambda: _assert_status(asyncio.run(_realtime(stack, model, key))[0], 101), timeout=5)
+    stack.cli("limits", "create", "--tenant", tenant, "--model", model, "--kind", "requests",
+              "--window", "minute", "--limit", "2")  # fmt: skip
+
+    def refused() -> None:
+        statuses = [asyncio.run(_realtime(stack, model, key))[0] for _ in range(3)]
+        assert 429 in statuses, statuses
+
+    eventually(refused, timeout=5)

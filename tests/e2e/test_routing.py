@@ -124,7 +124,9 @@ def test_the_tenant_and_its_plan_priority_reach_the_backend_as_scheduling_hints(
     assert headers["x-tessera-priority"] == "10"
 
 
-def test_changing_weights_while_streams_run_cuts_none_and_streams_arrive_incrementally(stack, upstreams):
+def test_changing_weights_while_streams_run_cuts_none_and_streams_arrive_incrementally(
+    stack, upstreams, tmp_path
+):
     model = f"live{time.monotonic_ns()}"
     one, two = Upstream(model, "one"), Upstream(model, "two")
     upstreams += [one, two]
@@ -144,7 +146,7 @@ def test_changing_weights_while_streams_run_cuts_none_and_streams_arrive_increme
             messages=[{"role": "user", "content": "go"}],
             max_tokens=20,
             stream=True,
-            extra_headers={"x-demo-delay-ms": "60"},
+            extra_headers={"x-demo-delay-ms": "120"},
         ):
             if chunk.choices and chunk.choices[0].delta.content:
                 first = first or time.monotonic() - started
@@ -156,12 +158,20 @@ def test_changing_weights_while_streams_run_cuts_none_and_streams_arrive_increme
     for t in threads:
         t.start()
     time.sleep(0.4)  # every stream is under way
+    # Endpoint (EDS), cluster (CDS: a credential, new upstream filters) and route (RDS: an
+    # alias, timeouts) changes: none may cut a stream in flight.
+    (tmp_path / "key").write_text("sk-live")
     stack.cli("models", "update-backend", model, "--backend", one.url, "--weight", "5")
     stack.cli("models", "update-backend", model, "--backend", two.url, "--priority", "1")
+    stack.cli(
+        "models", "update-backend", model, "--backend", one.url, "--credential-file", str(tmp_path / "key")
+    )
+    stack.cli("models", "update-backend", model, "--backend", two.url, "--idle-timeout", "600")
+    stack.cli("models", "update", model, "--alias", f"{model}-alias")
     for t in threads:
         t.join()
     assert [r[0] for r in results] == [20] * 20  # every stream got every token
-    # the first chunk is with the client long before the last one is generated (20 x 60 ms)
+    # the first chunk is with the client long before the last one is generated (20 x 120 ms)
     assert all(first < done / 2 for _, first, done in results), results
 
 

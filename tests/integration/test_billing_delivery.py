@@ -38,7 +38,7 @@ from structlog.testing import capture_logs
 from control_plane.db.models import OutboxDelivery, OutboxEvent
 from control_plane.settings import SinkSettings
 from control_plane.usage import formats
-from control_plane.usage.delivery import OutboxDeliverer
+from control_plane.usage.delivery import OutboxDeliverer, prune_outbox
 from tessera.clock import FakeClock
 from tessera.errors import ConfigError
 from tests.conftest import free_port
@@ -558,3 +558,24 @@ async def test_run_forever_delivers_until_cancelled(sessionmaker, receivers, del
     assert sorted(ce["id"] for _, _, b in receiver.requests for ce in json.loads(b)) == sorted(
         e.id for e in events
     )
+
+
+async def test_only_events_every_sink_acknowledged_are_pruned(sessionmaker, receivers, deliverers):
+    receiver = await receivers(ok)
+    events = await add_events(sessionmaker, ["usage.recorded"] * 4)
+    delivered, never = sink_name(), sink_name()
+    sink = SinkSettings(name=delivered, url=f"{receiver.url}/hook", secret=whsec())
+    d = deliverers(sessionmaker, [sink])
+    await deliver_until_drained(d, [delivered])
+    later = datetime.now(UTC) + timedelta(days=1)  # everything is "old" by then
+    async with sessionmaker.begin() as s:
+        # A second sink that has acknowledged nothing keeps every event.
+        assert await prune_outbox(s, [delivered, never], later) == 0
+        assert await prune_outbox(s, [delivered], datetime.now(UTC) - timedelta(days=1)) == 0  # too new
+        assert await prune_outbox(s, [delivered], later) == len(events)
+    async with sessionmaker() as s:
+        left = (
+            await s.scalars(select(OutboxEvent.id).where(OutboxEvent.id.in_([e.id for e in events])))
+        ).all()
+        gone = (await s.scalars(select(OutboxDelivery).where(OutboxDelivery.sink == delivered))).all()
+    assert (left, gone) == ([], [])

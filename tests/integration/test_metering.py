@@ -335,8 +335,11 @@ async def test_spend_thresholds_become_outbox_events_once_per_period(sessionmake
 
 async def test_the_meter_rotates_a_full_log_once_read_and_removes_it_once_quiet(sessionmaker, tmp_path):
     reopened: list[str] = []
+    failing = [True]  # the first /reopen_logs fails
 
     async def reopen(request: web.Request) -> web.Response:  # Envoy's admin endpoint, as a stand-in
+        if failing.pop() if failing else False:
+            return web.Response(status=500)
         reopened.append(request.path)
         return web.Response(text="OK\n")
 
@@ -358,6 +361,9 @@ async def test_the_meter_rotates_a_full_log_once_read_and_removes_it_once_quiet(
         await meter.rotate()
         assert reopened == []  # over the size, but not read yet: never rotated before it is
         await meter.ingest_available()
+        await meter.rotate()  # Envoy did not reopen: the file is put back, Envoy writes on to it
+        assert reopened == []
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("access.log")] == ["access.log"]
         await meter.rotate()
         assert reopened == ["/reopen_logs"]
         (rotated,) = [p for p in tmp_path.iterdir() if p.name.startswith("access.log.")]

@@ -43,7 +43,7 @@ def upgrade() -> None:
     )
     op.create_table('outbox_events',
     sa.Column('seq', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
-    sa.Column('id', sa.String(length=96), nullable=False),
+    sa.Column('id', sa.String(length=255), nullable=False),
     sa.Column('kind', sa.String(length=32), nullable=False),
     sa.Column('tenant_id', sa.String(length=32), nullable=True),
     sa.Column('payload', sa.JSON(), nullable=False),
@@ -92,7 +92,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_invoice_lines_invoice_id'), ['invoice_id'], unique=False)
 
     op.create_table('outbox_deliveries',
-    sa.Column('event_id', sa.String(length=96), nullable=False),
+    sa.Column('event_id', sa.String(length=255), nullable=False),
     sa.Column('sink', sa.String(length=64), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('next_attempt_at', sa.DateTime(timezone=True), nullable=False),
@@ -114,9 +114,9 @@ def upgrade() -> None:
     sa.Column('model', sa.String(length=128), nullable=True),
     sa.Column('backend', sa.String(length=256), nullable=True),
     sa.Column('status', sa.Integer(), nullable=False),
-    sa.Column('prompt_tokens', sa.Integer(), nullable=False),
-    sa.Column('completion_tokens', sa.Integer(), nullable=False),
-    sa.Column('cached_tokens', sa.Integer(), nullable=False),
+    sa.Column('prompt_tokens', sa.BigInteger(), nullable=False),
+    sa.Column('completion_tokens', sa.BigInteger(), nullable=False),
+    sa.Column('cached_tokens', sa.BigInteger(), nullable=False),
     sa.Column('usage_estimated', sa.Boolean(), nullable=False),
     sa.Column('streamed', sa.Boolean(), nullable=False),
     sa.Column('duration_ms', sa.Integer(), nullable=False),
