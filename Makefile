@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint check-generated unit integration e2e bench clean
+.PHONY: install run test lint check-generated unit integration e2e bench clean llm
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ unit: install
 
 e2e: install
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+llm: install  ## build llama-server and Gemma 3 270M once, into ~/.cache/tessera/llm (first time ~4 min)
+	$(BIN)/python -m tessera.llm build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
