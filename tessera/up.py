@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tessera import usage_line
+from tessera import llm, usage_line
 from tessera.bootstrap import BootstrapParams, render_bootstrap
 from tessera.datadir import DataDir, resolve_data_dir, write_json
 from tessera.keys import ensure_pepper
@@ -127,6 +127,7 @@ class Ports:
     envoy_admin: int = field(default_factory=free_port)
     demo: int = field(default_factory=free_port)
     meter_metrics: int = field(default_factory=free_port)
+    llm: int = field(default_factory=free_port)
 
 
 class Stack:
@@ -198,6 +199,9 @@ class Stack:
         if self.args.demo_upstream:
             out["demo_upstream"] = f"http://{HOST}:{p.demo}"
             out["metrics"]["demo_upstream"] = f"http://{HOST}:{p.demo}/metrics"
+        if self.args.real_model:
+            out["llama_server"] = f"http://{HOST}:{p.llm}"
+            out["metrics"]["llama_server"] = f"http://{HOST}:{p.llm}/metrics"
         return out
 
     # --- children ----------------------------------------------------------------------------
@@ -251,6 +255,13 @@ class Stack:
                 [self.python, "-m", "tessera.demo_upstream", "--port", str(p.demo), "--model", "demo"],
                 self._env({}),
                 lambda: http_status(f"http://{HOST}:{p.demo}/health", expect=200),
+            )
+        if self.args.real_model:
+            self._child(
+                "llama-server",
+                llm.server_argv(llm.binary_path(), llm.model_path(), HOST, p.llm),
+                self._env({}),
+                lambda: http_status(f"http://{HOST}:{p.llm}/health", expect=200),
             )
         self._child(
             "meter",
@@ -321,7 +332,8 @@ class Stack:
             raise StartupError(msg)
 
     async def _seed_demo(self) -> dict[str, str]:
-        """Register model ``demo`` and mint a demo key (printed once for the curl line)."""
+        """Register model ``demo`` (and ``gemma-3-270m`` on the real server) and mint a demo key
+        (printed once for the curl line)."""
         from tessera.admin.v1 import admin_pb2 as pb  # noqa: PLC0415
         from tessera.admin_client import AdminClient, AdminTarget  # noqa: PLC0415
 
@@ -329,8 +341,25 @@ class Stack:
             import grpc  # noqa: PLC0415
 
             with AdminClient(AdminTarget(f"{HOST}:{self.ports.admin}", self.token)) as c:
-                backend = pb.Backend(url=f"http://{HOST}:{self.ports.demo}")
-                c.call("AddModel", pb.AddModelRequest(name="demo", backend=backend, replace_backends=True))
+                if self.args.demo_upstream:
+                    backend = pb.Backend(url=f"http://{HOST}:{self.ports.demo}")
+                    c.call(
+                        "AddModel", pb.AddModelRequest(name="demo", backend=backend, replace_backends=True)
+                    )
+                if self.args.real_model:
+                    real = pb.Backend(url=f"http://{HOST}:{self.ports.llm}", kind="llamacpp")
+                    c.call(
+                        "AddModel",
+                        pb.AddModelRequest(name=llm.MODEL_NAME, backend=real, replace_backends=True),
+                    )
+                    # Always a max_tokens: without one the base model writes until its context is full.
+                    defaults = pb.UpdateModelRequest(
+                        name=llm.MODEL_NAME,
+                        update_mask=["default_max_tokens", "max_max_tokens"],
+                        default_max_tokens=llm.DEFAULT_MAX_TOKENS,
+                        max_max_tokens=llm.MAX_MAX_TOKENS,
+                    )
+                    c.call("UpdateModel", defaults)
                 try:
                     c.call("CreateTenant", pb.CreateTenantRequest(name="demo"))
                 except grpc.RpcError as exc:
@@ -354,6 +383,9 @@ class Stack:
         if not Path(self.envoy).exists():
             msg = f"no Envoy binary at {self.envoy}: run `make install`"
             raise StartupError(msg)
+        if self.args.real_model and not llm.available():
+            msg = f"no llama-server and Gemma 3 270M in {llm.cache_dir()}: run `make llm` (once, ~4 min)"
+            raise StartupError(msg)
 
     async def start(self) -> dict[str, str] | None:
         self.dd.ensure()
@@ -371,7 +403,7 @@ class Stack:
             await c.start()
         for c in services:
             await c.wait_ready()
-        demo_key = await self._seed_demo() if self.args.demo_upstream else None
+        demo_key = await self._seed_demo() if self.args.demo_upstream or self.args.real_model else None
         self._write_bootstrap()
         write_json(self.dd.endpoints, self.endpoints())
         await self.children["envoy"].start()
