@@ -32,7 +32,17 @@ class RealResult:
     total_p50_ms: float
 
 
-def _one(conn: http.client.HTTPConnection, key: str | None) -> tuple[float, float, int]:
+def _one(url: str, key: str | None) -> tuple[float, float, int]:
+    """One stream on a fresh connection (llama-server closes its connection after a stream)."""
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        return _stream(conn, key)
+    finally:
+        conn.close()
+
+
+def _stream(conn: http.client.HTTPConnection, key: str | None) -> tuple[float, float, int]:
     body = json.dumps(
         {
             "model": MODEL,
@@ -78,14 +88,9 @@ def start_server(workdir: Path) -> tuple[str, object]:
 
 
 def measure(server_url: str, gateway_url: str, key: str) -> list[RealResult]:
-    host, port = server_url.split("://", 1)[1].rsplit(":", 1)
-    ghost, gport = gateway_url.split("://", 1)[1].rsplit(":", 1)
-    conns = {
-        "direct to llama-server": (http.client.HTTPConnection(host, int(port), timeout=60), None),
-        "through Tessera (key auth, limits, metering)": (
-            http.client.HTTPConnection(ghost, int(gport), timeout=60),
-            key,
-        ),
+    conns: dict[str, tuple[str, str | None]] = {
+        "direct to llama-server": (server_url, None),
+        "through Tessera (key auth, limits, metering)": (gateway_url, key),
     }
     gateway, gateway_key = conns["through Tessera (key auth, limits, metering)"]
     deadline = time.monotonic() + 20
@@ -99,8 +104,8 @@ def measure(server_url: str, gateway_url: str, key: str) -> list[RealResult]:
             time.sleep(0.3)
     samples: dict[str, list[tuple[float, float, int]]] = {name: [] for name in conns}
     for _ in range(STREAMS):
-        for name, (conn, k) in conns.items():
-            samples[name].append(_one(conn, k))
+        for name, (url, k) in conns.items():
+            samples[name].append(_one(url, k))
     return [
         RealResult(
             path=name,
