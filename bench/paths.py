@@ -34,7 +34,7 @@ ENVOY = str(BIN / "envoy")
 TESSERA = str(BIN / "tessera")
 ENVOY_CONCURRENCY = 2  # what `tessera up` gives its Envoy
 # The Python processes whose CPU per request has a target (ARCHITECTURE §6).
-PYTHON_SERVICES = ("ext_authz", "ratelimit", "control_plane")
+PYTHON_SERVICES = ("ext_authz", "ratelimit", "control_plane", "meter")
 
 
 @dataclass
@@ -230,6 +230,7 @@ def _tessera_path(
     pids = ep["pids"]
     names = {"envoy": "envoy", "ext-authz": "ext_authz", "ratelimit": "ratelimit"}
     names["control-plane"] = "control_plane"
+    names["meter"] = "meter"  # ingests every request's usage line (same machine here)
     target.pids = {ours: int(pids[theirs]) for theirs, ours in names.items()}
     target.pids["supervisor"] = int(ep["supervisor_pid"])
     target.pids["upstream"] = upstream.pids["upstream"]

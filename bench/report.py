@@ -10,7 +10,7 @@ from bench.keyscale import KeyScaleResult
 from bench.load import LoadResult
 from bench.paths import PYTHON_SERVICES
 
-PROCESS_ORDER = ("envoy", "ext_authz", "ratelimit", "control_plane", "supervisor", "upstream")
+PROCESS_ORDER = ("envoy", "ext_authz", "ratelimit", "control_plane", "meter", "supervisor", "upstream")
 PY_TARGET_US = 150.0
 
 

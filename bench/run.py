@@ -245,7 +245,7 @@ def main() -> int:
         "",
         (
             "utime + stime from `/proc/<pid>/stat` over the run, divided by requests served. "
-            "Python services = ext_authz + ratelimit + control plane."
+            "Python services = ext_authz + ratelimit + control plane + meter."
         ),
         "",
         *report.cpu_table(measurements),
