@@ -15,12 +15,16 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
+
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -60,6 +64,18 @@ def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float = 1
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
+
+
+def until(fn: Callable[[], T], *, timeout: float, interval: float = 0.2) -> T:
+    """Call ``fn`` until it stops raising RuntimeError or OSError (re-raised after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except (RuntimeError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(interval)
 
 
 def wait_http(url: str, *, timeout: float = 30.0, method: str = "GET") -> int:

@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import HOST, free_port, spawn, stop
+from bench.procs import HOST, free_port, spawn, stop, until
 from bench.report import _table
 from tessera import llm
 
@@ -75,16 +75,12 @@ def start_server(workdir: Path) -> tuple[str, object]:
         llm.server_argv(llm.binary_path(), llm.model_path(), HOST, port), workdir / "llama-server.log"
     )
     url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:  # noqa: S310
-                return url, proc
-        except OSError:
-            time.sleep(0.2)
-    stop(proc)
-    msg = "llama-server did not start"
-    raise RuntimeError(msg)
+    try:  # /health answers 503 while the model loads (urlopen raises it as an OSError)
+        until(lambda: urllib.request.urlopen(f"{url}/health", timeout=1), timeout=60)  # noqa: S310
+    except OSError:
+        stop(proc)
+        raise
+    return url, proc
 
 
 def measure(server_url: str, gateway_url: str, key: str) -> list[RealResult]:
@@ -93,15 +89,7 @@ def measure(server_url: str, gateway_url: str, key: str) -> list[RealResult]:
         "through Tessera (key auth, limits, metering)": (gateway_url, key),
     }
     gateway, gateway_key = conns["through Tessera (key auth, limits, metering)"]
-    deadline = time.monotonic() + 20
-    while True:  # the model reaches Envoy within a second or so
-        try:
-            _one(gateway, gateway_key)
-            break
-        except RuntimeError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
+    until(lambda: _one(gateway, gateway_key), timeout=20)  # the model reaches Envoy within a second
     samples: dict[str, list[tuple[float, float, int]]] = {name: [] for name in conns}
     for _ in range(STREAMS):
         for name, (url, k) in conns.items():

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import HOST, free_port, spawn, stop
+from bench.procs import HOST, free_port, spawn, stop, until
 from bench.report import _table
 
 TOKEN_MS = 10
@@ -100,15 +100,7 @@ def measure(upstream_url: str, gateway_url: str, key: str, requests: int = 200) 
     }
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in conns}
     gateway, gateway_key = conns["through Tessera (key auth, limits, usage)"]
-    deadline = time.monotonic() + 15
-    while True:  # the model reaches Envoy within a second or so
-        try:
-            _one(gateway, gateway_key)
-            break
-        except RuntimeError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    until(lambda: _one(gateway, gateway_key), timeout=15)  # the model reaches Envoy within a second
     for _ in range(5):  # warm-up
         for conn, k in conns.values():
             _one(conn, k)
