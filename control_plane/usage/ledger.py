@@ -23,7 +23,6 @@ from tessera.clock import calendar_month
 from tessera.usage_line import UsageLine, reserved_tokens
 
 PICOS_PER_MICRO = 1_000_000
-INSERT_CHUNK = 500  # rows per INSERT: x 26 columns stays under SQLite's 32,766 parameters
 
 
 def as_utc(dt: datetime) -> datetime:
@@ -279,23 +278,18 @@ async def ingest(
     if not unique:
         return 0, 0
     values = [record_values(ln, terms, now) for ln in unique.values()]
-    inserted: set[tuple[str, str]] = set()
-    for i in range(0, len(values), INSERT_CHUNK):  # bound parameters per statement
-        stmt = (
-            insert_stmt(s, UsageRecord)
-            .values(values[i : i + INSERT_CHUNK])
-            .on_conflict_do_nothing(index_elements=["node", "request_id"])
-            .returning(UsageRecord.node, UsageRecord.request_id)
-        )
-        inserted.update((n, r) for n, r in (await s.execute(stmt)).all())
+    # One statement, many parameter sets: compiled once and cached (a multi-row VALUES would be
+    # compiled anew for every batch), sent in batches by SQLAlchemy's insertmanyvalues.
+    stmt = (
+        insert_stmt(s, UsageRecord)
+        .on_conflict_do_nothing(index_elements=["node", "request_id"])
+        .returning(UsageRecord.node, UsageRecord.request_id)
+    )
+    inserted = {(n, r) for n, r in (await s.execute(stmt, values)).all()}
     rows = [v for v in values if (v["node"], v["request_id"]) in inserted]
     await _add_rollups(s, rows)
     events = [usage_event(r) for r in rows if r["tenant_id"]]
-    for i in range(0, len(events), INSERT_CHUNK):
-        await s.execute(
-            insert_stmt(s, OutboxEvent)
-            .values(events[i : i + INSERT_CHUNK])
-            .on_conflict_do_nothing(index_elements=["id"])
-        )
+    if events:
+        await s.execute(insert_stmt(s, OutboxEvent).on_conflict_do_nothing(index_elements=["id"]), events)
     await _budget_events(s, rows, now)
     return len(rows), len(unique) - len(rows)
