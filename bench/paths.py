@@ -27,7 +27,7 @@ from typing import Any
 
 from bench import envoy_configs
 from bench.load import REQUEST_BODY, REQUEST_PATH
-from bench.procs import HOST, free_port, spawn, stop, wait_http
+from bench.procs import HOST, free_port, spawn, stop, until, wait_http
 
 BIN = Path(sys.executable).parent
 ENVOY = str(BIN / "envoy")
@@ -62,10 +62,15 @@ def _envoy(name: str, config: dict[str, object], workdir: Path, base_id: int) ->
 
 
 def _ready(url: str) -> None:
-    status = wait_http(url + REQUEST_PATH, method="POST")
-    if status != 200:
-        msg = f"{url} answered {status} to the bench request"
-        raise RuntimeError(msg)
+    """Until the path answers 200 (a 503 while the services behind it start is retried)."""
+
+    def ok() -> None:
+        status = wait_http(url + REQUEST_PATH, method="POST")
+        if status != 200:
+            msg = f"{url} answered {status} to the bench request"
+            raise RuntimeError(msg)
+
+    until(ok, timeout=30)
 
 
 def start_upstream(workdir: Path) -> Target:

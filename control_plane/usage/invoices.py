@@ -70,9 +70,15 @@ async def _claim(
     return int(getattr(done, "rowcount", 0) or 0)
 
 
-async def _lines(s: AsyncSession, where: ColumnElement[bool], period_start: datetime) -> list[InvoiceLine]:
+async def _lines(
+    s: AsyncSession,
+    where: ColumnElement[bool],
+    period_start: datetime,
+    late_months: set[datetime] | None = None,
+) -> list[InvoiceLine]:
     """The lines of the rows ``where`` selects: a usage line per model and price for the month
-    from ``period_start``; an adjustment line per month, model and price for earlier (late) rows."""
+    from ``period_start``; an adjustment line per month, model and price for earlier (late)
+    rows, of ``late_months`` only when given."""
     r = UsageRecord
     amounts = (func.count(), func.sum(r.prompt_tokens), func.sum(r.completion_tokens),
                func.sum(r.cached_tokens), func.sum(r.cost_picos))  # fmt: skip
@@ -90,7 +96,9 @@ async def _lines(s: AsyncSession, where: ColumnElement[bool], period_start: date
         ).where(where, r.time < period_start)
     )  # few: usage that reached the ledger after its month closed
     for model, price_id, when, *values in late:
-        sums[(month_start(when), model or "", price_id)].add(1, *values)
+        month = month_start(when)
+        if late_months is None or month in late_months:
+            sums[(month, model or "", price_id)].add(1, *values)
     price_ids = {p for _, _, p in sums if p is not None}
     prices = {
         p.id: p
@@ -129,7 +137,12 @@ async def preview(s: AsyncSession, tenant: str, now: datetime) -> Invoice:
     where = and_(r.tenant_id == tenant, r.invoice_id.is_(None), r.time < end)
     currency = await s.scalar(select(func.min(r.currency)).where(where)) or ""
     match = or_(r.currency == currency, r.currency.is_(None)) if currency else r.currency.is_(None)
-    lines = await _lines(s, and_(where, match), start)
+    # Late usage of months already closed is this invoice's; a month still in its grace period
+    # will have its own invoice.
+    closed = {
+        as_utc(p) for (p,) in await s.execute(select(Invoice.period_start).where(Invoice.tenant_id == tenant))
+    }
+    lines = await _lines(s, and_(where, match), start, closed)
     return Invoice(
         id="", tenant_id=tenant, period_start=start, period_end=end, currency=currency, status="open",
         total_micros=sum(ln.amount_micros for ln in lines), closed_at=None, lines=lines,

@@ -233,6 +233,9 @@ async def test_late_usage_goes_on_the_next_invoice_and_closed_invoices_do_not_ch
         assert (
             await s.scalar(select(func.count()).select_from(Invoice).where(Invoice.tenant_id == tenant)) == 0
         )
+    async with sessionmaker() as s:  # October in its grace period: on its own invoice, not this one
+        early = await invoices.preview(s, tenant, datetime(2026, 11, 2, tzinfo=UTC))
+        assert (early.total_micros, early.lines) == (0, [])
     async with sessionmaker.begin() as s:
         # Not due before the grace period has passed.
         assert not await _closed(s, datetime(2026, 11, 2, tzinfo=UTC), tenant)
@@ -243,6 +246,12 @@ async def test_late_usage_goes_on_the_next_invoice_and_closed_invoices_do_not_ch
     _write(log, line("oct2", node=node, start_time="2026-10-31T23:59:59.000000Z", **common))
     _write(log, line("nov1", node=node, start_time="2026-11-20T00:00:00.000000Z", **common))
     await meter.ingest_available()
+    async with sessionmaker() as s:  # October is closed now: its late row is November's adjustment
+        draft = await invoices.preview(s, tenant, datetime(2026, 11, 25, tzinfo=UTC))
+        assert sorted((ln.kind, ln.amount_micros) for ln in draft.lines) == [
+            ("adjustment", 120),
+            ("usage", 120),
+        ]
     async with sessionmaker.begin() as s:
         (november,) = await _closed(s, datetime(2026, 12, 4, tzinfo=UTC), tenant)
     kinds = sorted((ln.kind, ln.usage_month.strftime("%Y-%m"), ln.amount_micros) for ln in november.lines)
