@@ -21,21 +21,8 @@ async def grpc_serving(target: str, service: str = "", timeout: float = 0.5) -> 
     return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def _http_status(url: str, timeout: float) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URLs we built
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except (urllib.error.URLError, OSError):
-        return 0
-
-
-async def http_status(url: str, *, expect: int, timeout: float = 0.5) -> bool:
-    return await asyncio.to_thread(_http_status, url, timeout) == expect
-
-
 def _fetch(url: str, method: str, timeout: float) -> tuple[int, bytes]:
+    """(status, body); an HTTP error is its status with no body, no answer at all is 0."""
     req = urllib.request.Request(url, method=method)  # noqa: S310 - loopback URLs we built
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
@@ -44,6 +31,11 @@ def _fetch(url: str, method: str, timeout: float) -> tuple[int, bytes]:
         return int(exc.code), b""
     except (urllib.error.URLError, OSError):
         return 0, b""
+
+
+async def http_status(url: str, *, expect: int, timeout: float = 0.5) -> bool:
+    status, _ = await asyncio.to_thread(_fetch, url, "GET", timeout)
+    return status == expect
 
 
 async def http_post(url: str, timeout: float = 5.0) -> int:
@@ -57,6 +49,5 @@ async def active_requests(envoy_admin: str, stat_prefix: str = "gateway") -> int
     status, body = await asyncio.to_thread(_fetch, url, "GET", 2.0)
     if status != 200:  # noqa: PLR2004
         return 0
-
     stats = json.loads(body).get("stats", [])
     return sum(int(s.get("value", 0)) for s in stats)

@@ -271,7 +271,6 @@ class Stack:
                     "TESSERA_DATABASE__URL": self.db_url,
                     "TESSERA_METRICS__PORT": str(p.meter_metrics),
                     "TESSERA_METER__ENVOY_ADMIN": f"http://{HOST}:{p.envoy_admin}",
-                    **{k: v for k, v in os.environ.items() if k.startswith("TESSERA_BILLING__")},
                 }
             ),
             lambda: http_status(f"http://{HOST}:{p.meter_metrics}/metrics", expect=200),

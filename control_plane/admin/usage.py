@@ -12,8 +12,9 @@ from control_plane import validation as v
 from control_plane.admin.base import AdminServicerBase
 from control_plane.admin.convert import invoice_pb, rfc3339
 from control_plane.db.models import Invoice, UsageRollup
+from control_plane.db.repositories import as_utc
 from control_plane.usage import invoices
-from control_plane.usage.ledger import as_utc, picos_to_micros
+from control_plane.usage.ledger import picos_to_micros
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.admin.v1 import admin_pb2_grpc
 from tessera.errors import InvalidArgumentError, NotFoundError

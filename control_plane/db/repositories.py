@@ -8,9 +8,11 @@ lives here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.db.models import Backend, Model, ModelAlias
@@ -80,3 +82,14 @@ class ModelRepository:
     async def list(self, *, after: str, limit: int) -> Sequence[Model]:
         stmt = select(Model).where(Model.name > after).order_by(Model.name).limit(limit)
         return (await self.s.scalars(stmt)).all()
+
+
+def insert_stmt(s: AsyncSession, model: Any) -> Any:
+    """INSERT with ON CONFLICT (PostgreSQL and SQLite both have it)."""
+    dialect = s.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
+
+
+def as_utc(dt: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)

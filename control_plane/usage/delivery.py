@@ -22,9 +22,9 @@ from sqlalchemy import Join, Select, and_, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.db.models import OutboxDelivery, OutboxEvent
+from control_plane.db.repositories import as_utc, insert_stmt
 from control_plane.settings import SinkSettings
 from control_plane.usage.formats import Event, Request, requests_from_events, takes, webhook_key
-from control_plane.usage.ledger import as_utc, insert_stmt
 from tessera.clock import SYSTEM_CLOCK, Clock
 from tessera.errors import ConfigError
 

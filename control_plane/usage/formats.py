@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from control_plane.db.repositories import as_utc
 from control_plane.settings import SinkSettings
-from control_plane.usage.ledger import as_utc
 
 USAGE = "usage.recorded"
 STRIPE_EVENT_NAME = "tessera_tokens"  # the Stripe meter's event_name

@@ -21,7 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.admin.convert import rfc3339
 from control_plane.db.models import Invoice, InvoiceLine, ModelPrice, OutboxEvent, UsageRecord
-from control_plane.usage.ledger import as_utc, insert_stmt, picos_to_micros
+from control_plane.db.repositories import as_utc, insert_stmt
+from control_plane.usage.ledger import picos_to_micros
 from tessera import keys
 
 log = structlog.get_logger("control_plane.usage.invoices")

@@ -14,20 +14,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.admin.convert import rfc3339
 from control_plane.db.models import Limit, Model, OutboxEvent, UsageRecord, UsageRollup
+from control_plane.db.repositories import as_utc, insert_stmt
 from tessera.clock import calendar_month
 from tessera.usage_line import UsageLine, reserved_tokens
 
 PICOS_PER_MICRO = 1_000_000
-
-
-def as_utc(dt: datetime) -> datetime:
-    """SQLite hands back naive datetimes; everything stored is UTC."""
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 BUDGET_THRESHOLDS = (80, 100)
@@ -57,7 +52,7 @@ class ModelTerms:
 
     def price_at(self, when: datetime) -> Price | None:
         """The price in effect at ``when``: old usage keeps old prices."""
-        i = bisect.bisect_right([p.effective_at for p in self.prices], when)
+        i = bisect.bisect_right(self.prices, when, key=lambda p: p.effective_at)
         return self.prices[i - 1] if i else None
 
 
@@ -133,12 +128,6 @@ def record_values(line: UsageLine, terms: dict[str, ModelTerms], now: datetime) 
         "currency": price.currency if price else None,
         "unpriced": price is None and line.model is not None,
     }
-
-
-def insert_stmt(s: AsyncSession, model: Any) -> Any:
-    """INSERT with ON CONFLICT (PostgreSQL and SQLite both have it)."""
-    dialect = s.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
 
 
 def usage_event(row: dict[str, Any]) -> dict[str, Any]:

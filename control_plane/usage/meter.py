@@ -28,6 +28,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.db.models import MeterCheckpoint, UsageRecord
+from control_plane.db.repositories import insert_stmt
 from control_plane.usage import ledger
 from tessera import usage_line
 from tessera.probe import http_post
@@ -189,7 +190,7 @@ class Meter:
     async def _save_checkpoint(self, s: AsyncSession, f: LogFile, offset: int, now: datetime) -> None:
         row: dict[str, Any] = {"node": self._node, "file_id": f.file_id, "offset": offset,
                                "path": str(f.path), "updated_at": now}  # fmt: skip
-        stmt = ledger.insert_stmt(s, MeterCheckpoint).values(row)
+        stmt = insert_stmt(s, MeterCheckpoint).values(row)
         await s.execute(
             stmt.on_conflict_do_update(
                 index_elements=["node", "file_id"],
