@@ -82,6 +82,7 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
     from control_plane.app import check_schema  # noqa: PLC0415
     from control_plane.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
     from control_plane.usage.meter import Meter  # noqa: PLC0415
+    from control_plane.usage.settler import Settler  # noqa: PLC0415
     from tessera.metrics import serve_metrics  # noqa: PLC0415
 
     engine = make_engine(settings.database.url.get_secret_value())
@@ -89,6 +90,8 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
         await check_schema(engine)
         metrics = serve_metrics(settings.metrics)
         retention = timedelta(days=settings.billing.raw_retention_days)
+        settler = Settler(settings.admission.url) if settings.admission.url else None
+        settle_task = asyncio.create_task(settler.run()) if settler is not None else None
         meter = Meter(
             make_sessionmaker(engine),
             log_path,
@@ -96,9 +99,14 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
             retention=retention,
             rotate_bytes=settings.meter.rotate_bytes,
             envoy_admin=settings.meter.envoy_admin,
+            settler=settler,
         )
         log.info("meter_started", log=str(log_path), node=node, metrics_port=metrics.port)
-        await meter.run_forever(settings.meter.poll_seconds)
+        try:
+            await meter.run_forever(settings.meter.poll_seconds)
+        finally:
+            if settle_task is not None:
+                settle_task.cancel()
     finally:
         await engine.dispose()
 

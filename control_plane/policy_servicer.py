@@ -27,7 +27,7 @@ POLICY_ACKS = Counter("tessera_policy_acks_total", "Policy versions acked by sub
 
 # What each subscriber reads; it gets only these kinds (ratelimit never holds API keys).
 SUBSCRIBED_KINDS: Final = {
-    "ext_authz": frozenset({"api_key", "tenant", "model"}),
+    "ext_authz": frozenset({"api_key", "tenant", "model", "limit"}),  # limits: scopes and fail modes
     "ratelimit": frozenset({"limit", "model"}),
 }
 

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings
 
 from tessera.settings import (
     SETTINGS_CONFIG,
+    AdmissionSettings,
     DatabaseSettings,
     GrpcSettings,
     LogSettings,
@@ -91,7 +92,7 @@ class MeterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     log_path: Path | None = None  # the Envoy's usage log (gateway.access_log_path on one machine)
     node: str = ""  # default for lines that name none (Envoy puts its ENVOY_NODE_ID in each line)
-    poll_seconds: float = Field(default=0.5, gt=0)
+    poll_seconds: float = Field(default=0.1, gt=0)  # a read of file sizes: cheap
     # Rotate the log at this size once read (0 = off: an outside logrotate + /reopen_logs).
     rotate_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     envoy_admin: str = "http://127.0.0.1:9901"  # where /reopen_logs is, beside the Envoy
@@ -111,6 +112,8 @@ class ControlPlaneSettings(BaseSettings):
     jwt: JwtSettings = JwtSettings()
     billing: BillingSettings = BillingSettings()
     meter: MeterSettings = MeterSettings()
+    # The meter settles reservations here (the ratelimit service); "" = it does not settle.
+    admission: AdmissionSettings = AdmissionSettings()
     # Local platform-admin credential (admin.json); principals and roles arrive with the admin issue.
     admin_token: SecretStr = SecretStr("")
     refresh_seconds: float = Field(default=5.0, gt=0, description="periodic re-read of the store")

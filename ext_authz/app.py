@@ -1,4 +1,4 @@
-"""Composition root: pepper, gRPC server, policy subscriber, metrics."""
+"""Composition root: pepper, admission stream, gRPC server, policy subscriber, metrics."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import structlog
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
+from ext_authz.admissions import Admitter
+from ext_authz.authorize import Authorizer
 from ext_authz.key_index import key_index_from_policy
 from ext_authz.servicer import ExtAuthzServicer
 from ext_authz.settings import ExtAuthzSettings
@@ -29,7 +31,7 @@ class App:
     port: int
     metrics: MetricsServer
     server: RunningServer
-    servicer: ExtAuthzServicer
+    authorizer: Authorizer
     subscriber: PolicySubscriber
     tasks: tuple[asyncio.Task[None], ...]
     grace_seconds: float
@@ -51,7 +53,9 @@ class App:
 
 async def build_app(settings: ExtAuthzSettings, *, clock: Clock = SYSTEM_CLOCK) -> App:
     pepper = load_pepper(settings.pepper.file)  # ConfigError before anything listens
-    servicer = ExtAuthzServicer(pepper, clock)
+    admitter = Admitter(settings.admission) if settings.admission.url else None
+    authorizer = Authorizer(pepper, clock, admitter)
+    servicer = ExtAuthzServicer(authorizer, clock)
 
     def on_update(update: PolicyUpdate) -> None:
         # Compile first: if it raises, the old index stays and the version is not acked.
@@ -59,9 +63,9 @@ async def build_app(settings: ExtAuthzSettings, *, clock: Clock = SYSTEM_CLOCK) 
             update.upserts,
             update.deletes,
             version=update.version,
-            previous=None if update.reset else servicer.index,
+            previous=None if update.reset else authorizer.index,
         )
-        servicer.swap_index(index)
+        authorizer.swap_index(index)
 
     server = await start_server(
         settings.grpc,
@@ -77,12 +81,14 @@ async def build_app(settings: ExtAuthzSettings, *, clock: Clock = SYSTEM_CLOCK) 
     subscriber, tasks = follow_policy(
         settings.policy, service="ext_authz", on_update=on_update, server=server
     )
+    if admitter is not None:
+        tasks = (*tasks, asyncio.create_task(admitter.run(), name="ext_authz-admissions"))
     log.info("ext_authz_listening", port=server.port, metrics_port=metrics.port)
     return App(
         port=server.port,
         metrics=metrics,
         server=server,
-        servicer=servicer,
+        authorizer=authorizer,
         subscriber=subscriber,
         tasks=tasks,
         grace_seconds=settings.grpc.grace_seconds,

@@ -46,6 +46,31 @@ class KeyEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelTokens:
+    """A model's completion tokens: written into a body that names none, and the most a request
+    may ask for (0 = the platform's, ``ext_authz.request_facts``)."""
+
+    default: int = 0
+    cap: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitScope:
+    """What ext_authz needs of a limit (ratelimit owns its semantics and counters): whom it
+    applies to (key "" / model "" = any), and what to do when the counters cannot answer."""
+
+    limit_id: str
+    tenant_id: str
+    key_id: str
+    model: str
+    fail_closed: bool
+    shadow: bool
+
+    def applies(self, key_id: str, model: str) -> bool:
+        return (not self.key_id or self.key_id == key_id) and (not self.model or self.model == model)
+
+
+@dataclass(frozen=True, slots=True)
 class TenantEntry:
     tenant_id: str
     suspended: bool
@@ -202,6 +227,12 @@ class KeyIndex:
     public_models: frozenset[str] = frozenset()
     restricted_models: frozenset[str] = frozenset()
     models: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    model_tokens: Mapping[str, ModelTokens] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    limits: Mapping[str, LimitScope] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    """limit id -> scope"""
+    tenant_limits: Mapping[str, tuple[LimitScope, ...]] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False
+    )
     _table: _KeyTable = field(default=_EMPTY_TABLE, repr=False)
     # digest -> entry (None: deleted) for keys changed since the table was built
     _overlay: Mapping[bytes, KeyEntry | None] = field(
@@ -236,6 +267,13 @@ class KeyIndex:
                 candidates.append(e)
         return max(candidates, key=_usability, default=None)
 
+    def limits_for(self, tenant_id: str, key_id: str, model: str) -> tuple[LimitScope, ...]:
+        """The limits that apply to this caller and model (none: no admission to make)."""
+        scopes = self.tenant_limits.get(tenant_id)
+        if not scopes:
+            return ()
+        return tuple(s for s in scopes if s.applies(key_id, model))
+
 
 EMPTY_INDEX = KeyIndex()
 
@@ -257,10 +295,12 @@ def key_index_from_policy(
     base = EMPTY_INDEX if previous is None else previous  # an index with no keys is falsy
     tenants = {} if previous is None else dict(base.tenants)
     models = {} if previous is None else dict(base.models)
+    tokens = {} if previous is None else dict(base.model_tokens)
+    limits = {} if previous is None else dict(base.limits)
     changed: dict[bytes, KeyEntry | None] = {}
     columns = _Columns() if previous is None else None
-    _apply_deletes(deletes, changed, tenants, models)
-    _apply_upserts(upserts, tenants, models, columns=columns, changed=changed)
+    _apply_deletes(deletes, changed, tenants, models, tokens, limits)
+    _apply_upserts(upserts, tenants, models, tokens, limits, columns=columns, changed=changed)
     if columns is not None:
         table = _build_table(columns)
         del columns
@@ -281,17 +321,29 @@ def key_index_from_policy(
         public_models=frozenset(m for m, restricted in models.items() if not restricted),
         restricted_models=frozenset(m for m, restricted in models.items() if restricted),
         models=MappingProxyType(models),
+        model_tokens=MappingProxyType(tokens),
+        limits=MappingProxyType(limits),
+        tenant_limits=MappingProxyType(_by_tenant(limits.values())),
         _table=table,
         _overlay=MappingProxyType(overlay),
         _overlay_ids=MappingProxyType({k: tuple(v) for k, v in overlay_ids.items()}),
     )
 
 
-def _apply_deletes(
+def _by_tenant(limits: Iterable[LimitScope]) -> dict[str, tuple[LimitScope, ...]]:
+    grouped: dict[str, list[LimitScope]] = {}
+    for scope in limits:
+        grouped.setdefault(scope.tenant_id, []).append(scope)
+    return {tenant: tuple(scopes) for tenant, scopes in grouped.items()}
+
+
+def _apply_deletes(  # noqa: PLR0917 - one map per resource kind
     deletes: Iterable[str],
     keys: dict[bytes, KeyEntry | None],
     tenants: dict[str, TenantEntry],
     models: dict[str, bool],
+    tokens: dict[str, ModelTokens],
+    limits: dict[str, LimitScope],
 ) -> None:
     for name in deletes:
         kind, _, ident = name.partition("/")
@@ -301,12 +353,17 @@ def _apply_deletes(
             tenants.pop(ident, None)
         elif kind == "model":
             models.pop(ident, None)
+            tokens.pop(ident, None)
+        elif kind == "limit":
+            limits.pop(ident, None)
 
 
 def _apply_upserts(
     upserts: Iterable[policy_pb2.Resource],
     tenants: dict[str, TenantEntry],
     models: dict[str, bool],
+    tokens: dict[str, ModelTokens],
+    limits: dict[str, LimitScope],
     *,
     columns: _Columns | None,
     changed: dict[bytes, KeyEntry | None],
@@ -330,8 +387,19 @@ def _apply_upserts(
                 priority=t.priority,
             )
         elif kind == "model":
-            models[resource.model.name] = resource.model.restricted
-        # limits are ratelimit's business
+            m = resource.model
+            models[m.name] = m.restricted
+            tokens[m.name] = ModelTokens(default=m.default_max_tokens, cap=m.max_max_tokens)
+        elif kind == "limit":
+            lim = resource.limit
+            limits[lim.id] = LimitScope(
+                limit_id=lim.id,
+                tenant_id=lim.tenant_id,
+                key_id=lim.key_id,
+                model=lim.model,
+                fail_closed=lim.fail_closed,
+                shadow=lim.shadow,
+            )
 
 
 def _merged(table: _KeyTable, overlay: Mapping[bytes, KeyEntry | None]) -> _Columns:

@@ -1,7 +1,8 @@
 """ext_authz's one settings object, built once in ``main``.
 
 Env: ``TESSERA_GRPC__PORT``, ``TESSERA_METRICS__PORT``, ``TESSERA_LOG__LEVEL``,
-``TESSERA_POLICY__URL``, ``TESSERA_PEPPER__FILE`` (and the other fragment fields).
+``TESSERA_POLICY__URL``, ``TESSERA_PEPPER__FILE``, ``TESSERA_ADMISSION__URL`` (the ratelimit
+service; empty = no counting) and the other fragment fields.
 There is no database setting: ext_authz never opens the SQL store.
 """
 
@@ -13,6 +14,7 @@ from pydantic_settings import BaseSettings
 from tessera.errors import ConfigError
 from tessera.settings import (
     SETTINGS_CONFIG,
+    AdmissionSettings,
     GrpcSettings,
     LogSettings,
     MetricsSettings,
@@ -29,6 +31,7 @@ class ExtAuthzSettings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     pepper: PepperSettings = Field(default_factory=PepperSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     workers: int = Field(default=1, ge=1, le=64, description="processes sharing the gRPC port (SO_REUSEPORT)")
 
 

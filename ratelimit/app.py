@@ -1,4 +1,4 @@
-"""Composition root: counters, limiter, RLS server, policy subscription, metrics."""
+"""Composition root: counters, limiter, admission + RLS server, policy subscription, metrics."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 import structlog
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
+from ratelimit.admission import SERVICE_NAME as ADMISSION_SERVICE
+from ratelimit.admission import AdmissionServicer
 from ratelimit.backends import CounterBackend, make_backend
 from ratelimit.limiter import RateLimiter
 from ratelimit.limits import snapshot_from_policy
 from ratelimit.servicer import SERVICE_NAME, RateLimitServicer
 from ratelimit.settings import RatelimitSettings, check_settings
+from tessera.admission.v1 import admission_pb2_grpc
 from tessera.clock import SYSTEM_CLOCK, Clock
 from tessera.grpc_server import RunningServer, start_server
 from tessera.metrics import MetricsServer, serve_metrics
@@ -72,9 +75,10 @@ async def build_app(
         backend,
         clock=clock,
         lease_seconds=settings.reservation_lease_seconds,
-        default_completion_tokens=settings.default_completion_tokens,
+        prompt_bytes_per_token=settings.prompt_bytes_per_token,
     )
     servicer = RateLimitServicer(limiter)
+    admission = AdmissionServicer(limiter)
 
     held: dict[str, policy_pb2.Resource] = {}
 
@@ -89,8 +93,11 @@ async def build_app(
     try:
         running = await start_server(
             settings.grpc,
-            [lambda server: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer, server)],
-            services=[SERVICE_NAME],
+            [
+                lambda server: admission_pb2_grpc.add_AdmissionServiceServicer_to_server(admission, server),
+                lambda server: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer, server),
+            ],
+            services=[ADMISSION_SERVICE, SERVICE_NAME],
             reuse_port=settings.workers > 1,
         )
     except BaseException:

@@ -1,7 +1,9 @@
 """The decision: applicable limits from the current snapshot, one backend call, fail modes.
 
-No Envoy types here (they stay in ``servicer.py``). A decision is always a ``Verdict``:
-a backend failure applies each limit's own fail mode and is counted, never raised.
+No Envoy or admission protos here (they stay in ``servicer.py`` and ``admission.py``). A
+decision is always a ``Verdict``: a backend failure applies each limit's own fail mode and is
+counted, never raised. ``admit`` decides a batch of requests with one backend call (one Redis
+pipeline); ``settle_many`` replaces a batch's reservations by their real usage.
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ from typing import Final
 import structlog
 from prometheus_client import Counter, Histogram
 
-from ratelimit.backends.base import BUDGET, SLOTS, CounterBackend, CounterRequest, CounterState, Settlement
+from ratelimit.backends.base import (
+    BUDGET,
+    SLOTS,
+    AcquireCall,
+    Acquisition,
+    CounterBackend,
+    CounterRequest,
+    CounterState,
+    SettleCall,
+    Settlement,
+)
 from ratelimit.limits import (
     CONCURRENCY,
     EMPTY_SNAPSHOT,
@@ -27,7 +39,7 @@ from ratelimit.limits import (
 )
 from tessera.clock import SYSTEM_CLOCK, Clock, calendar_month
 from tessera.errors import StorageError
-from tessera.usage_line import DEFAULT_COMPLETION_TOKENS, reserved_tokens
+from tessera.usage_line import token_terms
 
 log = structlog.get_logger("ratelimit")
 
@@ -40,7 +52,11 @@ BACKEND_ERRORS = Counter(
     "tessera_ratelimit_backend_errors_total",
     "Counter backend calls that failed; each limit's fail mode decided the answer",
 )
-SETTLED = Counter("tessera_ratelimit_settlements_total", "Stream-done settlements applied")
+SETTLED = Counter("tessera_ratelimit_settlements_total", "Settlements of ended requests applied")
+FORCED = Counter(
+    "tessera_ratelimit_forced_admissions_total",
+    "Requests ext_authz admitted while degraded (fail-open), counted afterwards",
+)
 RESERVED = Counter(
     "tessera_ratelimit_reservations_total", "Admitted requests that reserved tokens, spend or a slot"
 )
@@ -59,6 +75,7 @@ _OVER = DECISIONS.labels("over_limit")
 _SHADOW_OVER = DECISIONS.labels("shadow_over_limit")
 
 FAIL_CLOSED_RETRY_SECONDS = 1.0
+RECENT_MAX: Final = 100_000  # request ids remembered, so a forced admission never counts twice
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +87,11 @@ class Hit:
     model: str
     hits: int = 1
     request_id: str = ""
-    max_tokens: int | None = None  # as the client asked (None: not given)
+    max_tokens: int | None = None
+    """Completion tokens to reserve (ext_authz: the most the backend may generate, n included;
+    RLS: as the client asked). None: the model's default."""
     body_bytes: int = 0  # the request body's size: the prompt-size estimate
+    forced: bool = False  # admitted already (degraded, fail-open): count it whatever
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +133,21 @@ class Verdict:
     """When refused: seconds until every refusing limit has room again; else 0."""
     reserved: bool = False
     """Admitted with a reservation or a slot: the stream-done call must settle it."""
+    degraded: bool = False
+    """The counters failed: each limit's own fail mode decided."""
+
+
+ALLOWED = Verdict(allowed=True, outcomes=((),), retry_after=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """One request's counter call within a batch."""
+
+    position: int  # in the batch
+    limits: tuple[RequestLimit, ...]
+    index: dict[str, int]  # counter key -> its position in call.counters
+    call: AcquireCall
 
 
 _SETTLED_KINDS: Final = (TOKENS, SPEND, CONCURRENCY)
@@ -126,14 +161,15 @@ class RateLimiter:
         *,
         clock: Clock = SYSTEM_CLOCK,
         lease_seconds: float = 900.0,
-        default_completion_tokens: int = DEFAULT_COMPLETION_TOKENS,
+        prompt_bytes_per_token: int = 1,
     ) -> None:
         self._backend = backend
         self.snapshot = snapshot
         self._clock = clock
         self._lease = lease_seconds
-        self._default_completion = default_completion_tokens
+        self._bytes_per_token = max(1, prompt_bytes_per_token)
         self._month_cache = (0, 0.0, 0.0)  # (id, start, end) of the calendar month last seen
+        self._recent: dict[str, bool] = {}  # request id -> admitted (insertion ordered, bounded)
 
     def replace(self, snapshot: LimitSnapshot) -> None:
         """Swap the whole snapshot; requests in flight keep the one they started with."""
@@ -170,9 +206,100 @@ class RateLimiter:
             return replace(verdict, reserved=True)
         return verdict
 
+    async def admit(self, hits: Sequence[Hit]) -> list[Verdict]:
+        """One verdict per request (each decided on its own), with one backend call for all."""
+        snapshot = self.snapshot
+        now = self._clock.now()
+        month = self._month(now)
+        verdicts: list[Verdict] = [ALLOWED] * len(hits)
+        plans: list[_Plan] = []
+        for i, hit in enumerate(hits):
+            limits = snapshot.applicable(hit.tenant_id, hit.key_id, hit.model)
+            if not limits:
+                continue
+            if hit.forced and self._recent.get(hit.request_id):
+                verdicts[i] = replace(ALLOWED, reserved=True)  # its own admission counted it
+                continue
+            plans.append(self._plan(i, hit, limits, month))
+        if not plans:
+            _OK.inc(len(hits))
+            return verdicts
+        started = time.perf_counter()
+        results = await self._backend.acquire_many([p.call for p in plans], lease_seconds=self._lease)
+        BACKEND_SECONDS.observe(time.perf_counter() - started)
+        for plan, result in zip(plans, results, strict=True):
+            verdicts[plan.position] = self._verdict(hits[plan.position], plan, result, month[2] - now)
+        _OK.inc(len(hits) - len(plans))
+        return verdicts
+
+    def _plan(
+        self, position: int, hit: Hit, limits: tuple[RequestLimit, ...], month: tuple[int, float, float]
+    ) -> _Plan:
+        index: dict[str, int] = {}  # counter key -> position; a limit counts once per request
+        requests: list[CounterRequest] = []
+        info = self.snapshot.model(hit.model)
+        for lim in limits:
+            if lim.counter_key not in index:
+                index[lim.counter_key] = len(requests)
+                requests.append(self._counter(lim, hit, info, month))
+        return _Plan(position, limits, index, AcquireCall(requests, hit.request_id, hit.forced))
+
+    def _verdict(
+        self, hit: Hit, plan: _Plan, result: Acquisition | StorageError, to_month_end: float
+    ) -> Verdict:
+        states: tuple[CounterState, ...] | None = None
+        if isinstance(result, StorageError):
+            BACKEND_ERRORS.inc()
+            log.warning("ratelimit_backend_error", error=str(result), tenant_id=hit.tenant_id)
+        else:
+            states = result.states
+        outcomes = (
+            tuple(
+                _outcome(lim, states[plan.index[lim.counter_key]] if states else None, to_month_end)
+                for lim in plan.limits
+            ),
+        )
+        if hit.forced:
+            FORCED.inc()
+            verdict = Verdict(allowed=True, outcomes=outcomes, retry_after=0.0)
+        else:
+            verdict = self._judge((hit,), outcomes)
+            self._remember(hit.request_id, verdict.allowed)
+        reserved = verdict.allowed and any(r.reserve or r.kind == SLOTS for r in plan.call.counters)
+        if reserved:
+            RESERVED.inc()
+        return replace(verdict, reserved=reserved, degraded=states is None)
+
+    def _remember(self, request_id: str, admitted: bool) -> None:
+        if not request_id:
+            return
+        recent = self._recent
+        recent[request_id] = admitted
+        if len(recent) > RECENT_MAX:
+            del recent[next(iter(recent))]
+
     async def settle(self, usage: Usage) -> None:
-        """Replace the request's reservations by its real cost and free its slots. A failure is
-        logged and counted: the reservations' leases release them later."""
+        """Replace the request's reservations by its real cost and free its slots (the RLS
+        stream-done call). A failure is logged and counted: the leases release them later."""
+        try:
+            await self.settle_many((usage,))
+        except StorageError as exc:
+            log.warning("ratelimit_settle_failed", error=str(exc), tenant_id=usage.tenant_id)
+
+    async def settle_many(self, usages: Sequence[Usage]) -> int:
+        """Settle ended requests in one backend call; how many touched a counter. Raises
+        StorageError (counted) when the counters cannot be reached: the caller retries."""
+        calls = [SettleCall(found, u.request_id) for u in usages if (found := self._settlements(u))]
+        if not calls:
+            return 0
+        error = await self._backend.settle_many(calls, lease_seconds=self._lease)
+        if error is not None:
+            BACKEND_ERRORS.inc()
+            raise error
+        SETTLED.inc(len(calls))
+        return len(calls)
+
+    def _settlements(self, usage: Usage) -> list[Settlement]:
         snapshot = self.snapshot
         limits = [
             lim
@@ -180,7 +307,7 @@ class RateLimiter:
             if lim.kind in _SETTLED_KINDS
         ]
         if not limits:
-            return
+            return []
         period, _, period_end = self._month(self._clock.now())
         info = snapshot.model(usage.model)
         seen: set[str] = set()
@@ -201,13 +328,7 @@ class RateLimiter:
                     _actual(lim, usage, info),
                 )
             )
-        try:
-            await self._backend.settle(settlements, request_id=usage.request_id, lease_seconds=self._lease)
-        except StorageError as exc:
-            BACKEND_ERRORS.inc()
-            log.warning("ratelimit_settle_failed", error=str(exc), tenant_id=usage.tenant_id)
-            return
-        SETTLED.inc()
+        return settlements
 
     def _counter(
         self, lim: RequestLimit, hit: Hit, info: ModelInfo, month: tuple[int, float, float]
@@ -242,16 +363,14 @@ class RateLimiter:
         return cached
 
     def estimate(self, hit: Hit, info: ModelInfo) -> tuple[int, int]:
-        """(prompt, completion) tokens to reserve: the body's size / 4 for the prompt (JSON
-        overhead makes it an over-estimate); for the completion the request's ``max_tokens``,
-        else the model's default, else the service default, capped by the model's maximum."""
-        return reserved_tokens(
-            hit.body_bytes,
-            hit.max_tokens,
-            default_max_tokens=info.default_max_tokens,
-            max_max_tokens=info.max_max_tokens,
-            default_completion=self._default_completion,
-        )
+        """(prompt, completion) tokens to reserve. The prompt: the body's size in bytes /
+        ``prompt_bytes_per_token`` (1 by default: no tokenizer makes more tokens than the bytes
+        of the JSON that carries them, so usage can never exceed the reservation). The
+        completion: the request's admitted maximum, else the model's default."""
+        prompt = -(-hit.body_bytes // self._bytes_per_token)
+        if hit.max_tokens is None:
+            return prompt, token_terms(info.default_max_tokens, info.max_max_tokens)[0]
+        return prompt, hit.max_tokens
 
     async def _acquire(
         self, requests: list[CounterRequest], tenant_id: str, request_id: str

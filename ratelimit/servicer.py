@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
 from typing import Any, Final
 
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from prometheus_client import Counter
 
 from ratelimit.limiter import Hit, LimitOutcome, RateLimiter, Usage, Verdict
-from ratelimit.limits import REQUESTS, TOKENS
+from ratelimit.verdicts import limit_headers, most_restrictive, refusal_code, retry_after_seconds
 from tessera.openai_errors import error_body
 
 DOMAIN = "tessera"
@@ -64,7 +63,6 @@ _UINT32_MAX = 0xFFFFFFFF
 
 RETRY_AFTER_HEADER = "retry-after"
 RESERVED_KEY = "reserved"  # response metadata: this request holds a reservation to settle
-_HEADER_KIND: Final = {REQUESTS: "requests", TOKENS: "tokens"}
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
@@ -159,24 +157,9 @@ def _all_ok(n: int) -> rls_pb2.RateLimitResponse:
     return response
 
 
-def _most_restrictive(outcomes: Iterable[LimitOutcome]) -> LimitOutcome | None:
-    """The enforced limit with the least room (refusing ones first); shadow limits stay invisible."""
-    best: LimitOutcome | None = None
-    for o in outcomes:
-        if o.limit.shadow:
-            continue
-        if best is None or _rank(o) < _rank(best):
-            best = o
-    return best
-
-
-def _rank(o: LimitOutcome) -> tuple[bool, int, int]:
-    return (not o.refuses, o.remaining if o.remaining is not None else o.limit.limit, o.limit.limit)
-
-
 def _fill_status(status: Any, outcomes: tuple[LimitOutcome, ...]) -> None:
     status.code = _OVER_LIMIT if any(o.refuses for o in outcomes) else _OK
-    top = _most_restrictive(outcomes)
+    top = most_restrictive(outcomes)
     if top is None:
         return
     unit = _UNITS.get(top.limit.window_seconds)
@@ -190,18 +173,6 @@ def _fill_status(status: Any, outcomes: tuple[LimitOutcome, ...]) -> None:
         status.duration_until_reset.FromNanoseconds(math.ceil(top.retry_after * 1e9))
 
 
-def go_duration(seconds: float) -> str:
-    """OpenAI's reset format (Go's): ``20ms``, ``1s``, ``6m0s``, ``1h2m3s``."""
-    if seconds < 1:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
-    total = math.ceil(seconds)
-    h, rest = divmod(total, 3600)
-    m, s = divmod(rest, 60)
-    if h:
-        return f"{h}h{m}m{s}s"
-    return f"{m}m{s}s" if m else f"{s}s"
-
-
 def _response(verdict: Verdict, slots: list[int]) -> rls_pb2.RateLimitResponse:
     response = rls_pb2.RateLimitResponse(overall_code=_OK if verdict.allowed else _OVER_LIMIT)
     statuses = response.statuses
@@ -211,22 +182,11 @@ def _response(verdict: Verdict, slots: list[int]) -> rls_pb2.RateLimitResponse:
             _fill_status(status, verdict.outcomes[slot])
     if verdict.reserved:  # Envoy keeps it as metadata: only then does it make the settle call
         response.dynamic_metadata.fields[RESERVED_KEY].string_value = "1"
-    every = [o for per in verdict.outcomes for o in per]
     headers = response.response_headers_to_add
-    for kind, name in _HEADER_KIND.items():
-        top = _most_restrictive(o for o in every if o.limit.kind == kind)
-        if top is not None and top.remaining is not None:
-            headers.add(key=f"x-ratelimit-limit-{name}", value=str(top.limit.limit))
-            headers.add(key=f"x-ratelimit-remaining-{name}", value=str(top.remaining))
-            headers.add(key=f"x-ratelimit-reset-{name}", value=go_duration(top.reset_after))
+    for key, value in limit_headers(verdict):
+        headers.add(key=key, value=value)
     if not verdict.allowed:
-        refusing = _most_restrictive(o for o in every if o.refuses)
-        code = (
-            "insufficient_quota"
-            if refusing is not None and refusing.limit.is_quota
-            else "rate_limit_exceeded"
-        )
-        headers.add(key=RETRY_AFTER_HEADER, value=str(max(1, math.ceil(verdict.retry_after))))
+        headers.add(key=RETRY_AFTER_HEADER, value=str(retry_after_seconds(verdict)))
         headers.add(key="content-type", value="application/json")
-        response.raw_body = json.dumps(error_body(code)).encode()
+        response.raw_body = json.dumps(error_body(refusal_code(verdict))).encode()
     return response

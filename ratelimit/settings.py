@@ -31,10 +31,14 @@ class RatelimitSettings(BaseSettings):
         gt=0,
         description="a token/spend reservation or concurrency slot not settled by then is released",
     )
-    default_completion_tokens: int = Field(
-        default=1024,
+    prompt_bytes_per_token: int = Field(
+        default=1,
         ge=1,
-        description="completion tokens reserved when neither request nor model names max_tokens",
+        le=8,
+        description=(
+            "the prompt is reserved as body bytes / this: 1 bounds any tokenizer (a budget is never"
+            " overshot by more than one request); a larger value reserves less and weakens that bound"
+        ),
     )
 
 

@@ -70,7 +70,7 @@ def _generate(out: Path) -> None:
 def _generated(base: Path) -> list[Path]:
     return sorted(
         p.relative_to(base)
-        for sub in ("admin", "policy")
+        for sub in ("admin", "admission", "policy")
         for p in (base / "tessera" / sub).rglob("*")
         if p.is_file() and p.suffix in {".py", ".pyi", ".pb"}
     )

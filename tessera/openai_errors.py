@@ -27,6 +27,13 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
         "invalid_request_error",
         "You must provide a model parameter in the JSON request body.",
     ),
+    "invalid_value": (400, "invalid_request_error", "A parameter of the request is not valid."),
+    "integer_above_max_value": (
+        400,
+        "invalid_request_error",
+        "A parameter of the request is above its maximum.",
+    ),
+    "duplicate_key": (400, "invalid_request_error", "The request body names a key twice."),
     "request_too_large": (413, "invalid_request_error", "The request body is too large."),
     "rate_limit_exceeded": (429, "rate_limit_error", "Rate limit reached. Retry later."),
     "insufficient_quota": (429, "insufficient_quota", "You exceeded your current quota."),

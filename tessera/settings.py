@@ -52,6 +52,17 @@ class PolicySettings(_Fragment):
     reconnect_max_seconds: float = 1.0
 
 
+class AdmissionSettings(_Fragment):
+    """Where ext_authz admits requests and the meter settles them: the ratelimit service's
+    ``tessera.admission.v1`` (""= no counters: every request is admitted uncounted)."""
+
+    url: str = ""
+    timeout_seconds: float = Field(
+        default=0.2, gt=0, description="an admission not answered by then follows each limit's fail mode"
+    )
+    reconnect_max_seconds: float = 1.0
+
+
 class PepperSettings(_Fragment):
     file: Path = Path("pepper")
 

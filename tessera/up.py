@@ -28,6 +28,7 @@ from typing import Any
 from tessera import llm, usage_line
 from tessera.bootstrap import BootstrapParams, render_bootstrap
 from tessera.datadir import DataDir, resolve_data_dir, write_json
+from tessera.demo_upstream.schema import DEFAULT_MAX_TOKENS as DEMO_DEFAULT_MAX_TOKENS
 from tessera.keys import ensure_pepper
 from tessera.probe import active_requests, grpc_serving, http_post, http_status
 from tessera.workers import die_with_parent
@@ -36,6 +37,9 @@ HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
 DRAIN_SECONDS = 2  # listeners drain this long on SIGHUP
 RESTART_STREAM_GRACE = 60.0  # then streams in flight get this long to end
+
+
+USAGE_FLUSH_MSEC = 200
 
 
 def _say(msg: str) -> None:
@@ -220,6 +224,9 @@ class Stack:
             self._cp_env(),
             lambda: grpc_serving(f"{HOST}:{p.admin}"),
         )
+
+        # ext_authz admits by ratelimit's counters over one stream; the meter settles there.
+        admission_url = f"{HOST}:{p.ratelimit}"
         for i, (port, metrics) in enumerate(zip(p.ext_authz, p.ext_authz_metrics, strict=True)):
             # Replica 0 is "ext-authz"; each replica may run several workers on its port.
             self._child(
@@ -232,6 +239,7 @@ class Stack:
                         "TESSERA_METRICS__PORT": str(metrics if self.authz_workers == 1 else 0),
                         "TESSERA_POLICY__URL": policy_url,
                         "TESSERA_PEPPER__FILE": str(self.dd.pepper),
+                        "TESSERA_ADMISSION__URL": admission_url,
                     }
                 ),
                 functools.partial(grpc_serving, f"{HOST}:{port}"),
@@ -271,6 +279,7 @@ class Stack:
                     "TESSERA_DATABASE__URL": self.db_url,
                     "TESSERA_METRICS__PORT": str(p.meter_metrics),
                     "TESSERA_METER__ENVOY_ADMIN": f"http://{HOST}:{p.envoy_admin}",
+                    "TESSERA_ADMISSION__URL": admission_url,
                 }
             ),
             lambda: http_status(f"http://{HOST}:{p.meter_metrics}/metrics", expect=200),
@@ -287,9 +296,10 @@ class Stack:
                 "2",
                 "--log-level",
                 "warning",
-                # The usage log reaches the meter within a second (Envoy's default is 10 s).
+                # The usage log reaches the meter (and so settles slots and reservations) within
+                # a fraction of a second (Envoy's default is 10 s).
                 "--file-flush-interval-msec",
-                "1000",
+                str(USAGE_FLUSH_MSEC),
                 # A SIGHUP drains the listeners for this long before the restart (the default 600).
                 "--drain-time-s",
                 str(DRAIN_SECONDS),
@@ -345,6 +355,14 @@ class Stack:
                     c.call(
                         "AddModel", pb.AddModelRequest(name="demo", backend=backend, replace_backends=True)
                     )
+                    # The gateway writes a model's default into bodies that name none: the demo
+                    # upstream's own (like vLLM's default from the model's generation config).
+                    demo_defaults = pb.UpdateModelRequest(
+                        name="demo",
+                        update_mask=["default_max_tokens"],
+                        default_max_tokens=DEMO_DEFAULT_MAX_TOKENS,
+                    )
+                    c.call("UpdateModel", demo_defaults)
                 if self.args.real_model:
                     real = pb.Backend(url=f"http://{HOST}:{self.ports.llm}", kind="llamacpp")
                     c.call(

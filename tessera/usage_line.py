@@ -26,6 +26,8 @@ ENVOY_FORMAT: Final[dict[str, Any]] = {
     "path": "%REQ(:PATH)%",
     "tenant_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:tenant_id)%",
     "key_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:key_id)%",
+    # ext_authz admitted it with a reservation or a concurrency slot: the meter settles it.
+    "reserved": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:reserved)%",
     "jwt_sub": "%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:jwt_payload:sub)%",
     "model_requested": "%DYNAMIC_METADATA(ai.gw:model)%",
     "model": "%METADATA(ROUTE:tessera:model)%",  # served: an alias resolved
@@ -70,6 +72,7 @@ class UsageLine:
     ttfb_ms: int | None
     bytes_received: int
     bytes_sent: int
+    reserved: bool = False
 
 
 MAX_COUNT: Final = 10**9  # a count (tokens, bytes, ms) beyond this is capped: money stays in int64
@@ -133,13 +136,23 @@ def parse(line: str | bytes, default_node: str = "") -> UsageLine | None:
         ttfb_ms=_int(raw.get("ttfb_ms")),
         bytes_received=_int(raw.get("bytes_received")) or 0,
         bytes_sent=_int(raw.get("bytes_sent")) or 0,
+        reserved=raw.get("reserved") == "1",
     )
 
 
 # --- estimates: what a request is assumed to use before (or without) its real usage ----------
 
-BYTES_PER_TOKEN: Final = 4  # the prompt: the body's size / 4 (JSON overhead: an over-estimate)
-DEFAULT_COMPLETION_TOKENS: Final = 1024
+BYTES_PER_TOKEN: Final = 4  # a billing estimate of the prompt: the body's size / 4
+DEFAULT_COMPLETION_TOKENS: Final = 1024  # written into a body that names no max_tokens
+PLATFORM_MAX_TOKENS: Final = 32_768  # the cap of a model registered without --max-tokens
+
+
+def token_terms(default_max_tokens: int, max_max_tokens: int) -> tuple[int, int]:
+    """A model's effective (default, cap) of completion tokens: its own, else the platform's.
+    The gateway writes the default into a body that names none and refuses a request above
+    the cap, so the backend never generates more than was admitted."""
+    cap = max_max_tokens or max(PLATFORM_MAX_TOKENS, default_max_tokens)
+    return min(default_max_tokens or DEFAULT_COMPLETION_TOKENS, cap), cap
 
 
 def reserved_tokens(
@@ -148,13 +161,11 @@ def reserved_tokens(
     *,
     default_max_tokens: int = 0,
     max_max_tokens: int = 0,
-    default_completion: int = DEFAULT_COMPLETION_TOKENS,
+    bytes_per_token: int = BYTES_PER_TOKEN,
 ) -> tuple[int, int]:
-    """(prompt, completion): for the completion the request's ``max_tokens``, else the model's
-    default, else ``default_completion``, capped by the model's maximum. The ratelimit service
-    reserves this; the meter charges at least this for a stream cut before its usage."""
-    prompt = -(-body_bytes // BYTES_PER_TOKEN)
-    completion = max_tokens or default_max_tokens or default_completion
-    if max_max_tokens:
-        completion = min(completion, max_max_tokens)
-    return prompt, completion
+    """(prompt, completion): the body's size / ``bytes_per_token`` for the prompt; for the
+    completion the request's ``max_tokens``, else the model's default, capped by its maximum
+    (``token_terms``). The meter charges at least this for a stream cut before its usage."""
+    prompt = -(-body_bytes // max(1, bytes_per_token))
+    default, cap = token_terms(default_max_tokens, max_max_tokens)
+    return prompt, min(max_tokens or default, cap)

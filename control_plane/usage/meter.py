@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from control_plane.db.models import MeterCheckpoint, UsageRecord
 from control_plane.db.repositories import insert_stmt
 from control_plane.usage import ledger
+from control_plane.usage.settler import Settler
 from tessera import usage_line
 from tessera.probe import http_post
 
@@ -100,6 +101,7 @@ class Meter:
         retention: timedelta | None = None,
         rotate_bytes: int = 0,
         envoy_admin: str = "",
+        settler: Settler | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._log_path = log_path
@@ -107,13 +109,18 @@ class Meter:
         self._retention = retention
         self._rotate_bytes = rotate_bytes  # 0: someone else rotates (logrotate + /reopen_logs)
         self._envoy_admin = envoy_admin
+        self._settler = settler
+        self._offsets: dict[str, int] | None = None  # this meter is its node's only writer
 
     async def _checkpoints(self) -> dict[str, int]:
-        async with self._sessionmaker() as s:
-            rows = (
-                await s.execute(select(MeterCheckpoint).where(MeterCheckpoint.node == self._node))
-            ).scalars()
-            return {c.file_id: c.offset for c in rows}
+        """Read once from the database, then kept here: the meter is its node's only writer."""
+        if self._offsets is None:
+            async with self._sessionmaker() as s:
+                rows = (
+                    await s.execute(select(MeterCheckpoint).where(MeterCheckpoint.node == self._node))
+                ).scalars()
+                self._offsets = {c.file_id: c.offset for c in rows}
+        return dict(self._offsets)
 
     async def ingest_available(self) -> int:
         """Read every complete line not ingested yet, in batches; returns the rows inserted."""
@@ -149,6 +156,8 @@ class Meter:
             return 0, 0
         parsed = [usage_line.parse(line, self._node) for line in raw]
         lines = [p for p in parsed if p is not None]
+        if self._settler is not None:
+            self._settler.offer(lines)  # before the commit: a line read twice settles once
         now = datetime.now(UTC)
         try:
             async with self._sessionmaker.begin() as s:
@@ -159,6 +168,8 @@ class Meter:
             # A line the database refuses must not stop metering: take them one at a time.
             added, dupes, refused = await self._one_by_one(f, lines, offset + span, now)
             LINES.labels("refused").inc(refused)
+        if self._offsets is not None:  # committed: the cached checkpoint follows
+            self._offsets[f.file_id] = offset + span
         LINES.labels("inserted").inc(added)
         LINES.labels("duplicate").inc(dupes)
         LINES.labels("invalid").inc(len(parsed) - len(lines))
@@ -267,4 +278,5 @@ class Meter:
                     await self.expire()
             except Exception:
                 log.exception("meter_pass_failed")  # the database may be down: try again
+                self._offsets = None  # read the checkpoints again: only what was committed counts
             await asyncio.sleep(interval)

@@ -1,12 +1,14 @@
 """The gateway listener: its HTTP connection manager and filter chain (pure, proto3-JSON dicts).
 
 Decode order: local_ratelimit (per client IP) → body_size_limit → jwt_authn (ECDS) →
-json_to_metadata (body ``model`` → ``ai.gw:model``; it clears the route cache, so the
-route is chosen by model; ``max_tokens`` for reservations; on the way back, a JSON answer's
-usage) → ext_authz → ratelimit (reserve; settle at stream end) → lua (asks a stream for
-usage; on the way back records the status and strips the usage chunk the client did not
-ask for) → sse_to_metadata (a stream's usage, read before lua strips it) →
-grpc_json_transcoder (admin routes only) → router. Envoy's own replies are rewritten into
+json_to_metadata (body ``model`` → ``ai.gw:model``; it clears the route cache, so the route
+is chosen by model; on the way back, a JSON answer's usage) → lua (the facts ext_authz
+decides on as ``x-tessera-*`` headers, the model's default max_tokens written into the body,
+a stream asked for usage; on the way back records the status and strips the usage chunk the
+client did not ask for) → ext_authz (the one Python callout: identity, entitlement and
+admission by the ratelimit service's counters) → sse_to_metadata (a stream's usage, read
+before lua strips it) → grpc_json_transcoder (admin routes only) → router. Settlement is off
+the request path (the meter reads the usage log). Envoy's own replies are rewritten into
 OpenAI's error shape.
 """
 
@@ -20,31 +22,25 @@ from control_plane.state import State
 from control_plane.xds.config import (
     ADMIN_SERVICES,
     ADS,
-    AUTHZ_NS,
     EXT_AUTHZ_CLUSTER,
     HCM,
     INVALID,
     JWT_FILTER,
-    JWT_NS,
     LISTENER_NAME,
     LUA_FILTER,
     MISSING,
     MODEL_NAMED,
     MODEL_NS,
-    RATELIMIT_CLUSTER,
-    RATELIMIT_DOMAIN,
-    ROUTE_NS,
     ROUTES_NAME,
     SSE_FILTER,
     TRANSCODER,
     GatewayConfig,
     T,
 )
-from tessera import usage_line
+from tessera import gateway_headers, usage_line
 from tessera.openai_errors import error_body
 
 USAGE_NS = "ai.gw.usage"
-RATELIMIT_NS = "envoy.filters.http.ratelimit"  # where Envoy keeps the ratelimit answer's metadata
 JSON_CONTENT = {"regex": "^application/json(;.*)?$"}  # aiohttp and others add "; charset=utf-8"
 REALTIME_OFF = "Realtime is not enabled for this model, or you do not have access to it."
 PER_IP_STATUS = 423  # the per-IP guard's refusal (Envoy never sends it otherwise), rewritten to 429
@@ -206,6 +202,9 @@ def jwt_authn_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
         "local_jwks": {"inline_string": state.jwks},
         "forward": False,  # a verified token is removed before anything else sees it
         "payload_in_metadata": "jwt_payload",
+        # ext_authz reads the verified claims from this header (over gRPC and HTTP alike); a
+        # client-sent copy was removed before any filter ran.
+        "forward_payload_header": gateway_headers.JWT_PAYLOAD,
         "clock_skew_seconds": 30,
     }
     either = {
@@ -251,23 +250,18 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
                             "on_missing": {**kv, "value": MISSING},
                             "on_error": {**kv, "value": INVALID},
                         },
-                        # What the ratelimit service reserves (descriptor values are strings).
-                        *(
-                            {
-                                "selectors": [{"key": field}],
-                                "on_present": {
-                                    "metadata_namespace": MODEL_NS,
-                                    "key": field,
-                                    "type": "STRING",
-                                },
-                            }
-                            for field in ("max_tokens", "max_completion_tokens")
-                        ),
                     ],
                     "allow_content_types_regex": JSON_CONTENT,
                 },
                 # Usage of a JSON (non-stream) answer; SSE answers: sse_to_metadata below.
                 "response_rules": {"rules": _usage_rules(), "allow_content_types_regex": JSON_CONTENT},
+            },
+        },
+        {
+            "name": LUA_FILTER,
+            "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": USAGE_LUA},
             },
         },
         {
@@ -279,66 +273,14 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
                 # Fail closed: failure_mode_allow would forward the raw key upstream.
                 "failure_mode_allow": False,
                 "status_on_error": {"code": 503},
-                "metadata_context_namespaces": [MODEL_NS, JWT_NS],
-                # The served model (an alias resolved; /v1/realtime's ?model=) from the route.
-                "route_metadata_context_namespaces": [ROUTE_NS],
-            },
-        },
-        {
-            "name": "envoy.filters.http.ratelimit",
-            "typed_config": {
-                "@type": T + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-                "domain": RATELIMIT_DOMAIN,
-                "timeout": "0.25s",
-                # An unreachable ratelimit service lets traffic through (ARCHITECTURE §7).
-                "failure_mode_deny": False,
-                "rate_limit_service": {
-                    "transport_api_version": "V3",
-                    "grpc_service": {"envoy_grpc": {"cluster_name": RATELIMIT_CLUSTER}},
+                # Only what the decision reads: the credentials, the request id (the
+                # reservation's name) and the facts the Lua filter put in x-tessera-* headers.
+                "allowed_headers": {
+                    "patterns": [
+                        *({"exact": h} for h in (*gateway_headers.CREDENTIALS, "x-request-id")),
+                        {"prefix": "x-tessera-"},
+                    ]
                 },
-                # Filter-level (route-level rate_limits ignore hits_addend). One descriptor at
-                # request time (count, reserve); one at stream end (settle the real usage).
-                # Envoy makes the stream-done call for every request it asked about, refused,
-                # failed or cut ones included, unless a descriptor entry is missing
-                # (docs/usage-and-limits.md).
-                "rate_limits": [
-                    {
-                        "actions": [
-                            *_identity(),
-                            _header_entry("x-request-id", "request_id"),
-                            _meta_entry(MODEL_NS, "max_tokens"),
-                            _meta_entry(MODEL_NS, "max_completion_tokens"),
-                            _header_entry("content-length", "body_bytes", optional=True),
-                        ]
-                    },
-                    {
-                        "apply_on_stream_done": True,
-                        "actions": [
-                            {"generic_key": {"descriptor_key": "phase", "descriptor_value": "settle"}},
-                            # Only for a request that reserved: no metadata, no descriptor, no call.
-                            {
-                                "metadata": {
-                                    "descriptor_key": "reserved",
-                                    "metadata_key": {"key": RATELIMIT_NS, "path": [{"key": "reserved"}]},
-                                }
-                            },
-                            *_identity(),
-                            _header_entry("x-request-id", "request_id"),
-                            *(
-                                _meta_entry(USAGE_NS, k)
-                                for k in ("prompt_tokens", "completion_tokens", "cached_tokens")
-                            ),
-                            _meta_entry(MODEL_NS, "status"),
-                        ],
-                    },
-                ],
-            },
-        },
-        {
-            "name": LUA_FILTER,
-            "typed_config": {
-                "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
-                "default_source_code": {"inline_string": USAGE_LUA},
             },
         },
         {
@@ -365,49 +307,9 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     ]
 
 
-def _authz_descriptor(key: str) -> dict[str, Any]:
-    return {"metadata": {"descriptor_key": key, "metadata_key": {"key": AUTHZ_NS, "path": [{"key": key}]}}}
-
-
-def _identity() -> list[dict[str, Any]]:
-    """tenant_id, key_id (from ext_authz), model: without them no descriptor is sent. The
-    model is the served one, from the route (an alias counts as its model)."""
-    model = {"key": ROUTE_NS, "path": [{"key": "model"}]}
-    return [
-        _authz_descriptor("tenant_id"),
-        _authz_descriptor("key_id"),
-        {
-            "metadata": {
-                "descriptor_key": "model",
-                "metadata_key": model,
-                "default_value": MISSING,
-                "source": "ROUTE_ENTRY",
-            }
-        },
-    ]
-
-
-def _meta_entry(namespace: str, key: str) -> dict[str, Any]:
-    """An optional descriptor entry from string metadata (left out when absent)."""
-    return {
-        "metadata": {
-            "descriptor_key": key,
-            "metadata_key": {"key": namespace, "path": [{"key": key}]},
-            "skip_if_absent": True,
-        }
-    }
-
-
-def _header_entry(header: str, key: str, *, optional: bool = False) -> dict[str, Any]:
-    entry: dict[str, Any] = {"header_name": header, "descriptor_key": key}
-    if optional:
-        entry["skip_if_absent"] = True
-    return {"request_headers": entry}
-
-
 def _usage_rules() -> list[dict[str, Any]]:
     """usage.{prompt,completion}_tokens and prompt_tokens_details.cached_tokens → ai.gw.usage,
-    as strings (they feed ratelimit descriptors, and the access log reads them either way)."""
+    as strings (the access log, the usage record, reads them)."""
     paths = {
         "prompt_tokens": ["usage", "prompt_tokens"],
         "completion_tokens": ["usage", "completion_tokens"],
@@ -431,14 +333,17 @@ def listener(cfg: GatewayConfig) -> dict[str, Any]:
         "use_remote_address": True,
         "xff_num_trusted_hops": cfg.xff_trusted_hops,
         # Envoy mints every request id: a client-sent x-request-id is dropped before
-        # the connection manager looks at it, so nobody can pick a ledger row's id.
+        # the connection manager looks at it, so nobody can pick a ledger row's id. The
+        # x-tessera-* facts ext_authz decides on are only ever set by the gateway itself.
         "early_header_mutation_extensions": [
             {
                 "name": "tessera.drop_client_request_id",
                 "typed_config": {
                     "@type": T
                     + "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
-                    "mutations": [{"remove": "x-request-id"}],
+                    "mutations": [
+                        {"remove": name} for name in ("x-request-id", *gateway_headers.SET_BY_GATEWAY)
+                    ],
                 },
             }
         ],

@@ -42,6 +42,7 @@ from control_plane.xds.config import (
 )
 from control_plane.xds.listener import jwt_authn_config, listener, transcoder_config
 from tessera.openai_errors import error_json
+from tessera.usage_line import token_terms
 
 __all__ = ["GatewayConfig", "XdsResources", "cluster_name", "resources_from_state"]
 
@@ -78,7 +79,7 @@ def _direct(name: str, match: dict[str, Any], code: str) -> dict[str, Any]:
 
 
 def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
-    not_inference = {"envoy.filters.http.ratelimit": DISABLED, LUA_FILTER: DISABLED, SSE_FILTER: DISABLED}
+    not_inference = {LUA_FILTER: DISABLED, SSE_FILTER: DISABLED}
     routes: list[dict[str, Any]] = [
         {
             # The admin API as REST/JSON. The control plane authenticates these callers itself.
@@ -172,12 +173,16 @@ def _timeouts(m: ModelState) -> dict[str, str]:
 
 
 def _route_meta(m: ModelState, name: str) -> dict[str, Any]:
-    """The served model for ext_authz (route_metadata_context) and ratelimit (ROUTE_ENTRY);
-    on an alias route, also for the Lua filter that renames the body's model."""
-    meta: dict[str, Any] = {ROUTE_NS: {"model": m.name}}
+    """The served model (the access log reads ``tessera:model``) and, for the Lua filter, what
+    it tells ext_authz and writes into bodies: the served model and its default max_tokens; on
+    an alias route, also the name the body's model is rewritten to."""
+    lua: dict[str, Any] = {
+        "model": m.name,
+        "default_max_tokens": token_terms(m.default_max_tokens, m.max_max_tokens)[0],
+    }
     if name != m.name:
-        meta[LUA_FILTER] = {"served_model": m.name}
-    return {"filter_metadata": meta}
+        lua["served_model"] = m.name
+    return {"filter_metadata": {ROUTE_NS: {"model": m.name}, LUA_FILTER: lua}}
 
 
 def _model_route(m: ModelState, name: str) -> dict[str, Any]:
@@ -190,9 +195,9 @@ def _model_route(m: ModelState, name: str) -> dict[str, Any]:
 
 
 def _realtime_route(m: ModelState, name: str) -> dict[str, Any]:
-    """A WebSocket upgrade to the model's backends, authenticated and rate-limited like any
-    request (ext_authz and the ratelimit descriptors read the model from this route's metadata)
-    and never retried once upgraded. The frames are not read: no body model, no SSE usage."""
+    """A WebSocket upgrade to the model's backends, authenticated and admitted like any request
+    (the Lua filter tells ext_authz the model from this route's metadata) and never retried once
+    upgraded. The frames are not read: no body model, no SSE usage."""
     return {
         "name": f"realtime:{name}",
         "match": {
@@ -208,7 +213,6 @@ def _realtime_route(m: ModelState, name: str) -> dict[str, Any]:
         },
         "typed_per_filter_config": {
             "envoy.filters.http.json_to_metadata": DISABLED,
-            LUA_FILTER: DISABLED,
             SSE_FILTER: DISABLED,
         },
     }

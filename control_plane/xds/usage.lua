@@ -1,11 +1,20 @@
--- Tessera: exact usage for every OpenAI stream, and the response status for settlement.
--- (ARCHITECTURE §2 and §4; verified design and traps: docs/usage-and-limits.md)
+-- Tessera: the facts ext_authz admits a request by, a body the backend cannot overrun, and
+-- exact usage for every OpenAI stream. Runs BEFORE ext_authz. (ARCHITECTURE §2 and §4;
+-- verified design and traps: docs/usage-and-limits.md and docs/request-path.md)
 --
--- request : on an alias route, the top-level "model" becomes the served model's name (route
---           metadata served_model; model names need no JSON escaping). A top-level
---           "stream": true without stream_options.include_usage: true (absent, false, null, {})
---           gets include_usage set, by splicing the body text (never re-serialising it);
---           ai.gw.inject:injected marks the stream.
+-- request : sets the x-tessera-* headers of tessera/gateway_headers.py (Envoy removed any a
+--           client sent): the served model (route metadata), the body's size as received
+--           (chunked bodies too), and the body's max_tokens, max_completion_tokens, n and
+--           best_of as written, which ext_authz checks against the model's cap. Top-level keys
+--           are compared decoded ("stre\u0061m" is "stream"); a body naming a key twice is
+--           refused (400 duplicate_key: parsers disagree on which one wins). A chat or
+--           completions body without max_tokens (or with null) gets the model's default
+--           written in (route metadata default_max_tokens; max_completion_tokens' value when
+--           only that is given), so the backend cannot generate more than was admitted. On an
+--           alias route, the top-level "model" becomes the served model's name. A top-level
+--           "stream": true without stream_options.include_usage: true (absent, false, null,
+--           {}) gets include_usage set. Every change splices the body text (never
+--           re-serialising it); ai.gw.inject:injected marks the stream.
 -- response: records ai.gw:status (a string, for the ratelimit stream-done descriptor); counts
 --           an SSE stream's data events into ai.gw:chunks (the usage line's estimate for a
 --           stream cut before its usage); on an injected SSE stream drops the one event with
@@ -15,9 +24,38 @@
 -- No JSON library in Envoy's Lua: a scanner finds TOP-LEVEL keys only, skipping strings
 -- (with escapes) and nested values, so a nested "stream" or message text cannot trigger it.
 
+local function utf8(cp)
+  if cp < 0x80 then return string.char(cp) end
+  if cp < 0x800 then return string.char(0xC0 + math.floor(cp / 64), 0x80 + cp % 64) end
+  return string.char(0xE0 + math.floor(cp / 4096), 0x80 + math.floor(cp / 64) % 64, 0x80 + cp % 64)
+end
+
+local SIMPLE = { b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
+
+local function decoded(k)
+  -- a JSON string's text (between the quotes) as the characters it stands for
+  if not string.find(k, "\\", 1, true) then return k end
+  local out, i, n = {}, 1, #k
+  while i <= n do
+    local c = string.sub(k, i, i)
+    if c ~= "\\" then
+      out[#out + 1] = c; i = i + 1
+    else
+      local e = string.sub(k, i + 1, i + 1)
+      if e == "u" then -- (a surrogate pair stays two code points: enough to compare key names)
+        out[#out + 1] = utf8(tonumber(string.sub(k, i + 2, i + 5), 16) or 0xFFFD); i = i + 6
+      else
+        out[#out + 1] = SIMPLE[e] or e; i = i + 2
+      end
+    end
+  end
+  return table.concat(out)
+end
+
 local function top_level(s, from)
-  -- s: text, from: index of '{'. Returns key -> {value start, value end}, index of the matching '}'
-  local keys, depth, p = {}, 0, from
+  -- s: text, from: index of '{'. Returns key -> {value start, value end}, index of the matching
+  -- '}', and the first key named twice (nil if none). Keys are decoded.
+  local keys, depth, p, twice = {}, 0, from, nil
   local expect_key, cur, vstart = false, nil, nil
   while true do
     p = string.find(s, '[{}%[%]",:]', p)
@@ -30,7 +68,11 @@ local function top_level(s, from)
         if not q then return nil end
         if string.byte(s, q) == 92 then q = q + 2 else break end
       end
-      if depth == 1 and expect_key then cur = string.sub(s, p + 1, q - 1); expect_key = false end
+      if depth == 1 and expect_key then
+        cur = decoded(string.sub(s, p + 1, q - 1)); expect_key = false
+        if keys[cur] then twice = twice or cur end
+        keys[cur] = {p, p} -- seen; its value's span is filled in at its end
+      end
       p = q + 1
     else
       if c == 123 or c == 91 then -- '{' '['
@@ -39,7 +81,7 @@ local function top_level(s, from)
       elseif c == 125 or c == 93 then -- '}' ']'
         if depth == 1 then
           if cur then keys[cur] = {vstart, p - 1} end
-          return keys, p
+          return keys, p, twice
         end
         depth = depth - 1
       elseif depth == 1 and c == 58 then -- ':'
@@ -55,71 +97,121 @@ end
 
 local function trim(x) return (string.gsub(x, "^%s*(.-)%s*$", "%1")) end
 
-local function with_usage(s)
-  -- the body asking for usage, or nil when it needs no change (or is not ours to touch)
-  local first = string.find(s, "[^ \t\r\n]")
-  if not first or string.byte(s, first) ~= 123 then return nil end
-  local keys, close = top_level(s, first)
-  if not keys or not keys["stream"] then return nil end
-  if trim(string.sub(s, keys["stream"][1], keys["stream"][2])) ~= "true" then return nil end
+-- tessera/gateway_headers.py: what ext_authz decides on (a unit test checks the names match)
+local H_MODEL, H_BODY = "x-tessera-model", "x-tessera-body-bytes"
+local FACTS = {
+  max_tokens = "x-tessera-max-tokens",
+  max_completion_tokens = "x-tessera-max-completion-tokens",
+  n = "x-tessera-n",
+  best_of = "x-tessera-best-of",
+}
+local GENERATES = { ["/v1/chat/completions"] = true, ["/v1/completions"] = true }
+
+local function stream_usage(s, keys, close, edits, appends)
+  -- a top-level "stream": true asks the upstream for usage; false when it needs no change
+  local st = keys["stream"]
+  if not st or trim(string.sub(s, st[1], st[2])) ~= "true" then return false end
   local so = keys["stream_options"]
   if not so then
-    return string.sub(s, 1, close - 1) .. ',"stream_options":{"include_usage":true}' .. string.sub(s, close)
+    appends[#appends + 1] = '"stream_options":{"include_usage":true}'
+    return true
   end
-  local v = trim(string.sub(s, so[1], so[2]))
-  if v == "null" then
-    return string.sub(s, 1, so[1] - 1) .. '{"include_usage":true}' .. string.sub(s, so[2] + 1)
+  if trim(string.sub(s, so[1], so[2])) == "null" then
+    edits[#edits + 1] = {so[1], so[2], '{"include_usage":true}'}
+    return true
   end
   local ob = string.find(s, "[^ \t\r\n]", so[1])
-  if string.byte(s, ob) ~= 123 then return nil end -- not an object: the upstream rejects it
+  if string.byte(s, ob) ~= 123 then return false end -- not an object: the upstream rejects it
   local sk, sclose = top_level(s, ob)
-  if not sk then return nil end
+  if not sk then return false end
   local cus = sk["continuous_usage_stats"]
   if cus and trim(string.sub(s, cus[1], cus[2])) == "true" then
-    return nil -- usage on every chunk: nothing to inject, nothing to strip
+    return false -- usage on every chunk: nothing to inject, nothing to strip
   end
   local iu = sk["include_usage"]
   if iu then
-    if trim(string.sub(s, iu[1], iu[2])) == "true" then return nil end
-    return string.sub(s, 1, iu[1] - 1) .. "true" .. string.sub(s, iu[2] + 1)
+    if trim(string.sub(s, iu[1], iu[2])) == "true" then return false end
+    edits[#edits + 1] = {iu[1], iu[2], "true"}
+    return true
   end
   local empty = string.find(string.sub(s, ob + 1, sclose - 1), "[^ \t\r\n]") == nil
-  return string.sub(s, 1, sclose - 1) .. (empty and '"include_usage":true' or ',"include_usage":true')
-    .. string.sub(s, sclose)
+  edits[#edits + 1] = {sclose, sclose - 1, empty and '"include_usage":true' or ',"include_usage":true'}
+  return true
 end
 
-local function with_model(s, served)
-  -- the body naming the served model instead of the alias the caller used (route metadata)
-  local first = string.find(s, "[^ \t\r\n]")
-  if not first or string.byte(s, first) ~= 123 then return nil end
-  local keys = top_level(s, first)
-  if not keys or not keys["model"] then return nil end
-  local m = keys["model"]
-  return string.sub(s, 1, m[1] - 1) .. '"' .. served .. '"' .. string.sub(s, m[2] + 1)
+local function spliced(s, close, edits, appends)
+  -- s with each edit {first, last, text} (last = first - 1 inserts) and the appends before '}'
+  if #appends > 0 then
+    local empty = string.find(string.sub(s, 2, close - 1), "[^ \t\r\n]") == nil -- '{' is s[first]
+    edits[#edits + 1] = {close, close - 1, (empty and "" or ",") .. table.concat(appends, ",")}
+  end
+  table.sort(edits, function(a, b) return a[1] > b[1] end)
+  for _, e in ipairs(edits) do
+    s = string.sub(s, 1, e[1] - 1) .. e[3] .. string.sub(s, e[2] + 1)
+  end
+  return s
+end
+
+local function refuse_duplicate(h, key)
+  local named = string.match(key, "^[%w_]+$") and (" '" .. key .. "'") or ""
+  h:respond({[":status"] = "400", ["content-type"] = "application/json"},
+    '{"error":{"message":"The request body names the key' .. named .. ' more than once.",'
+    .. '"type":"invalid_request_error","code":"duplicate_key","param":'
+    .. (named ~= "" and ('"' .. key .. '"') or "null") .. '}}')
 end
 
 function envoy_on_request(h)
-  if h:headers():get(":method") ~= "POST" then return end
-  local ct = h:headers():get("content-type") or ""
-  if not string.find(ct, "application/json", 1, true) then return end
-  local body = h:body() -- buffered already by json_to_metadata; bounded by the body-size limit
-  if not body then return end
-  local n = body:length()
-  if n == 0 then return end
+  local hd = h:headers()
+  local route = h:metadata() -- this route's metadata for the Lua filter (model routes only)
+  local model = route:get("model")
+  if model then hd:replace(H_MODEL, model) end
+  if hd:get(":method") ~= "POST" then return end
+  local body = h:body() -- the whole body (json_to_metadata buffered it); bounded by the size limit
+  -- handles taken before the body was read are out of scope now: take them again
+  hd, route = h:headers(), h:metadata()
+  local n = body and body:length() or 0
+  hd:replace(H_BODY, tostring(n)) -- as received: chunked bodies have no content-length
+  if n == 0 or not string.find(hd:get("content-type") or "", "application/json", 1, true) then return end
   local s = body:getBytes(0, n)
-  local served = h:metadata():get("served_model") -- set on alias routes only
-  local renamed = served and with_model(s, served) or s
-  local nb = with_usage(renamed)
-  if nb then
-    h:streamInfo():dynamicMetadata():set("ai.gw.inject", "injected", true)
-  else
-    nb = renamed
+  local first = string.find(s, "[^ \t\r\n]")
+  if not first or string.byte(s, first) ~= 123 then return end
+  local keys, close, twice = top_level(s, first)
+  if not keys then return end -- not JSON: json_to_metadata routes it to invalid_json
+  if twice then return refuse_duplicate(h, twice) end
+  if first ~= 1 then s, close = string.sub(s, first), close - first + 1; keys, close = top_level(s, 1) end
+  local function value(k)
+    local v = keys[k]
+    return v and trim(string.sub(s, v[1], v[2])) or nil
   end
-  if nb == s then return end
+  local meta = h:streamInfo():dynamicMetadata()
+  local edits, appends = {}, {}
+  local served = route:get("served_model") -- alias routes: the body names the served model
+  if served and keys["model"] then edits[#edits + 1] = {keys["model"][1], keys["model"][2], '"' .. served .. '"'} end
+  for key, header in pairs(FACTS) do
+    local v = value(key)
+    if v then hd:replace(header, v) end
+  end
+  local mt, mct = value("max_tokens"), value("max_completion_tokens")
+  local limit = mct or mt
+  if GENERATES[string.match(hd:get(":path") or "", "^[^?]*")] and (mt == nil or mt == "null") then
+    local default = route:get("default_max_tokens")
+    local put = (mct and string.match(mct, "^%d+$")) or (default and string.format("%d", default))
+    if put then
+      if mt == "null" then
+        edits[#edits + 1] = {keys["max_tokens"][1], keys["max_tokens"][2], put}
+      else
+        appends[#appends + 1] = '"max_tokens":' .. put
+      end
+      hd:replace(FACTS.max_tokens, put)
+      limit = mct or put
+    end
+  end
+  if limit then meta:set("ai.gw", "max_tokens", limit) end -- the usage line's estimate
+  if stream_usage(s, keys, close, edits, appends) then meta:set("ai.gw.inject", "injected", true) end
+  if #edits == 0 and #appends == 0 then return end
+  local nb = spliced(s, close, edits, appends)
   body:setBytes(nb)
-  if h:headers():get("content-length") then
-    h:headers():replace("content-length", tostring(#nb))
-  end
+  if hd:get("content-length") then hd:replace("content-length", tostring(#nb)) end
 end
 
 local function is_usage_event(e)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from ratelimit.backends.base import (
     BUDGET,
+    EXACT_LOG_MAX,
     LOG,
+    LOG_BUCKETS,
     SLOTS,
+    AcquireCall,
     Acquisition,
     CounterBackend,
     CounterRequest,
     CounterState,
+    SettleCall,
     Settlement,
     counter_key,
 )
@@ -21,14 +25,18 @@ from tessera.settings import redact_url
 
 __all__ = [
     "BUDGET",
+    "EXACT_LOG_MAX",
     "LOG",
+    "LOG_BUCKETS",
     "SLOTS",
+    "AcquireCall",
     "Acquisition",
     "CounterBackend",
     "CounterRequest",
     "CounterState",
     "MemoryCounterBackend",
     "RedisCounterBackend",
+    "SettleCall",
     "Settlement",
     "counter_key",
     "is_memory_url",

@@ -1,18 +1,31 @@
 """The counter storage interface. Three kinds of counter share one atomic ``acquire``:
 
-- ``LOG`` (request limits): an exact rolling window (sliding log). A counter admits at most
-  ``limit`` hits in ANY interval of ``window_seconds``; an entry recorded at ``t`` counts
-  while ``now < t + window_seconds``.
+- ``LOG`` (request limits): a rolling window that never admits more than ``limit`` hits in
+  ANY interval of ``window_seconds``. Up to ``EXACT_LOG_MAX`` it is exact (a sliding log: a
+  hit recorded at ``t`` counts while ``now < t + window_seconds``). Above it, the window is
+  split into ``LOG_BUCKETS`` buckets of ``window_seconds / LOG_BUCKETS`` and a hit counts
+  from its bucket's end, so for at least ``window_seconds`` and at most one bucket longer: it
+  may refuse up to one bucket early, never admit late. A key holds at most
+  ``EXACT_LOG_MAX + 1`` entries (exact) or ``LOG_BUCKETS + 1`` (bucketed), whatever the
+  traffic and the limit (plus, for one window after its limit or window changed, those
+  recorded before: the count carries over, rounded up, never down).
 - ``BUDGET`` (tokens, spend; requests per calendar month): a level that starts at ``limit``.
   With ``window_seconds > 0`` it is a token bucket refilled at ``limit / window_seconds`` per
   second up to ``limit``; with ``window_seconds == 0`` it is a calendar budget: it is full
   again whenever ``period`` changes (the caller passes the current month's id). A hit of
   ``hits`` fits while the level is at least ``hits``, and lowers it. With ``reserve`` the
-  amount is also recorded as the reservation of ``request_id``: ``settle`` later replaces it
-  by the real amount (returning or adding the difference; the level may go below zero), and
-  a reservation not settled within ``lease_seconds`` is released (given back) by a later call.
-- ``SLOTS`` (concurrency): at most ``limit`` request ids hold a slot; a slot is released by
-  ``settle`` or when its lease expires.
+  amount is also recorded as the reservation of ``request_id``. ``settle`` replaces a
+  reservation that is still held by the real amount (returning or adding the difference; the
+  level may go below zero) and is otherwise a no-op: settling twice, settling a request that
+  never reserved (or was refused), or settling after the lease released it changes nothing.
+  A reservation not settled within ``lease_seconds`` is given back by a later call.
+- ``SLOTS`` (concurrency): at most ``limit`` request ids hold a slot; a slot is freed by
+  ``settle`` (a no-op when not held) or when its lease expires.
+
+Leases are released in the order they were taken, by later calls, at O(1) amortised cost
+per call: the lease is one setting of the caller, so taking order is expiry order. If the
+lease changes between calls, a lease ends no earlier than its expiry, but the in-process
+backend may release it only once the leases taken before it have ended too.
 
 Shared rules (``tests/contract/test_counter_backends.py``):
 
@@ -21,8 +34,15 @@ Shared rules (``tests/contract/test_counter_backends.py``):
   its hit. A refused call records nothing anywhere. A non-enforced (shadow) counter never
   refuses, and records only what an enforced one would have recorded, so it simulates the
   enforced limit exactly.
+- ``force`` (an admission already let through, e.g. by ext_authz failing open) admits the
+  call whatever the counters say, and every counter records its hit even over its limit (a
+  budget's level goes below zero, slots and logs above the limit). The states still report
+  ``over`` and ``retry_after`` as an unforced call would have seen them.
+- ``acquire_many`` / ``settle_many`` run a batch of calls in order, each one atomic on its
+  own, with one round trip to shared storage; the single-call methods are a batch of one.
 - Keys within one call are distinct (the caller deduplicates).
-- Infrastructure failures raise ``StorageError``; a full counter is a result, never an error.
+- Infrastructure failures raise ``StorageError`` (or return it, in the batch methods); a full
+  counter is a result, never an error.
 """
 
 from __future__ import annotations
@@ -31,9 +51,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from tessera.errors import StorageError
+
 LOG: Final = 1
 BUDGET: Final = 2
 SLOTS: Final = 3
+
+EXACT_LOG_MAX: Final = 128
+"""The largest LOG limit kept as an exact sliding log; above it the log is bucketed."""
+LOG_BUCKETS: Final = 60
+"""Buckets per window of a bucketed LOG counter."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,16 +107,46 @@ class Acquisition:
     """One per requested counter, in request order."""
 
 
+@dataclass(frozen=True, slots=True)
+class AcquireCall:
+    """One ``acquire`` of a batch."""
+
+    counters: Sequence[CounterRequest]
+    request_id: str = ""
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SettleCall:
+    """One ``settle`` of a batch."""
+
+    settlements: Sequence[Settlement]
+    request_id: str
+
+
 class CounterBackend(Protocol):
     async def acquire(
-        self, counters: Sequence[CounterRequest], *, request_id: str = "", lease_seconds: float = 0.0
+        self,
+        counters: Sequence[CounterRequest],
+        *,
+        request_id: str = "",
+        lease_seconds: float = 0.0,
+        force: bool = False,
     ) -> Acquisition:
         """Check and record all ``counters`` atomically (see the module contract)."""
+
+    async def acquire_many(
+        self, calls: Sequence[AcquireCall], *, lease_seconds: float
+    ) -> list[Acquisition | StorageError]:
+        """One result per call, in order; a failure of the whole batch fills every slot."""
 
     async def settle(
         self, settlements: Sequence[Settlement], *, request_id: str, lease_seconds: float = 900.0
     ) -> None:
-        """Settle ``request_id``'s reservations and free its slots (idempotent per counter)."""
+        """Settle ``request_id``'s held reservations and free its slots (a no-op when none)."""
+
+    async def settle_many(self, calls: Sequence[SettleCall], *, lease_seconds: float) -> StorageError | None:
+        """Settle every call, in order; the first failure, if any."""
 
     async def close(self) -> None:
         """Release connections; the backend is unusable afterwards."""

@@ -2,41 +2,81 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 from ratelimit.backends.base import (
     BUDGET,
+    EXACT_LOG_MAX,
     LOG,
+    LOG_BUCKETS,
     SLOTS,
+    AcquireCall,
     Acquisition,
     CounterRequest,
     CounterState,
+    SettleCall,
     Settlement,
 )
 from tessera.clock import SYSTEM_CLOCK, Clock
+from tessera.errors import StorageError
 
 SLOT_RETRY_SECONDS = 1.0  # a slot frees when a stream ends: there is no better hint
+LOG_KEEP = EXACT_LOG_MAX + 1
+"""An exact log keeps its newest LOG_KEEP hits: with more, the oldest leave while the counter is
+still full (at least LOG_KEEP >= limit + 1 remain), so dropping them changes no decision."""
 
 
 class _Log:
-    __slots__ = ("stamps", "window")
+    """(time, hits) in time order: exact call times, or bucket ends for a bucketed log."""
+
+    __slots__ = ("entries", "total", "window")
 
     def __init__(self, window: float) -> None:
-        self.stamps: deque[float] = deque()
+        self.entries: deque[tuple[float, int]] = deque()
+        self.total = 0
         self.window = window
+
+    def expire(self, window: float, now: float) -> int:
+        entries = self.entries
+        while entries and entries[0][0] + window <= now:
+            self.total -= entries.popleft()[1]
+        return self.total
+
+    def record(self, t: float, hits: int) -> None:
+        entries = self.entries
+        if entries and entries[-1][0] >= t:  # same time or bucket (or a later one: keep the order)
+            last, n = entries[-1]
+            entries[-1] = (last, n + hits)
+        else:
+            entries.append((t, hits))
+        self.total += hits
+
+    def trim(self, keep: int) -> None:
+        """Forget the oldest hits beyond the newest ``keep``."""
+        entries, excess = self.entries, self.total - keep
+        while excess > 0:
+            t, n = entries[0]
+            if n > excess:
+                entries[0] = (t, n - excess)
+                self.total -= excess
+                return
+            entries.popleft()
+            self.total -= n
+            excess -= n
 
 
 class _Budget:
-    __slots__ = ("level", "limit", "period", "reservations", "settled", "t")
+    __slots__ = ("level", "limit", "period", "reservations", "t")
 
     def __init__(self, limit: int, now: float, period: int) -> None:
         self.level = float(limit)
         self.limit = limit
         self.t = now
         self.period = period
-        self.reservations: dict[str, tuple[int, float]] = {}  # request id -> (amount, expiry)
-        self.settled: dict[str, float] = {}  # request id -> expiry (a second settle is a no-op)
+        # request id -> (amount, expiry), in the order taken: the oldest lease ends first
+        self.reservations: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     def refresh(self, limit: int, window: float, period: int, now: float) -> None:
         """Refill (or start the new calendar period), then release expired reservations."""
@@ -48,18 +88,18 @@ class _Budget:
         elif period > self.period:  # only forward: replicas' clocks may straddle a month's end
             self.level, self.period = float(limit), period
         self.t = now
-        for rid, (amount, expiry) in list(self.reservations.items()):
-            if expiry <= now:
-                del self.reservations[rid]
-                self.level = min(float(limit), self.level + amount)
-        for rid, expiry in list(self.settled.items()):
-            if expiry <= now:
-                del self.settled[rid]
+        reservations = self.reservations
+        while reservations:
+            rid, (amount, expiry) = next(iter(reservations.items()))
+            if expiry > now:
+                break
+            del reservations[rid]
+            self.level = min(float(limit), self.level + amount)
 
 
 class MemoryCounterBackend:
-    """A deque of admission times per LOG key, a level per BUDGET key, leases per SLOTS key,
-    on the injected monotonic clock (calendar periods come from the caller).
+    """Per key: a ``_Log`` (LOG), a level and its reservations (BUDGET), or the slots held
+    (SLOTS), on the injected monotonic clock (calendar periods come from the caller).
 
     Idle LOG keys are dropped once their newest entry has left the window. Keys are kept in one
     insertion-ordered dict per window length, refreshed on every record, so each dict is in
@@ -72,36 +112,81 @@ class MemoryCounterBackend:
         self._logs: dict[str, _Log] = {}
         self._by_window: dict[float, OrderedDict[str, None]] = {}
         self._budgets: dict[str, _Budget] = {}
-        self._slots: dict[str, dict[str, float]] = {}  # key -> request id -> lease expiry
+        self._slots: dict[str, OrderedDict[str, float]] = {}  # key -> request id -> lease expiry
 
     def __len__(self) -> int:
         return len(self._logs)
 
+    def entries(self, key: str) -> int:
+        """What ``key`` holds: log entries, reservations, or slots (for tests and benchmarks)."""
+        if (log := self._logs.get(key)) is not None:
+            return len(log.entries)
+        if (budget := self._budgets.get(key)) is not None:
+            return len(budget.reservations)
+        return len(self._slots.get(key, ()))
+
     async def acquire(
-        self, counters: Sequence[CounterRequest], *, request_id: str = "", lease_seconds: float = 0.0
+        self,
+        counters: Sequence[CounterRequest],
+        *,
+        request_id: str = "",
+        lease_seconds: float = 0.0,
+        force: bool = False,
     ) -> Acquisition:
-        # No await below: the whole call is atomic on the event loop.
         now = self._clock.monotonic()
         self._sweep(now)
-        used: list[float] = []  # LOG: entries in window; BUDGET: level; SLOTS: slots held
-        admitted = True
-        for c in counters:
-            value = self._current(c, now)
-            used.append(value)
-            if c.enforced and _over(c, value):
-                admitted = False
+        return self._acquire(counters, request_id, force, lease_seconds, now)
+
+    async def acquire_many(
+        self, calls: Sequence[AcquireCall], *, lease_seconds: float
+    ) -> list[Acquisition | StorageError]:
+        now = self._clock.monotonic()
+        self._sweep(now)
+        return [self._acquire(c.counters, c.request_id, c.force, lease_seconds, now) for c in calls]
+
+    async def settle(
+        self,
+        settlements: Sequence[Settlement],
+        *,
+        request_id: str,
+        lease_seconds: float = 900.0,  # noqa: ARG002 - the shared signature: no settle marker to keep
+    ) -> None:
+        self._settle(settlements, request_id, self._clock.monotonic())
+
+    async def settle_many(
+        self,
+        calls: Sequence[SettleCall],
+        *,
+        lease_seconds: float,  # noqa: ARG002 - the shared signature
+    ) -> StorageError | None:
+        now = self._clock.monotonic()
+        for call in calls:
+            self._settle(call.settlements, call.request_id, now)
+        return None
+
+    async def close(self) -> None:
+        self._logs.clear()
+        self._by_window.clear()
+        self._budgets.clear()
+        self._slots.clear()
+
+    # No await below: each call (and each batch) is atomic on the event loop.
+
+    def _acquire(
+        self, counters: Sequence[CounterRequest], request_id: str, force: bool, lease: float, now: float
+    ) -> Acquisition:
+        values = [self._current(c, now) for c in counters]  # LOG: hits in window; BUDGET: level; SLOTS: held
+        overs = [_over(c, value) for c, value in zip(counters, values, strict=True)]
+        admitted = force or not any(over and c.enforced for c, over in zip(counters, overs, strict=True))
         states: list[CounterState] = []
-        for c, value in zip(counters, used, strict=True):
-            if _over(c, value):
-                states.append(
-                    CounterState(
-                        over=True,
-                        remaining=_remaining(c, value),
-                        retry_after=self._retry_after(c, value, now),
-                    )
-                )
+        for c, value, over in zip(counters, values, overs, strict=True):
+            if over:
+                retry = self._retry_after(c, value, now)
+                states.append(CounterState(over=True, remaining=_remaining(c, value), retry_after=retry))
+                if force:
+                    self._record(c, now, request_id, lease)
             elif admitted:
-                self._record(c, now, request_id, lease_seconds)
+                self._record(c, now, request_id, lease)
                 states.append(
                     CounterState(over=False, remaining=_remaining(c, value, after=True), retry_after=0.0)
                 )
@@ -109,27 +194,20 @@ class MemoryCounterBackend:
                 states.append(CounterState(over=False, remaining=_remaining(c, value), retry_after=0.0))
         return Acquisition(admitted, tuple(states))
 
-    async def settle(
-        self, settlements: Sequence[Settlement], *, request_id: str, lease_seconds: float = 900.0
-    ) -> None:
-        now = self._clock.monotonic()
+    def _settle(self, settlements: Sequence[Settlement], request_id: str, now: float) -> None:
         for s in settlements:
             if s.kind == SLOTS:
-                self._slots.get(s.key, {}).pop(request_id, None)
+                if (held := self._slots.get(s.key)) is not None:
+                    held.pop(request_id, None)
                 continue
-            budget = self._budget(s.key, s.limit, s.window_seconds, s.period, now)
-            if request_id in budget.settled:
-                continue
-            reserved, expiry = budget.reservations.pop(request_id, (0, now))
-            actual = reserved if s.actual is None else s.actual
-            budget.level = min(float(s.limit), budget.level + reserved - actual)
-            budget.settled[request_id] = max(expiry, now) + lease_seconds
-
-    async def close(self) -> None:
-        self._logs.clear()
-        self._by_window.clear()
-        self._budgets.clear()
-        self._slots.clear()
+            budget = self._budgets.get(s.key)
+            if budget is None or request_id not in budget.reservations:
+                continue  # nothing held: already settled, never reserved, or released
+            budget.refresh(s.limit, s.window_seconds, s.period, now)
+            reserved = budget.reservations.pop(request_id, None)
+            if reserved is not None:  # not released by its lease just now
+                actual = reserved[0] if s.actual is None else s.actual
+                budget.level = min(float(s.limit), budget.level + reserved[0] - actual)
 
     def _current(self, c: CounterRequest, now: float) -> float:
         if c.kind == BUDGET:
@@ -138,18 +216,14 @@ class MemoryCounterBackend:
             held = self._slots.get(c.key)
             if held is None:
                 return 0
-            for rid, expiry in list(held.items()):
-                if expiry <= now:
-                    del held[rid]
+            while held:
+                rid, expiry = next(iter(held.items()))
+                if expiry > now:
+                    break
+                del held[rid]
             return len(held)
         log = self._logs.get(c.key)
-        if log is None:
-            return 0
-        stamps = log.stamps
-        edge = now - c.window_seconds
-        while stamps and stamps[0] <= edge:
-            stamps.popleft()
-        return len(stamps)
+        return 0 if log is None else log.expire(c.window_seconds, now)
 
     def _budget(self, key: str, limit: int, window: float, period: int, now: float) -> _Budget:
         budget = self._budgets.get(key)
@@ -163,12 +237,14 @@ class MemoryCounterBackend:
             return _budget_retry(c, value, self._clock.now())
         if c.kind == SLOTS:
             return SLOT_RETRY_SECONDS
-        count = int(value)
-        # The entry that must leave before `hits` fit: index count + hits - limit - 1, oldest first.
-        index = count + c.hits - c.limit - 1
-        if index >= count:  # more hits than the limit: never admissible, report a full window
+        if c.hits > c.limit:  # never admissible: report a full window
             return float(c.window_seconds)
-        return self._logs[c.key].stamps[index] + c.window_seconds - now
+        need = int(value) + c.hits - c.limit  # hits that must leave, oldest first
+        for t, n in self._logs[c.key].entries:
+            need -= n
+            if need <= 0:
+                return t + c.window_seconds - now
+        return float(c.window_seconds)  # unreachable: over means more than `need` are held
 
     def _record(self, c: CounterRequest, now: float, request_id: str, lease: float) -> None:
         if c.kind == BUDGET:
@@ -176,15 +252,28 @@ class MemoryCounterBackend:
             budget.level -= c.hits
             if c.reserve and request_id:
                 budget.reservations[request_id] = (c.hits, now + lease)
+                budget.reservations.move_to_end(request_id)
             return
         if c.kind == SLOTS:
-            self._slots.setdefault(c.key, {})[request_id] = now + lease
+            held = self._slots.get(c.key)
+            if held is None:
+                held = self._slots[c.key] = OrderedDict()
+            held[request_id] = now + lease
+            held.move_to_end(request_id)
+            return
+        if c.hits <= 0:
             return
         log = self._logs.get(c.key)
         if log is None:
             log = self._logs[c.key] = _Log(c.window_seconds)
+        if c.limit > EXACT_LOG_MAX and c.window_seconds > 0:
+            width = c.window_seconds / LOG_BUCKETS
+            log.record((math.floor(now / width) + 1) * width, c.hits)  # the bucket's end
+        else:
+            log.record(now, c.hits)
+            if log.total > LOG_KEEP:  # only forced hits go over an exact limit
+                log.trim(LOG_KEEP)
         log.window = c.window_seconds  # a changed window moves the key to its new group
-        log.stamps.extend([now] * c.hits)
         order = self._by_window.get(c.window_seconds)
         if order is None:
             order = self._by_window[c.window_seconds] = OrderedDict()
@@ -197,7 +286,7 @@ class MemoryCounterBackend:
                 key = next(iter(order))
                 log = self._logs.get(key)
                 if log is not None and log.window == window:
-                    if log.stamps and log.stamps[-1] + window > now:
+                    if log.entries and log.entries[-1][0] + window > now:
                         break
                     del self._logs[key]
                 order.popitem(last=False)

@@ -10,18 +10,24 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import redis.asyncio as aioredis
 
 from ratelimit.backends import (
     BUDGET,
+    EXACT_LOG_MAX,
+    LOG,
+    LOG_BUCKETS,
     SLOTS,
+    AcquireCall,
+    Acquisition,
     CounterBackend,
     CounterRequest,
     MemoryCounterBackend,
     RedisCounterBackend,
+    SettleCall,
     Settlement,
     counter_key,
     make_backend,
@@ -37,9 +43,11 @@ WINDOW = 1.0
 class Harness:
     backend: CounterBackend
     advance: Callable[[float], Awaitable[None]]
+    clock: Callable[[], float]  # the time the backend decides by (memory: fake; Redis: this host's)
+    size: Callable[[str, int], Awaitable[int]]  # entries a key holds: log entries, reservations, slots
 
-    async def hit(self, *counters: CounterRequest):
-        return await self.backend.acquire(list(counters))
+    async def hit(self, *counters: CounterRequest, force: bool = False):
+        return await self.backend.acquire(list(counters), force=force)
 
 
 def req(key: str = "L1", limit: int = 3, *, enforced: bool = True, hits: int = 1, window: float = WINDOW):
@@ -55,14 +63,30 @@ async def harness(request):
             clock.advance(seconds)
 
         backend = MemoryCounterBackend(clock)
-        yield Harness(backend, advance)
+
+        async def memory_size(key: str, kind: int) -> int:
+            return backend.entries(key)
+
+        yield Harness(backend, advance, clock.monotonic, memory_size)
         await backend.close()
         return
     prefix = f"tessera:test:{uuid.uuid4().hex}:rl:"
     backend = RedisCounterBackend(REDIS_URL, prefix=prefix)
-    yield Harness(backend, asyncio.sleep)
-    await backend.close()
     client = aioredis.Redis.from_url(REDIS_URL)
+
+    async def redis_size(key: str, kind: int) -> int:
+        base = prefix + key
+        if kind == LOG:
+            return await client.hlen(base)
+        if kind == SLOTS:
+            return await client.zcard(base)
+        reserved = [f for f in await client.hkeys(base) if f.startswith(b"r:")]
+        assert await client.zcard(base + ":idx") == len(reserved)  # each reservation has one lease
+        assert await client.hlen(base) - len(reserved) in {0, 4}  # level, t, period, limit: no markers
+        return len(reserved)
+
+    yield Harness(backend, asyncio.sleep, time.time, redis_size)
+    await backend.close()
     try:
         keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
         if keys:
@@ -300,16 +324,26 @@ async def test_budget_reserve_then_settle_returns_the_unused_part(harness):
     assert again.states[0].remaining == 40
 
 
-async def test_settling_twice_changes_nothing_and_an_unknown_reservation_charges_the_actual(harness):
+async def test_only_a_held_reservation_is_settled(harness):
     b = harness.backend
     await b.acquire([budget(hits=30)], request_id="r1", lease_seconds=60)
-    await b.settle([settlement(actual=50)], request_id="r1")  # 20 more than reserved
+    await b.settle([settlement(actual=50)], request_id="r1")  # 20 more than reserved: level 50
     await b.settle([settlement(actual=50)], request_id="r1")  # a repeat: no-op
-    await b.settle([settlement(actual=None)], request_id="r9")  # nothing reserved, nothing known
+    await b.settle([settlement(actual=45)], request_id="r9")  # never reserved: no-op
+    await b.settle([settlement(actual=None)], request_id="r9")
+    refused = await b.acquire([budget(hits=60)], request_id="r2", lease_seconds=60)
+    assert not refused.admitted
+    await b.settle([settlement(actual=10)], request_id="r2")  # refused: nothing reserved, no-op
     state = await b.acquire([budget(hits=0)], request_id="probe", lease_seconds=60)
     assert state.states[0].remaining == 50
-    await b.settle([settlement(actual=45)], request_id="late")  # its reservation is gone: charge it
-    assert (await b.acquire([budget(hits=6)], request_id="r3", lease_seconds=60)).admitted is False
+    assert await harness.size(counter_key("t1", "B1"), BUDGET) == 1  # only the probe's (of 0)
+
+
+async def test_settling_an_unknown_counter_creates_nothing(harness):
+    await harness.backend.settle([settlement(key="never", actual=5)], request_id="r1")
+    await harness.backend.settle([Settlement(counter_key("t1", "C9"), SLOTS, 1, 0.0)], request_id="r1")
+    state = await harness.backend.acquire([budget(key="never", hits=0)], request_id="p", lease_seconds=60)
+    assert state.states[0].remaining == 100
 
 
 async def test_usage_above_the_reservation_puts_the_budget_in_debt(harness):
@@ -402,3 +436,269 @@ async def test_a_settled_month_budget_lives_until_its_month_ends():
     finally:
         await client.aclose()
         await backend.close()
+
+
+# --- cost and memory independent of traffic: leases in order, bounded logs ---------------------
+
+BUCKET = WINDOW / LOG_BUCKETS
+
+
+async def test_leases_end_in_order_and_settled_requests_leave_nothing(harness):
+    b = harness.backend
+    slot = CounterRequest(counter_key("t1", "C1"), 50, 0.0, kind=SLOTS)
+    log = req("L1", limit=10_000)
+    for i in range(40):
+        result = await b.acquire([budget(hits=1), slot, log], request_id=f"r{i}", lease_seconds=60)
+        assert result.admitted
+        await b.settle([settlement(actual=1), Settlement(slot.key, SLOTS, 50, 0.0)], request_id=f"r{i}")
+    assert await harness.size(counter_key("t1", "B1"), BUDGET) == 0
+    assert await harness.size(slot.key, SLOTS) == 0
+    assert await harness.size(log.key, LOG) <= 2  # 40 hits within one or two buckets
+    for i in range(5):  # never settled: released by later calls once their lease ends
+        await b.acquire([budget(hits=10), slot], request_id=f"lost{i}", lease_seconds=0.2)
+    kept = await b.acquire([budget(hits=10), slot], request_id="kept", lease_seconds=60)
+    assert kept.states[0].remaining == 100 - 40 - 60
+    assert await harness.size(counter_key("t1", "B1"), BUDGET) == 6
+    await harness.advance(0.3)
+    probe = await b.acquire([budget(hits=0), slot], request_id="probe", lease_seconds=60)
+    assert probe.states[0].remaining == 100 - 40 - 10  # the 5 lost reservations came back
+    assert probe.states[1].remaining == 50 - 2  # "kept" and "probe" hold a slot
+    assert await harness.size(counter_key("t1", "B1"), BUDGET) == 2  # "kept" and "probe" (of 0)
+    assert await harness.size(slot.key, SLOTS) == 2
+
+
+async def test_a_large_limit_admits_exactly_n_then_refuses(harness):
+    for expected in range(900, -1, -100):
+        result = await harness.hit(req(limit=1000, hits=100))
+        assert result.admitted
+        assert result.states[0].remaining == expected
+    refused = await harness.hit(req(limit=1000))
+    assert not refused.admitted
+    assert refused.states[0].over
+    assert refused.states[0].remaining == 0
+    assert 0 < refused.states[0].retry_after <= WINDOW + BUCKET + 0.001
+    too_many = await harness.hit(req(limit=1000, hits=1001))
+    assert too_many.states[0].retry_after == pytest.approx(WINDOW)
+    await harness.advance(WINDOW + BUCKET + 0.05)  # at most one bucket late
+    again = await harness.hit(req(limit=1000, hits=1000))
+    assert again.admitted
+    assert again.states[0].remaining == 0
+
+
+async def test_a_large_limit_never_admits_more_than_n_in_any_window_and_stays_small(harness):
+    limit, hits, step = 650, 7, 0.01
+    admitted: list[float] = []  # the time of each admitted call
+    refused = largest = 0
+    for _ in range(130):  # 1.3 windows, up to 3 calls a step: the limit stays saturated
+        for _ in range(3):
+            at = harness.clock()
+            result = await harness.hit(req(limit=limit, hits=hits))
+            if not result.admitted:
+                refused += 1
+                assert 0 < result.states[0].retry_after <= WINDOW + BUCKET + 0.001
+                break
+            admitted.append(at)
+        largest = max(largest, await harness.size(counter_key("t1", "L1"), LOG))
+        await harness.advance(step)
+    slack = 0.0 if isinstance(harness.backend, MemoryCounterBackend) else 0.002  # Redis's clock
+    for i, end in enumerate(admitted):
+        in_window = [t for t in admitted[: i + 1] if t > end - WINDOW + slack]
+        assert len(in_window) * hits <= limit
+    assert refused > 0
+    assert len(admitted) * hits > limit  # the window slid: old hits left, new ones got in
+    assert 20 <= largest <= LOG_BUCKETS + 1
+
+
+async def test_a_large_limit_counts_each_hit_for_a_full_window(harness):
+    await harness.advance(BUCKET / 2)  # memory: mid-bucket (Redis: wherever its clock is)
+    start = harness.clock()
+    assert (await harness.hit(req(limit=1000, hits=1000))).admitted
+    margin = 0.001 if isinstance(harness.backend, MemoryCounterBackend) else 0.01
+    await harness.advance(start + WINDOW - margin - harness.clock())
+    assert not (await harness.hit(req(limit=1000))).admitted
+
+
+async def test_changing_a_limit_across_the_exact_bound_keeps_the_count(harness):
+    assert (await harness.hit(req(limit=EXACT_LOG_MAX, hits=100))).admitted
+    raised = await harness.hit(req(limit=1000))  # now bucketed: the exact hits carry over
+    assert raised.admitted
+    assert raised.states[0].remaining == 1000 - 101
+    lowered = await harness.hit(req(limit=EXACT_LOG_MAX, hits=EXACT_LOG_MAX - 100))  # exact again
+    assert not lowered.admitted
+    assert lowered.states[0].remaining == EXACT_LOG_MAX - 101
+
+
+async def test_an_exact_log_stays_small_under_forced_hits(harness):
+    for _ in range(200):
+        assert (await harness.hit(req(limit=5), force=True)).admitted
+        await harness.advance(0.001)
+    assert await harness.size(counter_key("t1", "L1"), LOG) <= EXACT_LOG_MAX + 1
+    refused = await harness.hit(req(limit=5))
+    assert not refused.admitted
+    assert refused.states[0].retry_after > 0.5  # the newest forced hits leave last
+    await harness.advance(WINDOW)
+    assert (await harness.hit(req(limit=5))).admitted
+
+
+# --- forced admissions (ext_authz failed open): counted even over the limit ---------------------
+
+
+async def test_forced_hits_are_admitted_and_counted_over_the_limit(harness):
+    exact, bucketed, shadow = req("E", limit=2), req("B", limit=200), req("S", limit=1, enforced=False)
+    assert (await harness.hit(exact, replace(bucketed, hits=200), shadow)).admitted
+    assert (await harness.hit(exact)).admitted
+    await harness.advance(0.5)
+    forced = await harness.hit(exact, replace(bucketed, hits=100), shadow, force=True)
+    assert forced.admitted
+    assert [s.over for s in forced.states] == [True, True, True]  # reported as an unforced call sees it
+    assert [s.remaining for s in forced.states] == [0, 0, 0]
+    assert all(s.retry_after > 0 for s in forced.states)
+    assert not (await harness.hit(exact)).admitted
+    await harness.advance(0.55)  # the first hits left; the forced ones (at 0.5) still count
+    assert not (await harness.hit(replace(exact, hits=2))).admitted
+    assert not (await harness.hit(replace(bucketed, hits=101))).admitted
+    assert (await harness.hit(exact)).admitted
+    assert (await harness.hit(replace(bucketed, hits=100))).admitted
+    assert (await harness.hit(shadow)).states[0].over
+
+
+async def test_a_forced_budget_goes_into_debt_and_forced_slots_exceed_the_limit(harness):
+    b = harness.backend
+    assert (await b.acquire([budget(hits=60)], request_id="r1", lease_seconds=60)).admitted
+    forced = await b.acquire([budget(hits=60)], request_id="r2", lease_seconds=60, force=True)
+    assert forced.admitted
+    assert forced.states[0].over
+    assert forced.states[0].remaining == 40
+    assert forced.states[0].retry_after > 3600
+    assert not (await b.acquire([budget(hits=0)], request_id="p", lease_seconds=60)).admitted  # level -20
+    await b.settle([settlement(actual=0)], request_id="r2")  # the forced reservation is held too
+    back = await b.acquire([budget(hits=0)], request_id="p", lease_seconds=60)
+    assert back.states[0].remaining == 40
+
+    slot = CounterRequest(counter_key("t1", "C1"), 1, 0.0, kind=SLOTS)
+    release = Settlement(slot.key, SLOTS, 1, 0.0)
+    assert (await b.acquire([slot], request_id="s1", lease_seconds=60)).admitted
+    forced_slot = await b.acquire([slot], request_id="s2", lease_seconds=60, force=True)
+    assert forced_slot.admitted
+    assert forced_slot.states[0].over
+    await b.settle([release], request_id="s1")
+    assert not (await b.acquire([slot], request_id="s3", lease_seconds=60)).admitted  # s2 holds it
+    await b.settle([release], request_id="s2")
+    assert (await b.acquire([slot], request_id="s3", lease_seconds=60)).admitted
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+async def test_a_batch_runs_its_calls_in_order(harness):
+    b = harness.backend
+    two = req("L1", limit=2)
+    calls = [
+        AcquireCall([two]),
+        AcquireCall([]),
+        AcquireCall([two, budget(hits=30)], request_id="r1"),
+        AcquireCall([two]),
+        AcquireCall([two], force=True),
+        AcquireCall([req("L2", limit=1)]),
+    ]
+    results = await b.acquire_many(calls, lease_seconds=60)
+    assert all(isinstance(r, Acquisition) for r in results)
+    assert [r.admitted for r in results] == [True, True, True, False, True, True]
+    assert results[1].states == ()
+    assert [s.remaining for s in results[2].states] == [0, 70]
+    assert results[4].states[0].over
+    assert not (await harness.hit(two)).admitted  # three hits recorded: two admitted, one forced
+
+    assert (await b.acquire([budget(hits=30)], request_id="r2", lease_seconds=60)).admitted
+    settled = await b.settle_many(
+        [
+            SettleCall([settlement(actual=10)], "r1"),
+            SettleCall([settlement(actual=10)], "r1"),  # a repeat in the same batch: no-op
+            SettleCall([], "nothing"),
+            SettleCall([settlement(actual=0)], "r2"),
+        ],
+        lease_seconds=60,
+    )
+    assert settled is None
+    probe = await b.acquire([budget(hits=0)], request_id="p", lease_seconds=60)
+    assert probe.states[0].remaining == 90
+    assert await b.acquire_many([], lease_seconds=60) == []
+    assert await b.settle_many([], lease_seconds=60) is None
+
+
+# --- Redis only: healing, per-call errors, the old log layout ---------------------------------
+
+
+@pytest.fixture
+async def redis_parts():
+    """A backend whose connections can be told apart (by client name), an admin client, the prefix."""
+    name = f"tessera-test-{uuid.uuid4().hex[:12]}"
+    prefix = f"tessera:test:{uuid.uuid4().hex}:rl:"
+    backend = RedisCounterBackend(f"{REDIS_URL}?client_name={name}", prefix=prefix)
+    admin = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        yield backend, admin, prefix, name
+    finally:
+        await backend.close()
+        keys = [k async for k in admin.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await admin.delete(*keys)
+        await admin.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_heals_at_once_after_a_restart(redis_parts):
+    backend, admin, _, name = redis_parts
+    first = await asyncio.gather(*(backend.acquire([req(limit=10)]) for _ in range(3)))  # 3 pooled
+    assert sorted(r.states[0].remaining for r in first) == [7, 8, 9]
+
+    async def restart() -> int:
+        """What a restart does to this backend: its connections close, Lua scripts are gone."""
+        ids = [c["id"] for c in await admin.client_list() if c["name"] == name]
+        for client_id in ids:
+            await admin.client_kill_filter(_id=client_id)
+        await admin.script_flush()
+        return len(ids)
+
+    assert await restart() == 3
+    after = await backend.acquire([req(limit=10)])  # no StorageError: a fresh connection, reloaded
+    assert after.states[0].remaining == 6  # counted exactly once
+    await restart()
+    batch = await backend.acquire_many([AcquireCall([req(limit=10)])] * 3, lease_seconds=60)
+    assert [r.states[0].remaining for r in batch if isinstance(r, Acquisition)] == [5, 4, 3]
+    await backend.acquire([budget(hits=10)], request_id="r1", lease_seconds=60)
+    await restart()
+    assert await backend.settle_many([SettleCall([settlement(actual=1)], "r1")], lease_seconds=60) is None
+    probe = await backend.acquire([budget(hits=0)], request_id="p", lease_seconds=60)
+    assert probe.states[0].remaining == 99
+
+
+@pytest.mark.redis
+async def test_a_script_error_fails_only_its_call(redis_parts):
+    backend, admin, prefix, _ = redis_parts
+    await admin.set(prefix + counter_key("t1", "bad"), "not a counter")
+    results = await backend.acquire_many(
+        [AcquireCall([req("L1")]), AcquireCall([req("bad")]), AcquireCall([req("L1")])], lease_seconds=60
+    )
+    assert [r.states[0].remaining for r in results if isinstance(r, Acquisition)] == [2, 1]
+    assert isinstance(results[1], StorageError)
+    assert not results[1].transient
+    with pytest.raises(StorageError):
+        await backend.acquire([req("bad")])
+    error = await backend.settle_many([SettleCall([settlement(key="bad", actual=1)], "r1")], lease_seconds=60)
+    assert isinstance(error, StorageError)
+
+
+@pytest.mark.redis
+async def test_a_log_from_before_the_bucketed_layout_keeps_its_count(redis_parts):
+    backend, admin, prefix, _ = redis_parts
+    seconds, micros = await admin.time()
+    now = seconds * 1_000_000 + micros
+    old = prefix + counter_key("t1", "L1")
+    await admin.zadd(old, {f"n:{i}": now - i * 1000 for i in range(5)})  # 5 hits in the last 5 ms
+    await admin.zadd(old, {"gone": now - 2_000_000})  # out of the window
+    result = await backend.acquire([req(limit=6)])
+    assert result.admitted
+    assert result.states[0].remaining == 0
+    assert not (await backend.acquire([req(limit=6)])).admitted
+    assert await admin.type(old) == b"hash"

@@ -95,7 +95,7 @@ Global___StreamPolicyResponse: _TypeAlias = StreamPolicyResponse  # noqa: Y015
 class Resource(_message.Message):
     """The key of a resource is "<kind>/<id>": "api_key/<hex digest>",
     "tenant/<id>", "model/<name>", "limit/<id>". Each subscriber gets only the
-    kinds it reads: ext_authz api_key, tenant and model; ratelimit limit and model.
+    kinds it reads: ext_authz api_key, tenant, model and limit; ratelimit limit and model.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -1,0 +1,86 @@
+"""Settlement from the usage record: the meter reports how admitted requests ended to the
+ratelimit service (``tessera.admission.v1.AdmissionService/Settle``), off the request path.
+
+Lines of requests ext_authz admitted with a reservation or slot (``reserved``) are queued as
+the meter reads them and sent in batches as soon as the previous batch is answered. A batch
+the service cannot take (down, or its counters unreachable) is kept and sent again every
+``retry_seconds``: when the service comes back, the slots of streams that ended meanwhile are
+free within one retry. Idempotent by request id on the service's side, so a line read twice
+(the meter restarted before its checkpoint) settles once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Final
+
+import grpc
+import structlog
+from prometheus_client import Counter, Gauge
+
+from tessera.admission.v1 import admission_pb2, admission_pb2_grpc
+from tessera.usage_line import UsageLine
+
+log = structlog.get_logger("control_plane.usage.settler")
+
+SETTLED = Counter("tessera_meter_settlements_total", "Usages sent to the ratelimit service", ["result"])
+PENDING = Gauge("tessera_meter_settlements_pending", "Usages waiting to be settled")
+MAX_PENDING: Final = 1_000_000  # beyond this the oldest go: their leases release them
+MAX_BATCH: Final = 2000
+
+
+def usage_of(line: UsageLine) -> admission_pb2.Usage:
+    usage = admission_pb2.Usage(
+        request_id=line.request_id,
+        tenant_id=line.tenant_id or "",
+        key_id=line.key_id or "",
+        model=line.model or "",
+        cached_tokens=line.cached_tokens,
+        status=line.status,
+    )
+    if line.prompt_tokens is not None and line.completion_tokens is not None:
+        usage.prompt_tokens = line.prompt_tokens
+        usage.completion_tokens = line.completion_tokens
+    return usage
+
+
+class Settler:
+    def __init__(self, url: str, *, retry_seconds: float = 1.0) -> None:
+        self._url = url
+        self._retry = retry_seconds
+        self._pending: deque[admission_pb2.Usage] = deque()
+        self._wake = asyncio.Event()
+
+    def offer(self, lines: Iterable[UsageLine]) -> None:
+        """Queue the lines of reserved requests (never blocks the meter)."""
+        for line in lines:
+            if line.reserved and line.tenant_id:
+                if len(self._pending) >= MAX_PENDING:
+                    self._pending.popleft()
+                    SETTLED.labels("dropped").inc()
+                self._pending.append(usage_of(line))
+        PENDING.set(len(self._pending))
+        if self._pending:
+            self._wake.set()
+
+    async def run(self) -> None:
+        async with grpc.aio.insecure_channel(self._url) as channel:
+            stub: Any = admission_pb2_grpc.AdmissionServiceStub(channel)
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._pending:
+                    batch = [self._pending[i] for i in range(min(MAX_BATCH, len(self._pending)))]
+                    try:
+                        await stub.Settle(admission_pb2.SettleBatch(usages=batch), timeout=5.0)
+                    except grpc.aio.AioRpcError as exc:
+                        SETTLED.labels("retried").inc(len(batch))
+                        log.warning("settle_failed", code=exc.code().name, pending=len(self._pending))
+                        await asyncio.sleep(self._retry)
+                        continue
+                    for _ in batch:
+                        self._pending.popleft()
+                    SETTLED.labels("sent").inc(len(batch))
+                    PENDING.set(len(self._pending))

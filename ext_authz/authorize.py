@@ -1,0 +1,164 @@
+"""The whole decision of ext_authz's one callout, for any transport (gRPC Check or HTTP).
+
+Identity and entitlement (``pipeline.decide``, pure, on the current snapshot), what the request
+may cost (``request_facts``), then admission by the ratelimit service's counters (batched onto
+one stream, ``admissions``) when a limit applies. The transports only translate headers in and
+an ``Outcome`` out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from prometheus_client import Counter
+
+from ext_authz.admissions import Admitter
+from ext_authz.key_index import EMPTY_INDEX, KeyIndex, LimitScope
+from ext_authz.pipeline import Decision, decide
+from ext_authz.request_facts import BadParam, request_cost
+from tessera import gateway_headers as gh
+from tessera.admission.v1 import admission_pb2
+from tessera.clock import Clock
+
+DEGRADED = Counter(
+    "tessera_authz_admitted_degraded_total",
+    "Requests admitted by a fail-open limit while the counters could not answer (counted later)",
+)
+REFUSED_DEGRADED = Counter(
+    "tessera_authz_refused_degraded_total",
+    "Requests refused by a fail-closed limit while the counters could not answer",
+)
+FAIL_CLOSED_RETRY_SECONDS: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """An allow (``decision.allowed``) with what the client and the access log get, or a denial."""
+
+    decision: Decision
+    response_headers: tuple[tuple[str, str], ...] = ()  # x-ratelimit-*, retry-after
+    reserved: bool = False  # admitted by counters: the meter settles it when it ends
+    admitted: admission_pb2.Admission | None = field(default=None, compare=False)
+
+
+def jwt_key_id(payload: str | None) -> str | None:
+    """The ``key_id`` claim of a JWT Envoy's jwt_authn verified (its base64url payload header)."""
+    if not payload:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    value = claims.get("key_id") if isinstance(claims, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+class Authorizer:
+    def __init__(self, pepper: bytes, clock: Clock, admitter: Admitter | None) -> None:
+        self._pepper = pepper
+        self._clock = clock
+        self._admitter = admitter
+        self.index = EMPTY_INDEX
+
+    def swap_index(self, index: KeyIndex) -> None:
+        """Install a new snapshot: one assignment, so a Check sees the old or the new one."""
+        self.index = index
+
+    async def authorize(self, headers: Mapping[str, str], path: str) -> Outcome:
+        index = self.index
+        model = headers.get(gh.MODEL) or None
+        decision = decide(
+            headers,
+            model,
+            index,
+            pepper=self._pepper,
+            now=self._clock.now(),
+            jwt_key_id=jwt_key_id(headers.get(gh.JWT_PAYLOAD)),
+        )
+        if not decision.allowed or model is None:
+            return Outcome(decision)  # no model: not an inference route, nothing to admit
+        cost = request_cost(headers, path, index.model_tokens.get(model))
+        if isinstance(cost, BadParam):
+            return Outcome(_bad_param(decision, cost))
+        scopes = index.limits_for(decision.tenant_id, decision.key_id, model)
+        if not scopes or self._admitter is None:
+            return Outcome(decision)
+        admission = admission_pb2.Admission(
+            request_id=headers.get("x-request-id", ""),
+            tenant_id=decision.tenant_id,
+            key_id=decision.key_id,
+            model=model,
+            body_bytes=cost.body_bytes,
+            max_completion_tokens=cost.max_completion_tokens,
+        )
+        future = self._admitter.admit(admission)
+        try:
+            verdict = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # Envoy gave up on this Check: the request will not run, give back what it got.
+            future.add_done_callback(lambda f: self._release_if_admitted(f, admission))
+            raise
+        if verdict is None:
+            return self._degraded(decision, scopes, admission)
+        headers_out = tuple((h.key, h.value) for h in verdict.headers)
+        if not verdict.allowed:
+            refusal = Decision(
+                code=verdict.code or "rate_limit_exceeded",
+                tenant_id=decision.tenant_id,
+                key_id=decision.key_id,
+                key_prefix=decision.key_prefix,
+            )
+            retry = ("retry-after", str(max(1, verdict.retry_after_seconds)))
+            return Outcome(refusal, (*headers_out, retry))
+        return Outcome(decision, headers_out, reserved=True, admitted=admission)
+
+    def _degraded(
+        self, decision: Decision, scopes: tuple[LimitScope, ...], admission: admission_pb2.Admission
+    ) -> Outcome:
+        """No verdict in time: a fail-closed limit refuses; else admitted, and counted later."""
+        if any(s.fail_closed and not s.shadow for s in scopes):
+            REFUSED_DEGRADED.inc()
+            refusal = Decision(
+                code="rate_limit_exceeded",
+                tenant_id=decision.tenant_id,
+                key_id=decision.key_id,
+                key_prefix=decision.key_prefix,
+            )
+            return Outcome(refusal, (("retry-after", str(FAIL_CLOSED_RETRY_SECONDS)),))
+        DEGRADED.inc()
+        assert self._admitter is not None  # noqa: S101 - only called with an admitter
+        self._admitter.force(admission)
+        return Outcome(decision, reserved=True, admitted=admission)
+
+    def _release_if_admitted(
+        self, future: asyncio.Future[admission_pb2.Verdict | None], admission: admission_pb2.Admission
+    ) -> None:
+        verdict = future.result() if not future.cancelled() else None
+        if self._admitter is None or verdict is None or not verdict.reserved:
+            return
+        usage = admission_pb2.Usage(
+            request_id=admission.request_id,
+            tenant_id=admission.tenant_id,
+            key_id=admission.key_id,
+            model=admission.model,
+            prompt_tokens=0,
+            completion_tokens=0,
+        )
+        asyncio.get_running_loop().create_task(self._admitter.release(usage))
+
+
+def _bad_param(decision: Decision, bad: BadParam) -> Decision:
+    return Decision(
+        code=bad.code,
+        message=bad.message,
+        param=bad.param,
+        tenant_id=decision.tenant_id,
+        key_id=decision.key_id,
+        key_prefix=decision.key_prefix,
+    )

@@ -1,0 +1,93 @@
+"""``tessera.admission.v1.AdmissionService``: admissions from ext_authz, settlements from the meter.
+
+The only module that sees the admission protos. ``Admit`` is one long-lived stream per
+ext_authz process: its batches are decided in the order they arrive (so a forced admission
+always follows the admission it repeats), each with one counter call for the whole batch.
+``Settle`` answers UNAVAILABLE when the counters cannot be reached, so the caller keeps the
+batch and tries again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import structlog
+from prometheus_client import Counter, Histogram
+
+from ratelimit.limiter import Hit, RateLimiter, Usage, Verdict
+from ratelimit.verdicts import limit_headers, refusal_code, retry_after_seconds
+from tessera.admission.v1 import admission_pb2, admission_pb2_grpc
+from tessera.errors import StorageError
+
+log = structlog.get_logger("ratelimit.admission")
+
+SERVICE_NAME: str = admission_pb2.DESCRIPTOR.services_by_name["AdmissionService"].full_name
+BATCH_SIZE = Histogram(
+    "tessera_ratelimit_admission_batch_size",
+    "Admissions per batch from ext_authz",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
+)
+SETTLE_USAGES = Counter("tessera_ratelimit_settle_usages_total", "Usages received for settlement")
+
+
+def hit_of(a: admission_pb2.Admission) -> Hit:
+    return Hit(
+        tenant_id=a.tenant_id,
+        key_id=a.key_id,
+        model=a.model,
+        request_id=a.request_id,
+        max_tokens=a.max_completion_tokens,
+        body_bytes=a.body_bytes,
+        forced=a.forced,
+    )
+
+
+def usage_of(u: admission_pb2.Usage) -> Usage:
+    return Usage(
+        tenant_id=u.tenant_id,
+        key_id=u.key_id,
+        model=u.model,
+        request_id=u.request_id,
+        prompt_tokens=u.prompt_tokens if u.HasField("prompt_tokens") else None,
+        completion_tokens=u.completion_tokens if u.HasField("completion_tokens") else None,
+        cached_tokens=u.cached_tokens,
+        status=u.status,
+    )
+
+
+def verdict_message(verdict: Verdict) -> admission_pb2.Verdict:
+    out = admission_pb2.Verdict(allowed=verdict.allowed, reserved=verdict.reserved, degraded=verdict.degraded)
+    out.headers.extend(admission_pb2.Header(key=k, value=v) for k, v in limit_headers(verdict))
+    if not verdict.allowed:
+        out.code = refusal_code(verdict)
+        out.retry_after_seconds = retry_after_seconds(verdict)
+    return out
+
+
+class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
+    def __init__(self, limiter: RateLimiter) -> None:
+        self._limiter = limiter
+
+    async def Admit(  # noqa: N802 - the gRPC method name
+        self, request_iterator: AsyncIterator[admission_pb2.AdmitBatch], context: Any
+    ) -> AsyncIterator[admission_pb2.VerdictBatch]:
+        del context
+        async for batch in request_iterator:
+            BATCH_SIZE.observe(len(batch.admissions))
+            verdicts = await self._limiter.admit([hit_of(a) for a in batch.admissions])
+            reply = admission_pb2.VerdictBatch(batch=batch.batch)
+            reply.verdicts.extend(verdict_message(v) for v in verdicts)
+            yield reply
+
+    async def Settle(  # noqa: N802 - the gRPC method name
+        self, request: admission_pb2.SettleBatch, context: Any
+    ) -> admission_pb2.SettleReply:
+        SETTLE_USAGES.inc(len(request.usages))
+        try:
+            settled = await self._limiter.settle_many([usage_of(u) for u in request.usages])
+        except StorageError as exc:
+            log.warning("ratelimit_settle_failed", error=str(exc), usages=len(request.usages))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the counters cannot be reached; retry")
+        return admission_pb2.SettleReply(settled=settled)
