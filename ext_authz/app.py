@@ -1,40 +1,55 @@
-"""Composition root: pepper, admission stream, gRPC server, policy subscriber, metrics."""
+"""Composition root: pepper, admission stream, the transport's server (gRPC ``Check`` or
+HTTP ``http_service``), policy subscriber, metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from ext_authz.admissions import Admitter
 from ext_authz.authorize import Authorizer
+from ext_authz.http_transport import start_http_server
 from ext_authz.key_index import key_index_from_policy
 from ext_authz.servicer import ExtAuthzServicer
 from ext_authz.settings import ExtAuthzSettings
 from tessera.clock import SYSTEM_CLOCK, Clock
 from tessera.errors import ConfigError
-from tessera.grpc_server import RunningServer, start_server
+from tessera.grpc_server import start_server
 from tessera.keys import load_pepper
 from tessera.metrics import MetricsServer, serve_metrics
-from tessera.policy_client import PolicySubscriber, PolicyUpdate, follow_policy
+from tessera.policy_client import PolicySubscriber, PolicyUpdate
 
 log = structlog.get_logger("ext_authz")
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 
 
+class Server(Protocol):
+    """What the app needs of either transport's server."""
+
+    @property
+    def port(self) -> int: ...
+
+    async def set_serving(self, serving: bool) -> None: ...
+
+    async def stop(self, grace: float) -> None: ...
+
+
 @dataclass
 class App:
     port: int
     metrics: MetricsServer
-    server: RunningServer
+    server: Server
     authorizer: Authorizer
     subscriber: PolicySubscriber
     tasks: tuple[asyncio.Task[None], ...]
     grace_seconds: float
+    transport: str = "grpc"
 
     @property
     def metrics_port(self) -> int:
@@ -51,11 +66,24 @@ class App:
                 await task
 
 
-async def build_app(settings: ExtAuthzSettings, *, clock: Clock = SYSTEM_CLOCK) -> App:
-    pepper = load_pepper(settings.pepper.file)  # ConfigError before anything listens
-    admitter = Admitter(settings.admission) if settings.admission.url else None
-    authorizer = Authorizer(pepper, clock, admitter)
+async def _start_transport(settings: ExtAuthzSettings, authorizer: Authorizer, clock: Clock) -> Server:
+    reuse_port = settings.workers > 1
+    if settings.transport == "http":
+        return await start_http_server(settings.grpc, authorizer, clock, reuse_port=reuse_port)
     servicer = ExtAuthzServicer(authorizer, clock)
+    return await start_server(
+        settings.grpc,
+        [lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s)],
+        services=[SERVICE_NAME],
+        reuse_port=reuse_port,
+    )
+
+
+def _follow_policy(
+    settings: ExtAuthzSettings, authorizer: Authorizer, server: Server
+) -> tuple[PolicySubscriber, tuple[asyncio.Task[None], ...]]:
+    """Subscribe; the server reports serving once the first full snapshot is applied (never
+    on the admission stream: readiness depends on the snapshot only)."""
 
     def on_update(update: PolicyUpdate) -> None:
         # Compile first: if it raises, the old index stays and the version is not acked.
@@ -67,23 +95,34 @@ async def build_app(settings: ExtAuthzSettings, *, clock: Clock = SYSTEM_CLOCK) 
         )
         authorizer.swap_index(index)
 
-    server = await start_server(
-        settings.grpc,
-        [lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s)],
-        services=[SERVICE_NAME],
-        reuse_port=settings.workers > 1,
+    subscriber = PolicySubscriber(settings.policy, service="ext_authz", on_update=on_update)
+
+    async def serve_when_ready() -> None:
+        await subscriber.ready.wait()
+        await server.set_serving(True)
+        log.info("serving", subscriber="ext_authz", policy_version=subscriber.version)
+
+    tasks = (
+        asyncio.create_task(subscriber.run(), name="ext_authz-policy"),
+        asyncio.create_task(serve_when_ready(), name="ext_authz-ready"),
     )
+    return subscriber, tasks
+
+
+async def build_app(settings: ExtAuthzSettings, *, clock: Clock = SYSTEM_CLOCK) -> App:
+    pepper = load_pepper(settings.pepper.file)  # ConfigError before anything listens
+    admitter = Admitter(settings.admission) if settings.admission.url else None
+    authorizer = Authorizer(pepper, clock, admitter)
+    server = await _start_transport(settings, authorizer, clock)
     try:
         metrics = serve_metrics(settings.metrics)
     except ConfigError:
         await server.stop(0)
         raise
-    subscriber, tasks = follow_policy(
-        settings.policy, service="ext_authz", on_update=on_update, server=server
-    )
+    subscriber, tasks = _follow_policy(settings, authorizer, server)
     if admitter is not None:
         tasks = (*tasks, asyncio.create_task(admitter.run(), name="ext_authz-admissions"))
-    log.info("ext_authz_listening", port=server.port, metrics_port=metrics.port)
+    log.info("ext_authz_listening", port=server.port, metrics_port=metrics.port, transport=settings.transport)
     return App(
         port=server.port,
         metrics=metrics,
@@ -92,4 +131,5 @@ async def build_app(settings: ExtAuthzSettings, *, clock: Clock = SYSTEM_CLOCK) 
         subscriber=subscriber,
         tasks=tasks,
         grace_seconds=settings.grpc.grace_seconds,
+        transport=settings.transport,
     )

@@ -76,9 +76,10 @@ def request_cost(headers: Mapping[str, str], path: str, tokens: ModelTokens | No
         body_bytes = 0  # never from a client: the gateway removes client-sent copies
     _default, cap = token_terms(tokens.default if tokens else 0, tokens.cap if tokens else 0)
     limits = []
-    for header, param, bound in (
-        (gh.MAX_TOKENS, "max_tokens", cap),
+    for header, param, bound in (  # max_completion_tokens first: the gateway copies it into a
+        # body's missing max_tokens, and the client should hear about the parameter it sent
         (gh.MAX_COMPLETION_TOKENS, "max_completion_tokens", cap),
+        (gh.MAX_TOKENS, "max_tokens", cap),
         (gh.N, "n", MAX_CHOICES),
         (gh.BEST_OF, "best_of", MAX_CHOICES),
     ):
@@ -86,7 +87,7 @@ def request_cost(headers: Mapping[str, str], path: str, tokens: ModelTokens | No
         if isinstance(value, BadParam):
             return value
         limits.append(value)
-    max_tokens, max_completion, n, best_of = limits
+    max_completion, max_tokens, n, best_of = limits
     if max_tokens is None and max_completion is None:
         # The gateway writes the default into every chat or completions body that names none,
         # so this is another endpoint: embeddings generate nothing; anything else may generate

@@ -42,6 +42,7 @@ _RPC_UNAUTHENTICATED: Final = 16
 _RPC_CODES: Final = {400: _RPC_INVALID_ARGUMENT, 401: _RPC_UNAUTHENTICATED, 404: _RPC_NOT_FOUND,
                      429: _RPC_RESOURCE_EXHAUSTED}  # fmt: skip
 
+_ATTRIBUTED: Final = (400, 429)  # refusals of an authenticated caller's request
 _ALLOW_COUNT = DECISIONS.labels("allow")
 ALLOW_CACHE_MAX: Final = 65_536
 _DENY_COUNT = {code: DECISIONS.labels(code) for code in ERRORS}
@@ -150,11 +151,17 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
                 key_prefix=decision.key_prefix,
                 tenant_id=decision.tenant_id,
                 request_id=request_id,
-                param=decision.param,
                 suppressed=suppressed,
             )
-        resp = _FIXED_DENIALS.get((code, decision.message)) if not outcome.response_headers else None
-        if resp is None:
-            resp = deny_response(code, decision.message, decision.param)
-            resp.denied_response.headers.extend(_header(k, v) for k, v in outcome.response_headers)
+        attributed = decision.tenant_id and status_of(code) in _ATTRIBUTED
+        if not attributed:
+            resp = _FIXED_DENIALS.get((code, decision.message))
+            if resp is not None:
+                return resp
+        resp = deny_response(code, decision.message, decision.param)
+        resp.denied_response.headers.extend(_header(k, v) for k, v in outcome.response_headers)
+        if attributed:  # an authenticated tenant's refusal: its usage line (a ledger row) says so
+            fields = resp.dynamic_metadata.fields
+            fields["tenant_id"].string_value = decision.tenant_id
+            fields["key_id"].string_value = decision.key_id
         return resp

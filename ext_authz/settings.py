@@ -1,12 +1,17 @@
 """ext_authz's one settings object, built once in ``main``.
 
-Env: ``TESSERA_GRPC__PORT``, ``TESSERA_METRICS__PORT``, ``TESSERA_LOG__LEVEL``,
-``TESSERA_POLICY__URL``, ``TESSERA_PEPPER__FILE``, ``TESSERA_ADMISSION__URL`` (the ratelimit
-service; empty = no counting) and the other fragment fields.
+Env: ``TESSERA_TRANSPORT`` (``grpc``: Envoy's ``Authorization/Check``; ``http``: Envoy's
+``http_service``, HTTP/1.1, with ``GET /healthz`` for probes), ``TESSERA_GRPC__HOST`` and
+``TESSERA_GRPC__PORT`` (the service's address, whichever the transport),
+``TESSERA_METRICS__PORT``, ``TESSERA_LOG__LEVEL``, ``TESSERA_POLICY__URL``,
+``TESSERA_PEPPER__FILE``, ``TESSERA_ADMISSION__URL`` (the ratelimit service; empty = no
+counting) and the other fragment fields.
 There is no database setting: ext_authz never opens the SQL store.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings
@@ -26,17 +31,19 @@ from tessera.settings import (
 class ExtAuthzSettings(BaseSettings):
     model_config = SETTINGS_CONFIG
 
-    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+    # The Envoy gateway's ext_authz filter must use the same (TESSERA_GATEWAY__AUTHZ_TRANSPORT).
+    transport: Literal["grpc", "http"] = "grpc"
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)  # the listen address for either transport
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     pepper: PepperSettings = Field(default_factory=PepperSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
-    workers: int = Field(default=1, ge=1, le=64, description="processes sharing the gRPC port (SO_REUSEPORT)")
+    workers: int = Field(default=1, ge=1, le=64, description="processes sharing the port (SO_REUSEPORT)")
 
 
 def check_settings(settings: ExtAuthzSettings) -> None:
     """Cross-field rules; a violation is a startup error."""
     if settings.workers > 1 and settings.grpc.port == 0:
-        msg = "workers > 1 needs a fixed gRPC port (TESSERA_GRPC__PORT) for the workers to share"
+        msg = "workers > 1 needs a fixed port (TESSERA_GRPC__PORT) for the workers to share"
         raise ConfigError(msg)

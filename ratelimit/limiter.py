@@ -88,8 +88,10 @@ class Hit:
     hits: int = 1
     request_id: str = ""
     max_tokens: int | None = None
-    """Completion tokens to reserve (ext_authz: the most the backend may generate, n included;
-    RLS: as the client asked). None: the model's default."""
+    """Completion tokens to reserve: from ext_authz the most the backend may generate (checked
+    against the model's cap, n included); None: the model's default."""
+    from_client: bool = False
+    """``max_tokens`` is as the client wrote it (Envoy RLS descriptors): capped by the model's."""
     body_bytes: int = 0  # the request body's size: the prompt-size estimate
     forced: bool = False  # admitted already (degraded, fail-open): count it whatever
 
@@ -368,9 +370,10 @@ class RateLimiter:
         of the JSON that carries them, so usage can never exceed the reservation). The
         completion: the request's admitted maximum, else the model's default."""
         prompt = -(-hit.body_bytes // self._bytes_per_token)
+        default, cap = token_terms(info.default_max_tokens, info.max_max_tokens)
         if hit.max_tokens is None:
-            return prompt, token_terms(info.default_max_tokens, info.max_max_tokens)[0]
-        return prompt, hit.max_tokens
+            return prompt, default
+        return prompt, min(hit.max_tokens, cap) if hit.from_client else hit.max_tokens
 
     async def _acquire(
         self, requests: list[CounterRequest], tenant_id: str, request_id: str

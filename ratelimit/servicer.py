@@ -131,6 +131,7 @@ def _hit(descriptor: Any, entries: dict[str, str], default_hits: int) -> Hit | N
         request_id=entries.get("request_id", ""),
         # OpenAI's newer name wins when both are given
         max_tokens=_count(entries.get("max_completion_tokens")) or _count(entries.get("max_tokens")) or None,
+        from_client=True,
         body_bytes=_count(entries.get("body_bytes")) or 0,
     )
 

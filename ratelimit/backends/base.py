@@ -6,9 +6,11 @@
   split into ``LOG_BUCKETS`` buckets of ``window_seconds / LOG_BUCKETS`` and a hit counts
   from its bucket's end, so for at least ``window_seconds`` and at most one bucket longer: it
   may refuse up to one bucket early, never admit late. A key holds at most
-  ``EXACT_LOG_MAX + 1`` entries (exact) or ``LOG_BUCKETS + 1`` (bucketed), whatever the
-  traffic and the limit (plus, for one window after its limit or window changed, those
-  recorded before: the count carries over, rounded up, never down).
+  ``EXACT_LOG_MAX + 1`` entries (exact) or ``LOG_BUCKETS + 1`` (bucketed) whatever the
+  traffic, plus for one window those recorded before its limit or window changed (the count
+  carries over: a hit keeps its time, or its bucket's end). An exact log keeps only its
+  newest ``EXACT_LOG_MAX + 1`` hits (more arrive only by ``force``): exact for every limit up
+  to ``EXACT_LOG_MAX``, but a limit raised above it sees at most that many of them.
 - ``BUDGET`` (tokens, spend; requests per calendar month): a level that starts at ``limit``.
   With ``window_seconds > 0`` it is a token bucket refilled at ``limit / window_seconds`` per
   second up to ``limit``; with ``window_seconds == 0`` it is a calendar budget: it is full
@@ -39,7 +41,8 @@ Shared rules (``tests/contract/test_counter_backends.py``):
   budget's level goes below zero, slots and logs above the limit). The states still report
   ``over`` and ``retry_after`` as an unforced call would have seen them.
 - ``acquire_many`` / ``settle_many`` run a batch of calls in order, each one atomic on its
-  own, with one round trip to shared storage; the single-call methods are a batch of one.
+  own, with one round trip to shared storage; a call the storage fails gets its own
+  ``StorageError`` and the others still run. The single-call methods are a batch of one.
 - Keys within one call are distinct (the caller deduplicates).
 - Infrastructure failures raise ``StorageError`` (or return it, in the batch methods); a full
   counter is a result, never an error.

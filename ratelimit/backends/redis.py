@@ -139,7 +139,7 @@ local function log_record(lk, entries, count, hits, limit, window)
   local at = now
   if limit > EXACT and window > 0 then
     local w = math.ceil(window / BUCKETS)
-    at = math.floor(now / w) * w -- the bucket's end
+    at = (math.floor(now / w) + 1) * w -- the bucket's end
   end
   for _, e in ipairs(entries) do
     if e[1] > at then at = e[1] end -- never behind the newest entry, as in memory
@@ -387,6 +387,12 @@ class RedisCounterBackend:
         return [_error(reply) if isinstance(reply, ResponseError) else reply for reply in replies]
 
     async def _pipeline(self, script: _Script, jobs: list[_Job], *, load: bool) -> list[Any]:
+        if len(jobs) == 1 and not load:  # a single call: a pipeline would only add client CPU
+            keys, args = jobs[0]
+            try:
+                return [await self._client.evalsha(script.sha, len(keys), *keys, *args)]
+            except ResponseError as exc:
+                return [exc]
         pipe = self._client.pipeline(transaction=False)
         if load:
             pipe.script_load(script.text)

@@ -1,7 +1,7 @@
 """One contract suite over every CounterBackend: memory (FakeClock) and the real Redis.
 
 Redis runs against 127.0.0.1:6379/0 with a per-run key prefix (never FLUSHALL) and real time,
-so windows are 1 s and the suite sleeps for a few seconds at most.
+so windows are 1 s and the suite sleeps for about seven seconds in all.
 """
 
 from __future__ import annotations
@@ -272,6 +272,31 @@ async def test_redis_unreachable_is_a_transient_storage_error():
         await backend.close()
 
 
+async def test_redis_timeouts_are_not_retried():
+    """A timed-out script may have run: a second try could count the request twice."""
+    connections = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while await reader.read(65536):
+            pass  # never answers
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = RedisCounterBackend(f"redis://127.0.0.1:{port}/0", timeout_seconds=0.1)
+    try:
+        with pytest.raises(StorageError) as info:
+            await backend.acquire([req()])
+        assert info.value.transient
+        assert connections == 1
+    finally:
+        await backend.close()
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize(
     ("url", "kind"),
     [
@@ -363,6 +388,15 @@ async def test_a_reservation_never_settled_is_released_after_its_lease(harness):
     assert (await b.acquire([budget(hits=30)], request_id="r2", lease_seconds=60)).admitted
     await b.settle([settlement(actual=None)], request_id="r1")  # too late: its tokens came back
     assert (await b.acquire([budget(hits=0)], request_id="p", lease_seconds=60)).states[0].remaining == 70
+
+
+async def test_a_settle_after_the_lease_ended_changes_nothing(harness):
+    b = harness.backend
+    assert (await b.acquire([budget(hits=80)], request_id="r1", lease_seconds=0.3)).admitted
+    await harness.advance(0.5)
+    await b.settle([settlement(actual=50)], request_id="r1")  # the first call since: the lease wins
+    probe = await b.acquire([budget(hits=0)], request_id="p", lease_seconds=60)
+    assert probe.states[0].remaining == 100
 
 
 async def test_token_bucket_refills_over_its_window(harness):
@@ -506,7 +540,7 @@ async def test_a_large_limit_never_admits_more_than_n_in_any_window_and_stays_sm
         assert len(in_window) * hits <= limit
     assert refused > 0
     assert len(admitted) * hits > limit  # the window slid: old hits left, new ones got in
-    assert 20 <= largest <= LOG_BUCKETS + 1
+    assert 15 <= largest <= LOG_BUCKETS + 1  # spread over buckets, never more than one window's
 
 
 async def test_a_large_limit_counts_each_hit_for_a_full_window(harness):

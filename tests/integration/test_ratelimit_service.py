@@ -469,12 +469,13 @@ async def test_token_budget_reserves_then_settles_to_the_real_count(start, polic
         "v1", budget, models=(policy_pb2.Model(name="m1", default_max_tokens=30, max_max_tokens=60),)
     )
     await wait_serving(health)
-    # 40 body bytes ~ 10 prompt tokens + max_tokens 50 = 60 reserved
-    first = await ask(stub, descriptor(tenant, request_id="r1", max_tokens="50", body_bytes="40"))
+    # The prompt is reserved at one token per body byte (prompt_bytes_per_token = 1):
+    # 10 body bytes = 10 prompt tokens + max_tokens 50 = 60 reserved, 100 - 60 = 40 left
+    first = await ask(stub, descriptor(tenant, request_id="r1", max_tokens="50", body_bytes="10"))
     assert first.overall_code == OK
     assert headers(first)["x-ratelimit-remaining-tokens"] == "40"
     assert first.dynamic_metadata.fields["reserved"].string_value == "1"  # Envoy will settle it
-    # max_tokens above the model's maximum is capped at 60: 10 + 60 = 70 > 40 left
+    # max_tokens above the model's maximum is capped at 60: 40 + 60 = 100 > 40 left
     second = await ask(stub, descriptor(tenant, request_id="r2", max_tokens="500", body_bytes="40"))
     assert second.overall_code == OVER
     got = headers(second)
@@ -482,26 +483,38 @@ async def test_token_budget_reserves_then_settles_to_the_real_count(start, polic
     assert int(got["retry-after"]) >= 1
     # r2 was refused: its stream-done call (Envoy makes one anyway) changes nothing
     await ask(stub, settle(tenant, "r2", status="429"))
-    # r1 used 12: 48 of its 60 come back, 88 left
+    # r1 used 8 + 4 = 12: 60 - 12 = 48 of its reservation come back, 40 + 48 = 88 left
     assert (
         await ask(stub, settle(tenant, "r1", prompt_tokens="8", completion_tokens="4"))
     ).overall_code == OK
     await ask(stub, settle(tenant, "r1", prompt_tokens="8", completion_tokens="4"))  # a repeat: no-op
-    third = await ask(stub, descriptor(tenant, request_id="r3", body_bytes="40"))  # 10 + default 30
+    # A client's max_tokens (an RLS descriptor) is capped by the model's maximum, not refused:
+    # 500 -> 60 reserved (0 body bytes), 88 - 60 = 28 left (uncapped, 500 > 88 would refuse)
+    capped = await ask(stub, descriptor(tenant, request_id="r2b", max_tokens="500"))
+    assert capped.overall_code == OK
+    assert headers(capped)["x-ratelimit-remaining-tokens"] == "28"
+    await ask(stub, settle(tenant, "r2b", status="503"))  # failed: its 60 come back, 88 left
+    third = await ask(stub, descriptor(tenant, request_id="r3", body_bytes="10"))  # 10 + default 30
     assert third.overall_code == OK
-    assert headers(third)["x-ratelimit-remaining-tokens"] == "48"
+    assert headers(third)["x-ratelimit-remaining-tokens"] == "48"  # 88 - 40
     # a stream the client cut (no usage, no status) keeps its whole reservation: charged, not free
     await ask(stub, settle(tenant, "r3"))
     probe = await ask(stub, descriptor(tenant, request_id="r4", max_tokens="1"))
-    assert headers(probe)["x-ratelimit-remaining-tokens"] == "47"
+    assert headers(probe)["x-ratelimit-remaining-tokens"] == "47"  # 48 - 1
     # a failed request (5xx) gets its reservation back
     await ask(stub, settle(tenant, "r4", status="503"))
     assert (
         headers(await ask(stub, descriptor(tenant, request_id="r5", max_tokens="1")))[
             "x-ratelimit-remaining-tokens"
         ]
-        == "47"
+        == "47"  # 48 (r4's 1 back) - r5's 1
     )
+    # A settlement for a request that holds no reservation (never admitted, or settled
+    # already) changes nothing, whatever usage it reports.
+    await ask(stub, settle(tenant, "never-admitted", prompt_tokens="30", completion_tokens="10"))
+    await ask(stub, settle(tenant, "r1", prompt_tokens="30", completion_tokens="10"))
+    probe = await ask(stub, descriptor(tenant, request_id="r6", max_tokens="1"))
+    assert headers(probe)["x-ratelimit-remaining-tokens"] == "46"  # 47 - r6's 1, nothing else
 
 
 async def test_spend_limit_charges_prices_and_concurrency_frees_slots(start, policy, tenant):
@@ -516,7 +529,8 @@ async def test_spend_limit_charges_prices_and_concurrency_frees_slots(start, pol
         sample("tessera_ratelimit_reservations_total"),
         sample("tessera_ratelimit_settlements_total"),
     )
-    first = await ask(stub, descriptor(tenant, request_id="r1", max_tokens="50", body_bytes="400"))
+    # 100 body bytes = 100 prompt tokens (one per byte):
+    first = await ask(stub, descriptor(tenant, request_id="r1", max_tokens="50", body_bytes="100"))
     assert first.overall_code == OK  # reserves 100 * 2 + 50 * 10 = 700 micros and the one slot
     busy = await ask(stub, descriptor(tenant, request_id="r2", max_tokens="1"))
     assert busy.overall_code == OVER
@@ -541,7 +555,7 @@ async def test_bad_descriptor_values_are_estimated_not_trusted(start, policy, te
     await wait_serving(health)
     for value in ["-5", "abc", "1e400", "2.5"]:
         resp = await ask(stub, descriptor(tenant, request_id=f"r-{value}", max_tokens=value))
-        assert resp.overall_code == OVER  # the service default (1024) is reserved, more than 100
+        assert resp.overall_code == OVER  # the default (DEFAULT_COMPLETION_TOKENS = 1024) > 100
     ok = await ask(stub, descriptor(tenant, request_id="float", max_tokens="64.000000"))
     assert ok.overall_code == OK
     assert headers(ok)["x-ratelimit-remaining-tokens"] == "36"

@@ -71,10 +71,12 @@ async def test_weighted_tokens_and_the_estimate():
     rl = limiter(
         clock, weighted, model=policy_pb2.Model(name="m", default_max_tokens=100, max_max_tokens=200)
     )
-    assert rl.estimate(Hit("t1", "k1", "m", body_bytes=41), rl.snapshot.model("m")) == (11, 100)
-    assert rl.estimate(Hit("t1", "k1", "m", max_tokens=999), rl.snapshot.model("m")) == (0, 200)
+    # The prompt: a token per byte of body (no tokenizer makes more); the completion: the admitted
+    # maximum ext_authz sends (n included, so it may pass the model's cap), else the default.
+    assert rl.estimate(Hit("t1", "k1", "m", body_bytes=41), rl.snapshot.model("m")) == (41, 100)
+    assert rl.estimate(Hit("t1", "k1", "m", max_tokens=400), rl.snapshot.model("m")) == (0, 400)
     first = await rl.check([Hit("t1", "k1", "m", request_id="a", body_bytes=40, max_tokens=100)])
-    assert first.outcomes[0][0].remaining == 1000 - (10 * 50 + 100 * 200) // 100  # 795
+    assert first.outcomes[0][0].remaining == 1000 - (40 * 50 + 100 * 200) // 100  # 780
     await rl.settle(Usage("t1", "k1", "m", "a", prompt_tokens=10, completion_tokens=20))
     after = await rl.check([Hit("t1", "k1", "m", request_id="b", max_tokens=1)])
     assert after.outcomes[0][0].remaining == 1000 - 45 - 2  # a settled at 5 + 40, b reserves 2

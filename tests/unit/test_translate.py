@@ -211,11 +211,37 @@ def test_aliases_route_to_their_model_and_rename_it():
     state = State(models=(replace(model("llama-3-70b", b("http://10.0.0.1:80")), aliases=("gpt-4o",)),))
     rs = {r["name"]: r for r in routes(state)}
     assert rs["model:gpt-4o"]["route"]["cluster"] == rs["model:llama-3-70b"]["route"]["cluster"]
+    # The Lua filter tells ext_authz the served model (x-tessera-model) and writes the model's
+    # default max_tokens into bodies naming none: no default registered -> the platform's,
+    # DEFAULT_COMPLETION_TOKENS = 1024 (below the platform cap of 32768).
     assert rs["model:gpt-4o"]["metadata"]["filter_metadata"] == {
-        "tessera": {"model": "llama-3-70b"},  # what ext_authz and ratelimit see
-        "envoy.filters.http.lua": {"served_model": "llama-3-70b"},  # the Lua filter renames the body
+        "tessera": {"model": "llama-3-70b"},  # the access log's served model
+        "envoy.filters.http.lua": {
+            "model": "llama-3-70b",
+            "default_max_tokens": 1024,
+            "served_model": "llama-3-70b",  # on an alias route only: the Lua filter renames the body
+        },
     }
-    assert rs["model:llama-3-70b"]["metadata"]["filter_metadata"] == {"tessera": {"model": "llama-3-70b"}}
+    assert rs["model:llama-3-70b"]["metadata"]["filter_metadata"] == {
+        "tessera": {"model": "llama-3-70b"},
+        "envoy.filters.http.lua": {"model": "llama-3-70b", "default_max_tokens": 1024},
+    }
+
+
+def test_model_routes_tell_the_lua_filter_the_model_and_its_default_max_tokens():
+    own = replace(model("own", b("http://10.0.0.1:80")), default_max_tokens=300, max_max_tokens=4000)
+    # A default above the model's cap is capped: min(5000, 2000) = 2000.
+    capped = replace(model("capped", b("http://10.0.0.2:80")), default_max_tokens=5000, max_max_tokens=2000)
+    # No default, a cap below the platform's default: min(1024, 512) = 512.
+    small = replace(model("small", b("http://10.0.0.3:80")), max_max_tokens=512)
+    rs = {r["name"]: r for r in routes(State(models=(own, capped, small)))}
+    lua = {name: rs[f"model:{name}"]["metadata"]["filter_metadata"]["envoy.filters.http.lua"] for name in
+           ("own", "capped", "small")}  # fmt: skip
+    assert lua == {
+        "own": {"model": "own", "default_max_tokens": 300},
+        "capped": {"model": "capped", "default_max_tokens": 2000},
+        "small": {"model": "small", "default_max_tokens": 512},
+    }
 
 
 def test_realtime_routes_only_for_enabled_models_by_query_model():
@@ -232,6 +258,9 @@ def test_realtime_routes_only_for_enabled_models_by_query_model():
         assert r["route"]["upgrade_configs"] == [{"upgrade_type": "websocket", "enabled": True}]
         assert r["route"]["cluster"] == cluster_name("rt")
         assert r["metadata"]["filter_metadata"]["tessera"] == {"model": "rt"}
+        # The Lua filter runs here too: it tells ext_authz the served model (x-tessera-model).
+        assert "envoy.filters.http.lua" not in r["typed_per_filter_config"]
+        assert r["metadata"]["filter_metadata"]["envoy.filters.http.lua"]["model"] == "rt"
     # Any other /v1/realtime (a model without realtime, no upgrade) is refused before a backend.
     (off_route,) = [r for r in rs if r["name"] == "realtime_off"]
     assert off_route["direct_response"]["status"] == 404
