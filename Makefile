@@ -5,7 +5,13 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint check-generated unit integration e2e bench clean llm
+# The e2e tier once more with ext_authz over HTTP/1.1 (`tessera up --authz-transport http`).
+# Not repeated: PostgreSQL runs (the transport does not touch the store) and the one test that
+# speaks gRPC Check to the ext_authz replicas itself.
+E2E_HTTP := TESSERA_TEST_AUTHZ_TRANSPORT=http $(BIN)/pytest tests/e2e -m "envoy and not real and not postgres" \
+	--deselect tests/e2e/test_auth.py::test_revocation_reaches_every_replica_and_worker_within_a_second
+
+.PHONY: install run test lint check-generated unit integration e2e e2e-http bench clean llm
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,14 +31,18 @@ lint: install  ## ruff, mypy, import contracts, generated-code drift
 	$(BIN)/lint-imports
 	$(BIN)/python -m tessera.codegen --check
 
-test: lint  ## every tier: unit, contract (memory/Redis, SQLite/PostgreSQL), integration, e2e through real Envoy
+test: lint  ## every tier: unit, contract (memory/Redis, SQLite/PostgreSQL), integration, e2e through real Envoy (ext_authz over gRPC, then HTTP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+	$(E2E_HTTP) $(PYTEST_ARGS)
 
 unit: install
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 e2e: install
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+e2e-http: install  ## the e2e tier with ext_authz over HTTP/1.1
+	$(E2E_HTTP) $(PYTEST_ARGS)
 
 llm: install  ## build llama-server and Gemma 3 270M once, into ~/.cache/tessera/llm (first time ~4 min)
 	$(BIN)/python -m tessera.llm build

@@ -1,12 +1,13 @@
-"""Static Envoy bootstraps for the reference paths (a)-(c), as plain dicts written as JSON.
+"""Static Envoy bootstraps for the reference paths (a)-(c1), as plain dicts written as JSON.
 
 (a) ``upstream``: answers every request itself with ``direct_response`` 200 and a small
     OpenAI-like body. The ``buffer`` filter reads the request body first: without it Envoy
     answers before the body has arrived and closes every connection (no keep-alive).
 (b) ``plain_proxy``: an HTTP proxy to (a), the gateway's HCM basics (``use_remote_address``),
     no callouts.
-(c) ``callout_proxy``: (b) plus ``ext_authz`` and ``ratelimit`` gRPC callouts to the no-op
-    Python services of ``bench.noop_services`` - the floor any Python callout design pays.
+(c1) ``authz_proxy``: (b) plus ONE ``ext_authz`` callout (gRPC ``grpc_service`` or HTTP
+    ``http_service``) to a no-op Python service of ``bench.noop_services`` - the floor any
+    design with one Python callout per request pays on that transport.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def _bootstrap(
     route: dict[str, Any],
     filters: list[dict[str, Any]],
     clusters: list[dict[str, Any]],
+    admin_port: int = 0,
 ) -> dict[str, Any]:
     hcm = {
         "@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -84,7 +86,7 @@ def _bootstrap(
             },
         ],
     }
-    return {
+    bootstrap: dict[str, Any] = {
         "static_resources": {
             "listeners": [
                 {
@@ -102,6 +104,9 @@ def _bootstrap(
             "clusters": clusters,
         }
     }
+    if admin_port:  # for the callout counts in /stats
+        bootstrap["admin"] = {"address": _address(admin_port)}
+    return bootstrap
 
 
 def upstream(port: int) -> dict[str, Any]:
@@ -133,47 +138,31 @@ def plain_proxy(port: int, upstream_port: int) -> dict[str, Any]:
     return _bootstrap(port, _proxy_route(), [], [_cluster("upstream", upstream_port)])
 
 
-def callout_proxy(port: int, upstream_port: int, authz_port: int, ratelimit_port: int) -> dict[str, Any]:
-    ext_authz = {
-        "name": "envoy.filters.http.ext_authz",
-        "typed_config": {
-            "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-            "transport_api_version": "V3",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "0.5s"},
-            "failure_mode_allow": False,
-            "status_on_error": {"code": 503},
-        },
+def authz_proxy(
+    port: int, upstream_port: int, authz_port: int, transport: str, admin_port: int = 0
+) -> dict[str, Any]:
+    """(b) plus ONE ext_authz callout to a no-op Python service, over ``grpc`` or ``http``."""
+    ext_authz: dict[str, Any] = {
+        "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "failure_mode_allow": False,
+        "status_on_error": {"code": 503},
     }
-    ratelimit = {
-        "name": "envoy.filters.http.ratelimit",
-        "typed_config": {
-            "@type": T + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-            "domain": "bench",
-            "timeout": "0.25s",
-            # Deny on error so that a failing no-op service shows up as errors, not as speed.
-            "failure_mode_deny": True,
-            "rate_limit_service": {
-                "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"}},
-            },
-            # One descriptor of three entries, like the gateway's tenant/key/model descriptor.
-            "rate_limits": [
-                {
-                    "actions": [
-                        {"generic_key": {"descriptor_key": "tenant_id", "descriptor_value": "bench"}},
-                        {"generic_key": {"descriptor_key": "key_id", "descriptor_value": "bench"}},
-                        {"remote_address": {}},
-                    ]
-                }
-            ],
-        },
-    }
-    clusters = [
-        _cluster("upstream", upstream_port),
-        _cluster("authz", authz_port, http2=True),
-        _cluster("ratelimit", ratelimit_port, http2=True),
-    ]
-    return _bootstrap(port, _proxy_route(), [ext_authz, ratelimit], clusters)
+    if transport == "grpc":
+        ext_authz["grpc_service"] = {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "0.5s"}
+        authz_cluster = _cluster("authz", authz_port, http2=True)
+    elif transport == "http":
+        ext_authz["http_service"] = {
+            "server_uri": {"uri": f"http://{HOST}:{authz_port}", "cluster": "authz_http", "timeout": "1s"},
+            "authorization_response": {"allowed_upstream_headers": {"patterns": [{"exact": "x-tenant-id"}]}},
+        }
+        authz_cluster = _cluster("authz_http", authz_port)
+    else:
+        msg = f"unknown ext_authz transport {transport!r}"
+        raise ValueError(msg)
+    filters = [{"name": "envoy.filters.http.ext_authz", "typed_config": ext_authz}]
+    clusters = [_cluster("upstream", upstream_port), authz_cluster]
+    return _bootstrap(port, _proxy_route(), filters, clusters, admin_port)
 
 
 def write(config: dict[str, Any], path: Path) -> Path:

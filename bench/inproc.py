@@ -24,6 +24,7 @@ from bench.check_client import check_request
 from bench.keygen import api_key
 from bench.policy_server import build_snapshot
 from bench.procs import memory_kb
+from ext_authz.authorize import Authorizer
 from ext_authz.key_index import key_index_from_policy
 from ext_authz.servicer import ExtAuthzServicer
 from tessera.clock import SYSTEM_CLOCK
@@ -72,8 +73,9 @@ def main() -> None:
     print(f"  compile {compile_s:.2f} s: +{compiled - parsed:.0f} MB while building")
     print(f"  after dropping the messages: RSS {left:.0f} MB (KeyIndex and the process)")
 
-    servicer = ExtAuthzServicer(PEPPER, SYSTEM_CLOCK)
-    servicer.swap_index(index)
+    authorizer = Authorizer(PEPPER, SYSTEM_CLOCK, None)  # no admitter: no limits to admit by
+    authorizer.swap_index(index)
+    servicer = ExtAuthzServicer(authorizer, SYSTEM_CLOCK)
     raw_reqs = [check_request(api_key(i * (n // CALLS or 1) % n)).SerializeToString() for i in range(CALLS)]
     t0 = time.perf_counter()
     reqs = [external_auth_pb2.CheckRequest.FromString(r) for r in raw_reqs]

@@ -17,6 +17,7 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +74,18 @@ def wrk_script(path: Path, key: str | None) -> Path:
     return path
 
 
-def run_wrk(base_url: str, script: Path, *, connections: int, seconds: int, threads: int = 2) -> LoadResult:
+def run_wrk(
+    base_url: str,
+    script: Path,
+    *,
+    connections: int,
+    seconds: int,
+    threads: int = 2,
+    prefix: Sequence[str] = (),
+) -> LoadResult:
+    """``prefix``: e.g. ``taskset -c 1`` to keep the load generator off the cores under test."""
     argv = [
+        *prefix,
         "wrk",
         f"-t{threads}",
         f"-c{connections}",
@@ -120,6 +131,7 @@ def run_h2load(
     rate: int,
     seconds: int,
     streams: int = 10,
+    prefix: Sequence[str] = (),
 ) -> LoadResult:
     """``streams`` h2load processes of one connection each, started ``1/rate`` s apart.
 
@@ -135,7 +147,7 @@ def run_h2load(
     for i in range(streams):
         log = workdir / f"h2load-{i}.log"
         log.unlink(missing_ok=True)
-        argv = ["h2load", "--h1", "-c", "1", "-m", "1", "--rps", str(per_stream), "-D", str(seconds)]
+        argv = [*prefix, "h2load", "--h1", "-c", "1", "-m", "1", "--rps", str(per_stream), "-D", str(seconds)]
         argv += ["-d", str(body), "--log-file", str(log)]
         for k, v in _headers(key).items():
             argv += ["-H", f"{k.lower()}: {v}"]

@@ -2,11 +2,15 @@
 
 (a) upstream   - the upstream Envoy itself (``direct_response``), hit directly
 (b) plain      - static Envoy proxy -> (a)
-(c) callouts   - static Envoy + no-op Python ext_authz + no-op Python ratelimit -> (a)
+(c1-grpc) / (c1-http) - static Envoy + ONE no-op Python ext_authz (grpc.aio / asyncio.Protocol
+    + httptools on uvloop) -> (a): the one-callout floor on each transport
 (d) tessera    - ``tessera up`` with an API key; model ``bench`` routed to (a)
+(d-http) - the same over ``tessera up --authz-transport http`` (when that option exists)
 (e) tessera-jwt - the same stack as (d), the bearer a JWT from ``POST /oauth/token``
 (f) tessera-redis - a second ``tessera up`` with ``--redis``: request and token limits whose
-    counters live in Redis (reserve at request time, settle at stream end)
+    counters live in Redis (reserved at admission, settled by the meter off the request path)
+(g) one core   - ``taskset -c 0 tessera up`` (every process of the stack on one core), request
+    and token limits on memory://; the load generator pinned to the other core
 
 Every path answers the same ``POST /v1/chat/completions``. ``Target.pids`` names every
 process whose CPU the path costs (the upstream included), for per-request CPU accounting.
@@ -37,6 +41,11 @@ ENVOY_CONCURRENCY = 2  # what `tessera up` gives its Envoy
 PYTHON_SERVICES = ("ext_authz", "ratelimit", "control_plane", "meter")
 
 
+def kind(name: str) -> str:
+    """A process's kind: ``ext_authz#1`` (a second replica or worker tree) is an ``ext_authz``."""
+    return name.split("#", 1)[0]
+
+
 @dataclass
 class Target:
     name: str
@@ -48,6 +57,9 @@ class Target:
     stoppers: list[Callable[[], None]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     cli: Callable[..., Any] | None = None  # a Tessera path: its admin CLI
+    floor: str = ""  # the (c1) path this one is compared with ("vs (c1)")
+    envoy_admin: str = ""  # a Tessera path: its Envoy's admin URL (callouts counted from /stats)
+    client_prefix: list[str] = field(default_factory=list)  # e.g. taskset for the load generator
 
     def stop(self) -> None:
         for fn in reversed(self.stoppers):
@@ -93,28 +105,30 @@ def start_plain(workdir: Path, upstream: Target) -> Target:
     return target
 
 
-def start_callouts(workdir: Path, upstream: Target) -> Target:
-    port, authz_port, rl_port = free_port(), free_port(), free_port()
+def start_authz_floor(workdir: Path, upstream: Target, transport: str) -> Target:
+    """Path (c1-<transport>): static Envoy + one no-op Python ext_authz callout."""
+    port, authz_port, admin_port = free_port(), free_port(), free_port()
     upstream_port = int(upstream.base_url.rsplit(":", 1)[1])
-    py = sys.executable
+    service = "authz" if transport == "grpc" else "authz-http"
     authz = spawn(
-        [py, "-m", "bench.noop_services", "authz", "--port", str(authz_port)], workdir / "noop-authz.log"
+        [sys.executable, "-m", "bench.noop_services", service, "--port", str(authz_port)],
+        workdir / f"noop-{service}.log",
     )
-    rl = spawn(
-        [py, "-m", "bench.noop_services", "ratelimit", "--port", str(rl_port)], workdir / "noop-rl.log"
-    )
-    config = envoy_configs.callout_proxy(port, upstream_port, authz_port, rl_port)
-    proc = _envoy("callouts", config, workdir, base_id=9103)
-    pids = {
-        "envoy": proc.pid,
-        "ext_authz": authz.pid,
-        "ratelimit": rl.pid,
-        "upstream": upstream.pids["upstream"],
-    }
-    target = Target("c", "(c) callout floor", f"http://{HOST}:{port}", pids)
-    target.stoppers += [lambda: stop(authz), lambda: stop(rl), lambda: stop(proc)]
-    _ready(target.base_url)  # 200 only once both no-op services answer (both fail closed)
+    config = envoy_configs.authz_proxy(port, upstream_port, authz_port, transport, admin_port)
+    proc = _envoy(f"floor-{transport}", config, workdir, base_id=9103 if transport == "grpc" else 9104)
+    pids = {"envoy": proc.pid, "ext_authz": authz.pid, "upstream": upstream.pids["upstream"]}
+    title = f"(c1-{transport}) one-callout floor"
+    target = Target(f"c1{transport[0]}", title, f"http://{HOST}:{port}", pids)
+    target.envoy_admin = f"http://{HOST}:{admin_port}"
+    target.stoppers += [lambda: stop(authz), lambda: stop(proc)]
+    _ready(target.base_url)  # 200 only once the no-op service answers (fails closed)
     return target
+
+
+def tessera_has_http_authz() -> bool:
+    """Whether this tree's ``tessera up`` has ``--authz-transport`` (ext_authz over HTTP)."""
+    out = subprocess.run([TESSERA, "up", "--help"], capture_output=True, text=True, timeout=60, check=False)
+    return "--authz-transport" in out.stdout
 
 
 class TesseraStack:
@@ -133,12 +147,12 @@ class TesseraStack:
             raise RuntimeError(msg)
         return json.loads(out.stdout) if out.stdout.strip() else None
 
-    def start(self, per_ip_rps: int, *extra: str) -> None:
+    def start(self, per_ip_rps: int, *extra: str, prefix: tuple[str, ...] = ()) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
         env["TESSERA_GATEWAY__PER_IP_REQUESTS_PER_SECOND"] = str(per_ip_rps)
         env["TESSERA_GATEWAY__PER_IP_BURST"] = str(per_ip_rps)
         log = self.root.parent / f"{self.root.name}-up.log"
-        argv = [TESSERA, "up", "--port", str(self.port), "--admin-port", str(self.admin_port)]
+        argv = [*prefix, TESSERA, "up", "--port", str(self.port), "--admin-port", str(self.admin_port)]
         argv += ["--data-dir", str(self.root), *extra]
         self.proc = spawn(argv, log, env)
         deadline = time.monotonic() + 120
@@ -187,21 +201,46 @@ def _wait_allowed(url: str, key: str, timeout: float = 30.0) -> None:
     raise RuntimeError(msg)
 
 
-def start_tessera(workdir: Path, upstream: Target, *, request_limit: int) -> Target:
-    """Path (d): the embedded stack (memory:// counters) with one request limit."""
-    target = Target("d", "(d) Tessera, API key", "", {})
+def start_tessera(workdir: Path, upstream: Target, *, request_limit: int, transport: str = "grpc") -> Target:
+    """Path (d): the embedded stack (memory:// counters) with one request limit; ``transport``
+    ``http`` is path (d-http), ``tessera up --authz-transport http``."""
+    extra: tuple[str, ...] = ()
+    if transport == "grpc":
+        target = Target("d", "(d) Tessera, API key", "", {}, floor="c1g")
+        stack = TesseraStack(workdir)
+    else:
+        target = Target("dh", "(d-http) Tessera, API key", "", {}, floor="c1h")
+        stack, extra = TesseraStack(workdir, "tessera-http"), ("--authz-transport", transport)
     limits = []
     if request_limit:
-        # A limit that never trips, so ratelimit really counts every request.
+        # A limit that never trips, so admission really counts every request.
         limits.append(["--kind", "requests", "--window", "minute", "--limit", str(request_limit)])
         target.notes.append(f"request limit {request_limit}/minute on the tenant (never trips)")
-    return _tessera_path(target, TesseraStack(workdir), upstream, limits)
+    return _tessera_path(target, stack, upstream, limits, *extra)
+
+
+def start_tessera_one_core(workdir: Path, upstream: Target, *, limit: int, core: int = 0) -> Target:
+    """Path (g): the whole stack pinned to one core (``taskset``; children inherit it), request and
+    token limits on memory://; the load generator is pinned to another core."""
+    target = Target("g", "(g) Tessera, one core", "", {}, floor="c1g")
+    others = sorted(os.sched_getaffinity(0) - {core}) or [core]
+    target.client_prefix = ["taskset", "-c", ",".join(map(str, others))]
+    limits = [
+        ["--kind", "requests", "--window", "minute", "--limit", str(limit)],
+        ["--kind", "tokens", "--window", "minute", "--limit", str(limit)],
+    ]
+    target.notes.append(
+        f"(g): `taskset -c {core} tessera up`, request and token limits of {limit}/minute, "
+        f"load generator on cores {target.client_prefix[-1]}"
+    )
+    stack = TesseraStack(workdir, "tessera-1core")
+    return _tessera_path(target, stack, upstream, limits, prefix=("taskset", "-c", str(core)))
 
 
 def start_tessera_redis(workdir: Path, upstream: Target, *, redis_url: str, limit: int) -> Target:
     """Path (f): a second stack with its counters in Redis and the tenant under a request
     limit and a token limit, both reserved at request time and the tokens settled at stream end."""
-    target = Target("f", "(f) Tessera, limits on redis://", "", {})
+    target = Target("f", "(f) Tessera, limits on redis://", "", {}, floor="c1g")
     limits = [
         ["--kind", "requests", "--window", "minute", "--limit", str(limit)],
         ["--kind", "tokens", "--window", "minute", "--limit", str(limit)],
@@ -213,13 +252,18 @@ def start_tessera_redis(workdir: Path, upstream: Target, *, redis_url: str, limi
 
 
 def _tessera_path(
-    target: Target, stack: TesseraStack, upstream: Target, limits: list[list[str]], *extra: str
+    target: Target,
+    stack: TesseraStack,
+    upstream: Target,
+    limits: list[list[str]],
+    *extra: str,
+    prefix: tuple[str, ...] = (),
 ) -> Target:
     target.base_url = f"http://{HOST}:{stack.port}"
     target.stoppers.append(stack.stop)
     target.cli = stack.cli
     try:
-        stack.start(1_000_000, *extra)
+        stack.start(1_000_000, *extra, prefix=prefix)
         stack.cli("tenants", "create", "bench")
         created = stack.cli("keys", "create", "--tenant", "bench", "--name", "bench")
         target.key = str(created["key"])
@@ -233,10 +277,20 @@ def _tessera_path(
         raise
     ep = stack.endpoints()
     pids = ep["pids"]
-    names = {"envoy": "envoy", "ext-authz": "ext_authz", "ratelimit": "ratelimit"}
-    names["control-plane"] = "control_plane"
-    names["meter"] = "meter"  # ingests every request's usage line (same machine here)
-    target.pids = {ours: int(pids[theirs]) for theirs, ours in names.items()}
+    # Every child of the supervisor, by kind: envoy, ext_authz (every replica), ratelimit,
+    # control_plane, meter (it ingests every usage line and settles reservations, same machine).
+    target.pids = {}
+    for theirs, pid in sorted(pids.items()):
+        ours = theirs.replace("-", "_")
+        base = next(
+            (k for k in ("ext_authz", "ratelimit", "control_plane", "meter", "envoy") if ours.startswith(k)),
+            ours,
+        )
+        name = (
+            base if base not in target.pids else f"{base}#{sum(k.split('#')[0] == base for k in target.pids)}"
+        )
+        target.pids[name] = int(pid)
+    target.envoy_admin = str(ep["envoy_admin"])
     target.pids["supervisor"] = int(ep["supervisor_pid"])
     target.pids["upstream"] = upstream.pids["upstream"]
     return target
@@ -259,7 +313,8 @@ def start_tessera_jwt(tessera: Target) -> Target:
     with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
         token = str(json.loads(resp.read())["access_token"])
     _wait_allowed(tessera.base_url, token)
-    target = Target("e", "(e) Tessera, JWT", tessera.base_url, dict(tessera.pids), key=token)
+    target = Target("e", "(e) Tessera, JWT", tessera.base_url, dict(tessera.pids), key=token, floor="c1g")
+    target.envoy_admin = tessera.envoy_admin
     target.notes.append("same stack as (d); bearer = JWT (ES256, jwt_authn + ext_authz key-id lookup)")
     return target
 

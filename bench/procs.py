@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -92,6 +93,20 @@ def wait_http(url: str, *, timeout: float = 30.0, method: str = "GET") -> int:
             time.sleep(0.1)
     msg = f"{url} did not answer within {timeout:.0f}s"
     raise TimeoutError(msg)
+
+
+def envoy_counters(admin_url: str) -> dict[str, int]:
+    """Envoy's request counters from its admin ``/stats``: every cluster's ``upstream_rq_total``
+    and every HTTP listener's ``downstream_rq_total``."""
+    query = urllib.parse.urlencode({"filter": r"(upstream_rq_total|downstream_rq_total)$"})
+    with urllib.request.urlopen(f"{admin_url}/stats?{query}", timeout=5) as resp:  # noqa: S310 - loopback
+        text = resp.read().decode()
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, sep, value = line.rpartition(": ")
+        if sep and value.strip().isdigit():
+            out[name.strip()] = int(value)
+    return out
 
 
 def cpu_seconds(pid: int) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import statistics
+import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def _stream(conn: http.client.HTTPConnection, key: str | None) -> tuple[float, f
     return first, time.perf_counter() - started, tokens
 
 
-def start_server(workdir: Path) -> tuple[str, object]:
+def start_server(workdir: Path) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     proc = spawn(
         llm.server_argv(llm.binary_path(), llm.model_path(), HOST, port), workdir / "llama-server.log"

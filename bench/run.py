@@ -6,7 +6,8 @@ scale test, default ``1000,1000000``; empty to skip), ``BENCH_CHECKS`` (Checks p
 default 20000), ``BENCH_REDIS`` (counters of path (f), default ``redis://127.0.0.1:6379/0``; empty
 to skip (f)), ``BENCH_REQUEST_LIMIT`` (requests/minute limit put on the bench tenant so the
 ratelimit path counts, default 1000000000; 0 for none), ``BENCH_OUTPUT`` (Markdown results,
-default ``bench/results/latest.md``), ``BENCH_KEEP=1`` (keep the temp dir with all logs).
+default ``bench/results/latest.md``), ``BENCH_KEEP=1`` (keep the temp dir with all logs),
+``BENCH_ONE_CORE=0`` (skip path (g), the whole stack on one core).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from bench import keyscale, paths, real, report, ttft
 from bench.load import run_h2load, run_wrk, wrk_script
-from bench.procs import CpuMeter, stop
+from bench.procs import CpuMeter, envoy_counters, stop
 from bench.report import Measurement
 from tessera import llm
 
@@ -87,11 +88,15 @@ def _alive(pids: dict[str, int]) -> list[str]:
 
 
 def measure(target: paths.Target, label: str, run: object) -> Measurement:
+    counters = envoy_counters(target.envoy_admin) if target.envoy_admin else {}
     meter = CpuMeter(target.pids)
     meter.start()
     result = run()  # type: ignore[operator]
     cpu, client = meter.stop()
-    m = Measurement(target.name, target.title, result, cpu, client, list(target.notes))
+    m = Measurement(target.name, target.title, result, cpu, client, list(target.notes), floor=target.floor)
+    if target.envoy_admin:  # how many calls Envoy made to each cluster for the requests it served
+        after = envoy_counters(target.envoy_admin)
+        m.callouts = {k: v - counters.get(k, 0) for k, v in after.items()}
     if dead := _alive(target.pids):
         m.notes.append(f"{', '.join(dead)} exited during {label}: its CPU is undercounted")
     print(
@@ -147,20 +152,29 @@ def _real_section(results: list[real.RealResult]) -> list[str]:
 
 
 def _start_paths(
-    targets: list[paths.Target], workdir: Path, request_limit: int, redis_url: str
+    targets: list[paths.Target], workdir: Path, request_limit: int, redis_url: str, *, one_core: bool
 ) -> paths.Target:
     """Start every path into ``targets`` (so the caller stops what started); returns (d)."""
     upstream = paths.start_upstream(workdir)
     targets.append(upstream)
     targets.append(paths.start_plain(workdir, upstream))
-    targets.append(paths.start_callouts(workdir, upstream))
+    targets.append(paths.start_authz_floor(workdir, upstream, "grpc"))
+    targets.append(paths.start_authz_floor(workdir, upstream, "http"))
     print("bench: starting tessera up ...", flush=True)
     tessera = paths.start_tessera(workdir, upstream, request_limit=request_limit)
     targets.append(tessera)
+    if paths.tessera_has_http_authz():
+        print("bench: starting tessera up --authz-transport http ...", flush=True)
+        targets.append(paths.start_tessera(workdir, upstream, request_limit=request_limit, transport="http"))
+    else:
+        print("bench: tessera up has no --authz-transport: path (d-http) skipped", flush=True)
     targets.append(paths.start_tessera_jwt(tessera))
     if redis_url:
         print("bench: starting tessera up on redis:// ...", flush=True)
         targets.append(paths.start_tessera_redis(workdir, upstream, redis_url=redis_url, limit=10**9))
+    if one_core and shutil.which("taskset") and len(os.sched_getaffinity(0)) > 1:
+        print("bench: starting taskset -c 0 tessera up ...", flush=True)
+        targets.append(paths.start_tessera_one_core(workdir, upstream, limit=10**9))
     return tessera
 
 
@@ -184,11 +198,19 @@ def main() -> int:
     open_label = f"{rate}rps"
     closed_labels = [f"c{c}" for c in CONNECTIONS]
     try:
-        tessera = _start_paths(targets, workdir, request_limit, redis_url)
+        tessera = _start_paths(
+            targets, workdir, request_limit, redis_url, one_core=os.environ.get("BENCH_ONE_CORE") != "0"
+        )
         # Every path gets the same request bytes: Tessera's key goes to all of them (the JWT to (e)).
         scripts = {t.name: wrk_script(workdir / f"{t.name}.lua", t.key or tessera.key) for t in targets}
         for t in targets:  # warm connections, caches and the JITs nobody has
-            run_wrk(t.base_url, scripts[t.name], connections=CONNECTIONS[0], seconds=WARMUP_SECONDS)
+            run_wrk(
+                t.base_url,
+                scripts[t.name],
+                connections=CONNECTIONS[0],
+                seconds=WARMUP_SECONDS,
+                prefix=t.client_prefix,
+            )
         for conns in CONNECTIONS:
             for t in targets:
                 time.sleep(1)
@@ -197,7 +219,11 @@ def main() -> int:
                         t,
                         f"c{conns}",
                         lambda t=t, conns=conns: run_wrk(
-                            t.base_url, scripts[t.name], connections=conns, seconds=duration
+                            t.base_url,
+                            scripts[t.name],
+                            connections=conns,
+                            seconds=duration,
+                            prefix=t.client_prefix,
                         ),
                     )
                 )
@@ -210,7 +236,12 @@ def main() -> int:
                     t,
                     open_label,
                     lambda t=t: run_h2load(
-                        t.base_url, workdir, t.key or tessera.key, rate=rate, seconds=duration
+                        t.base_url,
+                        workdir,
+                        t.key or tessera.key,
+                        rate=rate,
+                        seconds=duration,
+                        prefix=t.client_prefix,
                     ),
                 )
             )
@@ -235,8 +266,9 @@ def main() -> int:
         "",
         (
             f"Closed loop: `wrk -t2 -cN`. Open loop: `h2load --h1` at {rate} req/s (10 staggered "
-            "connections). Errors: non-2xx responses + socket errors. `vs (b)` / `vs (c)`: req/s "
-            "as a share of that path's (closed loop), or added p50 / p99 (open loop)."
+            "connections). Errors: non-2xx responses + socket errors. `vs (b)` / `vs (c1)`: req/s "
+            "as a share of plain Envoy's / of the one-callout floor on the same ext_authz transport "
+            "(closed loop), or added p50 / p99 (open loop)."
         ),
         "",
         *report.throughput_table(measurements, [*closed_labels, open_label], open_label),
@@ -245,10 +277,20 @@ def main() -> int:
         "",
         (
             "utime + stime from `/proc/<pid>/stat` over the run, divided by requests served. "
-            "Python services = ext_authz + ratelimit + control plane + meter."
+            "Python services = ext_authz + ratelimit + control plane + meter. All servers = every "
+            "process of the path, upstream included."
         ),
         "",
         *report.cpu_table(measurements),
+        "",
+        "## Python callouts per request (Envoy admin `/stats`)",
+        "",
+        (
+            "Tessera paths: deltas of Envoy's own counters over each run: requests served by the "
+            "gateway listener vs requests Envoy sent to each cluster (the model upstream excluded)."
+        ),
+        "",
+        *report.callouts_table(measurements),
         "",
     ]
     if ttft_results:

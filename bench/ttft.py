@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ def _one(conn: http.client.HTTPConnection, key: str | None) -> tuple[float, floa
     return first * 1000, (time.perf_counter() - started) * 1000
 
 
-def start_upstream(workdir: Path) -> tuple[str, object]:
+def start_upstream(workdir: Path) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     argv = [
         sys.executable,

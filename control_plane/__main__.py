@@ -103,7 +103,9 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
         )
         log.info("meter_started", log=str(log_path), node=node, metrics_port=metrics.port)
         try:
-            await meter.run_forever(settings.meter.poll_seconds)
+            await meter.run_forever(
+                settings.meter.poll_seconds, settle_interval=settings.meter.settle_poll_seconds
+            )
         finally:
             if settle_task is not None:
                 settle_task.cancel()

@@ -181,6 +181,7 @@ async def build_app(settings: ControlPlaneSettings) -> App:
             per_ip_burst=gw.per_ip_burst,
             xff_trusted_hops=gw.xff_trusted_hops,
             upstream_ca_file=gw.upstream_ca_file,
+            authz_transport=gw.authz_transport,
             jwt_issuer=settings.jwt.issuer,
             jwt_audience=settings.jwt.audience,
         )

@@ -47,6 +47,9 @@ class GatewaySettings(BaseModel):
     xff_trusted_hops: int = Field(default=0, ge=0, le=10)
     # CA bundle (a path on the Envoy host) that https backends' certificates must chain to.
     upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
+    # How Envoy calls ext_authz: gRPC Check, or HTTP/1.1 (http_service); ext_authz must serve
+    # the same (its TESSERA_TRANSPORT).
+    authz_transport: Literal["grpc", "http"] = "grpc"
 
 
 class JwtSettings(BaseModel):
@@ -92,7 +95,10 @@ class MeterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     log_path: Path | None = None  # the Envoy's usage log (gateway.access_log_path on one machine)
     node: str = ""  # default for lines that name none (Envoy puts its ENVOY_NODE_ID in each line)
-    poll_seconds: float = Field(default=0.1, gt=0)  # a read of file sizes: cheap
+    poll_seconds: float = Field(default=0.5, gt=0, description="ledger batches: larger cost less per line")
+    settle_poll_seconds: float = Field(
+        default=0.1, gt=0, description="how often admitted requests' lines are read for settlement"
+    )
     # Rotate the log at this size once read (0 = off: an outside logrotate + /reopen_logs).
     rotate_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     envoy_admin: str = "http://127.0.0.1:9901"  # where /reopen_logs is, beside the Envoy

@@ -1,9 +1,12 @@
 """ext_authz's side of ``tessera.admission.v1``: admissions batched onto one long-lived stream.
 
 Every Check that needs counting calls ``Admitter.admit``; the admissions that arrive within one
-event-loop tick leave together as one ``AdmitBatch`` and are answered by one ``VerdictBatch``
-(the ratelimit service makes one counter call, one Redis pipeline, per batch). No per-request
-RPC: Envoy's one callout is ext_authz's ``Check``.
+event-loop tick leave together as one ``AdmitBatch`` frame and are answered by one
+``VerdictBatch`` frame (the ratelimit service makes one counter call, one Redis pipeline, per
+batch). No per-request RPC: Envoy's one callout is ext_authz's ``Check``. The stream is a plain
+TCP connection carrying length-prefixed frames (``tessera/frames.py``), not a gRPC stream: at
+the batch sizes of a few thousand requests a second a gRPC message cost more CPU, on each side,
+than all the work it carried (docs/benchmarks.md).
 
 Fail modes: an admission not answered within ``timeout_seconds`` (the service is slow, down, or
 the stream is reconnecting) returns None and the caller applies each limit's own fail mode. A
@@ -15,8 +18,8 @@ was admitted with when Envoy abandoned the Check before its answer arrived.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
+import socket
 from collections import deque
 from typing import Any, Final
 
@@ -25,6 +28,8 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from tessera.admission.v1 import admission_pb2, admission_pb2_grpc
+from tessera.errors import InvalidArgumentError
+from tessera.frames import Frames, frame
 from tessera.settings import AdmissionSettings
 
 log = structlog.get_logger("ext_authz.admissions")
@@ -52,19 +57,19 @@ class Admitter:
         self._waiting: list[tuple[admission_pb2.Admission, asyncio.Future[Verdict | None]]] = []
         self._forced: deque[admission_pb2.Admission] = deque()
         self._in_flight: dict[int, list[asyncio.Future[Verdict | None]]] = {}
-        self._outbox: asyncio.Queue[admission_pb2.AdmitBatch] | None = None  # None: not connected
+        self._transport: asyncio.Transport | None = None  # None: not connected
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stub: Any = None  # the AdmissionService stub while the channel is open
+        self._stub: Any = None  # the AdmissionService (Settle) stub while its channel is open
 
     @property
     def connected(self) -> bool:
-        return self._outbox is not None
+        return self._transport is not None
 
     def admit(self, admission: admission_pb2.Admission) -> asyncio.Future[Verdict | None]:
         """A future of the verdict; None when there is none in time (apply the fail modes)."""
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Verdict | None] = loop.create_future()
-        if self._outbox is None:
+        if self._transport is None:
             UNANSWERED.inc()
             future.set_result(None)  # not connected: do not make the request wait for nothing
             return future
@@ -80,7 +85,7 @@ class Admitter:
             FORCED_DROPPED.inc()
             return
         self._forced.append(admission)
-        if self._outbox is not None and not self._waiting:
+        if self._transport is not None and not self._waiting:
             (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
 
     async def release(self, usage: admission_pb2.Usage) -> None:
@@ -95,8 +100,8 @@ class Admitter:
 
     def _flush(self) -> None:
         waiting, self._waiting = self._waiting, []
-        outbox = self._outbox
-        if outbox is None:
+        transport = self._transport
+        if transport is None:
             for _, future in waiting:
                 if not future.done():
                     UNANSWERED.inc()
@@ -109,7 +114,7 @@ class Admitter:
             while self._forced and len(batch.admissions) < MAX_BATCH:
                 batch.admissions.append(self._forced.popleft())
             self._in_flight[batch.batch] = [f for _, f in chunk]
-            outbox.put_nowait(batch)
+            transport.write(frame(batch.SerializeToString()))
             BATCHES.inc()
             if chunk:
                 asyncio.get_running_loop().call_later(self._timeout, self._expire, batch.batch)
@@ -134,7 +139,7 @@ class Admitter:
                 future.set_result(None)
 
     def _disconnected(self) -> None:
-        self._outbox = None
+        self._transport = None
         CONNECTED.set(0)
         in_flight, self._in_flight = self._in_flight, {}
         for futures in in_flight.values():
@@ -146,52 +151,64 @@ class Admitter:
     async def run(self) -> None:
         """Keep the stream open; reconnect with backoff capped at ``reconnect_max_seconds``."""
         self._loop = asyncio.get_running_loop()
-        delay = 0.05
-        while True:
-            try:
-                async with grpc.aio.insecure_channel(self._settings.url) as channel:
-                    self._stub = admission_pb2_grpc.AdmissionServiceStub(channel)
-                    if await self._follow(self._stub):
-                        delay = 0.05
-            except asyncio.CancelledError:
-                self._disconnected()
-                raise
-            except grpc.aio.AioRpcError as exc:
-                log.warning("admission_stream_lost", code=exc.code().name, url=self._settings.url)
-            except Exception:
-                log.exception("admission_stream_error")
-            finally:
-                self._stub = None
-            self._disconnected()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._settings.reconnect_max_seconds)
-
-    async def _follow(self, stub: Any) -> bool:
-        outbox: asyncio.Queue[admission_pb2.AdmitBatch] = asyncio.Queue()
-        call = stub.Admit()
-        await call.wait_for_connection()
-
-        async def send() -> None:
+        host, _, port = self._settings.stream_url.rpartition(":")
+        async with grpc.aio.insecure_channel(self._settings.url) as channel:
+            self._stub = admission_pb2_grpc.AdmissionServiceStub(channel)
+            delay = 0.05
             while True:
-                await call.write(await outbox.get())
+                try:
+                    if await self._follow(host, int(port)):
+                        delay = 0.05
+                except asyncio.CancelledError:
+                    self._disconnected()
+                    raise
+                except OSError as exc:
+                    log.warning("admission_stream_lost", error=str(exc), url=self._settings.stream_url)
+                self._disconnected()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._settings.reconnect_max_seconds)
 
-        sender = asyncio.create_task(send(), name="ext_authz-admission-sender")
-        self._outbox = outbox
+    async def _follow(self, host: str, port: int) -> bool:
+        """One connection, until it closes; True if it answered anything."""
+        assert self._loop is not None  # noqa: S101 - set by run
+        closed: asyncio.Future[None] = self._loop.create_future()
+        client = _Client(self, closed)
+        transport, _ = await self._loop.create_connection(lambda: client, host, port)
+        self._transport = transport
         CONNECTED.set(1)
-        log.info("admission_stream_open", url=self._settings.url)
+        log.info("admission_stream_open", url=self._settings.stream_url)
         if self._forced:
             self._flush()  # what was admitted fail-open meanwhile is counted first
-        answered = False
         try:
-            while True:
-                reply = await call.read()
-                if reply is grpc.aio.EOF:
-                    return answered
-                self._answer(reply)
-                answered = True
+            await closed
         finally:
-            self._outbox = None
-            sender.cancel()
-            call.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                await sender
+            transport.close()
+        return client.answered
+
+
+class _Client(asyncio.Protocol):
+    def __init__(self, admitter: Admitter, closed: asyncio.Future[None]) -> None:
+        self._admitter = admitter
+        self._closed = closed
+        self._frames = Frames()
+        self.answered = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            replies = self._frames.feed(data)
+        except InvalidArgumentError as exc:
+            log.error("admission_stream_garbled", error=str(exc))  # noqa: TRY400 - no traceback
+            self.connection_lost(None)
+            return
+        for raw in replies:
+            self._admitter._answer(admission_pb2.VerdictBatch.FromString(raw))  # noqa: SLF001
+            self.answered = True
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - asyncio.Protocol
+        if not self._closed.done():
+            self._closed.set_result(None)

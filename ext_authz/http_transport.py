@@ -16,7 +16,8 @@ lists these headers):
   and the ``x-ratelimit-*`` headers (``allowed_client_headers_on_success``).
 * deny: the OpenAI status (400/401/404/429) and JSON body, ``content-type``,
   ``www-authenticate`` on 401, ``retry-after`` and ``x-ratelimit-*`` (``allowed_client_headers``).
-  No metadata, as over gRPC: a refused request's usage line names no tenant (billed to no one).
+  A 400 or 429 refusal of an authenticated caller also carries the metadata headers
+  ``tenant_id`` and ``key_id`` (its usage line names the tenant), as over gRPC.
 * an unexpected error: ``500``, which Envoy turns into its ``status_on_error`` 503 (fail closed),
   as it does with a failed gRPC call.
 
@@ -35,7 +36,7 @@ import contextlib
 from collections import deque
 from collections.abc import Coroutine
 from http import HTTPStatus
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import httptools
 import structlog
@@ -43,6 +44,7 @@ import structlog
 from ext_authz.authorize import Authorizer, Outcome
 from ext_authz.key_index import KeyIndex
 from ext_authz.pipeline import SUSPENDED_MESSAGE, Decision
+from ext_authz.servicer import _ATTRIBUTED as ATTRIBUTED
 from ext_authz.servicer import (
     ALLOW_CACHE_MAX,
     DECISIONS,
@@ -192,13 +194,17 @@ class Responder:
                 key_prefix=decision.key_prefix,
                 tenant_id=decision.tenant_id,
                 request_id=request_id,
-                param=decision.param,
                 suppressed=suppressed,
             )
-        resp = _FIXED_DENIALS.get((code, decision.message)) if not outcome.response_headers else None
-        if resp is None:
-            resp = deny_response(code, decision.message, decision.param, outcome.response_headers)
-        return resp
+        attributed = decision.tenant_id and status_of(code) in ATTRIBUTED
+        if not attributed:
+            resp = _FIXED_DENIALS.get((code, decision.message))
+            if resp is not None:
+                return resp
+        extra = outcome.response_headers
+        if attributed:  # an authenticated tenant's refusal: its usage line (a ledger row) says so
+            extra = (*extra, ("tenant_id", decision.tenant_id), ("key_id", decision.key_id))
+        return deny_response(code, decision.message, decision.param, extra)
 
 
 async def _finish(coro: Coroutine[Any, Any, Outcome], waiting: Any) -> Outcome:
@@ -257,13 +263,14 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._head_bytes = 0
         self._closing = False  # answer what is queued, then close; read no more
-        self._paused = False
+        self._paused = False  # reading paused: Envoy does not read, or too many answers wait
+        self._write_paused = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a stream server's transport
-        self._transport = transport
+        # A stream server's transport (uvloop's is no asyncio.Transport subclass, but is one).
+        self._transport = cast("asyncio.Transport", transport)
         self._server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -295,10 +302,12 @@ class _Connection(asyncio.Protocol):
                     task.exception()  # retrieved: no "exception was never retrieved" noise
 
     def pause_writing(self) -> None:
-        self._pause()
+        self._write_paused = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
-        self._resume()
+        self._write_paused = False
+        self._update_reading()
 
     # --- httptools callbacks ------------------------------------------------------------------
 
@@ -337,7 +346,7 @@ class _Connection(asyncio.Protocol):
         else:
             self._queue.append(_NOT_FOUND)
         if len(self._queue) > MAX_PIPELINE:
-            self._pause()
+            self._update_reading()
 
     # --- deciding and answering ---------------------------------------------------------------
 
@@ -379,16 +388,15 @@ class _Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         out = self._ready_answers()
-        queue = self._queue
-        draining = self._server.draining
+        closing = not self._queue and (self._closing or self._server.draining)
         if out:
-            if draining or (self._closing and not queue):
-                out = [_close_header(resp) for resp in out]
+            if closing:  # the last answer on this connection says so
+                out[-1] = _close_header(out[-1])
             transport.write(out[0] if len(out) == 1 else b"".join(out))
-        if not queue and (self._closing or draining):
+        if closing:
             transport.close()
-        elif self._paused and len(queue) <= MAX_PIPELINE // 2:
-            self._resume()
+        else:
+            self._update_reading()
 
     def _ready_answers(self) -> list[bytes]:
         queue = self._queue
@@ -423,15 +431,18 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def _pause(self) -> None:
-        if not self._paused and self._transport is not None:
+    def _update_reading(self) -> None:
+        """Stop reading while Envoy does not read our answers or too many wait; resume after."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._paused:
+            if not self._write_paused and len(self._queue) <= MAX_PIPELINE // 2:
+                self._paused = False
+                transport.resume_reading()
+        elif self._write_paused or len(self._queue) > MAX_PIPELINE:
             self._paused = True
-            self._transport.pause_reading()
-
-    def _resume(self) -> None:
-        if self._paused and self._transport is not None and not self._transport.is_closing():
-            self._paused = False
-            self._transport.resume_reading()
+            transport.pause_reading()
 
 
 def _close_header(resp: bytes) -> bytes:

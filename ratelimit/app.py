@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from ratelimit.admission import SERVICE_NAME as ADMISSION_SERVICE
 from ratelimit.admission import AdmissionServicer
+from ratelimit.admission_stream import start_admission_stream
 from ratelimit.backends import CounterBackend, make_backend
 from ratelimit.limiter import RateLimiter
 from ratelimit.limits import snapshot_from_policy
@@ -28,6 +30,7 @@ log = structlog.get_logger("ratelimit")
 @dataclass
 class App:
     port: int
+    admission_port: int
     metrics_port: int
     limiter: RateLimiter
     subscriber: PolicySubscriber
@@ -37,6 +40,7 @@ class App:
     _grace: float
     _tasks: tuple[asyncio.Task[None], ...]
     _metrics: MetricsServer
+    _admission: Any
     _stopped: bool = field(default=False)
 
     async def stop(self) -> None:
@@ -44,6 +48,7 @@ class App:
         if self._stopped:
             return
         self._stopped = True
+        self._admission.close()  # no new admission streams; open ones are answered until drained
         await self.server.stop(self._grace)
         for task in self._tasks:
             task.cancel()
@@ -105,6 +110,10 @@ async def build_app(
             await backend.close()
         raise
     try:
+        stream = settings.admission_stream
+        admission_server = await start_admission_stream(
+            limiter, stream.host, stream.port, reuse_port=settings.workers > 1
+        )
         metrics = serve_metrics(settings.metrics)
     except BaseException:
         await running.stop(0)
@@ -117,6 +126,7 @@ async def build_app(
     )
     return App(
         port=running.port,
+        admission_port=admission_server.sockets[0].getsockname()[1],
         metrics_port=metrics.port,
         limiter=limiter,
         subscriber=subscriber,
@@ -126,4 +136,5 @@ async def build_app(
         _grace=settings.grpc.grace_seconds,
         _tasks=tasks,
         _metrics=metrics,
+        _admission=admission_server,
     )

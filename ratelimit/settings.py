@@ -10,6 +10,7 @@ from tessera.errors import ConfigError
 from tessera.settings import (
     SETTINGS_CONFIG,
     GrpcSettings,
+    ListenSettings,
     LogSettings,
     MetricsSettings,
     PolicySettings,
@@ -21,6 +22,8 @@ class RatelimitSettings(BaseSettings):
     model_config = SETTINGS_CONFIG
 
     grpc: GrpcSettings = GrpcSettings()
+    # ext_authz's admission streams (length-prefixed tessera.admission.v1 frames over TCP)
+    admission_stream: ListenSettings = ListenSettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     policy: PolicySettings = PolicySettings()
@@ -51,6 +54,9 @@ def check_settings(settings: RatelimitSettings) -> None:
                 "separately; use one worker or a redis:// URL (TESSERA_REDIS__URL)"
             )
             raise ConfigError(msg)
-        if settings.grpc.port == 0:
-            msg = "workers > 1 needs a fixed gRPC port (TESSERA_GRPC__PORT) for the workers to share"
+        if settings.grpc.port == 0 or settings.admission_stream.port == 0:
+            msg = (
+                "workers > 1 needs fixed ports (TESSERA_GRPC__PORT, TESSERA_ADMISSION_STREAM__PORT)"
+                " for the workers to share"
+            )
             raise ConfigError(msg)

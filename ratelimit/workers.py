@@ -27,6 +27,7 @@ async def serve(settings: RatelimitSettings) -> None:
     log.info(
         "ratelimit_listening",
         port=app.port,
+        admission_port=app.admission_port,
         metrics_port=app.metrics_port,
         counters=redact_url(settings.redis.url.get_secret_value()),
     )

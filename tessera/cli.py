@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
     up.add_argument("--ext-authz-replicas", type=int, default=1, help="ext_authz processes (Envoy balances)")
     up.add_argument("--ext-authz-workers", type=int, default=1, help="worker processes per ext_authz replica")
+    up.add_argument(
+        "--authz-transport",
+        choices=("grpc", "http"),
+        default="grpc",
+        help="how Envoy calls ext_authz: gRPC Check or HTTP/1.1 (default grpc)",
+    )
 
     bs = sub.add_parser("envoy-bootstrap", help="render envoy/bootstrap.yaml with concrete addresses")
     bs.add_argument("--node-id", default="tessera-gateway")

@@ -54,13 +54,20 @@ class PolicySettings(_Fragment):
 
 class AdmissionSettings(_Fragment):
     """Where ext_authz admits requests and the meter settles them: the ratelimit service's
-    ``tessera.admission.v1`` (""= no counters: every request is admitted uncounted)."""
+    ``tessera.admission.v1``: ``url`` its gRPC address (Settle), ``stream_url`` its admission
+    stream (ext_authz; "" = no counters: every request is admitted uncounted)."""
 
     url: str = ""
+    stream_url: str = ""
     timeout_seconds: float = Field(
         default=0.2, gt=0, description="an admission not answered by then follows each limit's fail mode"
     )
     reconnect_max_seconds: float = 1.0
+
+
+class ListenSettings(_Fragment):
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535, description="0 = ephemeral (tests)")
 
 
 class PepperSettings(_Fragment):

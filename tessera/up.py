@@ -1,12 +1,13 @@
 """``tessera up``: the whole stack on one machine under one long-lived supervisor.
 
-Start order: migrate → control plane (serving) → ext_authz + ratelimit (serving,
-i.e. holding a policy snapshot) → demo upstream (optional; model ``demo``
-registered) → Envoy (its bootstrap rendered from ``envoy/``; everything else
-arrives over xDS). ``endpoints.json`` and ``admin.json`` are written before Envoy
-starts. A child that dies is restarted with backoff (Envoy only once the control
-plane serves again). SIGINT/SIGTERM stop every child; children also get SIGTERM
-from the kernel if the supervisor itself dies (PR_SET_PDEATHSIG), so no orphans.
+Start order: migrate → control plane (serving) → ext_authz (gRPC or, with
+``--authz-transport http``, HTTP/1.1) + ratelimit (serving, i.e. holding a policy
+snapshot) → demo upstream (optional; model ``demo`` registered) → Envoy (its bootstrap
+rendered from ``envoy/``; everything else arrives over xDS). ``endpoints.json`` and
+``admin.json`` are written before Envoy starts. A child that dies is restarted with
+backoff (Envoy only once the control plane serves again). SIGINT/SIGTERM stop every
+child; children also get SIGTERM from the kernel if the supervisor itself dies
+(PR_SET_PDEATHSIG), so no orphans.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ class Ports:
     ext_authz: list[int] = field(default_factory=list)  # one port per replica
     ext_authz_metrics: list[int] = field(default_factory=list)
     ratelimit: int = field(default_factory=free_port)
+    ratelimit_admission: int = field(default_factory=free_port)  # ext_authz's admission streams
     ratelimit_metrics: int = field(default_factory=free_port)
     envoy_admin: int = field(default_factory=free_port)
     demo: int = field(default_factory=free_port)
@@ -141,6 +143,7 @@ class Stack:
         self.ports = Ports(gateway=args.port, admin=args.admin_port)
         self.authz_replicas = max(1, args.ext_authz_replicas)
         self.authz_workers = max(1, args.ext_authz_workers)
+        self.authz_transport: str = getattr(args, "authz_transport", "grpc")
         self.ports.ext_authz = [free_port() for _ in range(self.authz_replicas)]
         self.ports.ext_authz_metrics = [free_port() for _ in range(self.authz_replicas)]
         self.db_url = args.db or f"sqlite+aiosqlite:///{self.dd.database}"
@@ -177,6 +180,8 @@ class Stack:
                 "TESSERA_GATEWAY__HOST": self.args.host,
                 "TESSERA_GATEWAY__PORT": str(p.gateway),
                 "TESSERA_GATEWAY__ACCESS_LOG_PATH": str(self.usage_log),
+                # The listener's ext_authz speaks what the ext_authz children serve.
+                "TESSERA_GATEWAY__AUTHZ_TRANSPORT": self.authz_transport,
             }
         )
 
@@ -188,6 +193,7 @@ class Stack:
             "xds": f"{HOST}:{p.xds}",
             "control_plane_http": f"http://{HOST}:{p.cp_http}",
             "ext_authz": f"{HOST}:{p.ext_authz[0]}",
+            "ext_authz_transport": self.authz_transport,
             "ext_authz_replicas": [f"{HOST}:{port}" for port in p.ext_authz],
             "ratelimit": f"{HOST}:{p.ratelimit}",
             "envoy_admin": f"http://{HOST}:{p.envoy_admin}",
@@ -215,6 +221,12 @@ class Stack:
         self.children[name] = child
         return child
 
+    def _authz_ready(self, port: int) -> Any:
+        """Serving once it holds a policy snapshot: gRPC health, or ``GET /healthz`` (200)."""
+        if self.authz_transport == "http":
+            return functools.partial(http_status, f"http://{HOST}:{port}/healthz", expect=200)
+        return functools.partial(grpc_serving, f"{HOST}:{port}")
+
     def _define_children(self) -> None:
         p = self.ports
         policy_url = f"{HOST}:{p.xds}"
@@ -234,15 +246,17 @@ class Stack:
                 [self.python, "-m", "ext_authz", "serve", "--workers", str(self.authz_workers)],
                 self._env(
                     {
+                        "TESSERA_TRANSPORT": self.authz_transport,
                         "TESSERA_GRPC__PORT": str(port),
                         # Worker i serves metrics on base + i; only the base is listed.
                         "TESSERA_METRICS__PORT": str(metrics if self.authz_workers == 1 else 0),
                         "TESSERA_POLICY__URL": policy_url,
                         "TESSERA_PEPPER__FILE": str(self.dd.pepper),
                         "TESSERA_ADMISSION__URL": admission_url,
+                        "TESSERA_ADMISSION__STREAM_URL": f"{HOST}:{p.ratelimit_admission}",
                     }
                 ),
-                functools.partial(grpc_serving, f"{HOST}:{port}"),
+                self._authz_ready(port),
             )
         self._child(
             "ratelimit",
@@ -251,6 +265,7 @@ class Stack:
                 {
                     "TESSERA_GRPC__PORT": str(p.ratelimit),
                     "TESSERA_METRICS__PORT": str(p.ratelimit_metrics),
+                    "TESSERA_ADMISSION_STREAM__PORT": str(p.ratelimit_admission),
                     "TESSERA_POLICY__URL": policy_url,
                     "TESSERA_REDIS__URL": self.args.redis,
                 }

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from tessera.admin.v1 import admin_pb2
 
 LISTENER_NAME = "tessera_gateway"
 ROUTES_NAME = "tessera_routes"
-EXT_AUTHZ_CLUSTER = "tessera_ext_authz"  # static, in the bootstrap
+EXT_AUTHZ_CLUSTER = "tessera_ext_authz"  # static, in the bootstrap (HTTP/2: gRPC Check)
+EXT_AUTHZ_HTTP_CLUSTER = "tessera_ext_authz_http"  # the same endpoints over HTTP/1.1 (http_service)
+AUTHZ_PATH_PREFIX = "/authz"  # http_service: ext_authz sees /authz<original path> (its http_transport)
 RATELIMIT_CLUSTER = "tessera_ratelimit"  # static, in the bootstrap
 CP_HTTP_CLUSTER = "tessera_control_plane_http"
 ADMIN_CLUSTER = "tessera_admin_api"
@@ -57,3 +60,4 @@ class GatewayConfig:
     jwt_issuer: str = "https://tessera.local"
     jwt_audience: str = "tessera-gateway"
     upstream_ca_file: str = SYSTEM_CA_FILE  # verifies https backends
+    authz_transport: Literal["grpc", "http"] = "grpc"  # how Envoy calls ext_authz (its TESSERA_TRANSPORT)

@@ -22,7 +22,9 @@ from control_plane.state import State
 from control_plane.xds.config import (
     ADMIN_SERVICES,
     ADS,
+    AUTHZ_PATH_PREFIX,
     EXT_AUTHZ_CLUSTER,
+    EXT_AUTHZ_HTTP_CLUSTER,
     HCM,
     INVALID,
     JWT_FILTER,
@@ -232,6 +234,68 @@ def _body_size_limit(cfg: GatewayConfig) -> dict[str, Any]:
     }
 
 
+AUTHZ_TIMEOUT = "0.5s"
+# Set by ext_authz on every allow; a client's copy never reaches a backend.
+IDENTITY_HEADERS = ("x-tenant-id", "x-key-id", "x-gateway-inference-fairness-id", "x-tessera-priority")
+RATELIMIT_HEADERS = {"prefix": "x-ratelimit-"}  # x-ratelimit-{limit,remaining,reset}-{requests,tokens}
+AUTHZ_METADATA = ("tenant_id", "key_id", "reserved")  # envoy.filters.http.ext_authz, as gRPC's Struct
+
+
+def _exact(*names: str) -> list[dict[str, str]]:
+    return [{"exact": name} for name in names]
+
+
+def _ext_authz(cfg: GatewayConfig) -> dict[str, Any]:
+    """The one Python callout, over gRPC (Check) or HTTP/1.1 (http_service): the same decision.
+
+    Over HTTP ext_authz answers with plain headers, and these lists say what each is for:
+    identity headers replace the client's upstream, ``x-envoy-auth-headers-to-remove`` strips
+    the credentials and facts, headers named ``tenant_id``/``key_id``/``reserved`` become the
+    same dynamic metadata as over gRPC, ``x-ratelimit-*`` go to the client on an allow (they
+    are appended: a backend's own copies stay), and a denial's status, body and listed headers
+    go to the client. A 5xx from ext_authz is an error: ``status_on_error``, never a pass.
+    """
+    config: dict[str, Any] = {
+        "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        # Fail closed: failure_mode_allow would forward the raw key upstream.
+        "failure_mode_allow": False,
+        "status_on_error": {"code": 503},
+        # Only what the decision reads: the credentials, the request id (the reservation's
+        # name) and the facts the Lua filter put in x-tessera-* headers. (Over HTTP Envoy also
+        # sends host, content-length and authorization, whatever the list.)
+        "allowed_headers": {
+            "patterns": [
+                *_exact(*gateway_headers.CREDENTIALS, "x-request-id"),
+                {"prefix": "x-tessera-"},
+            ]
+        },
+    }
+    if cfg.authz_transport == "http":
+        config["http_service"] = {
+            "server_uri": {
+                "uri": f"http://{EXT_AUTHZ_HTTP_CLUSTER}",
+                "cluster": EXT_AUTHZ_HTTP_CLUSTER,
+                "timeout": AUTHZ_TIMEOUT,
+            },
+            "path_prefix": AUTHZ_PATH_PREFIX,
+            "authorization_response": {
+                "allowed_upstream_headers": {"patterns": _exact(*IDENTITY_HEADERS)},
+                "allowed_client_headers_on_success": {"patterns": [RATELIMIT_HEADERS]},
+                "allowed_client_headers": {
+                    "patterns": [
+                        *_exact("content-type", "retry-after", "www-authenticate"),
+                        RATELIMIT_HEADERS,
+                    ]
+                },
+                "dynamic_metadata_from_headers": {"patterns": _exact(*AUTHZ_METADATA)},
+            },
+        }
+    else:
+        config["grpc_service"] = {"envoy_grpc": {"cluster_name": EXT_AUTHZ_CLUSTER}, "timeout": AUTHZ_TIMEOUT}
+    return {"name": "envoy.filters.http.ext_authz", "typed_config": config}
+
+
 def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     kv = {"metadata_namespace": MODEL_NS, "key": "model"}
     return [
@@ -264,25 +328,7 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
                 "default_source_code": {"inline_string": USAGE_LUA},
             },
         },
-        {
-            "name": "envoy.filters.http.ext_authz",
-            "typed_config": {
-                "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": EXT_AUTHZ_CLUSTER}, "timeout": "0.5s"},
-                # Fail closed: failure_mode_allow would forward the raw key upstream.
-                "failure_mode_allow": False,
-                "status_on_error": {"code": 503},
-                # Only what the decision reads: the credentials, the request id (the
-                # reservation's name) and the facts the Lua filter put in x-tessera-* headers.
-                "allowed_headers": {
-                    "patterns": [
-                        *({"exact": h} for h in (*gateway_headers.CREDENTIALS, "x-request-id")),
-                        {"prefix": "x-tessera-"},
-                    ]
-                },
-            },
-        },
+        _ext_authz(cfg),
         {
             "name": SSE_FILTER,
             "typed_config": {
@@ -334,7 +380,9 @@ def listener(cfg: GatewayConfig) -> dict[str, Any]:
         "xff_num_trusted_hops": cfg.xff_trusted_hops,
         # Envoy mints every request id: a client-sent x-request-id is dropped before
         # the connection manager looks at it, so nobody can pick a ledger row's id. The
-        # x-tessera-* facts ext_authz decides on are only ever set by the gateway itself.
+        # x-tessera-* facts ext_authz decides on are only ever set by the gateway itself, and
+        # so are the identity headers (ext_authz replaces them on every allow; a client's copy
+        # must not survive a path that skips it, nor an allow over HTTP that omits one).
         "early_header_mutation_extensions": [
             {
                 "name": "tessera.drop_client_request_id",
@@ -342,7 +390,8 @@ def listener(cfg: GatewayConfig) -> dict[str, Any]:
                     "@type": T
                     + "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
                     "mutations": [
-                        {"remove": name} for name in ("x-request-id", *gateway_headers.SET_BY_GATEWAY)
+                        {"remove": name}
+                        for name in ("x-request-id", *gateway_headers.SET_BY_GATEWAY, *IDENTITY_HEADERS)
                     ],
                 },
             }

@@ -26,6 +26,9 @@ from tests.upstream import Upstream
 BIN = Path(sys.executable).parent
 TESSERA = str(BIN / "tessera")
 START_TIMEOUT = 120
+# How Envoy calls ext_authz in every stack these tests start: grpc (default) or http.
+# `make test` runs the tier once with each.
+AUTHZ_TRANSPORT = os.environ.get("TESSERA_TEST_AUTHZ_TRANSPORT", "grpc")
 
 
 @dataclass
@@ -84,7 +87,9 @@ def start_stack(root: Path, *extra: str, env_extra: dict[str, str] | None = None
             str(admin_port),
             "--data-dir",
             str(root),
-            *extra,
+            "--authz-transport",
+            AUTHZ_TRANSPORT,
+            *extra,  # after: a test's own --authz-transport wins
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -27,6 +27,7 @@ from tessera import llm
 from tests.conftest import free_port
 from tests.e2e.conftest import Stack, start_stack, stop_stack
 from tests.e2e.test_gateway import eventually
+from tests.e2e.test_limits import SETTLE_SECONDS
 
 pytestmark = [
     pytest.mark.envoy,
@@ -121,12 +122,23 @@ def test_a_token_limit_reserves_then_settles_real_counts(real):
     tenant = f"realtok{time.monotonic_ns()}"
     real.cli("tenants", "create", tenant)
     key = real.new_key(tenant)
+    budget = 400
     real.cli(
-        "limits", "create", "--tenant", tenant, "--kind", "tokens", "--window", "minute", "--limit", "200"
+        "limits",
+        "create",
+        "--tenant",
+        tenant,
+        "--kind",
+        "tokens",
+        "--window",
+        "minute",
+        "--limit",
+        str(budget),
     )
+    time.sleep(1.0)  # live everywhere within 1 s
     client = real.client(key)
     used, accepted, refused = 0, 0, None
-    for _ in range(12):
+    for _ in range(16):
         try:
             resp = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=24)
         except openai.RateLimitError as exc:
@@ -135,12 +147,23 @@ def test_a_token_limit_reserves_then_settles_real_counts(real):
         assert resp.usage is not None
         used += resp.usage.total_tokens
         accepted += 1
+        time.sleep(SETTLE_SECONDS)  # its real usage replaces its reservation (off the request path)
     assert refused is not None, "never refused"
     assert refused.code == "rate_limit_exceeded"
-    assert used <= 200  # settled real usage never passes the limit
-    # Each request reserves about 40 prompt + 24 completion tokens; only settling to the real
-    # counts (a prompt of ~15 tokens) lets a fourth one in.
-    assert accepted >= 4, (accepted, used)
+    assert used <= budget  # settled real usage never passes the limit
+    # Each request reserves its body's bytes (~110) + 24 completion tokens, about 135: without
+    # settlement two fit; settling to the real counts (~20 prompt + at most 24) lets 5+ in.
+    assert accepted >= 5, (accepted, used)
+
+
+def test_a_request_without_max_tokens_generates_at_most_the_models_default(real):
+    client = real.client(real.demo_key)
+    answer = client.chat.completions.create(model=MODEL, messages=HI)  # no max_tokens
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens <= llm.DEFAULT_MAX_TOKENS  # written into the body: 64
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=llm.MAX_MAX_TOKENS + 1)
+    assert (err.value.code, err.value.param) == ("integer_above_max_value", "max_tokens")
 
 
 def test_a_client_disconnect_cancels_the_generation(real):

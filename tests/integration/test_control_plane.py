@@ -231,6 +231,34 @@ async def test_policy_stream_sends_a_snapshot_then_deltas(admin, app, pepper):
         stream.cancel()
 
 
+async def test_ext_authz_gets_limits_to_know_whom_they_apply_to_and_their_fail_mode(admin, app):
+    name = _name()
+    await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=name), metadata=AUTH)
+    closed = (
+        await admin.CreateLimit(
+            admin_pb2.CreateLimitRequest(
+                tenant=name, kind="requests", window="minute", limit=3, fail_mode="closed"
+            ),
+            metadata=AUTH,
+        )
+    ).limit
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.xds_port}") as ch:
+        stream = policy_pb2_grpc.PolicyServiceStub(ch).Stream()
+        await stream.write(policy_pb2.StreamPolicyRequest(node_id="test", service="ext_authz"))
+        first = await asyncio.wait_for(stream.read(), 5)
+        snapshot = list(first.upserts)
+        if not first.complete:
+            snapshot += (await _next_complete(stream)).upserts
+        # ext_authz admits by the counters: it reads limits (whom they apply to, the fail
+        # mode), besides keys, tenants and models.
+        assert {r.WhichOneof("kind") for r in snapshot} <= {"api_key", "tenant", "model", "limit"}
+        (lim,) = [r.limit for r in snapshot if r.WhichOneof("kind") == "limit" and r.limit.id == closed.id]
+        assert (lim.fail_closed, lim.shadow, lim.limit) == (True, False, 3)
+        await admin.DeleteLimit(admin_pb2.DeleteLimitRequest(id=closed.id), metadata=AUTH)
+        assert list((await _next_complete(stream)).deletes) == [f"limit/{closed.id}"]
+        stream.cancel()
+
+
 async def test_ads_pushes_a_new_model_cluster(admin, app):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.xds_port}") as ch:
         stream = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources()
@@ -548,6 +576,15 @@ async def test_model_registry_backends_can_be_added_changed_removed(admin):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def stream_read_until_complete(stream, deadline: float) -> policy_pb2.StreamPolicyResponse:
+    """The next complete message, waiting until ``deadline`` (the loop's time) at most."""
+    loop = asyncio.get_running_loop()
+    while True:
+        msg = await asyncio.wait_for(stream.read(), max(0.1, deadline - loop.time()))
+        if msg.complete:
+            return msg
+
+
 async def test_a_price_reaches_the_ratelimit_stream_when_it_takes_effect(admin, app):
     model = f"m-{uuid.uuid4().hex[:8]}"
     await admin.AddModel(
@@ -570,11 +607,13 @@ async def test_a_price_reaches_the_ratelimit_stream_when_it_takes_effect(admin, 
         )
         (m,) = [r.model for r in snapshot if r.WhichOneof("kind") == "model" and r.model.name == model]
         assert m.currency == ""  # not in effect yet: unpriced
-        deadline = asyncio.get_running_loop().time() + 12  # the 5 s refresh notices the new price
+        # The 5 s refresh notices the new price: the delta comes at the first refresh after it
+        # takes effect, up to ~5 s after the snapshot, so no single read may time out at 5 s
+        # (that raced the refresh); only the overall deadline bounds the wait.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 12
         while True:
-            delta = await asyncio.wait_for(
-                _next_complete(stream), max(0.1, deadline - asyncio.get_running_loop().time())
-            )
+            delta = await stream_read_until_complete(stream, deadline)
             priced = [
                 r.model for r in delta.upserts if r.WhichOneof("kind") == "model" and r.model.name == model
             ]

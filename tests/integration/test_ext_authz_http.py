@@ -1,7 +1,9 @@
 """ext_authz over HTTP/1.1 (Envoy's ``http_service``): the real build_app with
 ``transport=http``, spoken to over a real socket exactly as Envoy speaks to it
 (``<method> /authz<path>``, the allowed headers, no body, keep-alive), with a small in-test
-policy server and, for limits, a small in-test admission server."""
+policy server and, for limits, an in-process stand-in for the ratelimit service's side of
+admission (the ``Admitter`` the ``Authorizer`` calls: ``admit``, ``force``, ``release``), whose
+verdicts a test can hold back."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,15 +22,22 @@ import aiohttp
 import grpc
 import pytest
 import structlog
+import yaml
+from envoy_data_plane.envoy.config.listener.v3 import Listener
 
+from control_plane.app import ADMIN_DESCRIPTOR
+from control_plane.state import State
+from control_plane.xds.listener import listener as gateway_listener
+from control_plane.xds.resources import LISTENER_TYPE, encode_all
+from control_plane.xds.translate import GatewayConfig, resources_from_state
 from ext_authz.app import build_app
 from ext_authz.settings import ExtAuthzSettings
 from tessera import gateway_headers as gh
-from tessera.admission.v1 import admission_pb2, admission_pb2_grpc
+from tessera.admission.v1 import admission_pb2
+from tessera.bootstrap import BootstrapParams, render_bootstrap
 from tessera.keys import digest, display_prefix, mint_key
 from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
 from tessera.settings import (
-    AdmissionSettings,
     GrpcSettings,
     MetricsSettings,
     PepperSettings,
@@ -39,6 +49,7 @@ KEY = mint_key().key
 NEW_KEY = mint_key().key
 LIMITED_KEY = mint_key().key  # tenant t2: a requests limit on model demo
 ROOT = Path(__file__).resolve().parents[2]
+ENVOY = str(Path(sys.executable).parent / "envoy")
 REMOVED = ", ".join((*gh.CREDENTIALS, *gh.SET_BY_GATEWAY))
 
 
@@ -74,29 +85,41 @@ class FakePolicyServer(policy_pb2_grpc.PolicyServiceServicer):
             queue.put_nowait(msg)
 
 
-class FakeAdmission(admission_pb2_grpc.AdmissionServiceServicer):
-    """Answers every admission with ``verdict`` once ``gate`` is open; records settlements."""
+class FakeAdmitter:
+    """What ``Authorizer`` needs of an ``Admitter``; every verdict arrives a loop tick later
+    (as over a real stream), or when the test lets held ones go."""
+
+    connected = True
 
     def __init__(self) -> None:
-        self.verdict = admission_pb2.Verdict(allowed=True, reserved=True)
-        self.gate = asyncio.Event()
-        self.gate.set()
+        self.verdict: admission_pb2.Verdict | None = admission_pb2.Verdict(allowed=True, reserved=True)
+        self.holding = False
+        self.held: list[asyncio.Future[admission_pb2.Verdict | None]] = []
         self.admitted: list[admission_pb2.Admission] = []
         self.received = asyncio.Event()
-        self.settled: list[admission_pb2.Usage] = []
+        self.forced: list[admission_pb2.Admission] = []
+        self.released: list[admission_pb2.Usage] = []
 
-    async def Admit(self, request_iterator, _context):  # noqa: N802 - gRPC method name
-        async for batch in request_iterator:
-            self.admitted.extend(batch.admissions)
-            self.received.set()
-            await self.gate.wait()
-            yield admission_pb2.VerdictBatch(
-                batch=batch.batch, verdicts=[self.verdict for _ in batch.admissions]
-            )
+    def admit(self, admission: admission_pb2.Admission) -> asyncio.Future[admission_pb2.Verdict | None]:
+        self.admitted.append(admission)
+        self.received.set()
+        future: asyncio.Future[admission_pb2.Verdict | None] = asyncio.get_running_loop().create_future()
+        if self.holding:
+            self.held.append(future)
+        else:
+            asyncio.get_running_loop().call_soon(future.set_result, self.verdict)
+        return future
 
-    async def Settle(self, request, _context):  # noqa: N802 - gRPC method name
-        self.settled.extend(request.usages)
-        return admission_pb2.SettleReply(settled=len(request.usages))
+    def release_held(self) -> None:
+        self.holding = False
+        for future in self.held:
+            future.set_result(self.verdict)
+
+    def force(self, admission: admission_pb2.Admission) -> None:
+        self.forced.append(admission)
+
+    async def release(self, usage: admission_pb2.Usage) -> None:
+        self.released.append(usage)
 
 
 def api_key_res(key: str, *, secret_id: str, key_id: str, tenant: str = "t1", **kw):
@@ -244,15 +267,8 @@ async def policy_server():
 
 
 @pytest.fixture
-async def admission():
-    fake = FakeAdmission()
-    server = grpc.aio.server()
-    admission_pb2_grpc.add_AdmissionServiceServicer_to_server(fake, server)
-    fake.port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield fake
-    fake.gate.set()
-    await server.stop(0)
+def admission():
+    return FakeAdmitter()
 
 
 def make_settings(tmp_path, pepper_file, policy_port, **overrides) -> ExtAuthzSettings:
@@ -269,10 +285,8 @@ def make_settings(tmp_path, pepper_file, policy_port, **overrides) -> ExtAuthzSe
 
 @pytest.fixture
 async def app(tmp_path, pepper_file, policy_server, admission):
-    admission_settings = AdmissionSettings(url=f"127.0.0.1:{admission.port}", timeout_seconds=5)
-    app = await build_app(
-        make_settings(tmp_path, pepper_file, policy_server.port, admission=admission_settings)
-    )
+    app = await build_app(make_settings(tmp_path, pepper_file, policy_server.port))
+    app.authorizer._admitter = admission  # the ratelimit service's side, in process
     yield app
     await app.stop()
 
@@ -290,14 +304,10 @@ async def wait_healthz(port: int, want: int, within: float = 5.0) -> None:
 
 @pytest.fixture
 async def ready(app, policy_server):
-    """The app after its first full snapshot, with its admission stream open."""
+    """The app after its first full snapshot."""
     await asyncio.wait_for(policy_server.subscribed.wait(), 5)
     policy_server.push(full_snapshot())
     await wait_healthz(app.port, 200)
-    deadline = time.monotonic() + 5
-    while not app.authorizer._admitter.connected:
-        assert time.monotonic() < deadline, "no admission stream"
-        await asyncio.sleep(0.01)
     return app
 
 
@@ -444,7 +454,7 @@ async def test_model_not_found_denial(conn):
     assert resp.status == 404
     assert resp.header["content-type"] == "application/json"
     assert "www-authenticate" not in resp.header
-    assert "tenant_id" not in resp.header  # a denial names no one: billed to no one, as over gRPC
+    assert "tenant_id" not in resp.header  # only a 400 or 429 names its tenant, as over gRPC
     assert json.loads(resp.body) == {
         "error": {
             "message": "The model `secret` does not exist or you do not have access to it.",
@@ -471,6 +481,8 @@ async def test_bad_params_are_400_with_param(conn, admission, facts, code, param
     error = resp.error
     assert (error["code"], error["param"], error["type"]) == (code, param, "invalid_request_error")
     assert not admission.admitted  # refused before anything was counted
+    # An authenticated caller's refusal: its usage line names the tenant (metadata headers).
+    assert (resp.header["tenant_id"], resp.header["key_id"]) == ("t2", "k2")
 
 
 async def test_rate_limited_is_429_with_retry_after(conn, admission):
@@ -486,8 +498,17 @@ async def test_rate_limited_is_429_with_retry_after(conn, admission):
     assert resp.header["retry-after"] == "7"
     assert resp.header["x-ratelimit-remaining-requests"] == "0"
     assert "reserved" not in resp.header
+    assert (resp.header["tenant_id"], resp.header["key_id"]) == ("t2", "k2")
     assert resp.error["code"] == "rate_limit_exceeded"
     assert resp.error["type"] == "rate_limit_error"
+
+
+async def test_no_verdict_in_time_admits_fail_open_and_counts_it_later(conn, admission):
+    admission.verdict = None  # the counters did not answer in time
+    resp = await conn.ask(envoy_request({"x-api-key": LIMITED_KEY}))
+    assert resp.status == 200
+    assert resp.header["reserved"] == "1"
+    assert [a.request_id for a in admission.forced] == ["req-1"]
 
 
 async def test_denial_is_logged_with_prefix_only(conn):
@@ -503,7 +524,6 @@ async def test_denial_is_logged_with_prefix_only(conn):
             "key_prefix": display_prefix(NEW_KEY),
             "tenant_id": "t1",
             "request_id": "req-1,rid-42",  # repeated headers are joined, as in a CheckRequest
-            "param": None,
             "suppressed": 0,
         }
     ]
@@ -523,20 +543,22 @@ async def test_keep_alive_many_requests_on_one_connection(conn, ready):
 
 
 async def test_pipelined_requests_are_answered_in_order(conn):
-    asks = [{"x-api-key": KEY}, {}, {"x-api-key": NEW_KEY}, {"x-api-key": KEY}, {"x-api-key": "nope"}] * 20
+    # More than MAX_PIPELINE at once: the server stops reading for a while, and loses nothing.
+    asks = [{"x-api-key": KEY}, {}, {"x-api-key": NEW_KEY}, {"x-api-key": KEY}, {"x-api-key": "nope"}] * 120
     await conn.send(b"".join(envoy_request(h) for h in asks))
     statuses = [(await conn.read()).status for _ in asks]
-    assert statuses == [200, 401, 401, 200, 401] * 20
+    assert statuses == [200, 401, 401, 200, 401] * 120
+    assert (await conn.ask(envoy_request({"x-api-key": KEY}))).status == 200
 
 
 async def test_pipelined_answers_wait_for_an_earlier_admission(conn, admission):
-    admission.gate.clear()
+    admission.holding = True
     await conn.send(
         envoy_request({"x-api-key": LIMITED_KEY}) + envoy_request({}) + envoy_request({"x-api-key": KEY})
     )
     await asyncio.wait_for(admission.received.wait(), 5)
     await asyncio.sleep(0.1)  # the denial and the plain allow are decided, and must wait
-    admission.gate.set()
+    admission.release_held()
     first, second, third = [await conn.read() for _ in range(3)]
     assert (first.status, first.header["x-tenant-id"], first.header.get("reserved")) == (200, "t2", "1")
     assert second.status == 401
@@ -544,18 +566,18 @@ async def test_pipelined_answers_wait_for_an_earlier_admission(conn, admission):
 
 
 async def test_disconnect_while_admission_pending_releases_it(ready, admission):
-    admission.gate.clear()
+    admission.holding = True
     conn = await Conn.open(ready.port)
     await conn.send(envoy_request({"x-api-key": LIMITED_KEY, "x-request-id": "gone-1"}, model="demo"))
     await asyncio.wait_for(admission.received.wait(), 5)
     await conn.close()  # Envoy gave up (its timeout, or the client left)
     await asyncio.sleep(0.1)
-    admission.gate.set()  # the verdict arrives after all: reserved
+    admission.release_held()  # the verdict arrives after all: reserved
     deadline = time.monotonic() + 5
-    while not admission.settled:
+    while not admission.released:
         assert time.monotonic() < deadline, "the abandoned admission was never released"
         await asyncio.sleep(0.01)
-    (usage,) = admission.settled
+    (usage,) = admission.released
     assert usage.request_id == "req-1,gone-1"
     assert (usage.tenant_id, usage.key_id, usage.prompt_tokens, usage.completion_tokens) == ("t2", "k2", 0, 0)
     # The server is unharmed.
@@ -665,16 +687,15 @@ async def test_metrics_count_decisions(tmp_path, pepper_file, policy_server):
 # --- the process ------------------------------------------------------------------------
 
 
-def _env(pepper: Path, policy_port: int, **extra: str) -> dict[str, str]:
+def _env(pepper: Path, policy_port: int, port: int = 0) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
     env.update(
         TESSERA_TRANSPORT="http",
-        TESSERA_GRPC__PORT="0",
+        TESSERA_GRPC__PORT=str(port),
         TESSERA_METRICS__PORT="0",
         TESSERA_POLICY__URL=f"127.0.0.1:{policy_port}",
         TESSERA_PEPPER__FILE=str(pepper),
         TESSERA_LOG__FORMAT="json",
-        **extra,
     )
     return env
 
@@ -727,7 +748,7 @@ async def test_workers_share_the_http_port(pepper_file, policy_server, tmp_path)
         "--workers",
         "2",
         cwd=ROOT,
-        env=_env(pepper_file, policy_server.port, TESSERA_GRPC__PORT=str(port)),
+        env=_env(pepper_file, policy_server.port, port),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -750,3 +771,91 @@ async def test_workers_share_the_http_port(pepper_file, policy_server, tmp_path)
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# --- Envoy's side -------------------------------------------------------------------------------
+
+
+def _ext_authz_filter(listener: dict) -> dict:
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (authz,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+    return authz["typed_config"]
+
+
+def _rendered_bootstrap() -> dict:
+    params = BootstrapParams(
+        "n", "127.0.0.1", 0, "127.0.0.1", 1, (("10.0.0.1", 2), ("10.0.0.2", 2)), "127.0.0.1", 3
+    )
+    return yaml.safe_load(render_bootstrap(params))
+
+
+def test_the_listener_calls_ext_authz_over_http_with_the_bootstrap_cluster():
+    cfg = GatewayConfig("127.0.0.1", 8080, "127.0.0.1", 9999, None, 1 << 20, authz_transport="http")
+    listener = gateway_listener(cfg)
+    authz = _ext_authz_filter(listener)
+    assert "grpc_service" not in authz
+    http = authz["http_service"]
+    assert http["server_uri"]["timeout"] == "0.5s"
+    assert http["path_prefix"] == "/authz"
+    response = http["authorization_response"]
+    assert response["allowed_upstream_headers"]["patterns"] == [
+        {"exact": h}
+        for h in ("x-tenant-id", "x-key-id", "x-gateway-inference-fairness-id", "x-tessera-priority")
+    ]
+    assert response["dynamic_metadata_from_headers"]["patterns"] == [
+        {"exact": "tenant_id"},
+        {"exact": "key_id"},
+        {"exact": "reserved"},
+    ]
+    assert {"exact": "www-authenticate"} in response["allowed_client_headers"]["patterns"]
+    assert {"prefix": "x-ratelimit-"} in response["allowed_client_headers_on_success"]["patterns"]
+    assert (authz["failure_mode_allow"], authz["status_on_error"]) == (False, {"code": 503})
+    # The same headers reach ext_authz as over gRPC.
+    grpc_cfg = GatewayConfig("127.0.0.1", 8080, "127.0.0.1", 9999, None, 1 << 20)
+    grpc_listener = gateway_listener(grpc_cfg)
+    assert _ext_authz_filter(grpc_listener)["allowed_headers"] == authz["allowed_headers"]
+    # The cluster it names is in the bootstrap: HTTP/1.1 to every ext_authz replica.
+    clusters = {c["name"]: c for c in _rendered_bootstrap()["static_resources"]["clusters"]}
+    http_cluster = clusters[http["server_uri"]["cluster"]]
+    options = http_cluster["typed_extension_protocol_options"]
+    (protocol,) = options.values()
+    assert protocol["explicit_http_config"] == {"http_protocol_options": {}}
+    grpc_cluster = clusters[_ext_authz_filter(grpc_listener)["grpc_service"]["envoy_grpc"]["cluster_name"]]
+    assert http_cluster["load_assignment"]["endpoints"] == grpc_cluster["load_assignment"]["endpoints"]
+    assert len(http_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
+
+
+def test_client_identity_headers_are_dropped_before_any_filter():
+    cfg = GatewayConfig("127.0.0.1", 8080, "127.0.0.1", 9999, None, 1 << 20, authz_transport="http")
+    listener = gateway_listener(cfg)
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (early,) = hcm["early_header_mutation_extensions"]
+    removed = {m["remove"] for m in early["typed_config"]["mutations"]}
+    assert removed >= {"x-tenant-id", "x-key-id", "x-gateway-inference-fairness-id", "x-tessera-priority"}
+
+
+@pytest.mark.envoy
+def test_the_http_listener_passes_envoy_validation(tmp_path):
+    cfg = GatewayConfig(
+        "127.0.0.1",
+        18080,
+        "127.0.0.1",
+        9999,
+        str(tmp_path / "access.log"),
+        16 << 20,
+        admin_descriptor=ADMIN_DESCRIPTOR.read_bytes(),
+        authz_transport="http",
+    )
+    (listener,) = encode_all(resources_from_state(State(models=()), cfg))[LISTENER_TYPE].values()
+    boot = _rendered_bootstrap()
+    boot["static_resources"]["listeners"] = [Listener.parse(listener.value).to_dict()]
+    path = tmp_path / "bootstrap.json"
+    path.write_text(json.dumps(boot))
+    result = subprocess.run(
+        [ENVOY, "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -4,6 +4,7 @@ stub, and a small in-test policy server speaking tessera.policy.v1 over a real s
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -22,10 +23,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ext_authz.app import SERVICE_NAME, build_app
 from ext_authz.settings import ExtAuthzSettings
+from tessera.admission.v1 import admission_pb2, admission_pb2_grpc
 from tessera.errors import ConfigError
 from tessera.keys import digest, display_prefix, mint_key
 from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
-from tessera.settings import GrpcSettings, MetricsSettings, PepperSettings, PolicySettings
+from tessera.settings import (
+    AdmissionSettings,
+    GrpcSettings,
+    MetricsSettings,
+    PepperSettings,
+    PolicySettings,
+)
 
 PEPPER = b"0123456789abcdef" * 4
 KEY = mint_key().key
@@ -96,6 +104,10 @@ def full_snapshot(version: str = "1") -> policy_pb2.StreamPolicyResponse:
             policy_pb2.Resource(tenant=policy_pb2.Tenant(id="t1", name="acme")),
             policy_pb2.Resource(model=policy_pb2.Model(name="demo")),
             policy_pb2.Resource(model=policy_pb2.Model(name="secret", restricted=True)),
+            # completion tokens: written into bodies naming none (50), at most 100 a request
+            policy_pb2.Resource(
+                model=policy_pb2.Model(name="capped", default_max_tokens=50, max_max_tokens=100)
+            ),
         ],
     )
 
@@ -179,15 +191,22 @@ async def wait_health(channel, want: int, within: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def check_request(headers: dict[str, str], model: str | None = None):
+def check_request(headers: dict[str, str], model: str | None = None, path: str = "/v1/chat/completions"):
+    """A CheckRequest as Envoy sends it: everything ext_authz reads is a request header; the
+    served model is ``x-tessera-model``, which the gateway's Lua filter sets from the route."""
     req = external_auth_pb2.CheckRequest()
     http = req.attributes.request.http
     http.method = "POST"
-    http.path = "/v1/chat/completions"
+    http.path = path
     http.headers.update({"x-request-id": "req-1", **headers})
     if model is not None:
-        req.attributes.metadata_context.filter_metadata["ai.gw"].fields["model"].string_value = model
+        http.headers["x-tessera-model"] = model
     return req
+
+
+def jwt_payload(claims: dict) -> str:
+    """What Envoy's jwt_authn forwards (forward_payload_header): the verified payload, base64url."""
+    return base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
 
 
 def headers_of(options) -> dict[str, tuple[str, int]]:
@@ -227,6 +246,17 @@ async def test_not_serving_until_first_snapshot(app, channel, policy_server):
         await asyncio.sleep(0.01)
 
 
+GATEWAY_HEADERS = [
+    "x-tessera-model",
+    "x-tessera-body-bytes",
+    "x-tessera-max-tokens",
+    "x-tessera-max-completion-tokens",
+    "x-tessera-n",
+    "x-tessera-best-of",
+    "x-tessera-jwt-payload",
+]
+
+
 async def test_allow_sets_identity_and_strips_credentials(ready, authz):
     for creds in ({"authorization": f"Bearer {KEY}"}, {"x-api-key": KEY}):
         resp = await authz.Check(check_request({**creds, "x-tenant-id": "spoofed"}, model="demo"))
@@ -239,7 +269,8 @@ async def test_allow_sets_identity_and_strips_credentials(ready, authz):
             "x-gateway-inference-fairness-id": ("t1", OVERWRITE),
             "x-tessera-priority": ("0", OVERWRITE),
         }
-        assert list(ok.headers_to_remove) == ["authorization", "x-api-key"]
+        # The credentials and every header the gateway set for ext_authz never reach a backend.
+        assert list(ok.headers_to_remove) == ["authorization", "x-api-key", *GATEWAY_HEADERS]
         assert dict(resp.dynamic_metadata) == {"tenant_id": "t1", "key_id": "k1"}
 
 
@@ -291,6 +322,180 @@ async def test_model_not_found_denial(ready, authz):
             "param": "model",
         }
     }
+
+
+# --- what the request may cost: the facts the gateway read off its body --------------------
+
+
+def assert_bad_param(resp, code: str, param: str) -> dict:
+    assert resp.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert resp.WhichOneof("http_response") == "denied_response"
+    denied = resp.denied_response
+    assert denied.status.code == 400
+    assert headers_of(denied.headers) == {"content-type": ("application/json", OVERWRITE)}
+    error = error_of(resp)
+    assert (error["code"], error["param"], error["type"]) == (code, param, "invalid_request_error")
+    return error
+
+
+@pytest.mark.parametrize(
+    ("header", "param"),
+    [("x-tessera-max-tokens", "max_tokens"), ("x-tessera-max-completion-tokens", "max_completion_tokens")],
+)
+async def test_max_tokens_above_the_models_cap_is_refused_naming_the_param(ready, authz, header, param):
+    # "capped" is registered with max_max_tokens=100: 100 is admitted, 101 is not.
+    at_cap = await authz.Check(check_request({"x-api-key": KEY, header: "100"}, model="capped"))
+    assert at_cap.status.code == 0
+    above = await authz.Check(check_request({"x-api-key": KEY, header: "101"}, model="capped"))
+    error = assert_bad_param(above, "integer_above_max_value", param)
+    assert "100" in error["message"]  # the client is told the model's maximum
+    # A model registered without a cap has the platform's (PLATFORM_MAX_TOKENS = 32768).
+    platform = await authz.Check(check_request({"x-api-key": KEY, header: "32769"}, model="demo"))
+    assert_bad_param(platform, "integer_above_max_value", param)
+    at_platform_cap = await authz.Check(check_request({"x-api-key": KEY, header: "32768"}, model="demo"))
+    assert at_platform_cap.status.code == 0
+
+
+@pytest.mark.parametrize("raw", ['"10"', "true", "10.5", "[10]", "ten"])
+async def test_a_max_tokens_that_is_not_an_integer_is_an_invalid_value(ready, authz, raw):
+    # The header carries the body's JSON text as written: a string "10" is not the integer 10.
+    resp = await authz.Check(check_request({"x-api-key": KEY, "x-tessera-max-tokens": raw}, model="capped"))
+    assert_bad_param(resp, "invalid_value", "max_tokens")
+
+
+async def test_integral_json_numbers_are_integers(ready, authz):
+    for raw in ("10", "1e1", "10.0", "null"):  # null: as if absent
+        req = check_request({"x-api-key": KEY, "x-tessera-max-tokens": raw}, model="capped")
+        assert (await authz.Check(req)).status.code == 0, raw
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "refusal"),
+    [
+        ("x-tessera-n", "0", ("invalid_value", "n")),
+        ("x-tessera-n", "-1", ("invalid_value", "n")),
+        ("x-tessera-n", "129", ("integer_above_max_value", "n")),  # at most 128 choices
+        ("x-tessera-best-of", "0", ("invalid_value", "best_of")),
+        ("x-tessera-max-tokens", "0", ("invalid_value", "max_tokens")),
+    ],
+)
+async def test_choices_or_tokens_out_of_bounds_are_refused(ready, authz, header, value, refusal):
+    resp = await authz.Check(check_request({"x-api-key": KEY, header: value}, model="demo"))
+    assert_bad_param(resp, *refusal)
+
+
+async def test_a_bad_param_is_checked_after_the_key(ready, authz):
+    # An unauthenticated caller learns nothing about parameters: the key is refused first.
+    resp = await authz.Check(check_request({"x-tessera-n": "0"}, model="demo"))
+    assert error_of(resp)["code"] == "missing_api_key"
+
+
+# --- a verified JWT, forwarded by jwt_authn as a header -----------------------------------
+
+
+async def test_a_verified_jwt_payload_header_identifies_the_key(ready, authz):
+    resp = await authz.Check(
+        check_request({"x-tessera-jwt-payload": jwt_payload({"sub": "svc", "key_id": "k1"})}, model="demo")
+    )
+    assert resp.status.code == 0
+    assert headers_of(resp.ok_response.headers)["x-key-id"] == ("k1", OVERWRITE)
+    revoked = await authz.Check(
+        check_request({"x-tessera-jwt-payload": jwt_payload({"key_id": "k9"})}, model="demo")
+    )
+    assert error_of(revoked)["code"] == "api_key_revoked"
+    # A payload that is not base64url JSON, or has no key_id, identifies nobody.
+    for bad in ("%%%not-base64%%%", jwt_payload({"sub": "svc"}), jwt_payload(["k1"])):
+        resp = await authz.Check(check_request({"x-tessera-jwt-payload": bad}, model="demo"))
+        assert error_of(resp)["code"] == "missing_api_key", bad
+
+
+# --- admission by the ratelimit service's counters ----------------------------------------
+
+
+class FakeAdmissionServer(admission_pb2_grpc.AdmissionServiceServicer):
+    """Admits everything with a reservation and records every admission it was asked."""
+
+    def __init__(self) -> None:
+        self.admissions: list[admission_pb2.Admission] = []
+
+    async def Admit(self, request_iterator, _context):  # noqa: N802 - gRPC method name
+        async for batch in request_iterator:
+            self.admissions.extend(batch.admissions)
+            reply = admission_pb2.VerdictBatch(batch=batch.batch)
+            for _ in batch.admissions:
+                verdict = reply.verdicts.add(allowed=True, reserved=True)
+                verdict.headers.add(key="x-ratelimit-remaining-requests", value="9")
+            yield reply
+
+    async def Settle(self, request, _context):  # noqa: N802 - gRPC method name
+        return admission_pb2.SettleReply(settled=len(request.usages))
+
+
+@pytest.fixture
+async def admission_server():
+    fake = FakeAdmissionServer()
+    server = grpc.aio.server()
+    admission_pb2_grpc.add_AdmissionServiceServicer_to_server(fake, server)
+    fake.port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield fake
+    await server.stop(0)
+
+
+@pytest.fixture
+async def admitting(tmp_path, pepper_file, policy_server, admission_server):
+    """ext_authz with an admission stream, and a limit on tenant t1 (so its requests count)."""
+    admission = AdmissionSettings(url=f"127.0.0.1:{admission_server.port}", timeout_seconds=5)
+    app = await build_app(make_settings(tmp_path, pepper_file, policy_server.port, admission=admission))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+            await asyncio.wait_for(policy_server.subscribed.wait(), 5)
+            snapshot = full_snapshot()
+            snapshot.upserts.append(
+                policy_pb2.Resource(
+                    limit=policy_pb2.Limit(
+                        id="L1", tenant_id="t1", kind=policy_pb2.Limit.REQUESTS, limit=10, window_seconds=60
+                    )
+                )
+            )
+            policy_server.push(snapshot)
+            await wait_health(ch, SERVING)
+            stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+            # Until the stream is open an admission is decided by fail mode (no verdict headers).
+            warm_up = check_request({"x-api-key": KEY, "x-request-id": "warm-up"}, model="demo")
+            deadline = time.monotonic() + 5
+            while not (await stub.Check(warm_up)).ok_response.response_headers_to_add:
+                assert time.monotonic() < deadline, "the admission stream never opened"
+                await asyncio.sleep(0.02)
+            yield stub
+    finally:
+        await app.stop()
+
+
+async def test_a_request_without_a_model_is_allowed_without_admission(admitting, admission_server):
+    no_model = await admitting.Check(check_request({"x-api-key": KEY, "x-request-id": "no-model"}))
+    assert no_model.status.code == 0
+    assert dict(no_model.dynamic_metadata) == {"tenant_id": "t1", "key_id": "k1"}  # nothing to settle
+    assert not no_model.ok_response.response_headers_to_add
+    assert list(no_model.ok_response.headers_to_remove) == ["authorization", "x-api-key", *GATEWAY_HEADERS]
+    # The same caller with a model is admitted by the counters (after the one above: batches
+    # leave in order, so an admission of the first would have been recorded by now).
+    facts = {"x-tessera-body-bytes": "123", "x-tessera-max-tokens": "20", "x-tessera-n": "3"}
+    with_model = await admitting.Check(
+        check_request({"x-api-key": KEY, "x-request-id": "with-model", **facts}, model="demo")
+    )
+    assert with_model.status.code == 0
+    assert with_model.dynamic_metadata["reserved"] == "1"  # the meter settles it when it ends
+    assert headers_of(with_model.ok_response.response_headers_to_add) == {
+        "x-ratelimit-remaining-requests": ("9", OVERWRITE)
+    }
+    asked = {a.request_id: a for a in admission_server.admissions}
+    assert "no-model" not in asked
+    admitted = asked["with-model"]
+    assert (admitted.tenant_id, admitted.key_id, admitted.model) == ("t1", "k1", "demo")
+    assert not admitted.forced
+    # what it may cost: its body's size, and max_tokens x n = 20 x 3 = 60 completion tokens
+    assert (admitted.body_bytes, admitted.max_completion_tokens) == (123, 60)
 
 
 async def test_denial_is_logged_with_prefix_only(ready, authz):

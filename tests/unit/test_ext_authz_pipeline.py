@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
 
-from ext_authz.key_index import EMPTY_INDEX, KeyIndex, key_index_from_policy
+from ext_authz.authorize import jwt_key_id
+from ext_authz.key_index import EMPTY_INDEX, KeyIndex, LimitScope, ModelTokens, key_index_from_policy
 from ext_authz.pipeline import SUSPENDED_MESSAGE, credential_from_headers, decide
+from ext_authz.request_facts import BadParam, Cost, request_cost
 from tessera.clock import FakeClock
 from tessera.errors import InvalidArgumentError
 from tessera.keys import digest, display_prefix, mint_key
@@ -258,9 +263,91 @@ def test_compile_rejects_a_delete_that_is_not_a_digest():
         key_index_from_policy([], ["api_key/s1"], previous=index_of(api_key(KEY)))
 
 
-def test_compile_ignores_limits():
-    lim = policy_pb2.Resource(limit=policy_pb2.Limit(id="l1", tenant_id="t1"))
-    assert len(key_index_from_policy([lim])) == 0
+def test_compile_keeps_each_limits_scope_and_fail_mode_and_models_token_terms():
+    lims = [
+        policy_pb2.Resource(limit=policy_pb2.Limit(id="l1", tenant_id="t1")),
+        policy_pb2.Resource(limit=policy_pb2.Limit(id="l2", tenant_id="t1", key_id="k2", fail_closed=True)),
+        policy_pb2.Resource(limit=policy_pb2.Limit(id="l3", tenant_id="t1", model="m", shadow=True)),
+        policy_pb2.Resource(limit=policy_pb2.Limit(id="l4", tenant_id="t2")),
+    ]
+    m = policy_pb2.Resource(model=policy_pb2.Model(name="m", default_max_tokens=64, max_max_tokens=512))
+    idx = key_index_from_policy([*lims, m])
+    assert len(idx) == 0  # limits are no keys
+    assert idx.limits["l2"] == LimitScope("l2", "t1", "k2", "", fail_closed=True, shadow=False)
+    # Whom each applies to: key "" / model "" = any.
+    assert [s.limit_id for s in idx.limits_for("t1", "k1", "m")] == ["l1", "l3"]
+    assert [s.limit_id for s in idx.limits_for("t1", "k2", "other")] == ["l1", "l2"]
+    assert idx.limits_for("t3", "k1", "m") == ()  # no limit: nothing to admit
+    assert idx.model_tokens["m"] == ModelTokens(default=64, cap=512)
+    # Deltas replace and delete limits (and a model's terms go with it).
+    changed = key_index_from_policy(
+        [policy_pb2.Resource(limit=policy_pb2.Limit(id="l1", tenant_id="t1", model="x"))],
+        ["limit/l3", "model/m"],
+        previous=idx,
+    )
+    assert [s.limit_id for s in changed.limits_for("t1", "k1", "m")] == []
+    assert [s.limit_id for s in changed.limits_for("t1", "k1", "x")] == ["l1"]
+    assert "m" not in changed.model_tokens
+    assert [s.limit_id for s in idx.limits_for("t1", "k1", "m")] == ["l1", "l3"]  # the old is untouched
+
+
+# --- what a request may cost (the facts the gateway's Lua filter put in headers) ------------
+
+
+def facts(path: str = "/v1/chat/completions", tokens: ModelTokens | None = None, **headers: str):
+    return request_cost({f"x-tessera-{k.replace('_', '-')}": v for k, v in headers.items()}, path, tokens)
+
+
+def test_the_cost_is_the_body_size_and_max_tokens_times_the_choices():
+    assert facts(body_bytes="321", max_tokens="20") == Cost(321, 20)
+    assert facts(max_tokens="20", n="3") == Cost(0, 60)  # 20 x 3
+    assert facts(max_tokens="20", n="2", best_of="5") == Cost(0, 100)  # 20 x max(2, 5)
+    # both names given: the larger bounds what the backend may generate
+    assert facts(max_tokens="20", max_completion_tokens="30") == Cost(0, 30)
+    # none given (the gateway writes the default into chat/completions bodies, so this is
+    # another endpoint, which may generate up to): the model's cap
+    assert facts(tokens=ModelTokens(default=64, cap=512)) == Cost(0, 512)
+    assert facts() == Cost(0, 32_768)  # no cap of its own: the platform's
+    assert facts("/v1/embeddings", ModelTokens(cap=512)) == Cost(0, 0)  # generates nothing
+    assert facts(body_bytes="junk", max_tokens="1") == Cost(0, 1)  # never a client's: 0, not an error
+
+
+@pytest.mark.parametrize(
+    ("headers", "code", "param"),
+    [
+        ({"max_tokens": "513"}, "integer_above_max_value", "max_tokens"),
+        ({"max_completion_tokens": "513"}, "integer_above_max_value", "max_completion_tokens"),
+        ({"max_tokens": '"10"'}, "invalid_value", "max_tokens"),
+        ({"max_tokens": "10.5"}, "invalid_value", "max_tokens"),
+        ({"max_tokens": "false"}, "invalid_value", "max_tokens"),
+        ({"max_tokens": "0"}, "invalid_value", "max_tokens"),
+        ({"n": "0"}, "invalid_value", "n"),
+        ({"n": "129"}, "integer_above_max_value", "n"),
+        ({"best_of": "-1"}, "invalid_value", "best_of"),
+    ],
+)
+def test_a_parameter_out_of_its_bounds_is_named(headers, code, param):
+    bad = facts(tokens=ModelTokens(default=64, cap=512), **headers)
+    assert isinstance(bad, BadParam)
+    assert (bad.code, bad.param) == (code, param)
+
+
+def test_integral_json_numbers_and_null_are_accepted():
+    capped = ModelTokens(cap=512)
+    assert facts(tokens=capped, max_tokens="512") == Cost(0, 512)  # at the cap
+    assert facts(tokens=capped, max_tokens="1e2") == Cost(0, 100)
+    assert facts(tokens=capped, max_tokens="100.0") == Cost(0, 100)
+    assert facts(tokens=capped, max_tokens="null", max_completion_tokens="7") == Cost(0, 7)
+
+
+def test_the_jwt_payload_header_yields_its_key_id_claim():
+    def b64(value) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    assert jwt_key_id(b64({"sub": "svc", "key_id": "k1"})) == "k1"
+    assert jwt_key_id(b64({"key_id": "k-\u00e9" * 3})) == "k-\u00e9" * 3  # any padding length
+    for bad in (None, "", "!!!", b64(["k1"]), b64({"key_id": 7}), b64({"key_id": ""}), b64({"sub": "s"})):
+        assert jwt_key_id(bad) is None
 
 
 def test_deltas_upsert_and_delete_every_kind():

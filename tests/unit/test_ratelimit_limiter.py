@@ -80,3 +80,126 @@ async def test_weighted_tokens_and_the_estimate():
     await rl.settle(Usage("t1", "k1", "m", "a", prompt_tokens=10, completion_tokens=20))
     after = await rl.check([Hit("t1", "k1", "m", request_id="b", max_tokens=1)])
     assert after.outcomes[0][0].remaining == 1000 - 45 - 2  # a settled at 5 + 40, b reserves 2
+
+
+async def test_a_clients_max_tokens_is_capped_by_the_model_an_admitted_maximum_is_not():
+    rl = limiter(FakeClock(), model=policy_pb2.Model(name="m", default_max_tokens=100, max_max_tokens=200))
+    info = rl.snapshot.model("m")
+    # Envoy RLS descriptors carry max_tokens as the client wrote it: capped, min(999, 200) = 200.
+    assert rl.estimate(Hit("t1", "k1", "m", max_tokens=999, from_client=True), info) == (0, 200)
+    assert rl.estimate(Hit("t1", "k1", "m", max_tokens=150, from_client=True), info) == (0, 150)
+    # ext_authz's admitted maximum was checked against the cap already (n included): kept.
+    assert rl.estimate(Hit("t1", "k1", "m", max_tokens=999), info) == (0, 999)
+
+
+async def test_without_a_default_the_platform_default_is_reserved_capped_by_the_models_maximum():
+    clock = FakeClock()
+    rl = limiter(clock, model=policy_pb2.Model(name="small", max_max_tokens=500))
+    # DEFAULT_COMPLETION_TOKENS = 1024, capped: min(1024, 500) = 500
+    assert rl.estimate(Hit("t1", "k1", "small"), rl.snapshot.model("small")) == (0, 500)
+    # an unknown model: no default, no cap of its own -> 1024
+    assert rl.estimate(Hit("t1", "k1", "other", body_bytes=3), rl.snapshot.model("other")) == (3, 1024)
+    # prompt_bytes_per_token = 4 reserves less: ceil(41 / 4) = 11
+    coarse = RateLimiter(MemoryCounterBackend(clock), rl.snapshot, clock=clock, prompt_bytes_per_token=4)
+    assert coarse.estimate(Hit("t1", "k1", "small", body_bytes=41), rl.snapshot.model("small")) == (11, 500)
+
+
+class CountingBackend(MemoryCounterBackend):
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.calls: list[str] = []
+
+    async def acquire(self, *args, **kwargs):
+        self.calls.append("acquire")
+        return await super().acquire(*args, **kwargs)
+
+    async def acquire_many(self, calls, **kwargs):
+        self.calls.append(f"acquire_many:{len(calls)}")
+        return await super().acquire_many(calls, **kwargs)
+
+    async def settle_many(self, calls, **kwargs):
+        self.calls.append(f"settle_many:{len(calls)}")
+        return await super().settle_many(calls, **kwargs)
+
+
+def counted(clock: FakeClock, *limits: policy_pb2.Limit) -> tuple[RateLimiter, CountingBackend]:
+    backend = CountingBackend(clock)
+    snapshot = snapshot_from_policy("v", [policy_pb2.Resource(limit=lim) for lim in limits])
+    return RateLimiter(backend, snapshot, clock=clock), backend
+
+
+async def test_admit_decides_each_request_of_a_batch_with_one_backend_call():
+    clock = FakeClock()
+    rl, backend = counted(clock, lim(policy_pb2.Limit.REQUESTS, 2, 60))
+    verdicts = await rl.admit(
+        [
+            Hit("t1", "k1", "m", request_id="a"),
+            Hit("t1", "k1", "m", request_id="b"),
+            Hit("t2", "k1", "m", request_id="x"),  # no limit applies to t2: admitted, uncounted
+            Hit("t1", "k1", "m", request_id="c"),  # the third of 2 a minute, decided in order
+        ]
+    )
+    assert backend.calls == ["acquire_many:3"]  # one call for the three that count
+    assert [v.allowed for v in verdicts] == [True, True, True, False]
+    assert [v.outcomes[0][0].remaining if v.outcomes[0] else None for v in verdicts] == [1, 0, None, 0]
+    assert not any(v.reserved for v in verdicts)  # a request limit holds nothing to settle
+    assert verdicts[3].retry_after > 0
+
+
+async def test_a_forced_admission_counts_once_whatever_the_counters_say():
+    clock = FakeClock()
+    rl, _ = counted(clock, lim(policy_pb2.Limit.REQUESTS, 2, 60))
+    (a,) = await rl.admit([Hit("t1", "k1", "m", request_id="a")])
+    assert a.allowed
+    # ext_authz gave up waiting for a's verdict and admitted it fail-open: the repeat is not
+    # counted a second time (a already holds 1 of 2), so b still fits.
+    (again,) = await rl.admit([Hit("t1", "k1", "m", request_id="a", forced=True)])
+    assert again.allowed
+    (b,) = await rl.admit([Hit("t1", "k1", "m", request_id="b")])
+    assert (b.allowed, b.outcomes[0][0].remaining) == (True, 0)
+    # A forced request never seen before is counted even over the limit, and is not refused.
+    (c,) = await rl.admit([Hit("t1", "k1", "m", request_id="c", forced=True)])
+    assert c.allowed
+    assert c.outcomes[0][0].over  # as an unforced call would have seen it
+    # The window now holds 3 hits (a, b, c) of 2: the next request is refused.
+    (d,) = await rl.admit([Hit("t1", "k1", "m", request_id="d")])
+    assert not d.allowed
+
+
+async def test_settle_many_replaces_held_reservations_and_ignores_the_rest():
+    clock = FakeClock()
+    rl, backend = counted(clock, lim(policy_pb2.Limit.TOKENS, 100, 0))
+    # each reserves 0 prompt + 30 completion tokens: 100 - 30 - 30 = 40 left
+    a, b = await rl.admit([hit("a", 30), hit("b", 30)])
+    assert (a.reserved, b.reserved) == (True, True)
+    assert b.outcomes[0][0].remaining == 40
+    backend.calls.clear()
+    settled = await rl.settle_many(
+        [
+            Usage("t1", "k1", "m", "a", prompt_tokens=5, completion_tokens=5),  # 30 -> 10: 20 back
+            Usage("t1", "k1", "m", "b", status=503),  # failed: all 30 back
+            Usage("t1", "k1", "m", "never", prompt_tokens=50, completion_tokens=50),  # held nothing
+            Usage("t2", "k1", "m", "other-tenant", prompt_tokens=1, completion_tokens=1),  # no limit
+        ]
+    )
+    assert backend.calls == ["settle_many:3"]  # one backend call; t2 has no limit to settle
+    assert settled == 3
+    (probe,) = await rl.admit([hit("p", 1)])
+    assert probe.outcomes[0][0].remaining == 100 - 10 - 1  # a's real 10, p's 1; "never" charged nothing
+    # Settling a again (a repeat) changes nothing.
+    await rl.settle_many([Usage("t1", "k1", "m", "a", prompt_tokens=40, completion_tokens=40)])
+    (probe2,) = await rl.admit([hit("p2", 1)])
+    assert probe2.outcomes[0][0].remaining == 100 - 10 - 1 - 1
+
+
+async def test_a_settle_after_the_lease_released_the_reservation_changes_nothing():
+    clock = FakeClock()
+    rl = limiter(clock, lim(policy_pb2.Limit.TOKENS, 100, 0))
+    (a,) = await rl.admit([hit("a", 60)])
+    assert a.outcomes[0][0].remaining == 40
+    clock.advance(901)  # the lease (900 s) ends: a's 60 come back at the next call
+    (b,) = await rl.admit([hit("b", 1)])
+    assert b.outcomes[0][0].remaining == 99
+    await rl.settle(Usage("t1", "k1", "m", "a", prompt_tokens=30, completion_tokens=30))  # too late
+    (c,) = await rl.admit([hit("c", 1)])
+    assert c.outcomes[0][0].remaining == 98  # a's late settlement charged nothing
