@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
@@ -45,8 +46,17 @@ FORCED_DROPPED = Counter(
 )
 FORCED_BACKLOG_MAX: Final = 100_000
 MAX_BATCH: Final = 4096
+LATE_BATCHES_MAX: Final = 4096  # expired batches whose late answers are still watched
+ABANDONED_MAX: Final = 100_000  # requests refused fail-closed whose admission may still land
+MISSES_BEFORE_RECONNECT: Final = 3  # batches in a row unanswered: the connection is presumed dead
 
 Verdict = admission_pb2.Verdict
+
+
+@dataclass(slots=True)
+class _Batch:
+    admissions: list[admission_pb2.Admission]  # those with a Check waiting first, then forced
+    futures: list[asyncio.Future[Verdict | None]]
 
 
 class Admitter:
@@ -56,7 +66,10 @@ class Admitter:
         self._seq = itertools.count(1)
         self._waiting: list[tuple[admission_pb2.Admission, asyncio.Future[Verdict | None]]] = []
         self._forced: deque[admission_pb2.Admission] = deque()
-        self._in_flight: dict[int, list[asyncio.Future[Verdict | None]]] = {}
+        self._in_flight: dict[int, _Batch] = {}
+        self._late: OrderedDict[int, _Batch] = OrderedDict()  # expired, still answerable
+        self._abandoned: OrderedDict[str, admission_pb2.Admission] = OrderedDict()
+        self._misses = 0
         self._transport: asyncio.Transport | None = None  # None: not connected
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stub: Any = None  # the AdmissionService (Settle) stub while its channel is open
@@ -88,6 +101,25 @@ class Admitter:
         if self._transport is not None and not self._waiting:
             (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
 
+    def abandon(self, admission: admission_pb2.Admission) -> None:
+        """The request will not run (refused while its admission was unanswered, or its Check
+        abandoned by Envoy): give back whatever its admission takes, now and if it lands late."""
+        self._abandoned[admission.request_id] = admission
+        if len(self._abandoned) > ABANDONED_MAX:
+            self._abandoned.popitem(last=False)
+        self._release(admission)
+
+    def _release(self, admission: admission_pb2.Admission) -> None:
+        usage = admission_pb2.Usage(
+            request_id=admission.request_id,
+            tenant_id=admission.tenant_id,
+            key_id=admission.key_id,
+            model=admission.model,
+            prompt_tokens=0,
+            completion_tokens=0,
+        )
+        (self._loop or asyncio.get_running_loop()).create_task(self.release(usage))
+
     async def release(self, usage: admission_pb2.Usage) -> None:
         """Give back what an abandoned request was admitted with (best effort: else its lease)."""
         stub = self._stub
@@ -113,40 +145,67 @@ class Admitter:
             batch.admissions.extend(a for a, _ in chunk)
             while self._forced and len(batch.admissions) < MAX_BATCH:
                 batch.admissions.append(self._forced.popleft())
-            self._in_flight[batch.batch] = [f for _, f in chunk]
+            self._in_flight[batch.batch] = _Batch(list(batch.admissions), [f for _, f in chunk])
             transport.write(frame(batch.SerializeToString()))
             BATCHES.inc()
             if chunk:
                 asyncio.get_running_loop().call_later(self._timeout, self._expire, batch.batch)
 
     def _expire(self, batch: int) -> None:
-        """The batch's time is up: its Checks decide by fail mode (a late answer is dropped)."""
-        futures = self._in_flight.pop(batch, None)
-        for future in futures or ():
+        """The batch's time is up: its Checks decide by fail mode. Its answer is still watched
+        for: a reservation granted late to a request that will not run is given back."""
+        pending = self._in_flight.pop(batch, None)
+        if pending is None:
+            return
+        for future in pending.futures:
             if not future.done():
                 UNANSWERED.inc()
                 future.set_result(None)
+        self._late[batch] = pending
+        if len(self._late) > LATE_BATCHES_MAX:
+            self._late.popitem(last=False)
+        self._misses += 1
+        if self._misses >= MISSES_BEFORE_RECONNECT and self._transport is not None:
+            log.warning("admission_stream_unresponsive", batches=self._misses, url=self._settings.stream_url)
+            self._transport.abort()  # a half-open connection is never reported: start afresh
 
     def _answer(self, reply: admission_pb2.VerdictBatch) -> None:
-        futures = self._in_flight.pop(reply.batch, None)
-        if futures is None:
-            return  # expired already, or only forced admissions
-        for future, verdict in zip(futures, reply.verdicts, strict=False):
+        self._misses = 0
+        pending = self._in_flight.pop(reply.batch, None)
+        late = pending is None
+        if pending is None:
+            pending = self._late.pop(reply.batch, None)
+            if pending is None:
+                return
+        if self._abandoned:
+            self._release_abandoned(pending, reply)
+        if late:
+            return
+        for future, verdict in zip(pending.futures, reply.verdicts, strict=False):
             if not future.done():
                 future.set_result(verdict)
-        for future in futures[len(reply.verdicts) :]:
+        for future in pending.futures[len(reply.verdicts) :]:
             if not future.done():
                 future.set_result(None)
+
+    def _release_abandoned(self, pending: _Batch, reply: admission_pb2.VerdictBatch) -> None:
+        """A reservation granted to a request that will not run: give it back."""
+        for admission, verdict in zip(pending.admissions, reply.verdicts, strict=False):
+            if verdict.reserved and admission.request_id in self._abandoned:
+                self._release(admission)
 
     def _disconnected(self) -> None:
         self._transport = None
         CONNECTED.set(0)
         in_flight, self._in_flight = self._in_flight, {}
-        for futures in in_flight.values():
-            for future in futures:
+        for pending in in_flight.values():
+            for future in pending.futures:
                 if not future.done():
                     UNANSWERED.inc()
                     future.set_result(None)
+            # forced admissions not acknowledged: sent again on the next connection (a repeat
+            # that was counted already is recognised by its request id)
+            self._forced.extendleft(reversed(pending.admissions[len(pending.futures) :]))
 
     async def run(self) -> None:
         """Keep the stream open; reconnect with backoff capped at ``reconnect_max_seconds``."""

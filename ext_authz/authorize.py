@@ -102,7 +102,7 @@ class Authorizer:
             verdict = await asyncio.shield(future)
         except asyncio.CancelledError:
             # Envoy gave up on this Check: the request will not run, give back what it got.
-            future.add_done_callback(lambda f: self._release_if_admitted(f, admission))
+            self._admitter.abandon(admission)
             raise
         if verdict is None:
             return self._degraded(decision, scopes, admission)
@@ -116,14 +116,16 @@ class Authorizer:
             )
             retry = ("retry-after", str(max(1, verdict.retry_after_seconds)))
             return Outcome(refusal, (*headers_out, retry))
-        return Outcome(decision, headers_out, reserved=True, admitted=admission)
+        return Outcome(decision, headers_out, reserved=verdict.reserved, admitted=admission)
 
     def _degraded(
         self, decision: Decision, scopes: tuple[LimitScope, ...], admission: admission_pb2.Admission
     ) -> Outcome:
         """No verdict in time: a fail-closed limit refuses; else admitted, and counted later."""
+        assert self._admitter is not None  # noqa: S101 - only called with an admitter
         if any(s.fail_closed and not s.shadow for s in scopes):
             REFUSED_DEGRADED.inc()
+            self._admitter.abandon(admission)  # in case its admission lands late
             refusal = Decision(
                 code="rate_limit_exceeded",
                 tenant_id=decision.tenant_id,
@@ -132,25 +134,8 @@ class Authorizer:
             )
             return Outcome(refusal, (("retry-after", str(FAIL_CLOSED_RETRY_SECONDS)),))
         DEGRADED.inc()
-        assert self._admitter is not None  # noqa: S101 - only called with an admitter
         self._admitter.force(admission)
         return Outcome(decision, reserved=True, admitted=admission)
-
-    def _release_if_admitted(
-        self, future: asyncio.Future[admission_pb2.Verdict | None], admission: admission_pb2.Admission
-    ) -> None:
-        verdict = future.result() if not future.cancelled() else None
-        if self._admitter is None or verdict is None or not verdict.reserved:
-            return
-        usage = admission_pb2.Usage(
-            request_id=admission.request_id,
-            tenant_id=admission.tenant_id,
-            key_id=admission.key_id,
-            model=admission.model,
-            prompt_tokens=0,
-            completion_tokens=0,
-        )
-        asyncio.get_running_loop().create_task(self._admitter.release(usage))
 
 
 def _bad_param(decision: Decision, bad: BadParam) -> Decision:

@@ -12,6 +12,7 @@ parameter.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -21,6 +22,7 @@ from tessera import gateway_headers as gh
 from tessera.usage_line import token_terms
 
 MAX_CHOICES: Final = 128  # OpenAI's bound on n
+MAX_PROMPTS: Final = 2048  # prompts batched in one completions body
 NOT_GENERATING: Final = ("/v1/embeddings",)  # no completion tokens to reserve
 
 
@@ -37,11 +39,18 @@ class BadParam:
     code: str = "invalid_value"
 
 
+_JSON_NUMBER: Final = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
+
+
 def _json_int(raw: str) -> int | None:
-    """An integer-valued JSON number (``10``, ``1e3``, ``10.0``), else None (strings, bools...)."""
+    """An integer-valued JSON number (``10``, ``1e3``, ``10.0``), else None (strings, bools,
+    arrays... anything but a number is never parsed: a deeply nested array must not recurse)."""
+    raw = raw.strip()
+    if len(raw) > 64 or not _JSON_NUMBER.fullmatch(raw):  # noqa: PLR2004 - far beyond any count
+        return None
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -80,19 +89,21 @@ def request_cost(headers: Mapping[str, str], path: str, tokens: ModelTokens | No
         # body's missing max_tokens, and the client should hear about the parameter it sent
         (gh.MAX_COMPLETION_TOKENS, "max_completion_tokens", cap),
         (gh.MAX_TOKENS, "max_tokens", cap),
+        (gh.MAX_OUTPUT_TOKENS, "max_output_tokens", cap),
+        (gh.N_PREDICT, "n_predict", cap),
         (gh.N, "n", MAX_CHOICES),
         (gh.BEST_OF, "best_of", MAX_CHOICES),
+        (gh.PROMPTS, "prompt", MAX_PROMPTS),
     ):
         value = _bounded(headers.get(header), param, bound)
         if isinstance(value, BadParam):
             return value
         limits.append(value)
-    max_completion, max_tokens, n, best_of = limits
-    if max_tokens is None and max_completion is None:
-        # The gateway writes the default into every chat or completions body that names none,
-        # so this is another endpoint: embeddings generate nothing; anything else may generate
-        # up to the model's cap, which is what it reserves.
-        asked = 0 if path.startswith(NOT_GENERATING) else cap
-    else:
-        asked = max(max_tokens or 0, max_completion or 0)
-    return Cost(body_bytes=body_bytes, max_completion_tokens=asked * max(n or 1, best_of or 1))
+    *asked_limits, n, best_of, prompts = limits
+    given = [t for t in asked_limits if t is not None]
+    # Whichever limit the backend honours, the largest. None given: the gateway writes the
+    # default into every body of an endpoint that generates and names none, so this is another
+    # endpoint: embeddings generate nothing; anything else may generate up to the model's cap.
+    asked = max(given) if given else (0 if path.startswith(NOT_GENERATING) else cap)
+    choices = max(n or 1, best_of or 1) * (prompts or 1)
+    return Cost(body_bytes=body_bytes, max_completion_tokens=asked * choices)

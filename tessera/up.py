@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tessera import llm, usage_line
+from tessera import llm, ports, usage_line
 from tessera.bootstrap import BootstrapParams, render_bootstrap
 from tessera.datadir import DataDir, resolve_data_dir, write_json
 from tessera.demo_upstream.schema import DEFAULT_MAX_TOKENS as DEMO_DEFAULT_MAX_TOKENS
@@ -48,9 +48,7 @@ def _say(msg: str) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    return ports.free_port(HOST)
 
 
 def port_taken(host: str, port: int) -> bool:

@@ -154,7 +154,9 @@ class Meter:
         offered = 0
         checkpoints = await self._checkpoints()
         for f in log_files(self._log_path):
-            offset = max(self._settle_offsets.get(f.file_id, 0), checkpoints.get(f.file_id, 0))
+            # Its own position; the ledger's checkpoint only where it has none yet (a restart): the
+            # ledger may have read further meanwhile, and those lines still need settling.
+            offset = self._settle_offsets.get(f.file_id, checkpoints.get(f.file_id, 0))
             if f.size < offset:
                 offset = 0  # truncated in place
             while offset < f.size:

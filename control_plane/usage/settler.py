@@ -29,6 +29,8 @@ SETTLED = Counter("tessera_meter_settlements_total", "Usages sent to the ratelim
 PENDING = Gauge("tessera_meter_settlements_pending", "Usages waiting to be settled")
 MAX_PENDING: Final = 1_000_000  # beyond this the oldest go: their leases release them
 MAX_BATCH: Final = 2000
+MAX_REFUSALS: Final = 5  # a batch refused this often, for a reason other than an outage, is dropped
+_TRANSIENT: Final = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def usage_of(line: UsageLine) -> admission_pb2.Usage:
@@ -71,15 +73,22 @@ class Settler:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                refused = 0
                 while self._pending:
                     batch = [self._pending[i] for i in range(min(MAX_BATCH, len(self._pending)))]
                     try:
                         await stub.Settle(admission_pb2.SettleBatch(usages=batch), timeout=5.0)
                     except grpc.aio.AioRpcError as exc:
-                        SETTLED.labels("retried").inc(len(batch))
                         log.warning("settle_failed", code=exc.code().name, pending=len(self._pending))
-                        await asyncio.sleep(self._retry)
-                        continue
+                        refused = 0 if exc.code() in _TRANSIENT else refused + 1
+                        if refused < MAX_REFUSALS:
+                            SETTLED.labels("retried").inc(len(batch))
+                            await asyncio.sleep(self._retry)
+                            continue
+                        # not a passing outage (a version skew, a bug): the leases take over
+                        log.error("settle_batch_dropped", usages=len(batch), code=exc.code().name)  # noqa: TRY400
+                        SETTLED.labels("dropped").inc(len(batch))
+                        refused = 0
                     for _ in batch:
                         self._pending.popleft()
                     SETTLED.labels("sent").inc(len(batch))

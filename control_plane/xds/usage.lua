@@ -98,14 +98,78 @@ end
 local function trim(x) return (string.gsub(x, "^%s*(.-)%s*$", "%1")) end
 
 -- tessera/gateway_headers.py: what ext_authz decides on (a unit test checks the names match)
-local H_MODEL, H_BODY = "x-tessera-model", "x-tessera-body-bytes"
+local H_MODEL, H_BODY, H_PROMPTS = "x-tessera-model", "x-tessera-body-bytes", "x-tessera-prompts"
 local FACTS = {
   max_tokens = "x-tessera-max-tokens",
   max_completion_tokens = "x-tessera-max-completion-tokens",
+  max_output_tokens = "x-tessera-max-output-tokens",
+  n_predict = "x-tessera-n-predict",
   n = "x-tessera-n",
   best_of = "x-tessera-best-of",
 }
-local GENERATES = { ["/v1/chat/completions"] = true, ["/v1/completions"] = true }
+-- generating endpoints, and the key each reads its limit from (the default is written there)
+local GENERATES = {
+  ["/v1/chat/completions"] = "max_tokens",
+  ["/v1/completions"] = "max_tokens",
+  ["/v1/responses"] = "max_output_tokens",
+}
+
+local function fact(v)
+  -- a value as written, if it can be one (a number, null, a short literal); else a word that
+  -- ext_authz refuses as the wrong type (never raw text with line breaks in a header)
+  if #v <= 64 and string.match(v, '^[%w%.%+%-"]+$') then return v end
+  return "invalid"
+end
+
+local function elements(s, from)
+  -- how many prompts the JSON array at s[from] ('[') batches: its elements when they are strings
+  -- or arrays, one when it is a single prompt of token ids; nil when it does not end
+  local depth, p, count, seen = 0, from, 0, false
+  while true do
+    p = string.find(s, '[{}%[%]",]', p)
+    if not p then return nil end
+    local c = string.byte(s, p)
+    if c == 34 then
+      local q = p + 1
+      while true do
+        q = string.find(s, '["\\]', q)
+        if not q then return nil end
+        if string.byte(s, q) == 92 then q = q + 2 else break end
+      end
+      if depth == 1 then seen = true end
+      p = q + 1
+    else
+      if c == 123 or c == 91 then
+        if depth == 1 then seen = true end
+        depth = depth + 1
+      elseif c == 125 or c == 93 then
+        depth = depth - 1
+        if depth == 0 then
+          if not seen then -- numbers only: one prompt of token ids (or none)
+            return string.find(string.sub(s, from + 1, p - 1), "[^ \t\r\n]") and 1 or 0
+          end
+          return count + 1
+        end
+      elseif c == 44 and depth == 1 then
+        count = count + 1
+      end
+      p = p + 1
+    end
+  end
+end
+
+local function decoded_path(path)
+  -- the path without its query, percent-escapes decoded (as the backend will read it)
+  return (string.gsub(string.match(path, "^[^?]*"), "%%(%x%x)", function(x)
+    return string.char(tonumber(x, 16))
+  end))
+end
+
+local function refuse_unreadable(h)
+  h:respond({[":status"] = "400", ["content-type"] = "application/json"},
+    '{"error":{"message":"The request body is not a JSON object the gateway can read.",'
+    .. '"type":"invalid_request_error","code":"invalid_json","param":null}}')
+end
 
 local function stream_usage(s, keys, close, edits, appends)
   -- a top-level "stream": true asks the upstream for usage; false when it needs no change
@@ -174,9 +238,14 @@ function envoy_on_request(h)
   if n == 0 or not string.find(hd:get("content-type") or "", "application/json", 1, true) then return end
   local s = body:getBytes(0, n)
   local first = string.find(s, "[^ \t\r\n]")
-  if not first or string.byte(s, first) ~= 123 then return end
-  local keys, close, twice = top_level(s, first)
-  if not keys then return end -- not JSON: json_to_metadata routes it to invalid_json
+  local keys, close, twice
+  if first and string.byte(s, first) == 123 then keys, close, twice = top_level(s, first) end
+  if not keys then
+    -- Not JSON to us. Envoy's parser routed it by model, so it is JSON to Envoy (a BOM,
+    -- something Envoy's parser forgives): the backend may read facts we could not. Refuse.
+    if model then return refuse_unreadable(h) end
+    return -- not JSON at all: json_to_metadata routes it to invalid_json
+  end
   if twice then return refuse_duplicate(h, twice) end
   if first ~= 1 then s, close = string.sub(s, first), close - first + 1; keys, close = top_level(s, 1) end
   local function value(k)
@@ -189,21 +258,29 @@ function envoy_on_request(h)
   if served and keys["model"] then edits[#edits + 1] = {keys["model"][1], keys["model"][2], '"' .. served .. '"'} end
   for key, header in pairs(FACTS) do
     local v = value(key)
-    if v then hd:replace(header, v) end
+    if v then hd:replace(header, fact(v)) end
   end
+  local prompt = keys["prompt"]
+  if prompt then -- a batch of prompts generates for each
+    local at = string.find(s, "[^ \t\r\n]", prompt[1])
+    if at and string.byte(s, at) == 91 then hd:replace(H_PROMPTS, tostring(elements(s, at) or "invalid")) end
+  end
+  local field = GENERATES[decoded_path(hd:get(":path") or "")]
   local mt, mct = value("max_tokens"), value("max_completion_tokens")
-  local limit = mct or mt
-  if GENERATES[string.match(hd:get(":path") or "", "^[^?]*")] and (mt == nil or mt == "null") then
+  local limit = value("max_output_tokens") or mct or mt
+  local own = field and value(field)
+  if field and (own == nil or own == "null") then
     local default = route:get("default_max_tokens")
-    local put = (mct and string.match(mct, "^%d+$")) or (default and string.format("%d", default))
+    local put = (field == "max_tokens" and mct and string.match(mct, "^%d+$"))
+      or (default and string.format("%d", default))
     if put then
-      if mt == "null" then
-        edits[#edits + 1] = {keys["max_tokens"][1], keys["max_tokens"][2], put}
+      if own == "null" then
+        edits[#edits + 1] = {keys[field][1], keys[field][2], put}
       else
-        appends[#appends + 1] = '"max_tokens":' .. put
+        appends[#appends + 1] = '"' .. field .. '":' .. put
       end
-      hd:replace(FACTS.max_tokens, put)
-      limit = mct or put
+      hd:replace(FACTS[field], put)
+      limit = (field == "max_tokens" and mct) or put
     end
   end
   if limit then meta:set("ai.gw", "max_tokens", limit) end -- the usage line's estimate

@@ -19,8 +19,9 @@
   amount is also recorded as the reservation of ``request_id``. ``settle`` replaces a
   reservation that is still held by the real amount (returning or adding the difference; the
   level may go below zero) and is otherwise a no-op: settling twice, settling a request that
-  never reserved (or was refused), or settling after the lease released it changes nothing.
-  A reservation not settled within ``lease_seconds`` is given back by a later call.
+  never reserved (or was refused), or settling after the lease ended it changes nothing.
+  A reservation not settled within ``lease_seconds`` is ended by a later call and stays
+  charged as reserved (an upper bound of its request's cost: never free).
 - ``SLOTS`` (concurrency): at most ``limit`` request ids hold a slot; a slot is freed by
   ``settle`` (a no-op when not held) or when its lease expires.
 

@@ -79,7 +79,9 @@ class _Budget:
         self.reservations: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     def refresh(self, limit: int, window: float, period: int, now: float) -> None:
-        """Refill (or start the new calendar period), then release expired reservations."""
+        """Refill (or start the new calendar period), then end expired reservations: each stays
+        charged (it was an upper bound of its request's cost), and a settle that comes later finds
+        nothing to replace, so a request that outlives its lease is never free."""
         if limit != self.limit:  # a changed limit keeps what was used
             self.level += limit - self.limit
             self.limit = limit
@@ -90,11 +92,10 @@ class _Budget:
         self.t = now
         reservations = self.reservations
         while reservations:
-            rid, (amount, expiry) = next(iter(reservations.items()))
+            rid, (_amount, expiry) = next(iter(reservations.items()))
             if expiry > now:
                 break
-            del reservations[rid]
-            self.level = min(float(limit), self.level + amount)
+            del reservations[rid]  # charged as reserved: a request never reported is never free
 
 
 class MemoryCounterBackend:

@@ -51,9 +51,7 @@ local function budget_level(st, idx, limit, window, period)
     lv, lp = limit, period
   end
   local expired = redis.call('ZRANGEBYSCORE', idx, '-inf', now, 'LIMIT', 0, 256)
-  for _, m in ipairs(expired) do
-    local v = redis.call('HGET', st, 'r:' .. m)
-    if v then lv = math.min(limit, lv + tonumber(v)) end
+  for _, m in ipairs(expired) do -- ended by its lease: stays charged, as reserved (never free)
     redis.call('HDEL', st, 'r:' .. m)
     redis.call('ZREM', idx, m)
   end

@@ -131,7 +131,7 @@ def test_a_token_limit_reserves_then_settles_real_counts(real):
         "--kind",
         "tokens",
         "--window",
-        "minute",
+        "hour",
         "--limit",
         str(budget),
     )
@@ -150,7 +150,7 @@ def test_a_token_limit_reserves_then_settles_real_counts(real):
         time.sleep(SETTLE_SECONDS)  # its real usage replaces its reservation (off the request path)
     assert refused is not None, "never refused"
     assert refused.code == "rate_limit_exceeded"
-    assert used <= budget  # settled real usage never passes the limit
+    assert used <= budget + 10  # settled real usage never passes the limit (+ 20 s of an hourly refill)
     # Each request reserves its body's bytes (~110) + 24 completion tokens, about 135: without
     # settlement two fit; settling to the real counts (~20 prompt + at most 24) lets 5+ in.
     assert accepted >= 5, (accepted, used)

@@ -23,8 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ext_authz.app import SERVICE_NAME, build_app
 from ext_authz.settings import ExtAuthzSettings
-from tessera.admission.v1 import admission_pb2, admission_pb2_grpc
+from tessera.admission.v1 import admission_pb2
 from tessera.errors import ConfigError
+from tessera.frames import Frames, frame
 from tessera.keys import digest, display_prefix, mint_key
 from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
 from tessera.settings import (
@@ -251,8 +252,11 @@ GATEWAY_HEADERS = [
     "x-tessera-body-bytes",
     "x-tessera-max-tokens",
     "x-tessera-max-completion-tokens",
+    "x-tessera-max-output-tokens",
+    "x-tessera-n-predict",
     "x-tessera-n",
     "x-tessera-best-of",
+    "x-tessera-prompts",
     "x-tessera-jwt-payload",
 ]
 
@@ -412,40 +416,43 @@ async def test_a_verified_jwt_payload_header_identifies_the_key(ready, authz):
 # --- admission by the ratelimit service's counters ----------------------------------------
 
 
-class FakeAdmissionServer(admission_pb2_grpc.AdmissionServiceServicer):
-    """Admits everything with a reservation and records every admission it was asked."""
+class FakeAdmissionServer:
+    """The ratelimit service's admission stream, faked: admits everything with a reservation and
+    records every admission it was asked (frames of tessera.admission.v1, tessera/frames.py)."""
 
     def __init__(self) -> None:
         self.admissions: list[admission_pb2.Admission] = []
+        self.port = 0
 
-    async def Admit(self, request_iterator, _context):  # noqa: N802 - gRPC method name
-        async for batch in request_iterator:
-            self.admissions.extend(batch.admissions)
-            reply = admission_pb2.VerdictBatch(batch=batch.batch)
-            for _ in batch.admissions:
-                verdict = reply.verdicts.add(allowed=True, reserved=True)
-                verdict.headers.add(key="x-ratelimit-remaining-requests", value="9")
-            yield reply
-
-    async def Settle(self, request, _context):  # noqa: N802 - gRPC method name
-        return admission_pb2.SettleReply(settled=len(request.usages))
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frames = Frames()
+        while data := await reader.read(65536):
+            for raw in frames.feed(data):
+                batch = admission_pb2.AdmitBatch.FromString(raw)
+                self.admissions.extend(batch.admissions)
+                reply = admission_pb2.VerdictBatch(batch=batch.batch)
+                for _ in batch.admissions:
+                    verdict = reply.verdicts.add(allowed=True, reserved=True)
+                    verdict.headers.add(key="x-ratelimit-remaining-requests", value="9")
+                writer.write(frame(reply.SerializeToString()))
+        writer.close()
 
 
 @pytest.fixture
 async def admission_server():
     fake = FakeAdmissionServer()
-    server = grpc.aio.server()
-    admission_pb2_grpc.add_AdmissionServiceServicer_to_server(fake, server)
-    fake.port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server = await asyncio.start_server(fake.serve, "127.0.0.1", 0)
+    fake.port = server.sockets[0].getsockname()[1]
     yield fake
-    await server.stop(0)
+    server.close()
 
 
 @pytest.fixture
 async def admitting(tmp_path, pepper_file, policy_server, admission_server):
     """ext_authz with an admission stream, and a limit on tenant t1 (so its requests count)."""
-    admission = AdmissionSettings(url=f"127.0.0.1:{admission_server.port}", timeout_seconds=5)
+    admission = AdmissionSettings(
+        url="127.0.0.1:9", stream_url=f"127.0.0.1:{admission_server.port}", timeout_seconds=5
+    )
     app = await build_app(make_settings(tmp_path, pepper_file, policy_server.port, admission=admission))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:

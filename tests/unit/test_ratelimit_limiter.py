@@ -192,14 +192,14 @@ async def test_settle_many_replaces_held_reservations_and_ignores_the_rest():
     assert probe2.outcomes[0][0].remaining == 100 - 10 - 1 - 1
 
 
-async def test_a_settle_after_the_lease_released_the_reservation_changes_nothing():
+async def test_a_settle_after_the_lease_ended_the_reservation_changes_nothing():
     clock = FakeClock()
     rl = limiter(clock, lim(policy_pb2.Limit.TOKENS, 100, 0))
     (a,) = await rl.admit([hit("a", 60)])
     assert a.outcomes[0][0].remaining == 40
-    clock.advance(901)  # the lease (900 s) ends: a's 60 come back at the next call
+    clock.advance(901)  # the lease (900 s) ends: a stays charged its 60 (never free)
     (b,) = await rl.admit([hit("b", 1)])
-    assert b.outcomes[0][0].remaining == 99
-    await rl.settle(Usage("t1", "k1", "m", "a", prompt_tokens=30, completion_tokens=30))  # too late
+    assert b.outcomes[0][0].remaining == 39
+    await rl.settle(Usage("t1", "k1", "m", "a", prompt_tokens=10, completion_tokens=10))  # too late
     (c,) = await rl.admit([hit("c", 1)])
-    assert c.outcomes[0][0].remaining == 98  # a's late settlement charged nothing
+    assert c.outcomes[0][0].remaining == 38  # a's late settlement changed nothing
