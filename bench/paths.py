@@ -237,7 +237,15 @@ def start_tessera_one_core(workdir: Path, upstream: Target, *, limit: int, core:
     return _tessera_path(target, stack, upstream, limits, prefix=("taskset", "-c", str(core)))
 
 
-def start_tessera_redis(workdir: Path, upstream: Target, *, redis_url: str, limit: int) -> Target:
+def start_tessera_redis(
+    workdir: Path,
+    upstream: Target,
+    *,
+    redis_url: str,
+    limit: int,
+    extra: tuple[str, ...] = (),
+    name: str = "tessera-redis",
+) -> Target:
     """Path (f): a second stack with its counters in Redis and the tenant under a request
     limit and a token limit, both reserved at request time and the tokens settled at stream end."""
     target = Target("f", "(f) Tessera, limits on redis://", "", {}, floor="c1g")
@@ -246,9 +254,7 @@ def start_tessera_redis(workdir: Path, upstream: Target, *, redis_url: str, limi
         ["--kind", "tokens", "--window", "minute", "--limit", str(limit)],
     ]
     target.notes.append(f"request and token limits of {limit}/minute (never trip), counters in {redis_url}")
-    return _tessera_path(
-        target, TesseraStack(workdir, "tessera-redis"), upstream, limits, "--redis", redis_url
-    )
+    return _tessera_path(target, TesseraStack(workdir, name), upstream, limits, "--redis", redis_url, *extra)
 
 
 def _tessera_path(

@@ -235,7 +235,8 @@ def test_traffic_moves_off_a_busy_llama_server(real):
         # Keep the first server busy beyond its 4 slots for the whole test, straight to it (not
         # through the gateway): its /metrics reports a queue (llamacpp:requests_deferred).
         def hog() -> None:
-            body = json.dumps({"messages": HI, "max_tokens": 200}).encode()
+            # short generations: a queue that moves (a request sent to it is answered in seconds)
+            body = json.dumps({"messages": HI, "max_tokens": 48}).encode()
             while not done.is_set():
                 req = urllib.request.Request(  # noqa: S310
                     f"{busy}/v1/chat/completions", data=body, headers={"content-type": "application/json"}
@@ -252,7 +253,7 @@ def test_traffic_moves_off_a_busy_llama_server(real):
         lock = threading.Lock()
 
         def ask() -> None:
-            c = real.client(real.demo_key)
+            c = real.client(real.demo_key).with_options(timeout=60)
             raw = c.chat.completions.with_raw_response.create(model=model, messages=HI, max_tokens=1)
             with lock:
                 ids.append(raw.headers["x-request-id"])
