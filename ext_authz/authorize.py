@@ -97,9 +97,8 @@ class Authorizer:
             body_bytes=cost.body_bytes,
             max_completion_tokens=cost.max_completion_tokens,
         )
-        future = self._admitter.admit(admission)
         try:
-            verdict = await asyncio.shield(future)
+            verdict = await self._admitter.admit(admission)  # its batch's future: nothing else waits on it
         except asyncio.CancelledError:
             # Envoy gave up on this Check: the request will not run, give back what it got.
             self._admitter.abandon(admission)

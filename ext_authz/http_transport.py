@@ -41,22 +41,18 @@ from typing import Any, Final, cast
 import httptools
 import structlog
 
-from ext_authz.authorize import Authorizer, Outcome
-from ext_authz.key_index import KeyIndex
-from ext_authz.pipeline import SUSPENDED_MESSAGE, Decision
-from ext_authz.servicer import _ATTRIBUTED as ATTRIBUTED
-from ext_authz.servicer import (
-    ALLOW_CACHE_MAX,
-    DECISIONS,
+from ext_authz.answers import (
     FAIRNESS_HEADER,
     HEADERS_TO_REMOVE,
     PRIORITY_HEADER,
     RESERVED_KEY,
+    Answers,
+    names_tenant,
 )
+from ext_authz.authorize import Authorizer, Outcome
 from tessera.clock import Clock
 from tessera.errors import ConfigError
-from tessera.log_sampling import LogSampler
-from tessera.openai_errors import ERRORS, error_json, status_of
+from tessera.openai_errors import error_json, status_of
 from tessera.settings import GrpcSettings
 
 log = structlog.get_logger("ext_authz")
@@ -72,9 +68,6 @@ _HEALTH: Final = HEALTH_PATH.encode()
 _END_EMPTY: Final = b"content-length: 0\r\n\r\n"
 _HEADER_END: Final = b"\r\n\r\n"
 _CLOSE: Final = b"\r\nconnection: close\r\n\r\n"
-
-_ALLOW_COUNT = DECISIONS.labels("allow")
-_DENY_COUNT = {code: DECISIONS.labels(code) for code in ERRORS}
 
 
 def _value(text: str) -> str:
@@ -127,16 +120,6 @@ def deny_response(
     return _framed(_head(http_status, headers), error_json(code, message, param).encode())
 
 
-_FIXED_DENIALS: Final = {
-    (code, message): deny_response(code, message)
-    for code, message in (
-        ("missing_api_key", None),
-        ("invalid_api_key", None),
-        ("invalid_api_key", SUSPENDED_MESSAGE),
-        ("api_key_revoked", None),
-        ("api_key_expired", None),
-    )
-}
 _HEALTHY: Final = _framed(_head(200, [("content-type", "text/plain")]), b"serving\n")
 _UNHEALTHY: Final = _framed(_head(503, [("content-type", "text/plain")]), b"not serving\n")
 _NOT_FOUND: Final = _framed(
@@ -149,62 +132,40 @@ _BAD_REQUEST: Final = _framed(_head(400, [("connection", "close")]))
 _TOO_LARGE: Final = _framed(_head(431, [("connection", "close")]))
 
 
+def _allow_answer(tenant_id: str, key_id: str, priority: int) -> tuple[bytes, bytes]:
+    """(the head to extend with more headers, the whole answer as it is)."""
+    head = allow_head(tenant_id, key_id, priority)
+    return head, head + _END_EMPTY
+
+
 class Responder:
-    """Outcome -> HTTP response bytes; allows cached per (tenant_id, key_id, priority) per index."""
+    """Outcome -> HTTP response bytes (cached and counted by ``ext_authz.answers``)."""
 
     def __init__(self, authorizer: Authorizer, clock: Clock) -> None:
-        self._authorizer = authorizer
-        self._allow_cache: dict[tuple[str, str, int], tuple[bytes, bytes]] = {}
-        self._cached_index: KeyIndex | None = None
-        self._log_sampler = LogSampler(clock=clock)
+        self._answers: Answers[tuple[bytes, bytes], bytes] = Answers(
+            authorizer, clock, allow=_allow_answer, deny=deny_response
+        )
 
     def respond(self, outcome: Outcome, request_id: str) -> bytes:
-        decision = outcome.decision
-        if not decision.allowed:
+        if not outcome.decision.allowed:
             return self._deny(outcome, request_id)
-        _ALLOW_COUNT.inc()
-        if self._cached_index is not self._authorizer.index:
-            # Cached allows depend only on (tenant_id, key_id, priority), so they are never
-            # stale; dropping them per snapshot keeps the cache bounded by its keys.
-            self._cached_index = self._authorizer.index
-            self._allow_cache = {}
-        ident = (decision.tenant_id, decision.key_id, decision.priority)
-        cached = self._allow_cache.get(ident)
-        if cached is None:
-            if len(self._allow_cache) >= ALLOW_CACHE_MAX:  # bounded, whatever the key count
-                self._allow_cache.clear()
-            head = allow_head(*ident)
-            cached = self._allow_cache[ident] = (head, head + _END_EMPTY)
+        head, whole = self._answers.allowed(outcome.decision)
         if not outcome.response_headers and not outcome.reserved:
-            return cached[1]
+            return whole
         extra = list(outcome.response_headers)
         if outcome.reserved:
             extra.append((RESERVED_KEY, "1"))
-        return cached[0] + "".join(f"{k}: {_value(v)}\r\n" for k, v in extra).encode() + _END_EMPTY
+        return head + "".join(f"{k}: {_value(v)}\r\n" for k, v in extra).encode() + _END_EMPTY
 
     def _deny(self, outcome: Outcome, request_id: str) -> bytes:
-        decision: Decision = outcome.decision
-        code = decision.code
-        _DENY_COUNT[code].inc()
-        suppressed = self._log_sampler.admit()
-        if suppressed is not None:  # a flood of bad keys must not become a flood of log lines
-            log.info(
-                "authz_denied",
-                code=code,
-                key_prefix=decision.key_prefix,
-                tenant_id=decision.tenant_id,
-                request_id=request_id,
-                suppressed=suppressed,
-            )
-        attributed = decision.tenant_id and status_of(code) in ATTRIBUTED
-        if not attributed:
-            resp = _FIXED_DENIALS.get((code, decision.message))
-            if resp is not None:
-                return resp
+        fixed = self._answers.refused(outcome, request_id)
+        if fixed is not None:
+            return fixed
+        decision = outcome.decision
         extra = outcome.response_headers
-        if attributed:  # an authenticated tenant's refusal: its usage line (a ledger row) says so
+        if names_tenant(decision):  # an authenticated tenant's refusal: its usage line says so
             extra = (*extra, ("tenant_id", decision.tenant_id), ("key_id", decision.key_id))
-        return deny_response(code, decision.message, decision.param, extra)
+        return deny_response(decision.code, decision.message, decision.param, extra)
 
 
 async def _finish(coro: Coroutine[Any, Any, Outcome], waiting: Any) -> Outcome:

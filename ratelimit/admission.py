@@ -1,15 +1,14 @@
-"""``tessera.admission.v1.AdmissionService``: admissions from ext_authz, settlements from the meter.
+"""``tessera.admission.v1``: a batch of admissions from ext_authz decided, and ``Settle`` (the
+meter's settlements, gRPC) answered.
 
-The only module that sees the admission protos. ``Admit`` is one long-lived stream per
-ext_authz process: its batches are decided in the order they arrive (so a forced admission
-always follows the admission it repeats), each with one counter call for the whole batch.
+The only module that turns admission protos into limiter calls. ``decide_batch`` answers one
+``AdmitBatch`` of the admission stream (``admission_stream.py``) with one counter call.
 ``Settle`` answers UNAVAILABLE when the counters cannot be reached, so the caller keeps the
 batch and tries again.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -66,20 +65,20 @@ def verdict_message(verdict: Verdict) -> admission_pb2.Verdict:
     return out
 
 
+async def decide_batch(limiter: RateLimiter, batch: admission_pb2.AdmitBatch) -> admission_pb2.VerdictBatch:
+    """One batch of ext_authz's admission stream (``admission_stream.py``): one counter call."""
+    BATCH_SIZE.observe(len(batch.admissions))
+    verdicts = await limiter.admit([hit_of(a) for a in batch.admissions])
+    reply = admission_pb2.VerdictBatch(batch=batch.batch)
+    reply.verdicts.extend(verdict_message(v) for v in verdicts)
+    return reply
+
+
 class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
+    """``Settle`` (gRPC: batched and rare); admissions arrive on the frames stream instead."""
+
     def __init__(self, limiter: RateLimiter) -> None:
         self._limiter = limiter
-
-    async def Admit(  # noqa: N802 - the gRPC method name
-        self, request_iterator: AsyncIterator[admission_pb2.AdmitBatch], context: Any
-    ) -> AsyncIterator[admission_pb2.VerdictBatch]:
-        del context
-        async for batch in request_iterator:
-            BATCH_SIZE.observe(len(batch.admissions))
-            verdicts = await self._limiter.admit([hit_of(a) for a in batch.admissions])
-            reply = admission_pb2.VerdictBatch(batch=batch.batch)
-            reply.verdicts.extend(verdict_message(v) for v in verdicts)
-            yield reply
 
     async def Settle(  # noqa: N802 - the gRPC method name
         self, request: admission_pb2.SettleBatch, context: Any

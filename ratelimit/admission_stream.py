@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from ratelimit.admission import BATCH_SIZE, hit_of, verdict_message
+from ratelimit.admission import decide_batch
 from ratelimit.limiter import RateLimiter
 from tessera.admission.v1 import admission_pb2
 from tessera.errors import ConfigError, InvalidArgumentError
@@ -57,10 +57,7 @@ class _Connection(asyncio.Protocol):
     async def _work(self) -> None:
         while self._pending and self._transport is not None:
             batch = admission_pb2.AdmitBatch.FromString(self._pending.popleft())
-            BATCH_SIZE.observe(len(batch.admissions))
-            verdicts = await self._limiter.admit([hit_of(a) for a in batch.admissions])
-            reply = admission_pb2.VerdictBatch(batch=batch.batch)
-            reply.verdicts.extend(verdict_message(v) for v in verdicts)
+            reply = await decide_batch(self._limiter, batch)
             if self._transport is not None:
                 self._transport.write(frame(reply.SerializeToString()))
 

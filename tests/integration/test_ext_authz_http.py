@@ -113,7 +113,8 @@ class FakeAdmitter:
     def release_held(self) -> None:
         self.holding = False
         for future in self.held:
-            future.set_result(self.verdict)
+            if not future.done():  # as the real Admitter: a Check cancelled meanwhile cancelled it
+                future.set_result(self.verdict)
 
     def force(self, admission: admission_pb2.Admission) -> None:
         self.forced.append(admission)

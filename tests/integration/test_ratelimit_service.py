@@ -27,8 +27,10 @@ from structlog.testing import capture_logs
 from ratelimit.app import build_app
 from ratelimit.backends import MemoryCounterBackend
 from ratelimit.settings import RatelimitSettings
+from tessera.admission.v1 import admission_pb2
 from tessera.clock import FakeClock
 from tessera.errors import ConfigError
+from tessera.frames import Frames, frame
 from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
 from tessera.settings import GrpcSettings, MetricsSettings, PolicySettings, RedisSettings
 
@@ -559,3 +561,50 @@ async def test_bad_descriptor_values_are_estimated_not_trusted(start, policy, te
     ok = await ask(stub, descriptor(tenant, request_id="float", max_tokens="64.000000"))
     assert ok.overall_code == OK
     assert headers(ok)["x-ratelimit-remaining-tokens"] == "36"
+
+
+# --- the admission stream (ext_authz's batches, frames over TCP) -------------------------------
+
+
+async def _exchange(port: int, *batches: admission_pb2.AdmitBatch) -> list[admission_pb2.VerdictBatch]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"".join(frame(b.SerializeToString()) for b in batches))
+        replies: list[admission_pb2.VerdictBatch] = []
+        frames = Frames()
+        async with asyncio.timeout(5):
+            while len(replies) < len(batches):
+                data = await reader.read(65536)
+                assert data, "the admission stream closed before answering"
+                replies += [admission_pb2.VerdictBatch.FromString(raw) for raw in frames.feed(data)]
+        return replies
+    finally:
+        writer.close()
+
+
+async def test_admission_stream_decides_batches_in_order_and_drops_a_peer_not_speaking_it(
+    start, policy, tenant
+):
+    app, _, health = await start()
+    policy.snapshot("v1", limit(tenant, n=3))
+    await wait_serving(health)
+
+    def batch(seq: int, *rids: str) -> admission_pb2.AdmitBatch:
+        b = admission_pb2.AdmitBatch(batch=seq)
+        b.admissions.extend(
+            admission_pb2.Admission(request_id=r, tenant_id=tenant, key_id="k1", model="m1") for r in rids
+        )
+        return b
+
+    # A peer that is not speaking the protocol (a length far over the limit) is cut off ...
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.admission_port)
+    writer.write(b"\xff\xff\xff\xff" + b"x" * 64)
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""  # closed, nothing answered
+    writer.close()
+    # ... and decides nothing: two batches sent back to back are answered in order, exactly 3 of 4.
+    first, second = await _exchange(app.admission_port, batch(7, "a", "b"), batch(8, "c", "d"))
+    assert (first.batch, second.batch) == (7, 8)
+    assert [v.allowed for v in (*first.verdicts, *second.verdicts)] == [True, True, True, False]
+    assert second.verdicts[1].code == "rate_limit_exceeded"
+    assert second.verdicts[1].retry_after_seconds >= 1

@@ -5,9 +5,12 @@ Admission: how ext_authz admits requests by the ratelimit service's counters wit
 per-request RPC, and how real usage settles the reservations off the request path
 (ARCHITECTURE §2, §6; docs/request-path.md).
 
-Admit: one long-lived stream per ext_authz process. Each AdmitBatch carries the admissions
+Admissions: one long-lived TCP connection per ext_authz process to the ratelimit service's
+admission port, carrying AdmitBatch frames one way and VerdictBatch frames the other
+(tessera/frames.py: a 4-byte big-endian length, then the message; not a gRPC stream, which
+cost more CPU per message than the work it carried). Each AdmitBatch carries the admissions
 of the Checks that arrived in one event-loop tick; the VerdictBatch with the same `batch`
-answers them, one verdict per admission, in order. Batches may be answered out of order.
+answers them, one verdict per admission, in order.
 
 Settle: the meter (from the usage log, the durable record) and ext_authz (for a Check that
 Envoy abandoned after it was admitted) report how requests ended, in batches. A settle

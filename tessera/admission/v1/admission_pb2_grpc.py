@@ -34,11 +34,6 @@ class AdmissionServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Admit = channel.stream_stream(
-                '/tessera.admission.v1.AdmissionService/Admit',
-                request_serializer=tessera_dot_admission_dot_v1_dot_admission__pb2.AdmitBatch.SerializeToString,
-                response_deserializer=tessera_dot_admission_dot_v1_dot_admission__pb2.VerdictBatch.FromString,
-                _registered_method=True)
         self.Settle = channel.unary_unary(
                 '/tessera.admission.v1.AdmissionService/Settle',
                 request_serializer=tessera_dot_admission_dot_v1_dot_admission__pb2.SettleBatch.SerializeToString,
@@ -49,12 +44,6 @@ class AdmissionServiceStub:
 class AdmissionServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Admit(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Settle(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -64,11 +53,6 @@ class AdmissionServiceServicer:
 
 def add_AdmissionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Admit': grpc.stream_stream_rpc_method_handler(
-                    servicer.Admit,
-                    request_deserializer=tessera_dot_admission_dot_v1_dot_admission__pb2.AdmitBatch.FromString,
-                    response_serializer=tessera_dot_admission_dot_v1_dot_admission__pb2.VerdictBatch.SerializeToString,
-            ),
             'Settle': grpc.unary_unary_rpc_method_handler(
                     servicer.Settle,
                     request_deserializer=tessera_dot_admission_dot_v1_dot_admission__pb2.SettleBatch.FromString,
@@ -84,33 +68,6 @@ def add_AdmissionServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AdmissionService:
     """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Admit(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/tessera.admission.v1.AdmissionService/Admit',
-            tessera_dot_admission_dot_v1_dot_admission__pb2.AdmitBatch.SerializeToString,
-            tessera_dot_admission_dot_v1_dot_admission__pb2.VerdictBatch.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Settle(request,

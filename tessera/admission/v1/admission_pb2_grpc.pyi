@@ -5,9 +5,12 @@ Admission: how ext_authz admits requests by the ratelimit service's counters wit
 per-request RPC, and how real usage settles the reservations off the request path
 (ARCHITECTURE §2, §6; docs/request-path.md).
 
-Admit: one long-lived stream per ext_authz process. Each AdmitBatch carries the admissions
+Admissions: one long-lived TCP connection per ext_authz process to the ratelimit service's
+admission port, carrying AdmitBatch frames one way and VerdictBatch frames the other
+(tessera/frames.py: a 4-byte big-endian length, then the message; not a gRPC stream, which
+cost more CPU per message than the work it carried). Each AdmitBatch carries the admissions
 of the Checks that arrived in one event-loop tick; the VerdictBatch with the same `batch`
-answers them, one verdict per admission, in order. Batches may be answered out of order.
+answers them, one verdict per admission, in order.
 
 Settle: the meter (from the usage log, the durable record) and ext_authz (for a Check that
 Envoy abandoned after it was admitted) report how requests ended, in batches. A settle
@@ -43,23 +46,14 @@ class AdmissionServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AdmissionServiceAsyncStub: ...
-    Admit: _grpc.StreamStreamMultiCallable[_admission_pb2.AdmitBatch, _admission_pb2.VerdictBatch]
     Settle: _grpc.UnaryUnaryMultiCallable[_admission_pb2.SettleBatch, _admission_pb2.SettleReply]
 
 @_typing.type_check_only
 class AdmissionServiceAsyncStub(AdmissionServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Admit: _aio.StreamStreamMultiCallable[_admission_pb2.AdmitBatch, _admission_pb2.VerdictBatch]  # type: ignore[assignment]
     Settle: _aio.UnaryUnaryMultiCallable[_admission_pb2.SettleBatch, _admission_pb2.SettleReply]  # type: ignore[assignment]
 
 class AdmissionServiceServicer(metaclass=_abc_1.ABCMeta):
-    @_abc_1.abstractmethod
-    def Admit(
-        self,
-        request_iterator: _MaybeAsyncIterator[_admission_pb2.AdmitBatch],
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_admission_pb2.VerdictBatch], _abc.AsyncIterator[_admission_pb2.VerdictBatch]]: ...
-
     @_abc_1.abstractmethod
     def Settle(
         self,
