@@ -197,15 +197,18 @@ class Admitter:
     def _disconnected(self) -> None:
         self._transport = None
         CONNECTED.set(0)
+        self._misses = 0  # counted per connection: the next one gets its own
         in_flight, self._in_flight = self._in_flight, {}
+        late, self._late = self._late, OrderedDict()  # their answers cannot arrive any more
         for pending in in_flight.values():
             for future in pending.futures:
                 if not future.done():
                     UNANSWERED.inc()
                     future.set_result(None)
-            # forced admissions not acknowledged: sent again on the next connection (a repeat
-            # that was counted already is recognised by its request id)
-            self._forced.extendleft(reversed(pending.admissions[len(pending.futures) :]))
+        # forced admissions not acknowledged (in flight, or in a batch that expired): sent again
+        # on the next connection (a repeat that was counted already is recognised by its request id)
+        unacknowledged = [p for _, p in sorted({**late, **in_flight}.items())]
+        self._forced.extendleft(reversed([a for p in unacknowledged for a in p.admissions[len(p.futures) :]]))
 
     async def run(self) -> None:
         """Keep the stream open; reconnect with backoff capped at ``reconnect_max_seconds``."""
