@@ -79,6 +79,8 @@ MAX_COUNT: Final = 10**9  # a count (tokens, bytes, ms) beyond this is capped: m
 
 
 def _int(value: Any) -> int | None:
+    if value.__class__ is int:  # the common cases first: a number, or a count as a string
+        return min(value, MAX_COUNT) if value >= 0 else None
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -97,7 +99,7 @@ def _str(value: Any, limit: int = 256) -> str | None:
 def parse(line: str | bytes, default_node: str = "") -> UsageLine | None:
     """A v1 line, or None when it is not one (another version, not JSON, no request id)."""
     try:
-        raw = json.loads(line)
+        raw = json.loads(line.decode() if isinstance(line, bytes) else line)  # str: no encoding sniffing
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(raw, dict) or raw.get("v") != VERSION:

@@ -8,6 +8,8 @@ exact integer; sums are rounded to micros once (``picos_to_micros``). No floats.
 from __future__ import annotations
 
 import bisect
+import functools
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,8 +19,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.admin.convert import rfc3339
-from control_plane.db.models import Limit, Model, OutboxEvent, UsageRecord, UsageRollup
-from control_plane.db.repositories import as_utc, insert_stmt
+from control_plane.db.models import Limit, Model, ModelPrice, OutboxEvent, UsageRecord, UsageRollup
+from control_plane.db.repositories import as_utc, insert_many_new, insert_stmt
 from tessera.clock import calendar_month
 from tessera.usage_line import UsageLine, reserved_tokens
 
@@ -57,19 +59,20 @@ class ModelTerms:
 
 
 async def load_terms(s: AsyncSession) -> dict[str, ModelTerms]:
-    models = (await s.scalars(select(Model))).all()
+    """Every model's prices and token terms (two plain queries: read once per meter batch)."""
+    m, p = Model.__table__.c, ModelPrice.__table__.c
+    prices: dict[int, list[Price]] = {}
+    rows = await s.execute(
+        select(
+            p.model_id, p.id, p.effective_at, p.input_micros, p.output_micros, p.cached_micros, p.currency
+        ).order_by(p.model_id, p.effective_at)
+    )
+    for model_id, *price in rows:
+        prices.setdefault(model_id, []).append(Price(price[0], as_utc(price[1]), *price[2:]))
+    models = await s.execute(select(m.id, m.name, m.default_max_tokens, m.max_max_tokens))
     return {
-        m.name: ModelTerms(
-            tuple(
-                Price(
-                    p.id, as_utc(p.effective_at), p.input_micros, p.output_micros, p.cached_micros, p.currency
-                )
-                for p in m.prices
-            ),
-            m.default_max_tokens or 0,
-            m.max_max_tokens or 0,
-        )
-        for m in models
+        name: ModelTerms(tuple(prices.get(model_id, ())), default or 0, cap or 0)
+        for model_id, name, default, cap in models
     }
 
 
@@ -130,12 +133,18 @@ def record_values(line: UsageLine, terms: dict[str, ModelTerms], now: datetime) 
     }
 
 
+@functools.lru_cache(maxsize=4096)
+def _second(unix: int) -> str:
+    """``rfc3339`` of a whole second, cached: a batch's rows share a few seconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
 def usage_event(row: dict[str, Any]) -> dict[str, Any]:
     """The ``usage.recorded`` outbox event of a ledger row (its id: the row's identity)."""
     payload = {
         "node": row["node"],
         "request_id": row["request_id"],
-        "time": rfc3339(row["time"]),
+        "time": _second(int(row["time"].timestamp())),
         "tenant_id": row["tenant_id"],
         "key_id": row["key_id"],
         "model": row["model"],
@@ -160,6 +169,13 @@ def usage_event(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _by_node(values: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    nodes: dict[str, list[str]] = {}
+    for v in values:
+        nodes.setdefault(v["node"], []).append(v["request_id"])
+    return nodes
+
+
 def bucket(period: str, when: datetime) -> datetime:
     when = as_utc(when)
     if period == "hour":
@@ -172,18 +188,31 @@ _ROLLUP_SUMS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens
 
 
 async def _add_rollups(s: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
-    sums: dict[tuple[str, datetime, str, str, str, str], list[int]] = {}
+    # Summed per hour first (one pass over the rows), then the hours per day.
+    hours: dict[tuple[datetime, str, str, str, str], list[int]] = {}
     for r in rows:
         if r["tenant_id"] is None:
             continue  # refused before anyone was identified: in the ledger, billed to no one
-        amounts = (1, r["prompt_tokens"], r["completion_tokens"], r["cached_tokens"], r["cost_picos"],
-                   int(r["unpriced"]))  # fmt: skip
-        for period in _PERIODS:
-            group = (period, bucket(period, r["time"]), r["tenant_id"], r["key_id"] or "", r["model"] or "",
-                     r["currency"] or "")  # fmt: skip
-            acc = sums.setdefault(group, [0] * len(_ROLLUP_SUMS))
-            for i, v in enumerate(amounts):
-                acc[i] += v
+        group = (r["time"].replace(minute=0, second=0, microsecond=0), r["tenant_id"], r["key_id"] or "",
+                 r["model"] or "", r["currency"] or "")  # fmt: skip
+        acc = hours.get(group)
+        if acc is None:
+            hours[group] = [1, r["prompt_tokens"], r["completion_tokens"], r["cached_tokens"],
+                            r["cost_picos"], int(r["unpriced"])]  # fmt: skip
+        else:
+            acc[0] += 1
+            acc[1] += r["prompt_tokens"]
+            acc[2] += r["completion_tokens"]
+            acc[3] += r["cached_tokens"]
+            acc[4] += r["cost_picos"]
+            acc[5] += r["unpriced"]
+    sums: dict[tuple[str, datetime, str, str, str, str], list[int]] = {}
+    for (hour, tenant, key_id, model, currency), acc in hours.items():
+        sums[("hour", as_utc(hour), tenant, key_id, model, currency)] = acc
+        day_group = ("day", bucket("day", hour), tenant, key_id, model, currency)
+        day = sums.setdefault(day_group, [0] * len(_ROLLUP_SUMS))
+        for i, v in enumerate(acc):
+            day[i] += v
     table = UsageRollup.__table__.c
     for (period, start, tenant, key_id, model, currency), acc in sorted(sums.items()):
         stmt = insert_stmt(s, UsageRollup).values(
@@ -267,18 +296,18 @@ async def ingest(
     if not unique:
         return 0, 0
     values = [record_values(ln, terms, now) for ln in unique.values()]
-    # One statement, many parameter sets: compiled once and cached (a multi-row VALUES would be
-    # compiled anew for every batch), sent in batches by SQLAlchemy's insertmanyvalues.
-    stmt = (
-        insert_stmt(s, UsageRecord)
-        .on_conflict_do_nothing(index_elements=["node", "request_id"])
-        .returning(UsageRecord.node, UsageRecord.request_id)
-    )
-    inserted = {(n, r) for n, r in (await s.execute(stmt, values)).all()}
-    rows = [v for v in values if (v["node"], v["request_id"]) in inserted]
+    # The meter is its node's only writer: the lines of a batch already in the ledger (re-read
+    # after a crash, before its checkpoint) are found by one indexed query, the rest inserted.
+    ledger = UsageRecord.__table__.c
+    seen: set[tuple[str, str]] = set()
+    for node, ids in _by_node(values).items():
+        query = select(ledger.request_id).where(ledger.node == node, ledger.request_id.in_(ids))
+        present = await s.execute(query)
+        seen.update((node, request_id) for (request_id,) in present)
+    rows = [v for v in values if (v["node"], v["request_id"]) not in seen]
+    await insert_many_new(s, UsageRecord.__table__, rows, ["node", "request_id"])
     await _add_rollups(s, rows)
     events = [usage_event(r) for r in rows if r["tenant_id"]]
-    if events:
-        await s.execute(insert_stmt(s, OutboxEvent).on_conflict_do_nothing(index_elements=["id"]), events)
+    await insert_many_new(s, OutboxEvent.__table__, events, ["id"])
     await _budget_events(s, rows, now)
     return len(rows), len(unique) - len(rows)

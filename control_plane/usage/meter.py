@@ -43,7 +43,7 @@ LAG = Gauge("tessera_meter_lag_seconds", "Age of the newest usage line when it w
 LAST_INGEST = Gauge("tessera_meter_last_ingest_timestamp_seconds", "When the meter last committed rows")
 
 MAX_BATCH_BYTES = 1 << 20
-RESERVED_MARK = b'"reserved":"1"'  # Envoy's compact JSON: only these lines are settled
+MAX_PARSED_LINES = 50_000  # lines the settle pass keeps parsed for the ledger (beyond: parsed again)
 ROTATED_QUIET_SECONDS = 60.0  # a rotated file this long unwritten and read to its end goes
 _ID_PROBE = 64 * 1024  # the first line (up to this) names a file, with its device and inode
 
@@ -92,6 +92,13 @@ def complete_lines(data: bytes) -> tuple[list[bytes], int]:
     return [ln for ln in data[:end].split(b"\n") if ln.strip()], end + 1
 
 
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    end: int  # the offset after its last line
+    lines: list[usage_line.UsageLine]
+    invalid: int  # lines that were not v1 usage lines
+
+
 class Meter:
     def __init__(
         self,
@@ -113,6 +120,8 @@ class Meter:
         self._settler = settler
         self._offsets: dict[str, int] | None = None  # this meter is its node's only writer
         self._settle_offsets: dict[str, int] = {}  # file id -> read for settlement up to here
+        self._parsed: dict[tuple[str, int], _Chunk] = {}  # (file id, offset) -> parsed by the settle pass
+        self._parsed_lines = 0
 
     async def _checkpoints(self) -> dict[str, int]:
         """Read once from the database, then kept here: the meter is its node's only writer."""
@@ -134,6 +143,7 @@ class Meter:
             offset = offsets.get(f.file_id, 0)
             if f.size < offset:
                 log.warning("usage_log_truncated", path=str(f.path), offset=offset, size=f.size)
+                self._forget(f.file_id, f.size + 1)
                 offset = 0  # truncated in place: its lines are new (duplicates are dropped anyway)
             while offset < f.size:
                 read, added = await self._ingest_batch(f, offset)
@@ -147,8 +157,9 @@ class Meter:
     async def settle_available(self) -> int:
         """Offer every complete line of an admitted request (``reserved``) not offered yet to
         the settler, ahead of the ledger's slower cadence (a slot frees as soon as its line is
-        read). Only those lines are parsed. After a restart it starts from the checkpoint: a
-        line settled twice changes nothing. Returns the lines offered."""
+        read). The lines parsed here are kept for the ledger's next pass, so each line is parsed
+        once. After a restart it starts from the checkpoint: a line settled twice changes
+        nothing. Returns the lines offered."""
         if self._settler is None:
             return 0
         offered = 0
@@ -158,37 +169,66 @@ class Meter:
             # ledger may have read further meanwhile, and those lines still need settling.
             offset = self._settle_offsets.get(f.file_id, checkpoints.get(f.file_id, 0))
             if f.size < offset:
+                self._forget(f.file_id, f.size + 1)
                 offset = 0  # truncated in place
             while offset < f.size:
-                try:
-                    with f.path.open("rb") as fh:
-                        data = os.pread(fh.fileno(), MAX_BATCH_BYTES, offset)
-                except OSError:
+                chunk = self._read(f, offset)
+                if chunk is None:
                     break
-                raw, span = complete_lines(data)
-                if span == 0:
-                    break
-                lines = [usage_line.parse(ln, self._node) for ln in raw if RESERVED_MARK in ln]
-                self._settler.offer(ln for ln in lines if ln is not None)
-                offered += len(lines)
-                offset += span
+                reserved = [ln for ln in chunk.lines if ln.reserved]
+                self._settler.offer(reserved)
+                offered += len(reserved)
+                if self._parsed_lines < MAX_PARSED_LINES:
+                    self._parsed[(f.file_id, offset)] = chunk
+                    self._parsed_lines += len(chunk.lines)
+                offset = chunk.end
             self._settle_offsets[f.file_id] = offset
         return offered
 
-    async def _ingest_batch(self, f: LogFile, offset: int) -> tuple[int, int]:
+    def _read(self, f: LogFile, offset: int) -> _Chunk | None:
+        """The complete lines from ``offset`` (up to ``MAX_BATCH_BYTES``), parsed; None when
+        there are none yet or the path now names another file."""
         try:
             with f.path.open("rb") as fh:
                 found = _file_id(fh.fileno())
                 if found is None or found[0] != f.file_id:
-                    return 0, 0  # the name now holds another file (rotated meanwhile): next pass
+                    return None  # the name now holds another file (rotated meanwhile): next pass
                 data = os.pread(fh.fileno(), MAX_BATCH_BYTES, offset)
         except OSError:
-            return 0, 0
+            return None
         raw, span = complete_lines(data)
         if span == 0:
-            return 0, 0
+            return None
         parsed = [usage_line.parse(line, self._node) for line in raw]
         lines = [p for p in parsed if p is not None]
+        return _Chunk(offset + span, lines, len(parsed) - len(lines))
+
+    def _take(self, f: LogFile, offset: int) -> _Chunk | None:
+        """Lines from ``offset``: those the settle pass parsed (consecutive chunks joined, up to
+        ``MAX_BATCH_BYTES``), else read and parsed now."""
+        chunk = self._parsed.pop((f.file_id, offset), None)
+        if chunk is None:
+            return self._read(f, offset)
+        self._parsed_lines -= len(chunk.lines)
+        while chunk.end - offset < MAX_BATCH_BYTES:
+            nxt = self._parsed.pop((f.file_id, chunk.end), None)
+            if nxt is None:
+                break
+            self._parsed_lines -= len(nxt.lines)
+            chunk = _Chunk(nxt.end, chunk.lines + nxt.lines, chunk.invalid + nxt.invalid)
+        return chunk
+
+    def _forget(self, file_id: str, before: int) -> None:
+        """Drop parsed chunks of ``file_id`` that start before ``before`` (read past, or truncated)."""
+        for key in [k for k in self._parsed if k[0] == file_id and k[1] < before]:
+            self._parsed_lines -= len(self._parsed.pop(key).lines)
+
+    async def _ingest_batch(self, f: LogFile, offset: int) -> tuple[int, int]:
+        chunk = self._take(f, offset)
+        if chunk is None:
+            return 0, 0
+        lines, span = chunk.lines, chunk.end - offset
+        self._forget(f.file_id, chunk.end)
         now = datetime.now(UTC)
         try:
             async with self._sessionmaker.begin() as s:
@@ -203,13 +243,13 @@ class Meter:
             self._offsets[f.file_id] = offset + span
         LINES.labels("inserted").inc(added)
         LINES.labels("duplicate").inc(dupes)
-        LINES.labels("invalid").inc(len(parsed) - len(lines))
+        LINES.labels("invalid").inc(chunk.invalid)
         LAST_INGEST.set(time.time())
         if lines:
             newest = max(ln.start_time + timedelta(milliseconds=ln.duration_ms) for ln in lines)
             LAG.set(max(0.0, (now - newest).total_seconds()))
-        if len(parsed) != len(lines):
-            log.warning("usage_lines_unreadable", count=len(parsed) - len(lines), path=str(f.path))
+        if chunk.invalid:
+            log.warning("usage_lines_unreadable", count=chunk.invalid, path=str(f.path))
         log.debug("usage_ingested", inserted=added, duplicates=dupes, path=str(f.path), offset=offset + span)
         return span, added
 

@@ -8,6 +8,7 @@ the e2e tests check the real Envoy's lines)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -15,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from aiohttp import web
 from sqlalchemy import delete, func, select
@@ -34,7 +36,9 @@ from control_plane.db.models import (
 from control_plane.usage import invoices
 from control_plane.usage.ledger import picos_to_micros
 from control_plane.usage.meter import Meter
+from control_plane.usage.settler import Settler
 from tessera import usage_line
+from tessera.admission.v1 import admission_pb2, admission_pb2_grpc
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.asyncio
@@ -149,6 +153,78 @@ async def test_each_complete_line_counts_once_through_crashes_partial_lines_and_
             )
         )
     assert (hour, day) == (9, 90)
+
+
+class RecordingSettle(admission_pb2_grpc.AdmissionServiceServicer):
+    """The ratelimit service's Settle, as far as the meter can tell: it records what it is sent."""
+
+    def __init__(self) -> None:
+        self.request_ids: list[str] = []
+
+    async def Settle(self, request: Any, _context: Any) -> Any:  # noqa: N802 - the gRPC method name
+        self.request_ids.extend(u.request_id for u in request.usages)
+        return admission_pb2.SettleReply(settled=len(request.usages))
+
+
+async def test_lines_read_for_settlement_reach_the_ledger_once_through_partial_lines_truncation_and_rotation(
+    sessionmaker, tmp_path
+):
+    """The settle pass reads ahead of the ledger and hands it the lines it parsed: every
+    reserved line is settled, every line reaches the ledger exactly once, whatever the
+    interleaving of settle passes, ledger passes, partial writes, truncation and rotation."""
+    recorder = RecordingSettle()
+    server = grpc.aio.server()
+    admission_pb2_grpc.add_AdmissionServiceServicer_to_server(recorder, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    settler = Settler(f"127.0.0.1:{port}")
+    sending = asyncio.create_task(settler.run())
+    node = f"node-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "access.log"
+    async with sessionmaker.begin() as s:
+        tenant = await _tenant(s)
+    ok = {"tenant_id": tenant, "key_id": "k1", "prompt_tokens": "10", "completion_tokens": "5"}
+
+    def reserved(i: int) -> str:
+        return line(f"r{i}", node=node, reserved="1", **ok)
+
+    try:
+        meter = Meter(sessionmaker, log, "fallback", settler=settler)
+        _write(log, reserved(0), line("plain1", node=node, **ok), reserved(1))
+        _write(log, reserved(2)[:30], end="")  # mid-write
+        assert await meter.settle_available() == 2
+        _write(log, reserved(2)[30:])
+        _write(log, "not json")
+        assert await meter.settle_available() == 1
+        _write(log, reserved(3))
+        assert await meter.ingest_available() == 5  # two settle chunks joined, one read afresh
+        assert await meter.settle_available() == 1  # r3, which the ledger read first
+        assert await meter.ingest_available() == 0
+
+        # Truncated in place and rewritten: the new lines count, nothing stale is reused.
+        log.write_text("")
+        _write(log, reserved(4), reserved(5))
+        assert await meter.settle_available() == 2
+        assert await meter.ingest_available() == 2
+
+        # Rotated: the settle pass reads both files; the ledger takes each line once.
+        _write(log, reserved(6))
+        assert await meter.settle_available() == 1
+        log.rename(tmp_path / "access.log.1")
+        _write(tmp_path / "access.log.1", reserved(7))
+        _write(log, reserved(8))
+        assert await meter.settle_available() == 2
+        assert await meter.ingest_available() == 3
+
+        ids = sorted(r.request_id for r in await _rows(sessionmaker, node))
+        assert ids == sorted(["plain1", *(f"r{i}" for i in range(9))])
+        deadline = time.monotonic() + 5
+        while len(recorder.request_ids) < 9 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert sorted(recorder.request_ids) == [f"r{i}" for i in range(9)]  # reserved lines only, once
+    finally:
+        sending.cancel()
+        await server.stop(0)
 
 
 async def test_lines_without_a_node_take_the_meters_and_bad_lines_are_skipped(sessionmaker, tmp_path):
