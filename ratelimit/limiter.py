@@ -9,12 +9,13 @@ pipeline); ``settle_many`` replaces a batch's reservations by their real usage.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
 import structlog
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from ratelimit.backends.base import (
     BUDGET,
@@ -76,6 +77,15 @@ _SHADOW_OVER = DECISIONS.labels("shadow_over_limit")
 
 FAIL_CLOSED_RETRY_SECONDS = 1.0
 RECENT_MAX: Final = 100_000  # request ids remembered, so a forced admission never counts twice
+UNCOUNTED_MAX: Final = 100_000  # fail-open admissions waiting for the counters to come back
+UNCOUNTED = Gauge(
+    "tessera_ratelimit_uncounted_admissions",
+    "Requests admitted fail-open while the counters were unreachable, not counted yet",
+)
+UNCOUNTED_LOST = Counter(
+    "tessera_ratelimit_uncounted_dropped_total",
+    "Fail-open admissions dropped uncounted (the backlog was full)",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +182,9 @@ class RateLimiter:
         self._bytes_per_token = max(1, prompt_bytes_per_token)
         self._month_cache = (0, 0.0, 0.0)  # (id, start, end) of the calendar month last seen
         self._recent: dict[str, bool] = {}  # request id -> admitted (insertion ordered, bounded)
+        # Admitted fail-open while the counters failed: counted (forced) by the next backend call
+        # that reaches them, before anything else in it, so their settles find them held.
+        self._uncounted: deque[AcquireCall] = deque()
 
     def replace(self, snapshot: LimitSnapshot) -> None:
         """Swap the whole snapshot; requests in flight keep the one they started with."""
@@ -226,13 +239,53 @@ class RateLimiter:
         if not plans:
             _OK.inc(len(hits))
             return verdicts
+        backlog = self._take_uncounted()
         started = time.perf_counter()
-        results = await self._backend.acquire_many([p.call for p in plans], lease_seconds=self._lease)
+        results = await self._backend.acquire_many(
+            [*backlog, *(p.call for p in plans)], lease_seconds=self._lease
+        )
         BACKEND_SECONDS.observe(time.perf_counter() - started)
-        for plan, result in zip(plans, results, strict=True):
-            verdicts[plan.position] = self._verdict(hits[plan.position], plan, result, month[2] - now)
+        self._counted(backlog, results[: len(backlog)])
+        for plan, result in zip(plans, results[len(backlog) :], strict=True):
+            verdict = self._verdict(hits[plan.position], plan, result, month[2] - now)
+            if verdict.allowed and isinstance(result, StorageError):
+                self._count_later(plan.call)
+            verdicts[plan.position] = verdict
         _OK.inc(len(hits) - len(plans))
         return verdicts
+
+    def _count_later(self, call: AcquireCall) -> None:
+        """A request admitted fail-open by the counters' outage: counted once they answer."""
+        if len(self._uncounted) >= UNCOUNTED_MAX:
+            self._uncounted.popleft()
+            UNCOUNTED_LOST.inc()
+        self._uncounted.append(AcquireCall(call.counters, call.request_id, force=True))
+        UNCOUNTED.set(len(self._uncounted))
+
+    def _take_uncounted(self) -> list[AcquireCall]:
+        """The whole backlog, taken: a concurrent batch does not count it a second time."""
+        taken = list(self._uncounted)
+        self._uncounted.clear()
+        return taken
+
+    def _counted(self, backlog: list[AcquireCall], results: Sequence[Acquisition | StorageError]) -> None:
+        """Put back, first in line, what the backend could not count yet."""
+        failed = [call for call, r in zip(backlog, results, strict=True) if isinstance(r, StorageError)]
+        self._uncounted.extendleft(reversed(failed))
+        UNCOUNTED.set(len(self._uncounted))
+
+    async def count_uncounted(self) -> None:
+        """Count the fail-open backlog now (before settling: a settle only replaces what is held).
+        Raises StorageError while the counters are still unreachable."""
+        backlog = self._take_uncounted()
+        if not backlog:
+            return
+        results = await self._backend.acquire_many(backlog, lease_seconds=self._lease)
+        self._counted(backlog, results)
+        error = next((r for r in results if isinstance(r, StorageError)), None)
+        if error is not None:
+            BACKEND_ERRORS.inc()
+            raise error
 
     def _plan(
         self, position: int, hit: Hit, limits: tuple[RequestLimit, ...], month: tuple[int, float, float]
@@ -294,6 +347,7 @@ class RateLimiter:
         calls = [SettleCall(found, u.request_id) for u in usages if (found := self._settlements(u))]
         if not calls:
             return 0
+        await self.count_uncounted()
         error = await self._backend.settle_many(calls, lease_seconds=self._lease)
         if error is not None:
             BACKEND_ERRORS.inc()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from ratelimit.backends import MemoryCounterBackend
 from ratelimit.limiter import Hit, RateLimiter, Usage
 from ratelimit.limits import snapshot_from_policy
 from tessera.clock import FakeClock
+from tessera.errors import StorageError
 from tessera.policy.v1 import policy_pb2
 
 NOV_30_2300 = datetime(2026, 11, 30, 23, 0, tzinfo=UTC).timestamp()
@@ -203,3 +206,77 @@ async def test_a_settle_after_the_lease_ended_the_reservation_changes_nothing():
     await rl.settle(Usage("t1", "k1", "m", "a", prompt_tokens=10, completion_tokens=10))  # too late
     (c,) = await rl.admit([hit("c", 1)])
     assert c.outcomes[0][0].remaining == 38  # a's late settlement changed nothing
+
+
+class OutageBackend(MemoryCounterBackend):
+    """Memory counters that can be made unreachable, like a Redis outage."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.down = False
+
+    async def acquire_many(self, calls, **kwargs):
+        if self.down:
+            return [StorageError("redis unavailable", transient=True)] * len(calls)
+        return await super().acquire_many(calls, **kwargs)
+
+    async def settle_many(self, calls, **kwargs):
+        if self.down:
+            return StorageError("redis unavailable", transient=True)
+        return await super().settle_many(calls, **kwargs)
+
+
+def with_outage(clock: FakeClock, *limits: policy_pb2.Limit) -> tuple[RateLimiter, OutageBackend]:
+    backend = OutageBackend(clock)
+    snapshot = snapshot_from_policy("v", [policy_pb2.Resource(limit=lim) for lim in limits])
+    return RateLimiter(backend, snapshot, clock=clock), backend
+
+
+async def test_requests_admitted_fail_open_during_an_outage_are_counted_once_it_ends():
+    clock = FakeClock()
+    rl, backend = with_outage(clock, lim(policy_pb2.Limit.TOKENS, 100, 0))
+    backend.down = True
+    a, b = await rl.admit([hit("a", 30), hit("b", 30)])
+    assert (a.allowed, a.degraded, a.reserved) == (True, True, True)  # fail-open: admitted, to settle
+    assert b.allowed
+    # a ends while the counters are still down: its settle fails (the meter retries it).
+    with pytest.raises(StorageError):
+        await rl.settle_many([Usage("t1", "k1", "m", "a", prompt_tokens=5, completion_tokens=5)])
+    backend.down = False
+    # The first call that reaches the counters counts a and b first: 100 - 30 - 30 - 1 = 39.
+    (probe,) = await rl.admit([hit("p", 1)])
+    assert probe.outcomes[0][0].remaining == 39
+    # a's settle, retried, now finds its reservation held and replaces it (30 -> 10).
+    await rl.settle_many([Usage("t1", "k1", "m", "a", prompt_tokens=5, completion_tokens=5)])
+    (probe2,) = await rl.admit([hit("p2", 1)])
+    assert probe2.outcomes[0][0].remaining == 100 - 10 - 30 - 1 - 1
+    # Counted once: nothing is replayed again.
+    (probe3,) = await rl.admit([hit("p3", 1)])
+    assert probe3.outcomes[0][0].remaining == 100 - 10 - 30 - 1 - 1 - 1
+
+
+async def test_a_slot_taken_fail_open_during_an_outage_is_free_after_its_settle():
+    clock = FakeClock()
+    rl, backend = with_outage(clock, lim(policy_pb2.Limit.CONCURRENCY, 1, 0))
+    backend.down = True
+    (a,) = await rl.admit([hit("a")])
+    assert (a.allowed, a.degraded) == (True, True)
+    backend.down = False
+    # The settle is the first call to reach the counters: a is counted first, then freed, so
+    # the tenant's one slot is not held for the lease.
+    await rl.settle_many([Usage("t1", "k1", "m", "a", prompt_tokens=1, completion_tokens=1)])
+    (b,) = await rl.admit([hit("b")])
+    assert (b.allowed, b.degraded) == (True, False)
+    (c,) = await rl.admit([hit("c")])
+    assert not c.allowed  # b holds the one slot: counting works again
+
+
+async def test_a_fail_closed_limit_refuses_during_an_outage_and_counts_nothing_later():
+    clock = FakeClock()
+    rl, backend = with_outage(clock, lim(policy_pb2.Limit.REQUESTS, 2, 60, fail_closed=True))
+    backend.down = True
+    (a,) = await rl.admit([hit("a")])
+    assert not a.allowed
+    backend.down = False
+    x, y, z = await rl.admit([hit("x"), hit("y"), hit("z")])
+    assert [v.allowed for v in (x, y, z)] == [True, True, False]  # the refused one took nothing
