@@ -345,6 +345,28 @@ def test_after_a_redis_restart_under_load_a_request_limit_is_exact_again_at_once
         redis.wait()
 
 
+@pytest.mark.redis
+def test_requests_admitted_fail_open_while_redis_is_down_are_counted_once_it_is_back(tmp_path):
+    port = free_port()
+    redis = _redis_server(port, tmp_path)
+    stack = start_stack(tmp_path / "stack", "--redis", f"redis://127.0.0.1:{port}/0")
+    try:
+        _, key = tenant(stack, ["--kind", "requests", "--window", "minute", "--limit", "20"])
+        body = {"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+        redis.send_signal(signal.SIGKILL)
+        redis.wait()
+        # the limit fails open (its default): served while nothing can count them...
+        assert [post(stack, key, body)[0] for _ in range(5)] == [200] * 5
+        redis = _redis_server(port, tmp_path)
+        # ...and counted as soon as Redis answers again: 15 of the minute's 20 are left
+        codes = [post(stack, key, body)[0] for _ in range(20)]
+        assert (codes.count(200), codes.count(429)) == (15, 5), codes
+    finally:
+        stop_stack(stack)
+        redis.kill()
+        redis.wait()
+
+
 def _pin_to_one_core(stack: Stack) -> None:
     """Every process of the stack (and every thread of each) on CPU 0."""
     pids = [stack.proc.pid, *stack.endpoints()["pids"].values()]
