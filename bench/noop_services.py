@@ -4,6 +4,9 @@
 A one-process ``grpc.aio`` server on xds-protos (upb) stubs, like the real service, returning
 one prebuilt response: what is left is the gRPC + asyncio cost per call.
 
+``python -m bench.noop_services authz-sync --port N``: the same on grpcio's sync server (a pool of
+``SYNC_THREADS`` threads, like ext_authz's default ``TESSERA_GRPC_SERVER=sync``).
+
 ``python -m bench.noop_services authz-http --port N``: Envoy's HTTP ext_authz (``http_service``)
 always answered ``200 OK`` with ``x-tenant-id: t1``. An ``asyncio.Protocol`` parsing with
 ``httptools`` on ``uvloop`` (each falls back to the stdlib when not importable: a minimal
@@ -19,16 +22,24 @@ import asyncio
 import signal
 from typing import Any
 
+SYNC_THREADS = 64  # ext_authz's default TESSERA_GRPC_SERVER_THREADS
 _HTTP_ALLOW = b"HTTP/1.1 200 OK\r\nx-tenant-id: t1\r\ncontent-length: 0\r\n\r\n"
 
 
-def _grpc_server() -> Any:
-    import grpc  # noqa: PLC0415
-    from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc  # noqa: PLC0415
+def _allow() -> Any:
+    from envoy.service.auth.v3 import external_auth_pb2  # noqa: PLC0415
 
     allow = external_auth_pb2.CheckResponse()
     allow.status.code = 0  # google.rpc.Code.OK
     allow.ok_response.SetInParent()
+    return allow
+
+
+def _grpc_server() -> Any:
+    import grpc  # noqa: PLC0415
+    from envoy.service.auth.v3 import external_auth_pb2_grpc  # noqa: PLC0415
+
+    allow = _allow()
 
     class NoopAuthz(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
         async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802, ARG002
@@ -37,6 +48,32 @@ def _grpc_server() -> Any:
     server = grpc.aio.server()
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthz(), server)
     return server
+
+
+def serve_sync(port: int) -> None:
+    """grpcio's sync server until SIGTERM/SIGINT."""
+    import threading  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    import grpc  # noqa: PLC0415
+    from envoy.service.auth.v3 import external_auth_pb2_grpc  # noqa: PLC0415
+
+    allow = _allow()
+
+    class NoopAuthz(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+        def Check(self, request: Any, context: Any) -> Any:  # noqa: N802, ARG002
+            return allow
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=SYNC_THREADS))
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthz(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    print(f"noop authz-sync (grpcio sync server, {SYNC_THREADS} threads) listening on {port}", flush=True)
+    stopping.wait()
+    server.stop(0.5).wait()
 
 
 class _HttptoolsAuthz(asyncio.Protocol):
@@ -112,11 +149,14 @@ async def serve(kind: str, port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench.noop_services")
-    parser.add_argument("kind", choices=["authz", "authz-http"])
+    parser.add_argument("kind", choices=["authz", "authz-sync", "authz-http"])
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     if args.kind == "authz":  # grpc.aio on the default loop, like the real gRPC services
         asyncio.run(serve(args.kind, args.port))
+        return
+    if args.kind == "authz-sync":
+        serve_sync(args.port)
         return
     try:
         import uvloop  # noqa: PLC0415

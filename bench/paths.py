@@ -2,8 +2,9 @@
 
 (a) upstream   - the upstream Envoy itself (``direct_response``), hit directly
 (b) plain      - static Envoy proxy -> (a)
-(c1-grpc) / (c1-http) - static Envoy + ONE no-op Python ext_authz (grpc.aio / asyncio.Protocol
-    + httptools on uvloop) -> (a): the one-callout floor on each transport
+(c1-grpc) / (c1-grpc-sync) / (c1-http) - static Envoy + ONE no-op Python ext_authz (grpc.aio /
+    grpcio's sync server / asyncio.Protocol + httptools on uvloop) -> (a): the one-callout floor on
+    each transport and gRPC server mode
 (d) tessera    - ``tessera up`` with an API key; model ``bench`` routed to (a)
 (d-http) - the same over ``tessera up --authz-transport http`` (when that option exists)
 (e) tessera-jwt - the same stack as (d), the bearer a JWT from ``POST /oauth/token``
@@ -105,20 +106,28 @@ def start_plain(workdir: Path, upstream: Target) -> Target:
     return target
 
 
+_FLOORS = {  # transport -> (no-op service, Envoy's ext_authz protocol, path name, Envoy base id)
+    "grpc": ("authz", "grpc", "c1g", 9103),
+    "grpc-sync": ("authz-sync", "grpc", "c1s", 9105),
+    "http": ("authz-http", "http", "c1h", 9104),
+}
+
+
 def start_authz_floor(workdir: Path, upstream: Target, transport: str) -> Target:
-    """Path (c1-<transport>): static Envoy + one no-op Python ext_authz callout."""
+    """Path (c1-<transport>): static Envoy + one no-op Python ext_authz callout; ``grpc`` on
+    grpc.aio, ``grpc-sync`` on grpcio's sync server, ``http`` on asyncio + httptools."""
     port, authz_port, admin_port = free_port(), free_port(), free_port()
     upstream_port = int(upstream.base_url.rsplit(":", 1)[1])
-    service = "authz" if transport == "grpc" else "authz-http"
+    service, protocol, name, base_id = _FLOORS[transport]
     authz = spawn(
         [sys.executable, "-m", "bench.noop_services", service, "--port", str(authz_port)],
         workdir / f"noop-{service}.log",
     )
-    config = envoy_configs.authz_proxy(port, upstream_port, authz_port, transport, admin_port)
-    proc = _envoy(f"floor-{transport}", config, workdir, base_id=9103 if transport == "grpc" else 9104)
+    config = envoy_configs.authz_proxy(port, upstream_port, authz_port, protocol, admin_port)
+    proc = _envoy(f"floor-{transport}", config, workdir, base_id=base_id)
     pids = {"envoy": proc.pid, "ext_authz": authz.pid, "upstream": upstream.pids["upstream"]}
     title = f"(c1-{transport}) one-callout floor"
-    target = Target(f"c1{transport[0]}", title, f"http://{HOST}:{port}", pids)
+    target = Target(name, title, f"http://{HOST}:{port}", pids)
     target.envoy_admin = f"http://{HOST}:{admin_port}"
     target.stoppers += [lambda: stop(authz), lambda: stop(proc)]
     _ready(target.base_url)  # 200 only once the no-op service answers (fails closed)
@@ -206,7 +215,7 @@ def start_tessera(workdir: Path, upstream: Target, *, request_limit: int, transp
     ``http`` is path (d-http), ``tessera up --authz-transport http``."""
     extra: tuple[str, ...] = ()
     if transport == "grpc":
-        target = Target("d", "(d) Tessera, API key", "", {}, floor="c1g")
+        target = Target("d", "(d) Tessera, API key", "", {}, floor="c1s")
         stack = TesseraStack(workdir)
     else:
         target = Target("dh", "(d-http) Tessera, API key", "", {}, floor="c1h")
@@ -222,7 +231,7 @@ def start_tessera(workdir: Path, upstream: Target, *, request_limit: int, transp
 def start_tessera_one_core(workdir: Path, upstream: Target, *, limit: int, core: int = 0) -> Target:
     """Path (g): the whole stack pinned to one core (``taskset``; children inherit it), request and
     token limits on memory://; the load generator is pinned to another core."""
-    target = Target("g", "(g) Tessera, one core", "", {}, floor="c1g")
+    target = Target("g", "(g) Tessera, one core", "", {}, floor="c1s")
     others = sorted(os.sched_getaffinity(0) - {core}) or [core]
     target.client_prefix = ["taskset", "-c", ",".join(map(str, others))]
     limits = [
@@ -248,7 +257,7 @@ def start_tessera_redis(
 ) -> Target:
     """Path (f): a second stack with its counters in Redis and the tenant under a request
     limit and a token limit, both reserved at request time and the tokens settled at stream end."""
-    target = Target("f", "(f) Tessera, limits on redis://", "", {}, floor="c1g")
+    target = Target("f", "(f) Tessera, limits on redis://", "", {}, floor="c1s")
     limits = [
         ["--kind", "requests", "--window", "minute", "--limit", str(limit)],
         ["--kind", "tokens", "--window", "minute", "--limit", str(limit)],
@@ -319,7 +328,7 @@ def start_tessera_jwt(tessera: Target) -> Target:
     with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
         token = str(json.loads(resp.read())["access_token"])
     _wait_allowed(tessera.base_url, token)
-    target = Target("e", "(e) Tessera, JWT", tessera.base_url, dict(tessera.pids), key=token, floor="c1g")
+    target = Target("e", "(e) Tessera, JWT", tessera.base_url, dict(tessera.pids), key=token, floor="c1s")
     target.envoy_admin = tessera.envoy_admin
     target.notes.append("same stack as (d); bearer = JWT (ES256, jwt_authn + ext_authz key-id lookup)")
     return target

@@ -159,6 +159,7 @@ def _start_paths(
     targets.append(upstream)
     targets.append(paths.start_plain(workdir, upstream))
     targets.append(paths.start_authz_floor(workdir, upstream, "grpc"))
+    targets.append(paths.start_authz_floor(workdir, upstream, "grpc-sync"))
     targets.append(paths.start_authz_floor(workdir, upstream, "http"))
     print("bench: starting tessera up ...", flush=True)
     tessera = paths.start_tessera(workdir, upstream, request_limit=request_limit)

@@ -17,6 +17,7 @@ from ext_authz.http_transport import start_http_server
 from ext_authz.key_index import key_index_from_policy
 from ext_authz.servicer import ExtAuthzServicer
 from ext_authz.settings import ExtAuthzSettings
+from ext_authz.sync_grpc import start_sync_server
 from tessera.clock import SYSTEM_CLOCK, Clock
 from tessera.errors import ConfigError
 from tessera.grpc_server import start_server
@@ -71,6 +72,10 @@ async def _start_transport(settings: ExtAuthzSettings, authorizer: Authorizer, c
     if settings.transport == "http":
         return await start_http_server(settings.grpc, authorizer, clock, reuse_port=reuse_port)
     servicer = ExtAuthzServicer(authorizer, clock)
+    if settings.grpc_server == "sync":
+        return start_sync_server(
+            settings.grpc, servicer, SERVICE_NAME, threads=settings.grpc_server_threads, reuse_port=reuse_port
+        )
     return await start_server(
         settings.grpc,
         [lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s)],

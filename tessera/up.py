@@ -245,6 +245,8 @@ class Stack:
                 self._env(
                     {
                         "TESSERA_TRANSPORT": self.authz_transport,
+                        # the gRPC server mode (TESSERA_GRPC_SERVER, _THREADS), when set
+                        **{k: v for k, v in os.environ.items() if k.startswith("TESSERA_GRPC_SERVER")},
                         "TESSERA_GRPC__PORT": str(port),
                         # Worker i serves metrics on base + i; only the base is listed.
                         "TESSERA_METRICS__PORT": str(metrics if self.authz_workers == 1 else 0),

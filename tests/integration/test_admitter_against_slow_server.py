@@ -453,3 +453,67 @@ async def test_a_new_connection_is_not_dropped_for_the_misses_of_the_old_one(
     assert len(stream.connections) == 2
     stream.mode = Mode.ANSWER
     assert (await verdict_of(admitter, "back")).allowed
+
+
+# --- 6. a Check Envoy gives up on, through the whole ext_authz app (both gRPC server modes) ---
+
+
+@pytest.mark.parametrize("grpc_server", ["aio", "sync"])
+async def test_a_check_cancelled_by_envoy_gives_its_late_reservation_back(
+    grpc_server: str,
+    tmp_path: Any,
+    stream: SlowAdmissionServer,
+    settle: tuple[RecordingAdmissionServicer, str],
+    limiter: RateLimiter,
+) -> None:
+    """Envoy's ext_authz timeout ends the Check while its admission waits: the request never
+    runs, so the reservation that lands afterwards is released, on grpc.aio and on the sync
+    server's threads alike; the tenant's one slot is free again."""
+    from envoy.service.auth.v3 import external_auth_pb2_grpc  # noqa: PLC0415
+
+    from ext_authz.app import build_app  # noqa: PLC0415
+    from tests.integration import test_ext_authz_service as svc  # noqa: PLC0415
+
+    policy = svc.FakePolicyServer()
+    policy_grpc = grpc.aio.server()
+    svc.policy_pb2_grpc.add_PolicyServiceServicer_to_server(policy, policy_grpc)
+    policy_port = policy_grpc.add_insecure_port("127.0.0.1:0")
+    await policy_grpc.start()
+    pepper = tmp_path / "pepper"
+    pepper.write_bytes(svc.PEPPER)
+    pepper.chmod(0o600)
+    settings = svc.make_settings(
+        tmp_path,
+        pepper,
+        policy_port,
+        grpc_server=grpc_server,
+        admission=AdmissionSettings(url=settle[1], stream_url=f"127.0.0.1:{stream.port}", timeout_seconds=5),
+    )
+    app = await build_app(settings)
+    try:
+        await asyncio.wait_for(policy.subscribed.wait(), 5)
+        snapshot = svc.full_snapshot()
+        limit = policy_pb2.Limit(id="C-t1", tenant_id="t1", kind=policy_pb2.Limit.CONCURRENCY, limit=1)
+        snapshot.upserts.append(policy_pb2.Resource(limit=limit))
+        policy.push(snapshot)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            await svc.wait_health(channel, svc.SERVING)
+            connected = "tessera_authz_admission_connected"
+            await eventually(lambda: REGISTRY.get_sample_value(connected) == 1, "the admission stream opened")
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            stream.mode = Mode.HOLD
+            bearer = {"authorization": f"Bearer {svc.KEY}"}
+            request = svc.check_request({**bearer, "x-request-id": "gone"}, "demo")
+            with pytest.raises(grpc.aio.AioRpcError) as cancelled:
+                await stub.Check(request, timeout=0.3)  # Envoy's timeout, shorter than the admission's
+            assert cancelled.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await eventually(lambda: stream.connections[-1].admissions, "the admission was sent")
+            stream.gate.set()  # its verdict (a reservation of the slot) lands now, too late
+            await eventually(lambda: settle[0].released("gone"), "the late reservation was released")
+            stream.mode = Mode.ANSWER
+            again = svc.check_request({**bearer, "x-request-id": "next"}, "demo")
+            answer = await stub.Check(again, timeout=5)
+            assert answer.status.code == 0, "the tenant's one slot is free again"
+    finally:
+        await app.stop()
+        await policy_grpc.stop(0)

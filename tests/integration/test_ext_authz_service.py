@@ -149,9 +149,10 @@ def make_settings(tmp_path, pepper_file, policy_port, **overrides) -> ExtAuthzSe
     return ExtAuthzSettings(_secrets_dir=tmp_path, **values)
 
 
-@pytest.fixture
-async def app(tmp_path, pepper_file, policy_server):
-    app = await build_app(make_settings(tmp_path, pepper_file, policy_server.port))
+@pytest.fixture(params=["aio", "sync"])
+async def app(request, tmp_path, pepper_file, policy_server):
+    """Each test on both gRPC server modes: grpc.aio, and grpcio's sync server (threads)."""
+    app = await build_app(make_settings(tmp_path, pepper_file, policy_server.port, grpc_server=request.param))
     yield app
     await app.stop()
 
