@@ -47,10 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
 
     up = sub.add_parser("up", parents=[g], help="run the whole stack (Envoy + services) under one supervisor")
-    up.add_argument("--db", help="database URL (default: SQLite in the data dir)")
     up.add_argument(
-        "--redis", default="memory://", help="rate-limit counters: memory:// or redis://host:port/db"
+        "--db", help="database URL without a password (default: $TESSERA_DB_URL, else SQLite in the data dir)"
     )
+    up.add_argument("--db-file", type=Path, help="a file holding the database URL (a password may be in it)")
+    up.add_argument(
+        "--redis",
+        help="rate-limit counters: memory:// (default) or redis://host:port/db, without a password "
+        "(default: $TESSERA_REDIS_URL)",
+    )
+    up.add_argument("--redis-file", type=Path, help="a file holding the Redis URL (a password may be in it)")
     up.add_argument(
         "--demo-upstream", action="store_true", help="run the demo upstream and register model 'demo'"
     )

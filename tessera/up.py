@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tessera import llm, ports, usage_line
 from tessera.bootstrap import BootstrapParams, render_bootstrap
@@ -564,5 +565,40 @@ async def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+DB_URL_ENV = "TESSERA_DB_URL"
+REDIS_URL_ENV = "TESSERA_REDIS_URL"
+
+
+def _store_url(flag: str, value: str | None, file: Path | None, env: str) -> str | None:
+    """A store's URL from the flag, else its file, else the environment. A password is never
+    taken from argv: every local user can read a process's command line."""
+    if value and urlsplit(value).password:
+        msg = (
+            f"{flag} carries a password, which every local user could read in /proc/<pid>/cmdline: "
+            f"give the URL in a file ({flag}-file) or in ${env}"
+        )
+        raise StartupError(msg)
+    if value:
+        return value
+    if file is not None:
+        try:
+            text = file.read_text().strip()
+        except OSError as exc:
+            msg = f"{flag}-file {file}: {exc.strerror}"
+            raise StartupError(msg) from None
+        if not text:
+            msg = f"{flag}-file {file} is empty"
+            raise StartupError(msg)
+        return text
+    return os.environ.get(env) or None
+
+
 def run_up(args: argparse.Namespace) -> int:
+    try:
+        args.db = _store_url("--db", args.db, getattr(args, "db_file", None), DB_URL_ENV)
+        args.redis = _store_url("--redis", args.redis, getattr(args, "redis_file", None), REDIS_URL_ENV)
+    except StartupError as exc:
+        _say(f"error: {exc}")
+        return 2
+    args.redis = args.redis or "memory://"
     return asyncio.run(_main(args))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import openai
 import pytest
@@ -154,3 +157,48 @@ def test_ratelimit_unresponsive_fails_open(stack):
         chat(stack)  # admitted after the filter's 250 ms timeout
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def _command_lines() -> list[str]:
+    """Every process's command line on this machine, as any local user can read it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue  # gone meanwhile
+    return found
+
+
+@pytest.mark.postgres
+def test_no_store_password_is_ever_on_a_command_line(tmp_path, postgres_url):
+    secret = f"pw-{secrets.token_hex(8)}"
+    parts = urlsplit(postgres_url)
+    user = parts.username or "postgres"
+    netloc = f"{user}:{secret}@{parts.hostname}:{parts.port or 5432}"
+    with_password = urlunsplit(parts._replace(netloc=netloc))  # trust auth: any password is taken
+    # On the command line: refused before anything starts, and not echoed back.
+    for flag, url in (("--db", with_password), ("--redis", f"redis://:{secret}@127.0.0.1:6379/0")):
+        refused = subprocess.run(
+            [TESSERA, "up", "--data-dir", str(tmp_path / "refused"), flag, url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert refused.returncode == 2, refused.stderr
+        assert f"{flag} carries a password" in refused.stderr
+        assert secret not in refused.stdout + refused.stderr
+    # From a file (0600): the stack runs on it, and no process shows the password.
+    url_file = tmp_path / "db-url"
+    url_file.write_text(with_password + "\n")
+    url_file.chmod(0o600)
+    stack = start_stack(tmp_path / "stack", "--db-file", str(url_file))
+    try:
+        chat(stack)  # the whole path works on that database
+        leaked = [line for line in _command_lines() if secret in line]
+        assert leaked == []
+        assert secret not in "".join(stack.output)
+    finally:
+        stop_stack(stack)
