@@ -52,22 +52,47 @@ local function decoded(k)
   return table.concat(out)
 end
 
+local function string_end(s, q)
+  -- the index of the '"' that ends the JSON string whose text starts at s[q], nil if none: a
+  -- '"' is escaped when an odd number of backslashes precede it (plain find: no per-byte
+  -- pattern matching through long message text)
+  while true do
+    q = string.find(s, '"', q, true)
+    if not q then return nil end
+    local b = q - 1
+    while string.byte(s, b) == 92 do b = b - 1 end
+    if (q - b) % 2 == 1 then return q end
+    q = q + 1
+  end
+end
+
+-- the bytes top_level stops at: { } [ ] " , : at the top level, only { } [ ] " below it
+local TOP = {[123] = true, [125] = true, [91] = true, [93] = true, [34] = true, [44] = true, [58] = true}
+local NESTED = {[123] = true, [125] = true, [91] = true, [93] = true, [34] = true}
+
 local function top_level(s, from)
   -- s: text, from: index of '{'. Returns key -> {value start, value end}, index of the matching
   -- '}', and the first key named twice (nil if none). Keys are decoded.
   local keys, depth, p, twice = {}, 0, from, nil
   local expect_key, cur, vstart = false, nil, nil
   while true do
-    p = string.find(s, '[{}%[%]",:]', p)
-    if not p then return nil end
+    -- the next byte that matters (inside a nested value only brackets and strings do): most
+    -- often s[p] or s[p + 1], tested before a pattern search
+    local want = depth == 1 and TOP or NESTED
     local c = string.byte(s, p)
-    if c == 34 then -- '"': skip the string
-      local q = p + 1
-      while true do
-        q = string.find(s, '["\\]', q)
-        if not q then return nil end
-        if string.byte(s, q) == 92 then q = q + 2 else break end
+    if not want[c] then
+      c = string.byte(s, p + 1)
+      if want[c] then
+        p = p + 1
+      else
+        p = string.find(s, depth == 1 and '[{}%[%]",:]' or '[{}%[%]"]', p + 1)
+        if not p then return nil end
+        c = string.byte(s, p)
       end
+    end
+    if c == 34 then -- '"': skip the string
+      local q = string_end(s, p + 1)
+      if not q then return nil end
       if depth == 1 and expect_key then
         cur = decoded(string.sub(s, p + 1, q - 1)); expect_key = false
         if keys[cur] then twice = twice or cur end
@@ -130,12 +155,8 @@ local function elements(s, from)
     if not p then return nil end
     local c = string.byte(s, p)
     if c == 34 then
-      local q = p + 1
-      while true do
-        q = string.find(s, '["\\]', q)
-        if not q then return nil end
-        if string.byte(s, q) == 92 then q = q + 2 else break end
-      end
+      local q = string_end(s, p + 1)
+      if not q then return nil end
       if depth == 1 then seen = true end
       p = q + 1
     else
@@ -292,13 +313,23 @@ function envoy_on_request(h)
 end
 
 local function is_usage_event(e)
-  return string.find(e, '"usage"%s*:%s*{') ~= nil and string.find(e, '"choices"%s*:%s*%[%s*%]') ~= nil
+  -- (a plain find first: a pattern is tried at every byte, and most events have no usage)
+  local u = string.find(e, '"usage"', 1, true)
+  if not u or not string.find(e, '"usage"%s*:%s*{', u) then return false end
+  local c = string.find(e, '"choices"', 1, true)
+  return c ~= nil and string.find(e, '"choices"%s*:%s*%[%s*%]', c) ~= nil
 end
 
 local function events_in(bytes)
-  -- SSE data events that carry a JSON object (an estimate of tokens streamed: one per chunk)
-  local _, n = string.gsub(bytes, "data:%s*{", "")
-  return n
+  -- SSE data events that carry a JSON object (an estimate of tokens streamed: one per chunk):
+  -- the matches of "data:%s*{", counted without building a copy of the bytes
+  local n, at = 0, 1
+  while true do
+    local d = string.find(bytes, "data:", at, true)
+    if not d then return n end
+    local _, e = string.find(bytes, "^%s*{", d + 5)
+    if e then n, at = n + 1, e + 1 else at = d + 5 end
+  end
 end
 
 function envoy_on_response(h)
