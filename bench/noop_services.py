@@ -5,7 +5,7 @@ A one-process ``grpc.aio`` server on xds-protos (upb) stubs, like the real servi
 one prebuilt response: what is left is the gRPC + asyncio cost per call.
 
 ``python -m bench.noop_services authz-sync --port N``: the same on grpcio's sync server (a pool of
-``SYNC_THREADS`` threads, like ext_authz's default ``TESSERA_GRPC_SERVER=sync``).
+``SYNC_THREADS`` threads, like ext_authz with ``TESSERA_GRPC_SERVER=sync``).
 
 ``python -m bench.noop_services authz-http --port N``: Envoy's HTTP ext_authz (``http_service``)
 always answered ``200 OK`` with ``x-tenant-id: t1``. An ``asyncio.Protocol`` parsing with
@@ -22,7 +22,7 @@ import asyncio
 import signal
 from typing import Any
 
-SYNC_THREADS = 64  # ext_authz's default TESSERA_GRPC_SERVER_THREADS
+SYNC_THREADS = 64  # ext_authz's TESSERA_GRPC_SERVER_THREADS default
 _HTTP_ALLOW = b"HTTP/1.1 200 OK\r\nx-tenant-id: t1\r\ncontent-length: 0\r\n\r\n"
 
 

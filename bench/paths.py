@@ -215,7 +215,7 @@ def start_tessera(workdir: Path, upstream: Target, *, request_limit: int, transp
     ``http`` is path (d-http), ``tessera up --authz-transport http``."""
     extra: tuple[str, ...] = ()
     if transport == "grpc":
-        target = Target("d", "(d) Tessera, API key", "", {}, floor="c1s")
+        target = Target("d", "(d) Tessera, API key", "", {}, floor="c1g")
         stack = TesseraStack(workdir)
     else:
         target = Target("dh", "(d-http) Tessera, API key", "", {}, floor="c1h")
@@ -231,7 +231,7 @@ def start_tessera(workdir: Path, upstream: Target, *, request_limit: int, transp
 def start_tessera_one_core(workdir: Path, upstream: Target, *, limit: int, core: int = 0) -> Target:
     """Path (g): the whole stack pinned to one core (``taskset``; children inherit it), request and
     token limits on memory://; the load generator is pinned to another core."""
-    target = Target("g", "(g) Tessera, one core", "", {}, floor="c1s")
+    target = Target("g", "(g) Tessera, one core", "", {}, floor="c1g")
     others = sorted(os.sched_getaffinity(0) - {core}) or [core]
     target.client_prefix = ["taskset", "-c", ",".join(map(str, others))]
     limits = [
@@ -257,7 +257,7 @@ def start_tessera_redis(
 ) -> Target:
     """Path (f): a second stack with its counters in Redis and the tenant under a request
     limit and a token limit, both reserved at request time and the tokens settled at stream end."""
-    target = Target("f", "(f) Tessera, limits on redis://", "", {}, floor="c1s")
+    target = Target("f", "(f) Tessera, limits on redis://", "", {}, floor="c1g")
     limits = [
         ["--kind", "requests", "--window", "minute", "--limit", str(limit)],
         ["--kind", "tokens", "--window", "minute", "--limit", str(limit)],
@@ -328,7 +328,7 @@ def start_tessera_jwt(tessera: Target) -> Target:
     with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
         token = str(json.loads(resp.read())["access_token"])
     _wait_allowed(tessera.base_url, token)
-    target = Target("e", "(e) Tessera, JWT", tessera.base_url, dict(tessera.pids), key=token, floor="c1s")
+    target = Target("e", "(e) Tessera, JWT", tessera.base_url, dict(tessera.pids), key=token, floor="c1g")
     target.envoy_admin = tessera.envoy_admin
     target.notes.append("same stack as (d); bearer = JWT (ES256, jwt_authn + ext_authz key-id lookup)")
     return target

@@ -31,7 +31,9 @@ from prometheus_client import Counter, Gauge
 from tessera.admission.v1 import admission_pb2, admission_pb2_grpc
 from tessera.errors import InvalidArgumentError
 from tessera.frames import Frames, frame
-from tessera.settings import AdmissionSettings
+from tessera.identity import spiffe_id
+from tessera.settings import AdmissionSettings, IdentitySettings
+from tessera.tls import client_context, peer_spiffe_id
 
 log = structlog.get_logger("ext_authz.admissions")
 
@@ -60,8 +62,11 @@ class _Batch:
 
 
 class Admitter:
-    def __init__(self, settings: AdmissionSettings) -> None:
+    def __init__(self, settings: AdmissionSettings, identity: IdentitySettings | None = None) -> None:
         self._settings = settings
+        self._identity = identity if identity is not None and identity.enabled else None
+        # with identities: mutual TLS, and the peer must be the ratelimit service
+        self._peer = spiffe_id("ratelimit", self._identity.namespace) if self._identity else None
         self._timeout = settings.timeout_seconds
         self._seq = itertools.count(1)
         self._waiting: list[tuple[admission_pb2.Admission, asyncio.Future[Verdict | None]]] = []
@@ -235,7 +240,14 @@ class Admitter:
         assert self._loop is not None  # noqa: S101 - set by run
         closed: asyncio.Future[None] = self._loop.create_future()
         client = _Client(self, closed)
-        transport, _ = await self._loop.create_connection(lambda: client, host, port)
+        # A fresh context per connection: a renewed certificate is used from the next one on.
+        tls = client_context(self._identity) if self._identity is not None else None
+        transport, _ = await self._loop.create_connection(lambda: client, host, port, ssl=tls)
+        if tls is not None and (peer := peer_spiffe_id(transport)) != self._peer:
+            transport.abort()
+            log.error("admission_stream_wrong_peer", peer=peer, expected=self._peer)
+            msg = f"the admission stream's peer is {peer}, not {self._peer}"
+            raise OSError(msg)
         self._transport = transport
         CONNECTED.set(1)
         log.info("admission_stream_open", url=self._settings.stream_url)

@@ -116,7 +116,7 @@ def _follow_policy(
 
 async def build_app(settings: ExtAuthzSettings, *, clock: Clock = SYSTEM_CLOCK) -> App:
     pepper = load_pepper(settings.pepper.file)  # ConfigError before anything listens
-    admitter = Admitter(settings.admission) if settings.admission.stream_url else None
+    admitter = Admitter(settings.admission, settings.identity) if settings.admission.stream_url else None
     authorizer = Authorizer(pepper, clock, admitter)
     server = await _start_transport(settings, authorizer, clock)
     try:

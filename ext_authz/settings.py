@@ -3,7 +3,7 @@
 Env: ``TESSERA_TRANSPORT`` (``grpc``: Envoy's ``Authorization/Check``; ``http``: Envoy's
 ``http_service``, HTTP/1.1, with ``GET /healthz`` for probes), ``TESSERA_GRPC__HOST`` and
 ``TESSERA_GRPC__PORT`` (the service's address, whichever the transport), ``TESSERA_GRPC_SERVER``
-(``sync``: grpcio's sync server with ``TESSERA_GRPC_SERVER_THREADS`` threads; ``aio``: grpc.aio),
+(``aio``: grpc.aio; ``sync``: grpcio's sync server with ``TESSERA_GRPC_SERVER_THREADS`` threads),
 ``TESSERA_METRICS__PORT``, ``TESSERA_LOG__LEVEL``, ``TESSERA_POLICY__URL``,
 ``TESSERA_PEPPER__FILE``, ``TESSERA_ADMISSION__URL`` (the ratelimit service; empty = no
 counting) and the other fragment fields.
@@ -22,6 +22,7 @@ from tessera.settings import (
     SETTINGS_CONFIG,
     AdmissionSettings,
     GrpcSettings,
+    IdentitySettings,
     LogSettings,
     MetricsSettings,
     PepperSettings,
@@ -35,17 +36,18 @@ class ExtAuthzSettings(BaseSettings):
     # The Envoy gateway's ext_authz filter must use the same (TESSERA_GATEWAY__AUTHZ_TRANSPORT).
     transport: Literal["grpc", "http"] = "grpc"
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)  # the listen address for either transport
-    # The gRPC transport's server: grpcio's sync server (its threads take the calls, each Check's
-    # decision runs on the event loop with the admission stream) or grpc.aio. Sync measured
-    # cheaper per Check (docs/benchmarks.md). A thread waits while its Check's admission does:
-    # at most ``grpc_server_threads`` Checks are in flight per process.
-    grpc_server: Literal["sync", "aio"] = "sync"
+    # The gRPC transport's server: grpc.aio, or grpcio's sync server (its threads take the calls,
+    # each Check's decision runs on the event loop with the admission stream; a thread waits
+    # while its Check's admission does, so at most ``grpc_server_threads`` are in flight per
+    # process). Measured the same CPU per request at c16, worse tails (docs/benchmarks.md).
+    grpc_server: Literal["aio", "sync"] = "aio"
     grpc_server_threads: int = Field(default=64, ge=1, le=1024)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     pepper: PepperSettings = Field(default_factory=PepperSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)  # mutual TLS to ratelimit when set
     workers: int = Field(default=1, ge=1, le=64, description="processes sharing the port (SO_REUSEPORT)")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections import deque
 from typing import Any
 
@@ -21,13 +22,15 @@ from ratelimit.limiter import RateLimiter
 from tessera.admission.v1 import admission_pb2
 from tessera.errors import ConfigError, InvalidArgumentError
 from tessera.frames import Frames, frame
+from tessera.tls import peer_spiffe_id
 
 log = structlog.get_logger("ratelimit.admission_stream")
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, limiter: RateLimiter) -> None:
+    def __init__(self, limiter: RateLimiter, allowed: frozenset[str] | None) -> None:
         self._limiter = limiter
+        self._allowed = allowed  # the SPIFFE IDs that may admit (None: plaintext, no identities)
         self._frames = Frames()
         self._pending: deque[bytes] = deque()
         self._transport: asyncio.Transport | None = None
@@ -35,12 +38,20 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a stream server's
+        if self._allowed is not None:
+            peer = peer_spiffe_id(transport)  # the handshake verified its chain to our CA
+            if peer not in self._allowed:
+                log.warning("admission_stream_refused", peer=peer, reason="identity not allowed")
+                transport.abort()
+                return
         self._transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if self._transport is None:
+            return  # refused
         try:
             self._pending.extend(self._frames.feed(data))
         except InvalidArgumentError as exc:
@@ -62,12 +73,26 @@ class _Connection(asyncio.Protocol):
                 self._transport.write(frame(reply.SerializeToString()))
 
 
-async def start_admission_stream(limiter: RateLimiter, host: str, port: int, *, reuse_port: bool) -> Any:
-    """Listen for ext_authz's admission streams; a taken port is a startup error."""
+async def start_admission_stream(
+    limiter: RateLimiter,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool,
+    tls: ssl.SSLContext | None = None,
+    allowed: frozenset[str] | None = None,
+) -> Any:
+    """Listen for ext_authz's admission streams; a taken port is a startup error. With ``tls``
+    (mutual: a client certificate from the platform CA is required) only the SPIFFE IDs in
+    ``allowed`` may admit; anyone else is cut off before a byte is read."""
     loop = asyncio.get_running_loop()
     try:
         return await loop.create_server(
-            lambda: _Connection(limiter), host, port, reuse_port=reuse_port or None
+            lambda: _Connection(limiter, allowed if tls is not None else None),
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            ssl=tls,
         )
     except OSError as exc:
         msg = f"admission stream port {host}:{port}: {exc.strerror}"

@@ -20,9 +20,11 @@ from ratelimit.settings import RatelimitSettings, check_settings
 from tessera.admission.v1 import admission_pb2_grpc
 from tessera.clock import SYSTEM_CLOCK, Clock
 from tessera.grpc_server import RunningServer, start_server
+from tessera.identity import spiffe_id
 from tessera.metrics import MetricsServer, serve_metrics
 from tessera.policy.v1 import policy_pb2
 from tessera.policy_client import PolicySubscriber, PolicyUpdate, apply_update, follow_policy
+from tessera.tls import follow_renewals, server_context
 
 log = structlog.get_logger("ratelimit")
 
@@ -111,8 +113,15 @@ async def build_app(
         raise
     try:
         stream = settings.admission_stream
+        identity = settings.identity
+        tls = server_context(identity) if identity.enabled else None
         admission_server = await start_admission_stream(
-            limiter, stream.host, stream.port, reuse_port=settings.workers > 1
+            limiter,
+            stream.host,
+            stream.port,
+            reuse_port=settings.workers > 1,
+            tls=tls,
+            allowed=frozenset({spiffe_id("ext-authz", identity.namespace)}),
         )
         metrics = serve_metrics(settings.metrics)
     except BaseException:
@@ -124,6 +133,8 @@ async def build_app(
     subscriber, tasks = follow_policy(
         settings.policy, service="ratelimit", on_update=on_update, server=running
     )
+    if tls is not None:
+        tasks = (*tasks, asyncio.create_task(follow_renewals(tls, identity), name="ratelimit-identity"))
     return App(
         port=running.port,
         admission_port=admission_server.sockets[0].getsockname()[1],

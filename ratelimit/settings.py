@@ -10,6 +10,7 @@ from tessera.errors import ConfigError
 from tessera.settings import (
     SETTINGS_CONFIG,
     GrpcSettings,
+    IdentitySettings,
     ListenSettings,
     LogSettings,
     MetricsSettings,
@@ -25,6 +26,7 @@ class RatelimitSettings(BaseSettings):
     # ext_authz's admission streams (length-prefixed tessera.admission.v1 frames over TCP)
     admission_stream: ListenSettings = ListenSettings()
     metrics: MetricsSettings = MetricsSettings()
+    identity: IdentitySettings = IdentitySettings()  # mutual TLS on the admission stream when set
     log: LogSettings = LogSettings()
     policy: PolicySettings = PolicySettings()
     redis: RedisSettings = RedisSettings()

@@ -70,6 +70,21 @@ class ListenSettings(_Fragment):
     port: int = Field(default=0, ge=0, le=65535, description="0 = ephemeral (tests)")
 
 
+class IdentitySettings(_Fragment):
+    """This process's workload identity (``tessera/identity.py``): its certificate and key, the CA
+    its peers' certificates must chain to, and the namespace its peers' SPIFFE IDs name. Set by
+    ``tessera up``; unset (no files), the internal surfaces that take it stay plaintext."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    namespace: str = "default"
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
 class PepperSettings(_Fragment):
     file: Path = Path("pepper")
 

@@ -31,6 +31,7 @@ from tessera import llm, ports, usage_line
 from tessera.bootstrap import BootstrapParams, render_bootstrap
 from tessera.datadir import DataDir, resolve_data_dir, write_json
 from tessera.demo_upstream.schema import DEFAULT_MAX_TOKENS as DEMO_DEFAULT_MAX_TOKENS
+from tessera.identity import Authority, IdentityFiles, spiffe_id
 from tessera.keys import ensure_pepper
 from tessera.probe import active_requests, grpc_serving, http_post, http_status
 from tessera.workers import die_with_parent
@@ -113,6 +114,11 @@ class Child:
             await self.proc.wait()
 
 
+# Internal surfaces under mutual TLS so far: ext_authz -> ratelimit's admission stream.
+MTLS_COMPONENTS = ("ext-authz", "ratelimit")
+IDENTITY_CHECK_SECONDS = 600.0  # certificates live 24 h and are renewed past half of it
+
+
 class StartupError(Exception):
     pass
 
@@ -146,6 +152,9 @@ class Stack:
         self.ports.ext_authz = [free_port() for _ in range(self.authz_replicas)]
         self.ports.ext_authz_metrics = [free_port() for _ in range(self.authz_replicas)]
         self.db_url = args.db or f"sqlite+aiosqlite:///{self.dd.database}"
+        self.authority: Authority | None = None
+        self.identities: dict[str, IdentityFiles] = {}
+        self.identities_checked = 0.0
         self.token = "tadm_" + secrets.token_urlsafe(32)
         self.children: dict[str, Child] = {}
         self.stopping = asyncio.Event()
@@ -195,6 +204,7 @@ class Stack:
             "ext_authz_transport": self.authz_transport,
             "ext_authz_replicas": [f"{HOST}:{port}" for port in p.ext_authz],
             "ratelimit": f"{HOST}:{p.ratelimit}",
+            "ratelimit_admission_stream": f"{HOST}:{p.ratelimit_admission}",  # mutual TLS
             "envoy_admin": f"http://{HOST}:{p.envoy_admin}",
             "metrics": {
                 "control_plane": f"http://{HOST}:{p.cp_metrics}/metrics",
@@ -255,6 +265,7 @@ class Stack:
                         "TESSERA_PEPPER__FILE": str(self.dd.pepper),
                         "TESSERA_ADMISSION__URL": admission_url,
                         "TESSERA_ADMISSION__STREAM_URL": f"{HOST}:{p.ratelimit_admission}",
+                        **self._identity_env("ext-authz"),
                     }
                 ),
                 self._authz_ready(port),
@@ -269,6 +280,7 @@ class Stack:
                     "TESSERA_ADMISSION_STREAM__PORT": str(p.ratelimit_admission),
                     "TESSERA_POLICY__URL": policy_url,
                     "TESSERA_REDIS__URL": self.args.redis,
+                    **self._identity_env("ratelimit"),
                 }
             ),
             lambda: grpc_serving(f"{HOST}:{p.ratelimit}"),
@@ -427,6 +439,7 @@ class Stack:
             self.dd.admin, {"admin_url": f"{HOST}:{self.ports.admin}", "token": self.token}, private=True
         )
         await self._migrate()
+        self._renew_identities()
         self._define_children()
         for name in ("control-plane",):
             await self.children[name].start()
@@ -444,9 +457,27 @@ class Stack:
         write_json(self.dd.endpoints, self.endpoints())
         return demo_key
 
+    def _renew_identities(self) -> None:
+        """Issue each internal identity on first start, and again past half its life (the
+        services reload renewed files without a restart)."""
+        self.authority = self.authority or Authority(self.dd.root / "identity")
+        for name in MTLS_COMPONENTS:
+            self.identities[name] = self.authority.ensure(name, spiffe_id(name))
+        self.identities_checked = time.monotonic()
+
+    def _identity_env(self, name: str) -> dict[str, str]:
+        files = self.identities[name]
+        return {
+            "TESSERA_IDENTITY__CERT_FILE": str(files.cert),
+            "TESSERA_IDENTITY__KEY_FILE": str(files.key),
+            "TESSERA_IDENTITY__CA_FILE": str(files.ca),
+        }
+
     async def supervise(self) -> None:
-        """Restart crashed children with backoff until asked to stop."""
+        """Restart crashed children with backoff until asked to stop; renew identities."""
         while not self.stopping.is_set():
+            if time.monotonic() - self.identities_checked > IDENTITY_CHECK_SECONDS:
+                self._renew_identities()
             for child in self.children.values():
                 proc = child.proc
                 if proc is None or proc.returncode is None or self.stopping.is_set():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -23,6 +24,8 @@ from typing import Any
 import openai
 import pytest
 
+from tessera.admission.v1 import admission_pb2
+from tessera.frames import frame
 from tests.conftest import free_port
 from tests.e2e.conftest import Stack, start_stack, stop_stack
 from tests.e2e.test_gateway import eventually, http, upstream_requests
@@ -305,6 +308,33 @@ def _redis_server(port: int, workdir: Path) -> subprocess.Popen[bytes]:
         timeout=10,
     )
     return proc
+
+
+def test_the_admission_stream_answers_no_one_but_ext_authz(stack: Stack) -> None:
+    """An anonymous client on ratelimit's admission port (mutual TLS under ``tessera up``)
+    gets no verdict and cannot spend a tenant's requests."""
+    name = f"adm{time.monotonic_ns()}"
+    stack.cli("tenants", "create", name)
+    tenant_id = stack.cli_json("tenants", "get", name)["tenant"]["id"]
+    key = stack.new_key(name)
+    limit = ["--kind", "requests", "--window", "minute", "--limit", "2"]
+    stack.cli("limits", "create", "--tenant", name, *limit)
+    time.sleep(1.0)
+    admit = admission_pb2.AdmitBatch(batch=1)
+    for i in range(10):
+        admit.admissions.add(request_id=f"spent-{i}", tenant_id=tenant_id, key_id="k", model="demo")
+    host, port = stack.endpoints()["ratelimit_admission_stream"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(frame(admit.SerializeToString()))
+        sock.settimeout(2)
+        try:
+            answer = sock.recv(65536)
+        except (TimeoutError, ConnectionError):
+            answer = b""
+    assert answer == b""  # not a verdict: the TLS handshake never happened
+    body = {"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    codes = [post(stack, key, body)[0] for _ in range(3)]
+    assert codes == [200, 200, 429]  # the tenant's two requests of the minute were still its own
 
 
 @pytest.mark.redis
