@@ -90,7 +90,9 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
         await check_schema(engine)
         metrics = serve_metrics(settings.metrics)
         retention = timedelta(days=settings.billing.raw_retention_days)
-        settler = Settler(settings.admission.url) if settings.admission.url else None
+        settler = (
+            Settler(settings.admission.url, identity=settings.identity) if settings.admission.url else None
+        )
         settle_task = asyncio.create_task(settler.run()) if settler is not None else None
         meter = Meter(
             make_sessionmaker(engine),

@@ -13,6 +13,7 @@ from tessera.settings import (
     AdmissionSettings,
     DatabaseSettings,
     GrpcSettings,
+    IdentitySettings,
     LogSettings,
     MetricsSettings,
     PepperSettings,
@@ -120,6 +121,8 @@ class ControlPlaneSettings(BaseSettings):
     meter: MeterSettings = MeterSettings()
     # The meter settles reservations here (the ratelimit service); "" = it does not settle.
     admission: AdmissionSettings = AdmissionSettings()
+    # The meter's workload identity: mutual TLS to the ratelimit service when set.
+    identity: IdentitySettings = IdentitySettings()
     # Local platform-admin credential (admin.json); principals and roles arrive with the admin issue.
     admin_token: SecretStr = SecretStr("")
     refresh_seconds: float = Field(default=5.0, gt=0, description="periodic re-read of the store")

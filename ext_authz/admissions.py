@@ -33,7 +33,7 @@ from tessera.errors import InvalidArgumentError
 from tessera.frames import Frames, frame
 from tessera.identity import spiffe_id
 from tessera.settings import AdmissionSettings, IdentitySettings
-from tessera.tls import client_context, peer_spiffe_id
+from tessera.tls import PeerChannel, client_context, peer_spiffe_id
 
 log = structlog.get_logger("ext_authz.admissions")
 
@@ -77,7 +77,7 @@ class Admitter:
         self._misses = 0
         self._transport: asyncio.Transport | None = None  # None: not connected
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stub: Any = None  # the AdmissionService (Settle) stub while its channel is open
+        self._channel: PeerChannel | None = None  # to the AdmissionService (Settle) while running
 
     @property
     def connected(self) -> bool:
@@ -127,9 +127,9 @@ class Admitter:
 
     async def release(self, usage: admission_pb2.Usage) -> None:
         """Give back what an abandoned request was admitted with (best effort: else its lease)."""
-        stub = self._stub
-        if stub is None:
+        if self._channel is None:
             return
+        stub: Any = admission_pb2_grpc.AdmissionServiceStub(self._channel.get())
         try:
             await stub.Settle(admission_pb2.SettleBatch(usages=[usage]), timeout=5.0)
         except grpc.aio.AioRpcError as exc:
@@ -219,8 +219,8 @@ class Admitter:
         """Keep the stream open; reconnect with backoff capped at ``reconnect_max_seconds``."""
         self._loop = asyncio.get_running_loop()
         host, _, port = self._settings.stream_url.rpartition(":")
-        async with grpc.aio.insecure_channel(self._settings.url) as channel:
-            self._stub = admission_pb2_grpc.AdmissionServiceStub(channel)
+        self._channel = PeerChannel(self._settings.url, self._identity, "ratelimit")
+        try:
             delay = 0.05
             while True:
                 try:
@@ -234,6 +234,9 @@ class Admitter:
                 self._disconnected()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.reconnect_max_seconds)
+        finally:
+            channel, self._channel = self._channel, None
+            await channel.close()
 
     async def _follow(self, host: str, port: int) -> bool:
         """One connection, until it closes; True if it answered anything."""

@@ -66,6 +66,11 @@ class Authorizer:
         self._admitter = admitter
         self.index = EMPTY_INDEX
 
+    @property
+    def admitting(self) -> bool:
+        """Whether admissions reach the counters now (the admission stream is open)."""
+        return self._admitter is not None and self._admitter.connected
+
     def swap_index(self, index: KeyIndex) -> None:
         """Install a new snapshot: one assignment, so a Check sees the old or the new one."""
         self.index = index

@@ -29,6 +29,15 @@ from tessera.tls import follow_renewals, server_context
 log = structlog.get_logger("ratelimit")
 
 
+def _callers(namespace: str) -> dict[str, frozenset[str]]:
+    """Who may call what, under mutual TLS: Settle only ext_authz (releases) and the meter
+    (settlement); Envoy's RLS nobody yet (not in Tessera's chain; Envoy has no identity yet)."""
+    return {
+        ADMISSION_SERVICE: frozenset({spiffe_id("ext-authz", namespace), spiffe_id("meter", namespace)}),
+        SERVICE_NAME: frozenset(),
+    }
+
+
 @dataclass
 class App:
     port: int
@@ -106,6 +115,8 @@ async def build_app(
             ],
             services=[ADMISSION_SERVICE, SERVICE_NAME],
             reuse_port=settings.workers > 1,
+            identity=settings.identity,
+            allowed=_callers(settings.identity.namespace),
         )
     except BaseException:
         if counters is None:

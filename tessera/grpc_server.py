@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tessera.errors import ConfigError, TesseraError
-from tessera.settings import GrpcSettings
+from tessera.settings import GrpcSettings, IdentitySettings
+from tessera.tls import grpc_server_credentials
 
 log = structlog.get_logger("tessera.grpc")
 
@@ -41,8 +42,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     this on every request, so nothing here allocates per call beyond the context binding.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, allowed: Mapping[str, frozenset[str]] | None = None) -> None:
         self._wrapped: dict[str, Any] = {}
+        # service name -> the SPIFFE IDs that may call it (mutual TLS only); a service not named
+        # here (health, reflection) takes any peer whose certificate chains to the CA
+        self._allowed = allowed
 
     async def intercept_service(
         self,
@@ -55,7 +59,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:
                 return None
-            wrapped = self._wrapped[method] = _wrap(method, handler)
+            allowed = self._allowed.get(method.split("/")[1]) if self._allowed is not None else None
+            wrapped = self._wrapped[method] = _wrap(method, handler, allowed)
         return wrapped
 
 
@@ -73,12 +78,24 @@ async def _fail(ctx: Any, exc: Exception) -> None:
     await ctx.abort(code, message)
 
 
-def _wrap(rpc: str, handler: Any) -> Any:
+async def _refuse_unless(allowed: frozenset[str] | None, rpc: str, ctx: Any) -> None:
+    """PERMISSION_DENIED (and a log line) for a peer whose identity may not call ``rpc``."""
+    if allowed is None:
+        return
+    found = ctx.auth_context().get("peer_spiffe_id") or [b""]
+    peer = found[0].decode()
+    if peer not in allowed:
+        log.warning("rpc_refused", rpc=rpc, peer=peer or None, reason="identity not allowed")
+        await ctx.abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer or 'this caller'} may not call {rpc}")
+
+
+def _wrap(rpc: str, handler: Any, allowed: frozenset[str] | None = None) -> Any:
     if handler.unary_unary:
         inner: Any = handler.unary_unary
 
         async def unary(req: Any, ctx: Any) -> Any:
             _bind(rpc, ctx)
+            await _refuse_unless(allowed, rpc, ctx)
             try:
                 return await inner(req, ctx)
             except Exception as exc:
@@ -92,6 +109,7 @@ def _wrap(rpc: str, handler: Any) -> Any:
 
         async def stream(req: Any, ctx: Any) -> AsyncIterator[Any]:
             _bind(rpc, ctx)
+            await _refuse_unless(allowed, rpc, ctx)
             try:
                 async for item in streaming(req, ctx):
                     yield item
@@ -133,15 +151,20 @@ async def start_server(
     services: Iterable[str],
     reuse_port: bool = False,
     interceptors: Iterable[grpc.aio.ServerInterceptor] | None = None,
+    identity: IdentitySettings | None = None,
+    allowed: Mapping[str, frozenset[str]] | None = None,
 ) -> RunningServer:
-    """Bind, register and start; health begins NOT_SERVING."""
+    """Bind, register and start; health begins NOT_SERVING. With an ``identity``: mutual TLS
+    (a client certificate from the CA), and each service named in ``allowed`` answers only the
+    SPIFFE IDs listed for it (PERMISSION_DENIED for the rest)."""
+    tls = identity is not None and identity.enabled
     options = [
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_send_message_length", 8 * 1024 * 1024),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ]
-    chosen = list(interceptors) if interceptors is not None else [ErrorInterceptor()]
+    chosen = list(interceptors) if interceptors is not None else [ErrorInterceptor(allowed if tls else None)]
     server = grpc.aio.server(interceptors=chosen, options=options)
     for add in register:
         add(server)
@@ -151,7 +174,11 @@ async def start_server(
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
     try:
-        port = server.add_insecure_port(address)
+        if tls:
+            assert identity is not None  # noqa: S101 - tls implies it
+            port = server.add_secure_port(address, grpc_server_credentials(identity))
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as exc:
         msg = f"cannot listen on {address}: address already in use or not available"
         raise ConfigError(msg) from exc

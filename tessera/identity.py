@@ -33,6 +33,15 @@ def spiffe_id(component: str, namespace: str = "default", node: str = "") -> str
     return f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/{component}" + (f"/{node}" if node else "")
 
 
+def server_name(spiffe: str) -> str:
+    """The DNS name a certificate for ``spiffe`` also carries, so that a gRPC client (which
+    checks names, not URIs) verifies whom it reached: ``spiffe://tessera.local/ns/default/
+    ratelimit`` is ``ratelimit.default.tessera.local``."""
+    path = spiffe.removeprefix(f"spiffe://{TRUST_DOMAIN}/ns/").split("/")
+    namespace, names = path[0], path[1:]
+    return ".".join([*reversed(names), namespace, TRUST_DOMAIN])
+
+
 @dataclass(frozen=True, slots=True)
 class IdentityFiles:
     """Where one component's identity lives: its certificate and key, and the CA to trust."""
@@ -126,7 +135,10 @@ class Authority:
         """(certificate PEM, key PEM) of a new leaf for ``spiffe``: client and server use."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = now or _now()
-        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe)]
+        sans: list[x509.GeneralName] = [
+            x509.UniformResourceIdentifier(spiffe),
+            x509.DNSName(server_name(spiffe)),
+        ]
         sans += [x509.DNSName(d) for d in dns_names]
         cert = (
             x509.CertificateBuilder()

@@ -10,10 +10,21 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tessera.settings import IdentitySettings
+from tessera.tls import grpc_channel
 
-async def grpc_serving(target: str, service: str = "", timeout: float = 0.5) -> bool:
+
+async def grpc_serving(
+    target: str,
+    service: str = "",
+    timeout: float = 0.5,
+    *,
+    identity: IdentitySettings | None = None,
+    peer: str = "",
+) -> bool:
+    """Whether ``target`` reports SERVING; over mutual TLS to ``peer`` with ``identity``."""
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with grpc_channel(target, identity, peer) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.aio.AioRpcError:

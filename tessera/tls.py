@@ -1,6 +1,6 @@
-"""Mutual TLS for the internal surfaces that are not gRPC (the admission stream): contexts
-from a component's identity files, the peer's SPIFFE ID, and certificate files followed as they
-are renewed (new connections use the new ones; open ones keep theirs)."""
+"""Mutual TLS for the internal surfaces, from a component's identity files: ``ssl`` contexts for
+the admission stream, gRPC credentials for the gRPC services, the peer's SPIFFE ID; renewed
+certificate files are picked up by new connections (open ones keep theirs)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import contextlib
 import ssl
 from typing import Any
 
+import grpc
 import structlog
 
+from tessera.identity import server_name, spiffe_id
 from tessera.settings import IdentitySettings
 
 log = structlog.get_logger("tessera.tls")
@@ -75,3 +77,73 @@ def _stamp(settings: IdentitySettings) -> tuple[float, ...]:
             with contextlib.suppress(OSError):
                 stamps.append(path.stat().st_mtime)
     return tuple(stamps)
+
+
+def _pem(settings: IdentitySettings) -> tuple[bytes, bytes, bytes]:
+    """(key, certificate, CA) as bytes."""
+    if settings.cert_file is None or settings.key_file is None or settings.ca_file is None:
+        msg = "an identity needs its certificate, key and CA files"
+        raise ValueError(msg)
+    return settings.key_file.read_bytes(), settings.cert_file.read_bytes(), settings.ca_file.read_bytes()
+
+
+def grpc_server_credentials(settings: IdentitySettings) -> grpc.ServerCredentials:
+    """Mutual TLS for a gRPC server: a client certificate from the CA is required. The files are
+    read again for new connections once they change (renewal without a restart)."""
+    seen = _stamp(settings)
+
+    def configuration(pem: tuple[bytes, bytes, bytes]) -> Any:
+        key, cert, ca = pem
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def fetch() -> Any:
+        nonlocal seen
+        stamp = _stamp(settings)
+        if stamp == seen:
+            return None  # unchanged: keep the current one
+        try:
+            renewed = configuration(_pem(settings))
+        except OSError:
+            return None
+        seen = stamp
+        log.info("identity_reloaded", cert=str(settings.cert_file))
+        return renewed
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(_pem(settings)), fetch, require_client_authentication=True
+    )
+
+
+def grpc_channel(target: str, settings: IdentitySettings | None, peer: str) -> grpc.aio.Channel:
+    """A channel to ``target``: mutual TLS to the component ``peer`` (checked by the name its
+    certificate carries) when ``settings`` name an identity, else plaintext."""
+    if settings is None or not settings.enabled:
+        return grpc.aio.insecure_channel(target)
+    key, cert, ca = _pem(settings)
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    name = server_name(spiffe_id(peer, settings.namespace))
+    return grpc.aio.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", name)])
+
+
+class PeerChannel:
+    """A gRPC channel to one peer, opened again once this process's certificate is renewed
+    (a channel holds the certificate it was opened with)."""
+
+    def __init__(self, target: str, settings: IdentitySettings | None, peer: str) -> None:
+        self._args = (target, settings, peer)
+        self._settings = settings if settings is not None and settings.enabled else None
+        self._stamp = _stamp(self._settings) if self._settings else ()
+        self._channel = grpc_channel(*self._args)
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def get(self) -> grpc.aio.Channel:
+        if self._settings is not None and (stamp := _stamp(self._settings)) != self._stamp:
+            self._stamp = stamp
+            old, self._channel = self._channel, grpc_channel(*self._args)
+            task = asyncio.get_running_loop().create_task(old.close(grace=5.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        return self._channel
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -34,6 +34,7 @@ from tessera.demo_upstream.schema import DEFAULT_MAX_TOKENS as DEMO_DEFAULT_MAX_
 from tessera.identity import Authority, IdentityFiles, spiffe_id
 from tessera.keys import ensure_pepper
 from tessera.probe import active_requests, grpc_serving, http_post, http_status
+from tessera.settings import IdentitySettings
 from tessera.workers import die_with_parent
 
 HOST = "127.0.0.1"
@@ -114,8 +115,9 @@ class Child:
             await self.proc.wait()
 
 
-# Internal surfaces under mutual TLS so far: ext_authz -> ratelimit's admission stream.
-MTLS_COMPONENTS = ("ext-authz", "ratelimit")
+# Internal surfaces under mutual TLS so far: the ratelimit service's admission stream (from
+# ext_authz) and gRPC server (Settle from ext_authz and the meter; health from the supervisor).
+MTLS_COMPONENTS = ("ext-authz", "ratelimit", "meter", "supervisor")
 IDENTITY_CHECK_SECONDS = 600.0  # certificates live 24 h and are renewed past half of it
 
 
@@ -283,7 +285,9 @@ class Stack:
                     **self._identity_env("ratelimit"),
                 }
             ),
-            lambda: grpc_serving(f"{HOST}:{p.ratelimit}"),
+            lambda: grpc_serving(
+                f"{HOST}:{p.ratelimit}", identity=self._identity("supervisor"), peer="ratelimit"
+            ),
         )
         if self.args.demo_upstream:
             self._child(
@@ -308,6 +312,7 @@ class Stack:
                     "TESSERA_METRICS__PORT": str(p.meter_metrics),
                     "TESSERA_METER__ENVOY_ADMIN": f"http://{HOST}:{p.envoy_admin}",
                     "TESSERA_ADMISSION__URL": admission_url,
+                    **self._identity_env("meter"),
                 }
             ),
             lambda: http_status(f"http://{HOST}:{p.meter_metrics}/metrics", expect=200),
@@ -464,6 +469,10 @@ class Stack:
         for name in MTLS_COMPONENTS:
             self.identities[name] = self.authority.ensure(name, spiffe_id(name))
         self.identities_checked = time.monotonic()
+
+    def _identity(self, name: str) -> IdentitySettings:
+        files = self.identities[name]
+        return IdentitySettings(cert_file=files.cert, key_file=files.key, ca_file=files.ca)
 
     def _identity_env(self, name: str) -> dict[str, str]:
         files = self.identities[name]

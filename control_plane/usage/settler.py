@@ -21,6 +21,8 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from tessera.admission.v1 import admission_pb2, admission_pb2_grpc
+from tessera.settings import IdentitySettings
+from tessera.tls import PeerChannel
 from tessera.usage_line import UsageLine
 
 log = structlog.get_logger("control_plane.usage.settler")
@@ -49,8 +51,11 @@ def usage_of(line: UsageLine) -> admission_pb2.Usage:
 
 
 class Settler:
-    def __init__(self, url: str, *, retry_seconds: float = 1.0) -> None:
+    def __init__(
+        self, url: str, *, retry_seconds: float = 1.0, identity: IdentitySettings | None = None
+    ) -> None:
         self._url = url
+        self._identity = identity  # mutual TLS to the ratelimit service when it names one
         self._retry = retry_seconds
         self._pending: deque[admission_pb2.Usage] = deque()
         self._wake = asyncio.Event()
@@ -68,28 +73,34 @@ class Settler:
             self._wake.set()
 
     async def run(self) -> None:
-        async with grpc.aio.insecure_channel(self._url) as channel:
-            stub: Any = admission_pb2_grpc.AdmissionServiceStub(channel)
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                refused = 0
-                while self._pending:
-                    batch = [self._pending[i] for i in range(min(MAX_BATCH, len(self._pending)))]
-                    try:
-                        await stub.Settle(admission_pb2.SettleBatch(usages=batch), timeout=5.0)
-                    except grpc.aio.AioRpcError as exc:
-                        log.warning("settle_failed", code=exc.code().name, pending=len(self._pending))
-                        refused = 0 if exc.code() in _TRANSIENT else refused + 1
-                        if refused < MAX_REFUSALS:
-                            SETTLED.labels("retried").inc(len(batch))
-                            await asyncio.sleep(self._retry)
-                            continue
-                        # not a passing outage (a version skew, a bug): the leases take over
-                        log.error("settle_batch_dropped", usages=len(batch), code=exc.code().name)  # noqa: TRY400
-                        SETTLED.labels("dropped").inc(len(batch))
-                        refused = 0
-                    for _ in batch:
-                        self._pending.popleft()
-                    SETTLED.labels("sent").inc(len(batch))
-                    PENDING.set(len(self._pending))
+        channel = PeerChannel(self._url, self._identity, "ratelimit")
+        try:
+            await self._send_forever(channel)
+        finally:
+            await channel.close()
+
+    async def _send_forever(self, channel: PeerChannel) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            refused = 0
+            while self._pending:
+                batch = [self._pending[i] for i in range(min(MAX_BATCH, len(self._pending)))]
+                stub: Any = admission_pb2_grpc.AdmissionServiceStub(channel.get())
+                try:
+                    await stub.Settle(admission_pb2.SettleBatch(usages=batch), timeout=5.0)
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("settle_failed", code=exc.code().name, pending=len(self._pending))
+                    refused = 0 if exc.code() in _TRANSIENT else refused + 1
+                    if refused < MAX_REFUSALS:
+                        SETTLED.labels("retried").inc(len(batch))
+                        await asyncio.sleep(self._retry)
+                        continue
+                    # not a passing outage (a version skew, a bug): the leases take over
+                    log.error("settle_batch_dropped", usages=len(batch), code=exc.code().name)  # noqa: TRY400
+                    SETTLED.labels("dropped").inc(len(batch))
+                    refused = 0
+                for _ in batch:
+                    self._pending.popleft()
+                SETTLED.labels("sent").inc(len(batch))
+                PENDING.set(len(self._pending))

@@ -483,13 +483,18 @@ async def test_leases_end_in_order_and_settled_requests_leave_nothing(harness):
     b = harness.backend
     slot = CounterRequest(counter_key("t1", "C1"), 50, 0.0, kind=SLOTS)
     log = req("L1", limit=10_000)
+    started = time.monotonic()
     for i in range(40):
         result = await b.acquire([budget(hits=1), slot, log], request_id=f"r{i}", lease_seconds=60)
         assert result.admitted
         await b.settle([settlement(actual=1), Settlement(slot.key, SLOTS, 50, 0.0)], request_id=f"r{i}")
     assert await harness.size(counter_key("t1", "B1"), BUDGET) == 0
     assert await harness.size(slot.key, SLOTS) == 0
-    assert await harness.size(log.key, LOG) <= 2  # 40 hits within one or two buckets
+    # the 40 hits fall in the buckets their time spans: two, or more on a slow (loaded) run
+    spanned = 2 + int((time.monotonic() - started) / BUCKET)
+    size = await harness.size(log.key, LOG)
+    assert size <= min(spanned, LOG_BUCKETS + 1)
+    assert size < 40
     for i in range(5):  # never settled: ended by later calls once their lease ends
         await b.acquire([budget(hits=10), slot], request_id=f"lost{i}", lease_seconds=0.2)
     kept = await b.acquire([budget(hits=10), slot], request_id="kept", lease_seconds=60)

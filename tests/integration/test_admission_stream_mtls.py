@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from ext_authz.admissions import Admitter
@@ -22,7 +23,7 @@ from ratelimit.limits import snapshot_from_policy
 from tessera.admission.v1 import admission_pb2
 from tessera.frames import Frames, frame
 from tessera.identity import Authority, spiffe_id
-from tessera.policy.v1 import policy_pb2
+from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
 from tessera.settings import AdmissionSettings, IdentitySettings
 from tessera.tls import client_context, server_context
 
@@ -131,3 +132,70 @@ async def test_the_admitter_speaks_mutual_tls_and_only_to_ratelimit(ca: Authorit
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             srv.close()
+
+
+# --- the ratelimit service's gRPC server (Settle, RLS, health) under mutual TLS --------------
+
+
+async def test_settle_answers_only_ext_authz_and_the_meter_and_rls_no_one(
+    ca: Authority, tmp_path: Path
+) -> None:
+    """The real ratelimit app with an identity: a plaintext client cannot even connect, a
+    certificate from another CA is refused in the handshake, and a valid certificate with an
+    identity the method does not name gets PERMISSION_DENIED and settles nothing."""
+    from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc  # noqa: PLC0415
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+
+    from ratelimit.app import build_app  # noqa: PLC0415
+    from tessera.admission.v1 import admission_pb2_grpc  # noqa: PLC0415
+    from tessera.tls import grpc_channel  # noqa: PLC0415
+    from tests.integration.test_ratelimit_service import FakePolicyService, settings_for  # noqa: PLC0415
+
+    policy = FakePolicyService()
+    policy_server = grpc.aio.server()
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(policy, policy_server)
+    policy_port = policy_server.add_insecure_port("127.0.0.1:0")
+    await policy_server.start()
+    app = await build_app(settings_for(f"127.0.0.1:{policy_port}", identity=identity(ca, "ratelimit")))
+    target = f"127.0.0.1:{app.port}"
+    settle = admission_pb2.SettleBatch(
+        usages=[admission_pb2.Usage(request_id="r", tenant_id="t1", model="m")]
+    )
+    try:
+
+        async def call(who: IdentitySettings | None, method: str) -> grpc.StatusCode:
+            async with grpc_channel(target, who, "ratelimit") as channel:
+                try:
+                    if method == "settle":
+                        await admission_pb2_grpc.AdmissionServiceStub(channel).Settle(settle, timeout=3)
+                    elif method == "rls":
+                        await rls_pb2_grpc.RateLimitServiceStub(channel).ShouldRateLimit(
+                            rls_pb2.RateLimitRequest(domain="tessera"), timeout=3
+                        )
+                    else:
+                        await health_pb2_grpc.HealthStub(channel).Check(
+                            health_pb2.HealthCheckRequest(), timeout=3
+                        )
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+        async def plaintext() -> grpc.StatusCode:
+            async with grpc.aio.insecure_channel(target) as channel:
+                try:
+                    await admission_pb2_grpc.AdmissionServiceStub(channel).Settle(settle, timeout=3)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+        assert await plaintext() == grpc.StatusCode.UNAVAILABLE
+        other_ca = Authority(tmp_path / "other")
+        assert await call(identity(other_ca, "meter"), "settle") == grpc.StatusCode.UNAVAILABLE
+        assert await call(identity(ca, "envoy"), "settle") == grpc.StatusCode.PERMISSION_DENIED
+        assert await call(identity(ca, "meter"), "rls") == grpc.StatusCode.PERMISSION_DENIED
+        assert await call(identity(ca, "meter"), "settle") == grpc.StatusCode.OK
+        assert await call(identity(ca, "ext-authz"), "settle") == grpc.StatusCode.OK
+        assert await call(identity(ca, "supervisor"), "health") == grpc.StatusCode.OK
+    finally:
+        await app.stop()
+        await policy_server.stop(0)

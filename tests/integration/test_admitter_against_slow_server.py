@@ -498,8 +498,7 @@ async def test_a_check_cancelled_by_envoy_gives_its_late_reservation_back(
         policy.push(snapshot)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
             await svc.wait_health(channel, svc.SERVING)
-            connected = "tessera_authz_admission_connected"
-            await eventually(lambda: REGISTRY.get_sample_value(connected) == 1, "the admission stream opened")
+            await eventually(lambda: app.authorizer.admitting, "the admission stream opened")
             stub = external_auth_pb2_grpc.AuthorizationStub(channel)
             stream.mode = Mode.HOLD
             bearer = {"authorization": f"Bearer {svc.KEY}"}
