@@ -9,6 +9,7 @@ upstream generates exactly the completion tokens its body allows, and counts a p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -337,31 +338,58 @@ def test_the_admission_stream_answers_no_one_but_ext_authz(stack: Stack) -> None
     assert codes == [200, 200, 429]  # the tenant's two requests of the minute were still its own
 
 
+class PrivateRedis:
+    """A redis-server of the test's own, which it can SIGKILL and start again on its port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc = _redis_server(self.port, workdir)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)  # gone, with every count
+        self.proc.wait()
+
+    def restart(self) -> None:
+        self.proc = _redis_server(self.port, self.workdir)
+
+
+@contextlib.contextmanager
+def redis_stack_with_limit(tmp_path: Path, per_minute: int) -> Iterator[tuple[Stack, PrivateRedis, str]]:
+    """A stack counting in a private Redis, and a key whose tenant may make ``per_minute``."""
+    redis = PrivateRedis(tmp_path)
+    stack = start_stack(tmp_path / "stack", "--redis", f"redis://127.0.0.1:{redis.port}/0")
+    try:
+        _, key = tenant(stack, ["--kind", "requests", "--window", "minute", "--limit", str(per_minute)])
+        yield stack, redis, key
+    finally:
+        stop_stack(stack)
+        redis.proc.kill()
+        redis.proc.wait()
+
+
+ONE_TOKEN = {"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+
+
 @pytest.mark.redis
 def test_after_a_redis_restart_under_load_a_request_limit_is_exact_again_at_once(tmp_path):
-    port = free_port()
-    redis = _redis_server(port, tmp_path)
-    stack = start_stack(tmp_path / "stack", "--redis", f"redis://127.0.0.1:{port}/0")
-    try:
-        _, key = tenant(stack, ["--kind", "requests", "--window", "minute", "--limit", "20"])
-        body = {"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    with redis_stack_with_limit(tmp_path, 20) as (stack, redis, key):
         stop = threading.Event()
 
         def load() -> None:  # other tenants' traffic keeps the pooled connections busy
             other = stack.demo_key
             while not stop.is_set():
-                post(stack, other, body)
+                post(stack, other, ONE_TOKEN)
 
         loaders = [threading.Thread(target=load) for _ in range(4)]
         for t in loaders:
             t.start()
         try:
-            codes = [post(stack, key, body)[0] for _ in range(25)]
+            codes = [post(stack, key, ONE_TOKEN)[0] for _ in range(25)]
             assert (codes.count(200), codes.count(429)) == (20, 5)
-            redis.send_signal(signal.SIGKILL)  # gone, with every count
-            redis.wait()
-            redis = _redis_server(port, tmp_path)
-            codes = [post(stack, key, body)[0] for _ in range(25)]
+            redis.kill()
+            redis.restart()
+            codes = [post(stack, key, ONE_TOKEN)[0] for _ in range(25)]
             # a fresh window (the counts died with Redis), exact from the first request on: no
             # pooled connection's failure let the fail mode decide instead of the counter
             assert (codes.count(200), codes.count(429)) == (20, 5), codes
@@ -369,32 +397,18 @@ def test_after_a_redis_restart_under_load_a_request_limit_is_exact_again_at_once
             stop.set()
             for t in loaders:
                 t.join()
-    finally:
-        stop_stack(stack)
-        redis.kill()
-        redis.wait()
 
 
 @pytest.mark.redis
 def test_requests_admitted_fail_open_while_redis_is_down_are_counted_once_it_is_back(tmp_path):
-    port = free_port()
-    redis = _redis_server(port, tmp_path)
-    stack = start_stack(tmp_path / "stack", "--redis", f"redis://127.0.0.1:{port}/0")
-    try:
-        _, key = tenant(stack, ["--kind", "requests", "--window", "minute", "--limit", "20"])
-        body = {"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
-        redis.send_signal(signal.SIGKILL)
-        redis.wait()
-        # the limit fails open (its default): served while nothing can count them...
-        assert [post(stack, key, body)[0] for _ in range(5)] == [200] * 5
-        redis = _redis_server(port, tmp_path)
-        # ...and counted as soon as Redis answers again: 15 of the minute's 20 are left
-        codes = [post(stack, key, body)[0] for _ in range(20)]
-        assert (codes.count(200), codes.count(429)) == (15, 5), codes
-    finally:
-        stop_stack(stack)
+    with redis_stack_with_limit(tmp_path, 20) as (stack, redis, key):
         redis.kill()
-        redis.wait()
+        # the limit fails open (its default): served while nothing can count them...
+        assert [post(stack, key, ONE_TOKEN)[0] for _ in range(5)] == [200] * 5
+        redis.restart()
+        # ...and counted as soon as Redis answers again: 15 of the minute's 20 are left
+        codes = [post(stack, key, ONE_TOKEN)[0] for _ in range(20)]
+        assert (codes.count(200), codes.count(429)) == (15, 5), codes
 
 
 def _pin_to_one_core(stack: Stack) -> None:
