@@ -59,9 +59,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:
                 return None
-            allowed = self._allowed.get(method.split("/")[1]) if self._allowed is not None else None
-            wrapped = self._wrapped[method] = _wrap(method, handler, allowed)
+            wrapped = self._wrapped[method] = _wrap(method, handler, self._callers(method))
         return wrapped
+
+    def _callers(self, method: str) -> frozenset[str] | None:
+        """Who may call ``method`` (None: anyone who reached it). Under mutual TLS a service not
+        in the allow list is refused to everyone, except health and reflection (any peer whose
+        certificate chains to the CA)."""
+        if self._allowed is None:
+            return None
+        service = method.split("/")[1]
+        if service in _ANY_PEER:
+            return None
+        return self._allowed.get(service, frozenset())
+
+
+_ANY_PEER = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME})
 
 
 def _bind(rpc: str, ctx: Any) -> None:
@@ -90,10 +103,10 @@ async def _refuse_unless(allowed: frozenset[str] | None, rpc: str, ctx: Any) -> 
 
 
 def _wrap(rpc: str, handler: Any, allowed: frozenset[str] | None = None) -> Any:
-    if handler.unary_unary:
-        inner: Any = handler.unary_unary
+    if handler.unary_unary or handler.stream_unary:  # one response, to one request or a stream
+        inner: Any = handler.unary_unary or handler.stream_unary
 
-        async def unary(req: Any, ctx: Any) -> Any:
+        async def single(req: Any, ctx: Any) -> Any:
             _bind(rpc, ctx)
             await _refuse_unless(allowed, rpc, ctx)
             try:
@@ -101,9 +114,12 @@ def _wrap(rpc: str, handler: Any, allowed: frozenset[str] | None = None) -> Any:
             except Exception as exc:
                 await _fail(ctx, exc)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary, handler.request_deserializer, handler.response_serializer
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
         )
+        return factory(single, handler.request_deserializer, handler.response_serializer)
     if handler.stream_stream or handler.unary_stream:
         streaming: Any = handler.stream_stream or handler.unary_stream
 
@@ -158,6 +174,9 @@ async def start_server(
     (a client certificate from the CA), and each service named in ``allowed`` answers only the
     SPIFFE IDs listed for it (PERMISSION_DENIED for the rest)."""
     tls = identity is not None and identity.enabled
+    if tls and interceptors is not None:
+        msg = "an identity's allow list lives in the default interceptor: no custom interceptors with it"
+        raise ConfigError(msg)
     options = [
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_send_message_length", 8 * 1024 * 1024),

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Final
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TRUST_DOMAIN: Final = "tessera.local"
 CA_LIFETIME: Final = dt.timedelta(days=365)
+CA_RENEW_BEFORE: Final = dt.timedelta(days=30)  # a CA this close to expiry is replaced at start
 LEAF_LIFETIME: Final = dt.timedelta(hours=24)
 CLOCK_SKEW: Final = dt.timedelta(minutes=5)  # certificates are valid from a little before now
 
@@ -56,12 +58,21 @@ def _now() -> dt.datetime:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Written whole (a reader sees the old file or the new one), mode 0600 from the start."""
+    """Written whole and durably (a reader sees the old file or the new one, a crash leaves
+    one of them), mode 0600 from the start: a fresh temp file, never a leftover or a link."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -89,25 +100,24 @@ _CA_USAGE: Final = x509.KeyUsage(
 
 
 class Authority:
-    """The platform CA: created once in ``directory``, then loaded."""
+    """The platform CA: created in ``directory`` on first use, then loaded; created afresh when
+    its files are incomplete, unreadable or within ``CA_RENEW_BEFORE`` of expiry (every leaf is
+    then issued again by ``ensure``: it checks the signature, not the issuer's name). Its
+    trust is read by the services at start: a new CA takes effect with the next start."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, now: dt.datetime | None = None) -> None:
         self.directory = directory
         self.cert_path = directory / "ca.pem"
         key_path = directory / "ca.key"
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(0o700)
-        if self.cert_path.exists() and key_path.exists():
-            loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            if not isinstance(loaded, ec.EllipticCurvePrivateKey):
-                msg = f"{key_path}: not an EC private key"
-                raise ValueError(msg)
-            self._key = loaded
-            self.cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+        now = now or _now()
+        loaded = _load_ca(key_path, self.cert_path)
+        if loaded is not None and loaded[1].not_valid_after_utc - CA_RENEW_BEFORE > now:
+            self._key, self.cert = loaded
             return
         self._key = ec.generate_private_key(ec.SECP256R1())
-        now = _now()
-        name = _name("Tessera workload CA")
+        name = _name(f"Tessera workload CA {os.urandom(4).hex()}")  # each CA its own name
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -166,19 +176,35 @@ class Authority:
         half their life (a watcher of the files picks the new ones up without a restart)."""
         files = IdentityFiles(self.directory / f"{name}.pem", self.directory / f"{name}.key", self.cert_path)
         now = now or _now()
-        if not _fresh(files.cert, spiffe, self.cert, now):
+        if not _fresh(files, spiffe, self.cert, now):
             cert_pem, key_pem = self.issue(spiffe, now=now)
             _write_private(files.key, key_pem)  # the key first: a cert never names a missing key
             _write_private(files.cert, cert_pem)
         return files
 
 
-def _fresh(path: Path, spiffe: str, ca: x509.Certificate, now: dt.datetime) -> bool:
+def _load_ca(key_path: Path, cert_path: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
+    """The CA's key and certificate when both are readable and belong together, else None."""
     try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except (OSError, ValueError):
+        return None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or cert.public_key() != key.public_key():
+        return None
+    return key, cert
+
+
+def _fresh(files: IdentityFiles, spiffe: str, ca: x509.Certificate, now: dt.datetime) -> bool:
+    """The files hold a certificate for ``spiffe`` signed by ``ca``, its own key beside it, and
+    less than half of its life is over."""
+    try:
+        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
+        cert.verify_directly_issued_by(ca)
+    except (OSError, ValueError, TypeError, InvalidSignature):
         return False
-    if cert.issuer != ca.subject or spiffe_ids(cert) != [spiffe]:
+    if spiffe_ids(cert) != [spiffe] or cert.public_key() != key.public_key():
         return False
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     return now < start + (end - start) / 2

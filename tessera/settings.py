@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 SECRETS_DIR = Path("/var/run/secrets/tessera")
@@ -79,6 +79,15 @@ class IdentitySettings(_Fragment):
     key_file: Path | None = None
     ca_file: Path | None = None
     namespace: str = "default"
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> IdentitySettings:
+        # half an identity would leave a service plaintext, or its clients unable to connect
+        given = [f is not None for f in (self.cert_file, self.key_file, self.ca_file)]
+        if any(given) and not all(given):
+            msg = "an identity needs cert_file, key_file and ca_file together"
+            raise ValueError(msg)
+        return self
 
     @property
     def enabled(self) -> bool:

@@ -11,6 +11,8 @@ from typing import Any
 
 import grpc
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tessera.identity import server_name, spiffe_id
 from tessera.settings import IdentitySettings
@@ -87,6 +89,16 @@ def _pem(settings: IdentitySettings) -> tuple[bytes, bytes, bytes]:
     return settings.key_file.read_bytes(), settings.cert_file.read_bytes(), settings.ca_file.read_bytes()
 
 
+def _pair(key_pem: bytes, cert_pem: bytes) -> bool:
+    """Whether the key belongs to the certificate (both parse)."""
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except (ValueError, TypeError):
+        return False
+    return bool(cert.public_key() == key.public_key())
+
+
 def grpc_server_credentials(settings: IdentitySettings) -> grpc.ServerCredentials:
     """Mutual TLS for a gRPC server: a client certificate from the CA is required. The files are
     read again for new connections once they change (renewal without a restart)."""
@@ -102,9 +114,12 @@ def grpc_server_credentials(settings: IdentitySettings) -> grpc.ServerCredential
         if stamp == seen:
             return None  # unchanged: keep the current one
         try:
-            renewed = configuration(_pem(settings))
+            pem = _pem(settings)
         except OSError:
             return None
+        if not _pair(pem[0], pem[1]):
+            return None  # caught between the key's and the certificate's renewal: next time
+        renewed = configuration(pem)
         seen = stamp
         log.info("identity_reloaded", cert=str(settings.cert_file))
         return renewed
@@ -137,13 +152,27 @@ class PeerChannel:
         self._closing: set[asyncio.Task[None]] = set()
 
     def get(self) -> grpc.aio.Channel:
-        if self._settings is not None and (stamp := _stamp(self._settings)) != self._stamp:
-            self._stamp = stamp
+        if self._settings is not None and self._renewed(self._settings):
             old, self._channel = self._channel, grpc_channel(*self._args)
             task = asyncio.get_running_loop().create_task(old.close(grace=5.0))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         return self._channel
 
+    def _renewed(self, settings: IdentitySettings) -> bool:
+        """The files changed and now hold a key and certificate that belong together."""
+        stamp = _stamp(settings)
+        if stamp == self._stamp:
+            return False
+        try:
+            key, cert, _ = _pem(settings)
+        except OSError:
+            return False
+        if not _pair(key, cert):
+            return False  # mid-renewal: the next call looks again
+        self._stamp = stamp
+        return True
+
     async def close(self) -> None:
         await self._channel.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)

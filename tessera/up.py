@@ -486,7 +486,11 @@ class Stack:
         """Restart crashed children with backoff until asked to stop; renew identities."""
         while not self.stopping.is_set():
             if time.monotonic() - self.identities_checked > IDENTITY_CHECK_SECONDS:
-                self._renew_identities()
+                try:
+                    self._renew_identities()
+                except (OSError, ValueError) as exc:  # the current ones stay valid for hours
+                    self.identities_checked = time.monotonic() - IDENTITY_CHECK_SECONDS + 30
+                    _say(f"error: renewing the workload certificates failed ({exc}); retrying in 30 s")
             for child in self.children.values():
                 proc = child.proc
                 if proc is None or proc.returncode is None or self.stopping.is_set():

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import datetime as dt
 import stat
+from pathlib import Path
 
+import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import ValidationError
 
 from tessera.identity import LEAF_LIFETIME, Authority, spiffe_id, spiffe_ids
+from tessera.settings import IdentitySettings
 
 
 def _mode(path) -> int:
@@ -54,3 +59,48 @@ def test_a_certificate_is_renewed_past_half_its_life_and_not_before(tmp_path):
     files.cert.write_text("garbage")
     cert = x509.load_pem_x509_certificate(ca.ensure("ratelimit", name).cert.read_bytes())
     assert spiffe_ids(cert) == [name]
+
+
+def test_a_new_ca_means_every_leaf_is_issued_again(tmp_path):
+    """A CA whose files went missing is replaced; leaves of the old one are not kept (every CA
+    has its own name, and the signature is checked, not the issuer's name)."""
+    ca = Authority(tmp_path)
+    files = ca.ensure("meter", spiffe_id("meter"))
+    (tmp_path / "ca.key").unlink()
+    replaced = Authority(tmp_path)
+    assert replaced.cert.subject != ca.cert.subject
+    cert = x509.load_pem_x509_certificate(replaced.ensure("meter", spiffe_id("meter")).cert.read_bytes())
+    cert.verify_directly_issued_by(replaced.cert)
+    assert files.cert.read_bytes() == cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_a_ca_near_its_end_is_replaced_at_start(tmp_path):
+    ca = Authority(tmp_path)
+    end = ca.cert.not_valid_after_utc
+    assert Authority(tmp_path, now=end - dt.timedelta(days=60)).cert == ca.cert
+    assert Authority(tmp_path, now=end - dt.timedelta(days=10)).cert != ca.cert
+
+
+def test_a_key_that_does_not_match_its_certificate_is_repaired(tmp_path):
+    ca = Authority(tmp_path)
+    files = ca.ensure("ratelimit", spiffe_id("ratelimit"))
+    other = ca.ensure("meter", spiffe_id("meter"))
+    files.key.write_bytes(other.key.read_bytes())  # a renewal cut between its two writes
+    repaired = ca.ensure("ratelimit", spiffe_id("ratelimit"))
+    cert = x509.load_pem_x509_certificate(repaired.cert.read_bytes())
+    key = serialization.load_pem_private_key(repaired.key.read_bytes(), password=None)
+    assert cert.public_key() == key.public_key()
+
+
+def test_files_are_private_even_over_a_leftover_temp_file(tmp_path):
+    ca = Authority(tmp_path)
+    leftover = tmp_path / ".x.key.tmp"
+    leftover.write_text("old")
+    leftover.chmod(0o644)
+    assert _mode(ca.ensure("x", spiffe_id("x")).key) == 0o600
+
+
+def test_half_an_identity_is_a_configuration_error():
+    with pytest.raises(ValidationError):
+        IdentitySettings(cert_file=Path("c.pem"), key_file=Path("k.pem"))
+    assert not IdentitySettings().enabled
