@@ -28,7 +28,7 @@ from control_plane.db.migrate import current_revision, head_revision
 from control_plane.http_api import build_http_app
 from control_plane.jwt_keys import JwtPolicy
 from control_plane.load import LoadWatcher
-from control_plane.policy_servicer import PolicyCache, PolicyServiceServicer
+from control_plane.policy_servicer import PolicyCache, PolicyServiceServicer, subscribers
 from control_plane.publisher import Publisher
 from control_plane.settings import ControlPlaneSettings
 from control_plane.usage.delivery import OutboxDeliverer, prune_forever
@@ -66,6 +66,7 @@ ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 class App:
     admin: RunningServer
     xds: RunningServer
+    policy: RunningServer
     http_runner: web.AppRunner
     http_port: int
     metrics: MetricsServer
@@ -82,13 +83,17 @@ class App:
         return self.xds.port
 
     @property
+    def policy_port(self) -> int:
+        return self.policy.port
+
+    @property
     def metrics_port(self) -> int:
         return self.metrics.port
 
     async def stop(self, grace: float = 1.0) -> None:
         for t in self.tasks:
             t.cancel()
-        await asyncio.gather(self.admin.stop(grace), self.xds.stop(grace))
+        await asyncio.gather(self.admin.stop(grace), self.xds.stop(grace), self.policy.stop(grace))
         await self.http_runner.cleanup()
         self.metrics.shutdown()
         await self.engine.dispose()
@@ -194,16 +199,27 @@ async def build_app(settings: ControlPlaneSettings) -> App:
             lambda s: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
                 AggregatedDiscoveryServiceServicer(xds_cache), s
             ),
+        ],
+        services=[ADS_SERVICE],
+    )
+    identity = settings.identity
+    callers = subscribers(identity.namespace)
+    policy = await start_server(
+        settings.policy_server,
+        [
             lambda s: policy_pb2_grpc.add_PolicyServiceServicer_to_server(
-                PolicyServiceServicer(policy_cache), s
+                PolicyServiceServicer(policy_cache, callers if identity.enabled else None), s
             ),
         ],
-        services=[ADS_SERVICE, POLICY_SERVICE],
+        services=[POLICY_SERVICE],
+        identity=identity,
+        allowed={POLICY_SERVICE: frozenset(callers)},
     )
     metrics = serve_metrics(settings.metrics)
     await admin.set_serving(True)
     await xds.set_serving(True)
-    app = App(admin, xds, http_runner, http_port, metrics, engine, publisher)
+    await policy.set_serving(True)
+    app = App(admin, xds, policy, http_runner, http_port, metrics, engine, publisher)
     app.tasks.append(asyncio.create_task(publisher.refresh_forever(settings.refresh_seconds)))
     if settings.load_scrape_seconds > 0:
         watcher = LoadWatcher(
@@ -225,6 +241,7 @@ async def build_app(settings: ControlPlaneSettings) -> App:
         "control_plane_listening",
         admin_port=admin.port,
         xds_port=xds.port,
+        policy_port=policy.port,
         http_port=http_port,
         metrics_port=metrics.port,
         database=redact_url(url),

@@ -16,6 +16,7 @@ from typing import Any, Final
 import structlog
 from prometheus_client import Counter, Gauge
 
+from tessera.identity import spiffe_id
 from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
 
 log = structlog.get_logger("control_plane.policy")
@@ -109,18 +110,30 @@ def delta_message(
     )
 
 
+def subscribers(namespace: str) -> dict[str, str]:
+    """SPIFFE ID -> the subscriber it is, under mutual TLS (tessera/identity.py names)."""
+    return {spiffe_id("ext-authz", namespace): "ext_authz", spiffe_id("ratelimit", namespace): "ratelimit"}
+
+
 class PolicyServiceServicer(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, cache: PolicyCache) -> None:
+    def __init__(self, cache: PolicyCache, by_identity: Mapping[str, str] | None = None) -> None:
         self._cache = cache
+        # Under mutual TLS a subscriber is what its certificate says, whatever its hello claims
+        # (ratelimit never receives key digests); None: plaintext, the hello's claim decides.
+        self._by_identity = by_identity
 
     async def Stream(
         self, request_iterator: AsyncIterator[policy_pb2.StreamPolicyRequest], context: Any
     ) -> AsyncIterator[policy_pb2.StreamPolicyResponse]:
-        del context
         first = await anext(request_iterator, None)
         if first is None:
             return
         node, service = first.node_id, first.service
+        if self._by_identity is not None:
+            peer = (context.auth_context().get("peer_spiffe_id") or [b""])[0].decode()
+            service = self._by_identity.get(peer, "")
+            if not service:  # the server's allow list stops these first; never everything
+                return
         log.info("policy_subscribed", node=node, subscriber=service)
 
         async def read_acks() -> None:

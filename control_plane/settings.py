@@ -110,6 +110,9 @@ class ControlPlaneSettings(BaseSettings):
 
     admin: GrpcSettings = GrpcSettings(port=50051)
     xds: GrpcSettings = GrpcSettings(port=50052)
+    # the policy stream (ext_authz and ratelimit subscribe), apart from ADS: mutual TLS with
+    # ``identity`` set, each subscriber served by what its certificate says it is
+    policy_server: GrpcSettings = GrpcSettings(port=50053)
     http: HttpSettings = HttpSettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
@@ -121,7 +124,8 @@ class ControlPlaneSettings(BaseSettings):
     meter: MeterSettings = MeterSettings()
     # The meter settles reservations here (the ratelimit service); "" = it does not settle.
     admission: AdmissionSettings = AdmissionSettings()
-    # The meter's workload identity: mutual TLS to the ratelimit service when set.
+    # This process's workload identity (the control plane's for the policy stream; the meter's
+    # towards the ratelimit service): mutual TLS when set.
     identity: IdentitySettings = IdentitySettings()
     # Local platform-admin credential (admin.json); principals and roles arrive with the admin issue.
     admin_token: SecretStr = SecretStr("")

@@ -100,7 +100,9 @@ def _follow_policy(
         )
         authorizer.swap_index(index)
 
-    subscriber = PolicySubscriber(settings.policy, service="ext_authz", on_update=on_update)
+    subscriber = PolicySubscriber(
+        settings.policy, service="ext_authz", on_update=on_update, identity=settings.identity
+    )
 
     async def serve_when_ready() -> None:
         await subscriber.ready.wait()

@@ -142,7 +142,7 @@ async def build_app(
         raise
 
     subscriber, tasks = follow_policy(
-        settings.policy, service="ratelimit", on_update=on_update, server=running
+        settings.policy, service="ratelimit", on_update=on_update, server=running, identity=identity
     )
     if tls is not None:
         tasks = (*tasks, asyncio.create_task(follow_renewals(tls, identity), name="ratelimit-identity"))

@@ -29,7 +29,8 @@ from prometheus_client import Counter, Gauge
 
 from tessera.grpc_server import RunningServer
 from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
-from tessera.settings import PolicySettings
+from tessera.settings import IdentitySettings, PolicySettings
+from tessera.tls import grpc_channel
 
 log = structlog.get_logger("tessera.policy")
 
@@ -93,8 +94,16 @@ OnUpdate = Callable[[PolicyUpdate], None]
 
 
 class PolicySubscriber:
-    def __init__(self, settings: PolicySettings, *, service: str, on_update: OnUpdate) -> None:
+    def __init__(
+        self,
+        settings: PolicySettings,
+        *,
+        service: str,
+        on_update: OnUpdate,
+        identity: IdentitySettings | None = None,
+    ) -> None:
         self._settings = settings
+        self._identity = identity  # mutual TLS to the control plane when it names one
         self._service = service
         self._on_update = on_update
         self._node_id = settings.node_id or f"{service}-{socket.gethostname()}-{os.getpid()}"
@@ -105,7 +114,8 @@ class PolicySubscriber:
         delay = 0.05
         while True:
             try:
-                async with grpc.aio.insecure_channel(self._settings.url) as channel:
+                # a channel per connection: a renewed certificate is used from the next one on
+                async with grpc_channel(self._settings.url, self._identity, "control-plane") as channel:
                     stub = policy_pb2_grpc.PolicyServiceStub(channel)
                     if await self._consume(stub):
                         delay = 0.05  # the stream worked: start the backoff afresh
@@ -187,13 +197,18 @@ def release_free_memory() -> None:
 
 
 def follow_policy(
-    settings: PolicySettings, *, service: str, on_update: OnUpdate, server: RunningServer
+    settings: PolicySettings,
+    *,
+    service: str,
+    on_update: OnUpdate,
+    server: RunningServer,
+    identity: IdentitySettings | None = None,
 ) -> tuple[PolicySubscriber, tuple[asyncio.Task[None], ...]]:
     """Subscribe, and report SERVING on ``server`` once the first full snapshot is applied.
 
     Readiness depends on the snapshot only, never on Redis or SQL (ARCHITECTURE §3).
     """
-    subscriber = PolicySubscriber(settings, service=service, on_update=on_update)
+    subscriber = PolicySubscriber(settings, service=service, on_update=on_update, identity=identity)
 
     async def serve_when_ready() -> None:
         await subscriber.ready.wait()

@@ -116,8 +116,9 @@ class Child:
 
 
 # Internal surfaces under mutual TLS so far: the ratelimit service's admission stream (from
-# ext_authz) and gRPC server (Settle from ext_authz and the meter; health from the supervisor).
-MTLS_COMPONENTS = ("ext-authz", "ratelimit", "meter", "supervisor")
+# ext_authz) and gRPC server (Settle from ext_authz and the meter; health from the supervisor),
+# and the control plane's policy stream (ext_authz and ratelimit, each served its own view).
+MTLS_COMPONENTS = ("ext-authz", "ratelimit", "meter", "supervisor", "control-plane")
 IDENTITY_CHECK_SECONDS = 600.0  # certificates live 24 h and are renewed past half of it
 
 
@@ -138,6 +139,7 @@ class Ports:
     ratelimit_admission: int = field(default_factory=free_port)  # ext_authz's admission streams
     ratelimit_metrics: int = field(default_factory=free_port)
     envoy_admin: int = field(default_factory=free_port)
+    policy: int = field(default_factory=free_port)  # the control plane's policy stream
     demo: int = field(default_factory=free_port)
     meter_metrics: int = field(default_factory=free_port)
     llm: int = field(default_factory=free_port)
@@ -185,6 +187,7 @@ class Stack:
                 "TESSERA_ADMIN_TOKEN": self.token,
                 "TESSERA_ADMIN__PORT": str(p.admin),
                 "TESSERA_XDS__PORT": str(p.xds),
+                "TESSERA_POLICY_SERVER__PORT": str(p.policy),
                 "TESSERA_HTTP__PORT": str(p.cp_http),
                 "TESSERA_METRICS__PORT": str(p.cp_metrics),
                 "TESSERA_GATEWAY__HOST": self.args.host,
@@ -192,6 +195,7 @@ class Stack:
                 "TESSERA_GATEWAY__ACCESS_LOG_PATH": str(self.usage_log),
                 # The listener's ext_authz speaks what the ext_authz children serve.
                 "TESSERA_GATEWAY__AUTHZ_TRANSPORT": self.authz_transport,
+                **self._identity_env("control-plane"),
             }
         )
 
@@ -201,6 +205,7 @@ class Stack:
             "gateway": f"http://{self.args.host}:{p.gateway}",
             "admin": f"{HOST}:{p.admin}",
             "xds": f"{HOST}:{p.xds}",
+            "policy": f"{HOST}:{p.policy}",  # mutual TLS
             "control_plane_http": f"http://{HOST}:{p.cp_http}",
             "ext_authz": f"{HOST}:{p.ext_authz[0]}",
             "ext_authz_transport": self.authz_transport,
@@ -240,7 +245,7 @@ class Stack:
 
     def _define_children(self) -> None:
         p = self.ports
-        policy_url = f"{HOST}:{p.xds}"
+        policy_url = f"{HOST}:{p.policy}"
         self._child(
             "control-plane",
             [self.python, "-m", "control_plane", "serve"],
@@ -443,8 +448,8 @@ class Stack:
         write_json(
             self.dd.admin, {"admin_url": f"{HOST}:{self.ports.admin}", "token": self.token}, private=True
         )
-        await self._migrate()
         self._renew_identities()
+        await self._migrate()
         self._define_children()
         for name in ("control-plane",):
             await self.children[name].start()

@@ -26,7 +26,10 @@ from control_plane.settings import ControlPlaneSettings
 from tessera import keys
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
 from tessera.errors import ConfigError
+from tessera.identity import Authority, spiffe_id
 from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
+from tessera.settings import GrpcSettings, IdentitySettings
+from tessera.tls import grpc_channel
 
 TOKEN = "test-admin-token"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -39,6 +42,7 @@ def _settings(url: str, pepper: Path) -> ControlPlaneSettings:
         pepper={"file": pepper},
         admin={"port": 0},
         xds={"port": 0},
+        policy_server={"port": 0},
         http={"port": 0},
         metrics={"port": 0},
         admin_token=TOKEN,
@@ -213,7 +217,7 @@ async def _next_complete(stream) -> policy_pb2.StreamPolicyResponse:
 async def test_policy_stream_sends_a_snapshot_then_deltas(admin, app, pepper):
     name = _name()
     await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=name), metadata=AUTH)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.xds_port}") as ch:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.policy_port}") as ch:
         stream = policy_pb2_grpc.PolicyServiceStub(ch).Stream()
         await stream.write(policy_pb2.StreamPolicyRequest(node_id="test", service="ext_authz"))
         first = await asyncio.wait_for(stream.read(), 5)
@@ -242,7 +246,7 @@ async def test_ext_authz_gets_limits_to_know_whom_they_apply_to_and_their_fail_m
             metadata=AUTH,
         )
     ).limit
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.xds_port}") as ch:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.policy_port}") as ch:
         stream = policy_pb2_grpc.PolicyServiceStub(ch).Stream()
         await stream.write(policy_pb2.StreamPolicyRequest(node_id="test", service="ext_authz"))
         first = await asyncio.wait_for(stream.read(), 5)
@@ -461,7 +465,7 @@ async def test_limits_of_every_kind_and_model_prices_reach_the_ratelimit_stream(
     ).limit
     assert slots.window == ""
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.xds_port}") as ch:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.policy_port}") as ch:
         stream = policy_pb2_grpc.PolicyServiceStub(ch).Stream()
         await stream.write(policy_pb2.StreamPolicyRequest(node_id="test", service="ratelimit"))
         first = await asyncio.wait_for(stream.read(), 5)
@@ -596,7 +600,7 @@ async def test_a_price_reaches_the_ratelimit_stream_when_it_takes_effect(admin, 
         name=model, input_micros=7, output_micros=9, effective_time=soon.isoformat().replace("+00:00", "Z")
     )
     await admin.SetModelPrice(price, metadata=AUTH)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.xds_port}") as ch:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.policy_port}") as ch:
         stream = policy_pb2_grpc.PolicyServiceStub(ch).Stream()
         await stream.write(policy_pb2.StreamPolicyRequest(node_id="test", service="ratelimit"))
         first = await asyncio.wait_for(stream.read(), 5)
@@ -621,3 +625,62 @@ async def test_a_price_reaches_the_ratelimit_stream_when_it_takes_effect(admin, 
                 assert (priced[0].input_micros, priced[0].output_micros, priced[0].currency) == (7, 9, "USD")
                 break
         stream.cancel()
+
+
+async def test_the_policy_stream_under_mutual_tls_serves_each_identity_its_own_view(db_url, pepper, tmp_path):
+    """An anonymous client, a certificate from another CA and an identity that is no subscriber
+    get nothing; ratelimit never receives key digests, whatever its hello claims."""
+    ca = Authority(tmp_path / "identity")
+
+    def identity(component: str, authority: Authority = ca) -> IdentitySettings:
+        files = authority.ensure(component, spiffe_id(component))
+        return IdentitySettings(cert_file=files.cert, key_file=files.key, ca_file=files.ca)
+
+    settings = _settings(db_url, pepper).model_copy(
+        update={"policy_server": GrpcSettings(port=0), "identity": identity("control-plane")}
+    )
+    app = await build_app(settings)
+    target = f"127.0.0.1:{app.policy_port}"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as admin_channel:
+            admin = Admin(admin_channel)
+            name = _name()
+            await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=name), metadata=AUTH)
+            await admin.CreateApiKey(admin_pb2.CreateApiKeyRequest(tenant=name), metadata=AUTH)
+
+        async def subscribe(channel: grpc.aio.Channel, claim: str) -> set[str] | grpc.StatusCode:
+            stream = policy_pb2_grpc.PolicyServiceStub(channel).Stream()
+            kinds: set[str] = set()
+            try:
+                await stream.write(policy_pb2.StreamPolicyRequest(node_id="probe", service=claim))
+                msg = await asyncio.wait_for(stream.read(), 5)
+                while msg is not grpc.aio.EOF:
+                    kinds |= {str(r.WhichOneof("kind")) for r in msg.upserts}
+                    if msg.complete:
+                        break
+                    msg = await asyncio.wait_for(stream.read(), 5)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            finally:
+                stream.cancel()
+            return kinds
+
+        async with grpc.aio.insecure_channel(target) as plain:
+            assert await subscribe(plain, "ext_authz") == grpc.StatusCode.UNAVAILABLE
+        for who, expected in (
+            (identity("ext-authz", Authority(tmp_path / "other")), grpc.StatusCode.UNAVAILABLE),
+            (identity("meter"), grpc.StatusCode.PERMISSION_DENIED),
+        ):
+            async with grpc_channel(target, who, "control-plane") as channel:
+                assert await subscribe(channel, "ext_authz") == expected
+        async with grpc_channel(target, identity("ratelimit"), "control-plane") as channel:
+            kinds = await subscribe(channel, "ext_authz")  # it claims to be ext_authz
+        assert isinstance(kinds, set)
+        assert "api_key" not in kinds
+        assert "tenant" not in kinds
+        async with grpc_channel(target, identity("ext-authz"), "control-plane") as channel:
+            kinds = await subscribe(channel, "ratelimit")
+        assert isinstance(kinds, set)
+        assert {"api_key", "tenant"} <= kinds
+    finally:
+        await app.stop(0)
