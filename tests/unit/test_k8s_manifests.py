@@ -406,3 +406,44 @@ def test_sqlite_means_one_control_plane(built):
     else:
         assert "TESSERA_DATABASE__URL" not in config
         assert any(o["kind"] == "Job" for o in built), "a migration Job"
+
+
+def _component(selector_or_meta: dict[str, Any]) -> str:
+    labels = selector_or_meta.get("matchLabels") or selector_or_meta.get("labels") or {}
+    return str(labels["app.kubernetes.io/component"])
+
+
+def _ingress_sources(policy: dict[str, Any], port: str) -> set[str] | None:
+    """The components allowed to reach ``port`` (None: anyone, a rule with no ``from``)."""
+    sources: set[str] = set()
+    for rule in policy["spec"].get("ingress", []):
+        if port not in [p["port"] for p in rule.get("ports", [])]:
+            continue
+        if "from" not in rule:
+            return None
+        sources |= {
+            peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in rule["from"]
+        }
+    return sources
+
+
+def test_network_policies_let_only_the_named_callers_in(built):
+    """Every Tessera pod is selected by a NetworkPolicy; internal ports take only their callers
+    (issue 14); every port a policy names is a port of the pods it selects."""
+    policies = {_component(o["spec"]["podSelector"]): o for o in built if o["kind"] == "NetworkPolicy"}
+    for name, spec in pod_specs(built):
+        if name.startswith("Job/"):
+            continue
+        component = _component(
+            named(built, "Deployment", name.split("/", 1)[1])["spec"]["template"]["metadata"]
+        )
+        assert component in policies, f"{name} has no NetworkPolicy"
+        ports = {p["name"] for c in containers(spec) for p in c.get("ports", [])}
+        named_ports = {p["port"] for r in policies[component]["spec"]["ingress"] for p in r.get("ports", [])}
+        assert named_ports - {"metrics"} <= ports, f"{name}: {named_ports - ports}"
+    assert _ingress_sources(policies["ext-authz"], "grpc") == {"envoy"}
+    assert _ingress_sources(policies["ratelimit"], "admission") == {"ext-authz"}
+    assert _ingress_sources(policies["ratelimit"], "grpc") == {"ext-authz", "envoy"}
+    assert _ingress_sources(policies["control-plane"], "policy-grpc") == {"ext-authz", "ratelimit"}
+    assert _ingress_sources(policies["control-plane"], "xds-grpc") == {"envoy"}
+    assert _ingress_sources(policies["envoy"], "http") is None  # the public gateway
