@@ -239,14 +239,17 @@ class RateLimiter:
         if not plans:
             _OK.inc(len(hits))
             return verdicts
-        backlog = self._take_uncounted()
+        calls = [p.call for p in plans]
+        backlog = self._take_uncounted() if self._uncounted else []  # empty but after an outage
         started = time.perf_counter()
         results = await self._backend.acquire_many(
-            [*backlog, *(p.call for p in plans)], lease_seconds=self._lease
+            [*backlog, *calls] if backlog else calls, lease_seconds=self._lease
         )
         BACKEND_SECONDS.observe(time.perf_counter() - started)
-        self._counted(backlog, results[: len(backlog)])
-        for plan, result in zip(plans, results[len(backlog) :], strict=True):
+        if backlog:
+            self._counted(backlog, results[: len(backlog)])
+            results = results[len(backlog) :]
+        for plan, result in zip(plans, results, strict=True):
             verdict = self._verdict(hits[plan.position], plan, result, month[2] - now)
             if verdict.allowed and isinstance(result, StorageError):
                 self._count_later(plan.call)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -22,6 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tessera.settings import IdentitySettings
 
 TRUST_DOMAIN: Final = "tessera.local"
 CA_LIFETIME: Final = dt.timedelta(days=365)
@@ -39,18 +40,13 @@ def server_name(spiffe: str) -> str:
     """The DNS name a certificate for ``spiffe`` also carries, so that a gRPC client (which
     checks names, not URIs) verifies whom it reached: ``spiffe://tessera.local/ns/default/
     ratelimit`` is ``ratelimit.default.tessera.local``."""
-    path = spiffe.removeprefix(f"spiffe://{TRUST_DOMAIN}/ns/").split("/")
-    namespace, names = path[0], path[1:]
+    namespace, *names = _path(spiffe)
     return ".".join([*reversed(names), namespace, TRUST_DOMAIN])
 
 
-@dataclass(frozen=True, slots=True)
-class IdentityFiles:
-    """Where one component's identity lives: its certificate and key, and the CA to trust."""
-
-    cert: Path
-    key: Path
-    ca: Path
+def _path(spiffe: str) -> list[str]:
+    """``[namespace, component, (node)]`` of one of our SPIFFE IDs."""
+    return spiffe.removeprefix(f"spiffe://{TRUST_DOMAIN}/ns/").split("/")
 
 
 def _now() -> dt.datetime:
@@ -171,16 +167,19 @@ class Authority:
         )
         return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
-    def ensure(self, name: str, spiffe: str, *, now: dt.datetime | None = None) -> IdentityFiles:
-        """``name``'s identity files, issued again when missing, for another ID or CA, or past
-        half their life (a watcher of the files picks the new ones up without a restart)."""
-        files = IdentityFiles(self.directory / f"{name}.pem", self.directory / f"{name}.key", self.cert_path)
+    def ensure(self, name: str, spiffe: str, *, now: dt.datetime | None = None) -> IdentitySettings:
+        """``name``'s identity (its files, as a component is configured with them), issued again
+        when missing, for another ID or CA, or past half their life (a watcher of the files
+        picks the new ones up without a restart)."""
+        cert_path, key_path = self.directory / f"{name}.pem", self.directory / f"{name}.key"
         now = now or _now()
-        if not _fresh(files, spiffe, self.cert, now):
+        if not _fresh(cert_path, key_path, spiffe, self.cert, now):
             cert_pem, key_pem = self.issue(spiffe, now=now)
-            _write_private(files.key, key_pem)  # the key first: a cert never names a missing key
-            _write_private(files.cert, cert_pem)
-        return files
+            _write_private(key_path, key_pem)  # the key first: a cert never names a missing key
+            _write_private(cert_path, cert_pem)
+        return IdentitySettings(
+            cert_file=cert_path, key_file=key_path, ca_file=self.cert_path, namespace=_path(spiffe)[0]
+        )
 
 
 def _load_ca(key_path: Path, cert_path: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
@@ -195,12 +194,12 @@ def _load_ca(key_path: Path, cert_path: Path) -> tuple[ec.EllipticCurvePrivateKe
     return key, cert
 
 
-def _fresh(files: IdentityFiles, spiffe: str, ca: x509.Certificate, now: dt.datetime) -> bool:
+def _fresh(cert_path: Path, key_path: Path, spiffe: str, ca: x509.Certificate, now: dt.datetime) -> bool:
     """The files hold a certificate for ``spiffe`` signed by ``ca``, its own key beside it, and
     less than half of its life is over."""
     try:
-        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
-        key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         cert.verify_directly_issued_by(ca)
     except (OSError, ValueError, TypeError, InvalidSignature):
         return False

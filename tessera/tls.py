@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,15 +23,21 @@ log = structlog.get_logger("tessera.tls")
 WATCH_SECONDS = 30.0
 
 
-def _context(settings: IdentitySettings, purpose: ssl.Purpose) -> ssl.SSLContext:
+def _files(settings: IdentitySettings) -> tuple[Path, Path, Path]:
+    """(certificate, key, CA) paths; the settings hold all three or none."""
     if settings.cert_file is None or settings.key_file is None or settings.ca_file is None:
         msg = "an identity needs its certificate, key and CA files"
         raise ValueError(msg)
+    return settings.cert_file, settings.key_file, settings.ca_file
+
+
+def _context(settings: IdentitySettings, purpose: ssl.Purpose) -> ssl.SSLContext:
+    cert, key, ca = _files(settings)
     side = ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
     ctx = ssl.SSLContext(side)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(settings.cert_file, settings.key_file)
-    ctx.load_verify_locations(cafile=settings.ca_file)
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(cafile=ca)
     ctx.verify_mode = ssl.CERT_REQUIRED  # both ways: a peer without a certificate from our CA is cut
     ctx.check_hostname = False  # peers are named by their SPIFFE ID, checked by the caller
     return ctx
@@ -56,20 +63,40 @@ def peer_spiffe_id(transport: asyncio.BaseTransport) -> str | None:
 async def follow_renewals(
     ctx: ssl.SSLContext, settings: IdentitySettings, every: float = WATCH_SECONDS
 ) -> None:
-    """Load the certificate and key again whenever their files change (renewed in place)."""
-    seen = _stamp(settings)
+    """Load the certificate and key again whenever they are renewed (new connections use them)."""
+    renewals = Renewals(settings)
     while True:
         await asyncio.sleep(every)
-        stamp = _stamp(settings)
-        if stamp == seen:
+        if renewals.renewed() is None:
             continue
         try:
-            ctx.load_cert_chain(str(settings.cert_file), str(settings.key_file))
-        except (OSError, ssl.SSLError) as exc:  # mid-write: the next look takes it
+            ctx.load_cert_chain(*_files(settings)[:2])
+        except (OSError, ssl.SSLError) as exc:  # replaced again meanwhile: the next look takes it
             log.warning("identity_reload_failed", error=str(exc))
-            continue
-        seen = stamp
-        log.info("identity_reloaded", cert=str(settings.cert_file))
+
+
+class Renewals:
+    """Notices this process's certificate being renewed: its files changed and now hold a key
+    and a certificate that belong together (not a renewal caught between its two writes)."""
+
+    def __init__(self, settings: IdentitySettings) -> None:
+        self._settings = settings
+        self._seen = _stamp(settings)
+
+    def renewed(self) -> tuple[bytes, bytes, bytes] | None:
+        """The new (key, certificate, CA) once, after a renewal; else None."""
+        stamp = _stamp(self._settings)
+        if stamp == self._seen:
+            return None
+        try:
+            pem = _pem(self._settings)
+        except OSError:
+            return None
+        if not _pair(pem[0], pem[1]):
+            return None  # mid-renewal: the next look takes it
+        self._seen = stamp
+        log.info("identity_reloaded", cert=str(self._settings.cert_file))
+        return pem
 
 
 def _stamp(settings: IdentitySettings) -> tuple[float, ...]:
@@ -83,10 +110,8 @@ def _stamp(settings: IdentitySettings) -> tuple[float, ...]:
 
 def _pem(settings: IdentitySettings) -> tuple[bytes, bytes, bytes]:
     """(key, certificate, CA) as bytes."""
-    if settings.cert_file is None or settings.key_file is None or settings.ca_file is None:
-        msg = "an identity needs its certificate, key and CA files"
-        raise ValueError(msg)
-    return settings.key_file.read_bytes(), settings.cert_file.read_bytes(), settings.ca_file.read_bytes()
+    cert, key, ca = _files(settings)
+    return key.read_bytes(), cert.read_bytes(), ca.read_bytes()
 
 
 def _pair(key_pem: bytes, cert_pem: bytes) -> bool:
@@ -102,27 +127,15 @@ def _pair(key_pem: bytes, cert_pem: bytes) -> bool:
 def grpc_server_credentials(settings: IdentitySettings) -> grpc.ServerCredentials:
     """Mutual TLS for a gRPC server: a client certificate from the CA is required. The files are
     read again for new connections once they change (renewal without a restart)."""
-    seen = _stamp(settings)
+    renewals = Renewals(settings)
 
     def configuration(pem: tuple[bytes, bytes, bytes]) -> Any:
         key, cert, ca = pem
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def fetch() -> Any:
-        nonlocal seen
-        stamp = _stamp(settings)
-        if stamp == seen:
-            return None  # unchanged: keep the current one
-        try:
-            pem = _pem(settings)
-        except OSError:
-            return None
-        if not _pair(pem[0], pem[1]):
-            return None  # caught between the key's and the certificate's renewal: next time
-        renewed = configuration(pem)
-        seen = stamp
-        log.info("identity_reloaded", cert=str(settings.cert_file))
-        return renewed
+        pem = renewals.renewed()
+        return configuration(pem) if pem is not None else None  # None: keep the current one
 
     return grpc.dynamic_ssl_server_credentials(
         configuration(_pem(settings)), fetch, require_client_authentication=True
@@ -146,32 +159,17 @@ class PeerChannel:
 
     def __init__(self, target: str, settings: IdentitySettings | None, peer: str) -> None:
         self._args = (target, settings, peer)
-        self._settings = settings if settings is not None and settings.enabled else None
-        self._stamp = _stamp(self._settings) if self._settings else ()
+        self._renewals = Renewals(settings) if settings is not None and settings.enabled else None
         self._channel = grpc_channel(*self._args)
         self._closing: set[asyncio.Task[None]] = set()
 
     def get(self) -> grpc.aio.Channel:
-        if self._settings is not None and self._renewed(self._settings):
+        if self._renewals is not None and self._renewals.renewed() is not None:
             old, self._channel = self._channel, grpc_channel(*self._args)
             task = asyncio.get_running_loop().create_task(old.close(grace=5.0))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         return self._channel
-
-    def _renewed(self, settings: IdentitySettings) -> bool:
-        """The files changed and now hold a key and certificate that belong together."""
-        stamp = _stamp(settings)
-        if stamp == self._stamp:
-            return False
-        try:
-            key, cert, _ = _pem(settings)
-        except OSError:
-            return False
-        if not _pair(key, cert):
-            return False  # mid-renewal: the next call looks again
-        self._stamp = stamp
-        return True
 
     async def close(self) -> None:
         await self._channel.close()

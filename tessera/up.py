@@ -31,7 +31,7 @@ from tessera import llm, ports, usage_line
 from tessera.bootstrap import BootstrapParams, render_bootstrap
 from tessera.datadir import DataDir, resolve_data_dir, write_json
 from tessera.demo_upstream.schema import DEFAULT_MAX_TOKENS as DEMO_DEFAULT_MAX_TOKENS
-from tessera.identity import Authority, IdentityFiles, spiffe_id
+from tessera.identity import Authority, spiffe_id
 from tessera.keys import ensure_pepper
 from tessera.probe import active_requests, grpc_serving, http_post, http_status
 from tessera.settings import IdentitySettings
@@ -157,7 +157,7 @@ class Stack:
         self.ports.ext_authz_metrics = [free_port() for _ in range(self.authz_replicas)]
         self.db_url = args.db or f"sqlite+aiosqlite:///{self.dd.database}"
         self.authority: Authority | None = None
-        self.identities: dict[str, IdentityFiles] = {}
+        self.identities: dict[str, IdentitySettings] = {}
         self.identities_checked = 0.0
         self.token = "tadm_" + secrets.token_urlsafe(32)
         self.children: dict[str, Child] = {}
@@ -173,8 +173,15 @@ class Stack:
 
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
-        # Log levels, gateway knobs (e.g. the per-IP guard) and JWT settings pass through.
-        passthrough = ("TESSERA_LOG__", "TESSERA_GATEWAY__", "TESSERA_JWT__", "TESSERA_BILLING__")
+        # Log levels, gateway knobs (e.g. the per-IP guard), JWT settings and ext_authz's gRPC
+        # server mode (TESSERA_GRPC_SERVER, _THREADS; the other services ignore it) pass through.
+        passthrough = (
+            "TESSERA_LOG__",
+            "TESSERA_GATEWAY__",
+            "TESSERA_JWT__",
+            "TESSERA_BILLING__",
+            "TESSERA_GRPC_SERVER",
+        )
         keep = {k: v for k, v in os.environ.items() if k.startswith(passthrough)}
         return {**env, **keep, "TESSERA_LOG__FORMAT": "json", **extra}
 
@@ -263,8 +270,6 @@ class Stack:
                 self._env(
                     {
                         "TESSERA_TRANSPORT": self.authz_transport,
-                        # the gRPC server mode (TESSERA_GRPC_SERVER, _THREADS), when set
-                        **{k: v for k, v in os.environ.items() if k.startswith("TESSERA_GRPC_SERVER")},
                         "TESSERA_GRPC__PORT": str(port),
                         # Worker i serves metrics on base + i; only the base is listed.
                         "TESSERA_METRICS__PORT": str(metrics if self.authz_workers == 1 else 0),
@@ -291,7 +296,7 @@ class Stack:
                 }
             ),
             lambda: grpc_serving(
-                f"{HOST}:{p.ratelimit}", identity=self._identity("supervisor"), peer="ratelimit"
+                f"{HOST}:{p.ratelimit}", identity=self.identities["supervisor"], peer="ratelimit"
             ),
         )
         if self.args.demo_upstream:
@@ -475,16 +480,12 @@ class Stack:
             self.identities[name] = self.authority.ensure(name, spiffe_id(name))
         self.identities_checked = time.monotonic()
 
-    def _identity(self, name: str) -> IdentitySettings:
-        files = self.identities[name]
-        return IdentitySettings(cert_file=files.cert, key_file=files.key, ca_file=files.ca)
-
     def _identity_env(self, name: str) -> dict[str, str]:
         files = self.identities[name]
         return {
-            "TESSERA_IDENTITY__CERT_FILE": str(files.cert),
-            "TESSERA_IDENTITY__KEY_FILE": str(files.key),
-            "TESSERA_IDENTITY__CA_FILE": str(files.ca),
+            "TESSERA_IDENTITY__CERT_FILE": str(files.cert_file),
+            "TESSERA_IDENTITY__KEY_FILE": str(files.key_file),
+            "TESSERA_IDENTITY__CA_FILE": str(files.ca_file),
         }
 
     async def supervise(self) -> None:

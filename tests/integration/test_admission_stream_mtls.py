@@ -29,8 +29,7 @@ from tessera.tls import client_context, server_context
 
 
 def identity(ca: Authority, name: str, component: str | None = None) -> IdentitySettings:
-    files = ca.ensure(name, spiffe_id(component or name))
-    return IdentitySettings(cert_file=files.cert, key_file=files.key, ca_file=files.ca)
+    return ca.ensure(name, spiffe_id(component or name))
 
 
 def one_request_a_minute() -> RateLimiter:
@@ -199,3 +198,43 @@ async def test_settle_answers_only_ext_authz_and_the_meter_and_rls_no_one(
     finally:
         await app.stop()
         await policy_server.stop(0)
+
+
+# --- renewal: a running server takes a renewed certificate without a restart ----------------
+
+
+async def _served_serial(port: int, tls: ssl.SSLContext) -> str:
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+    try:
+        cert: Any = writer.get_extra_info("peercert")
+        return str(cert["serialNumber"])
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def test_a_renewed_certificate_is_served_from_the_next_connection_on(ca: Authority) -> None:
+    """The supervisor renews ratelimit's certificate in place; new connections get the new one,
+    with no restart."""
+    from tessera.tls import follow_renewals  # noqa: PLC0415
+
+    served = identity(ca, "ratelimit")
+    tls = server_context(served)
+    watcher = asyncio.create_task(follow_renewals(tls, served, every=0.05))
+    allowed = frozenset({spiffe_id("ext-authz")})
+    srv = await start_admission_stream(
+        one_request_a_minute(), "127.0.0.1", 0, reuse_port=False, tls=tls, allowed=allowed
+    )
+    port = srv.sockets[0].getsockname()[1]
+    client = client_context(identity(ca, "ext-authz"))
+    try:
+        first = await _served_serial(port, client)
+        assert served.cert_file is not None
+        served.cert_file.unlink()  # what is not fresh is issued again, in place
+        assert ca.ensure("ratelimit", spiffe_id("ratelimit")) == served
+        await asyncio.sleep(0.3)
+        assert await _served_serial(port, client) != first
+    finally:
+        watcher.cancel()
+        srv.close()

@@ -633,8 +633,7 @@ async def test_the_policy_stream_under_mutual_tls_serves_each_identity_its_own_v
     ca = Authority(tmp_path / "identity")
 
     def identity(component: str, authority: Authority = ca) -> IdentitySettings:
-        files = authority.ensure(component, spiffe_id(component))
-        return IdentitySettings(cert_file=files.cert, key_file=files.key, ca_file=files.ca)
+        return authority.ensure(component, spiffe_id(component))
 
     settings = _settings(db_url, pepper).model_copy(
         update={"policy_server": GrpcSettings(port=0), "identity": identity("control-plane")}

@@ -108,9 +108,12 @@ async def test_without_a_default_the_platform_default_is_reserved_capped_by_the_
 
 
 class CountingBackend(MemoryCounterBackend):
+    """Memory counters that record each call, and can be made unreachable (a Redis outage)."""
+
     def __init__(self, clock: FakeClock) -> None:
         super().__init__(clock)
         self.calls: list[str] = []
+        self.down = False
 
     async def acquire(self, *args, **kwargs):
         self.calls.append("acquire")
@@ -118,10 +121,14 @@ class CountingBackend(MemoryCounterBackend):
 
     async def acquire_many(self, calls, **kwargs):
         self.calls.append(f"acquire_many:{len(calls)}")
+        if self.down:
+            return [StorageError("redis unavailable", transient=True)] * len(calls)
         return await super().acquire_many(calls, **kwargs)
 
     async def settle_many(self, calls, **kwargs):
         self.calls.append(f"settle_many:{len(calls)}")
+        if self.down:
+            return StorageError("redis unavailable", transient=True)
         return await super().settle_many(calls, **kwargs)
 
 
@@ -208,33 +215,9 @@ async def test_a_settle_after_the_lease_ended_the_reservation_changes_nothing():
     assert c.outcomes[0][0].remaining == 38  # a's late settlement changed nothing
 
 
-class OutageBackend(MemoryCounterBackend):
-    """Memory counters that can be made unreachable, like a Redis outage."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        super().__init__(clock)
-        self.down = False
-
-    async def acquire_many(self, calls, **kwargs):
-        if self.down:
-            return [StorageError("redis unavailable", transient=True)] * len(calls)
-        return await super().acquire_many(calls, **kwargs)
-
-    async def settle_many(self, calls, **kwargs):
-        if self.down:
-            return StorageError("redis unavailable", transient=True)
-        return await super().settle_many(calls, **kwargs)
-
-
-def with_outage(clock: FakeClock, *limits: policy_pb2.Limit) -> tuple[RateLimiter, OutageBackend]:
-    backend = OutageBackend(clock)
-    snapshot = snapshot_from_policy("v", [policy_pb2.Resource(limit=lim) for lim in limits])
-    return RateLimiter(backend, snapshot, clock=clock), backend
-
-
 async def test_requests_admitted_fail_open_during_an_outage_are_counted_once_it_ends():
     clock = FakeClock()
-    rl, backend = with_outage(clock, lim(policy_pb2.Limit.TOKENS, 100, 0))
+    rl, backend = counted(clock, lim(policy_pb2.Limit.TOKENS, 100, 0))
     backend.down = True
     a, b = await rl.admit([hit("a", 30), hit("b", 30)])
     assert (a.allowed, a.degraded, a.reserved) == (True, True, True)  # fail-open: admitted, to settle
@@ -257,7 +240,7 @@ async def test_requests_admitted_fail_open_during_an_outage_are_counted_once_it_
 
 async def test_a_slot_taken_fail_open_during_an_outage_is_free_after_its_settle():
     clock = FakeClock()
-    rl, backend = with_outage(clock, lim(policy_pb2.Limit.CONCURRENCY, 1, 0))
+    rl, backend = counted(clock, lim(policy_pb2.Limit.CONCURRENCY, 1, 0))
     backend.down = True
     (a,) = await rl.admit([hit("a")])
     assert (a.allowed, a.degraded) == (True, True)
@@ -273,7 +256,7 @@ async def test_a_slot_taken_fail_open_during_an_outage_is_free_after_its_settle(
 
 async def test_a_fail_closed_limit_refuses_during_an_outage_and_counts_nothing_later():
     clock = FakeClock()
-    rl, backend = with_outage(clock, lim(policy_pb2.Limit.REQUESTS, 2, 60, fail_closed=True))
+    rl, backend = counted(clock, lim(policy_pb2.Limit.REQUESTS, 2, 60, fail_closed=True))
     backend.down = True
     (a,) = await rl.admit([hit("a")])
     assert not a.allowed
