@@ -83,7 +83,8 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
     from control_plane.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
     from control_plane.usage.meter import Meter  # noqa: PLC0415
     from control_plane.usage.settler import Settler  # noqa: PLC0415
-    from tessera.metrics import serve_metrics  # noqa: PLC0415
+    from tessera.metrics import serve_metrics, set_ready  # noqa: PLC0415
+    from tessera.probe import http_base  # noqa: PLC0415
 
     engine = make_engine(settings.database.url.get_secret_value())
     try:
@@ -100,10 +101,11 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
             node,
             retention=retention,
             rotate_bytes=settings.meter.rotate_bytes,
-            envoy_admin=settings.meter.envoy_admin,
+            envoy_admin=http_base(settings.meter.envoy_admin),
             settler=settler,
         )
         log.info("meter_started", log=str(log_path), node=node, metrics_port=metrics.port)
+        set_ready(True)  # its /healthz: the store answered and the log is being read
         try:
             await meter.run_forever(
                 settings.meter.poll_seconds, settle_interval=settings.meter.settle_poll_seconds

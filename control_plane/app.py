@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -39,10 +40,12 @@ from control_plane.xds.translate import GatewayConfig
 from tessera import keys
 from tessera.admin.v1 import admin_pb2_grpc
 from tessera.errors import ConfigError
-from tessera.grpc_server import RunningServer, start_server
+from tessera.grpc_server import RunningServer, permitted, start_server
+from tessera.identity import envoy_nodes, spiffe_id
 from tessera.metrics import MetricsServer, serve_metrics
 from tessera.policy.v1 import policy_pb2_grpc
 from tessera.settings import redact_url
+from tessera.tls import peer_spiffe_id, server_context
 
 log = structlog.get_logger("control_plane")
 
@@ -114,14 +117,34 @@ async def check_schema(engine: AsyncEngine) -> None:
         raise ConfigError(msg)
 
 
+def _only_envoy(namespace: str) -> Any:
+    """aiohttp middleware under mutual TLS: only Envoy nodes' certificates are answered."""
+    envoys = frozenset({envoy_nodes(namespace)})
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        peer = peer_spiffe_id(request.transport) if request.transport is not None else None
+        if not permitted(peer or "", envoys):
+            log.warning("rpc_refused", rpc=f"http {request.path}", peer=peer, reason="identity not allowed")
+            raise web.HTTPForbidden(text="this identity may not call the control plane's HTTP API")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return check
+
+
 async def _start_http(
     settings: ControlPlaneSettings, publisher: Publisher, pepper: bytes
 ) -> tuple[web.AppRunner, int]:
+    identity = settings.identity
     app = build_http_app(publisher, pepper)
+    tls = server_context(identity) if identity.enabled else None
+    if tls is not None:
+        app.middlewares.insert(0, _only_envoy(identity.namespace))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     # SO_REUSEADDR: a restart must not trip over TIME_WAIT; Linux still refuses a second listener.
-    site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_address=True)
+    site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_address=True, ssl_context=tls)
     try:
         await site.start()
     except OSError as exc:
@@ -163,13 +186,22 @@ async def build_app(settings: ControlPlaneSettings) -> App:
     ctx = AdminContext(
         sessionmaker, publisher, Authenticator(pepper, settings.admin_token.get_secret_value()), pepper, grace
     )
+    identity = settings.identity
+    envoys = envoy_nodes(identity.namespace)
+    admin_services = [f"tessera.admin.v1.{name}" for name in ADMIN_SERVICERS]
+    # Under mutual TLS the admin API answers operators (the CLI's identity) and Envoy (REST);
+    # each call is then authenticated by its bearer token and authorised by role.
+    admin_callers = frozenset({spiffe_id("operator", identity.namespace), envoys})
     admin = await start_server(
         settings.admin,
         [_registrar(name, cls(ctx)) for name, cls in ADMIN_SERVICERS.items()],
-        services=[f"tessera.admin.v1.{name}" for name in ADMIN_SERVICERS],
+        services=admin_services,
+        identity=identity,
+        allowed=dict.fromkeys(admin_services, admin_callers),
     )
     http_runner, http_port = await _start_http(settings, publisher, pepper)
     gw = settings.gateway
+    tls_files = (gw.tls_cert_file, gw.tls_key_file) if gw.tls_cert_file and gw.tls_key_file else None
     # Envoy's view of us needs the bound ports, so the first publish waits for them.
     publisher.configure(
         GatewayConfig(
@@ -189,20 +221,30 @@ async def build_app(settings: ControlPlaneSettings) -> App:
             authz_transport=gw.authz_transport,
             jwt_issuer=settings.jwt.issuer,
             jwt_audience=settings.jwt.audience,
-        )
+            tls=tls_files is not None,
+            admin_rest=gw.admin_rest,
+            admin_rest_host=gw.admin_rest_host,
+            admin_rest_port=gw.admin_rest_port,
+            envoy_identity_sds=gw.envoy_identity_sds,
+            envoy_ca_file=gw.envoy_ca_file,
+            namespace=identity.namespace,
+        ),
+        tls_files,
     )
     await publisher.publish()
 
+    # ADS under mutual TLS: Envoy nodes only, each served as the node its certificate names.
     xds = await start_server(
         settings.xds,
         [
             lambda s: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-                AggregatedDiscoveryServiceServicer(xds_cache), s
+                AggregatedDiscoveryServiceServicer(xds_cache, envoys if identity.enabled else None), s
             ),
         ],
         services=[ADS_SERVICE],
+        identity=identity,
+        allowed={ADS_SERVICE: frozenset({envoys})},
     )
-    identity = settings.identity
     callers = subscribers(identity.namespace)
     policy = await start_server(
         settings.policy_server,

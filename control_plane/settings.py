@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings
 
 from tessera.settings import (
@@ -51,6 +51,27 @@ class GatewaySettings(BaseModel):
     # How Envoy calls ext_authz: gRPC Check, or HTTP/1.1 (http_service); ext_authz must serve
     # the same (its TESSERA_TRANSPORT).
     authz_transport: Literal["grpc", "http"] = "grpc"
+    # TLS on the public listener: the certificate and key files (PEM), read again when they
+    # change and delivered to Envoy over SDS; unset = plain HTTP.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # The admin REST API (gRPC-JSON transcoding): on the public listener, on a listener of its
+    # own at admin_rest_host:admin_rest_port, or nowhere (the gRPC admin API stays).
+    admin_rest: Literal["public", "internal", "off"] = "internal"
+    admin_rest_host: str = "127.0.0.1"
+    admin_rest_port: int = Field(default=8081, ge=1, le=65535)
+    # Envoy's workload identity: the SDS file it reads its certificate from, and the CA (paths on
+    # the Envoy host). Set: Envoy reaches the control plane's HTTP handlers and admin API over
+    # mutual TLS (tessera/envoy_tls.py).
+    envoy_identity_sds: str | None = None
+    envoy_ca_file: str = "/etc/tessera/identity/ca.crt"
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GatewaySettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            msg = "gateway TLS needs tls_cert_file and tls_key_file together"
+            raise ValueError(msg)
+        return self
 
 
 class JwtSettings(BaseModel):
@@ -102,7 +123,8 @@ class MeterSettings(BaseModel):
     )
     # Rotate the log at this size once read (0 = off: an outside logrotate + /reopen_logs).
     rotate_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
-    envoy_admin: str = "http://127.0.0.1:9901"  # where /reopen_logs is, beside the Envoy
+    # Envoy's admin, where /reopen_logs is: its unix socket (unix:/path), or http://host:port
+    envoy_admin: str = "unix:/var/run/envoy/admin.sock"
 
 
 class ControlPlaneSettings(BaseSettings):

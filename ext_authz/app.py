@@ -21,6 +21,7 @@ from ext_authz.sync_grpc import start_sync_server
 from tessera.clock import SYSTEM_CLOCK, Clock
 from tessera.errors import ConfigError
 from tessera.grpc_server import start_server
+from tessera.identity import envoy_nodes
 from tessera.keys import load_pepper
 from tessera.metrics import MetricsServer, serve_metrics
 from tessera.policy_client import PolicySubscriber, PolicyUpdate
@@ -69,18 +70,31 @@ class App:
 
 async def _start_transport(settings: ExtAuthzSettings, authorizer: Authorizer, clock: Clock) -> Server:
     reuse_port = settings.workers > 1
+    # Under mutual TLS only Envoy nodes may ask (health: any identity from the CA).
+    envoys = frozenset({envoy_nodes(settings.identity.namespace)})
+    identity = settings.identity if settings.identity.enabled else None
     if settings.transport == "http":
-        return await start_http_server(settings.grpc, authorizer, clock, reuse_port=reuse_port)
+        return await start_http_server(
+            settings.grpc, authorizer, clock, reuse_port=reuse_port, identity=identity, allowed=envoys
+        )
     servicer = ExtAuthzServicer(authorizer, clock)
     if settings.grpc_server == "sync":
         return start_sync_server(
-            settings.grpc, servicer, SERVICE_NAME, threads=settings.grpc_server_threads, reuse_port=reuse_port
+            settings.grpc,
+            servicer,
+            SERVICE_NAME,
+            threads=settings.grpc_server_threads,
+            reuse_port=reuse_port,
+            identity=identity,
+            allowed=envoys,
         )
     return await start_server(
         settings.grpc,
         [lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s)],
         services=[SERVICE_NAME],
         reuse_port=reuse_port,
+        identity=identity,
+        allowed={SERVICE_NAME: envoys},
     )
 
 

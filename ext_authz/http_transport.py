@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
 from collections.abc import Coroutine
 from http import HTTPStatus
@@ -52,8 +53,11 @@ from ext_authz.answers import (
 from ext_authz.authorize import Authorizer, Outcome
 from tessera.clock import Clock
 from tessera.errors import ConfigError
+from tessera.grpc_server import permitted
+from tessera.metrics import set_ready
 from tessera.openai_errors import error_json, status_of
-from tessera.settings import GrpcSettings
+from tessera.settings import GrpcSettings, IdentitySettings
+from tessera.tls import follow_renewals, peer_spiffe_id, server_context
 
 log = structlog.get_logger("ext_authz")
 
@@ -129,6 +133,8 @@ _FAILED: Final = _framed(
     _head(500, [("content-type", "application/json")]), b'{"error":{"message":"internal error"}}'
 )
 _BAD_REQUEST: Final = _framed(_head(400, [("connection", "close")]))
+# A peer whose identity may not ask (mutual TLS): Envoy's own 403 would look like a denial.
+_REFUSED: Final = _framed(_head(403, [("connection", "close")]))
 _TOO_LARGE: Final = _framed(_head(431, [("connection", "close")]))
 
 
@@ -226,6 +232,7 @@ class _Connection(asyncio.Protocol):
         self._closing = False  # answer what is queued, then close; read no more
         self._paused = False  # reading paused: Envoy does not read, or too many answers wait
         self._write_paused = False
+        self._may_decide = True  # under mutual TLS: whether this peer may ask (else health only)
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -233,6 +240,14 @@ class _Connection(asyncio.Protocol):
         # A stream server's transport (uvloop's is no asyncio.Transport subclass, but is one).
         self._transport = cast("asyncio.Transport", transport)
         self._server.connections.add(self)
+        allowed = self._server.allowed
+        if allowed is not None:  # mutual TLS: the handshake is done, the peer's certificate known
+            peer = peer_spiffe_id(transport) or ""
+            self._may_decide = permitted(peer, allowed)
+            if not self._may_decide:
+                log.warning(
+                    "rpc_refused", rpc="http_service", peer=peer or None, reason="identity not allowed"
+                )
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -300,7 +315,10 @@ class _Connection(asyncio.Protocol):
         url = b"".join(self._url)
         if not parser.should_keep_alive():
             self._closing = True
-        if url.startswith(_PREFIX):
+        if url.startswith(_PREFIX) and not self._may_decide:
+            self._queue.append(_REFUSED)
+            self._closing = True
+        elif url.startswith(_PREFIX):
             self._decide(url[_PREFIX_LEN:].decode("latin-1"), parser.get_method() == b"HEAD")
         elif url == _HEALTH or url.startswith(_HEALTH + b"?"):
             self._queue.append(_HEALTHY if self._server.serving else _UNHEALTHY)
@@ -415,8 +433,18 @@ def _close_header(resp: bytes) -> bytes:
 class HttpAuthzServer:
     """The listening socket and its connections; NOT serving until the first policy snapshot."""
 
-    def __init__(self, authorizer: Authorizer, clock: Clock) -> None:
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        clock: Clock,
+        identity: IdentitySettings | None = None,
+        allowed: frozenset[str] = frozenset(),
+    ) -> None:
         self.authorizer = authorizer
+        # Mutual TLS with an identity: only ``allowed`` peers (grpc_server.permitted) may ask;
+        # any peer from the CA may read /healthz.
+        self.identity = identity
+        self.allowed = allowed if identity is not None else None
         self.responder = Responder(authorizer, clock)
         self.connections: set[_Connection] = set()
         self.serving = False
@@ -424,6 +452,8 @@ class HttpAuthzServer:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._all_closed = asyncio.Event()
+        self._tls: ssl.SSLContext | None = None
+        self._renewals: asyncio.Task[None] | None = None
 
     def forget(self, conn: _Connection) -> None:
         self.connections.discard(conn)
@@ -432,6 +462,9 @@ class HttpAuthzServer:
 
     async def start(self, settings: GrpcSettings, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        if self.identity is not None:
+            self._tls = server_context(self.identity)
+            self._renewals = loop.create_task(follow_renewals(self._tls, self.identity))
         address = f"{settings.host}:{settings.port}"
         try:
             self._server = await loop.create_server(
@@ -440,6 +473,7 @@ class HttpAuthzServer:
                 settings.port,
                 reuse_port=reuse_port,
                 backlog=1024,
+                ssl=self._tls,
             )
         except OSError as exc:
             msg = f"cannot listen on {address}: address already in use or not available"
@@ -448,11 +482,15 @@ class HttpAuthzServer:
 
     async def set_serving(self, serving: bool) -> None:
         self.serving = serving
+        set_ready(serving)
 
     async def stop(self, grace: float) -> None:
         """Health 503, stop accepting, answer what is in flight (``connection: close``), close."""
         self.serving = False
+        set_ready(False)
         self.draining = True
+        if self._renewals is not None:
+            self._renewals.cancel()
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
@@ -470,9 +508,15 @@ class HttpAuthzServer:
 
 
 async def start_http_server(
-    settings: GrpcSettings, authorizer: Authorizer, clock: Clock, *, reuse_port: bool = False
+    settings: GrpcSettings,
+    authorizer: Authorizer,
+    clock: Clock,
+    *,
+    reuse_port: bool = False,
+    identity: IdentitySettings | None = None,
+    allowed: frozenset[str] = frozenset(),
 ) -> HttpAuthzServer:
-    server = HttpAuthzServer(authorizer, clock)
+    server = HttpAuthzServer(authorizer, clock, identity, allowed)
     await server.start(settings, reuse_port=reuse_port)
     return server
 

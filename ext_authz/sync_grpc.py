@@ -21,18 +21,31 @@ from grpc_reflection.v1alpha import reflection
 
 from ext_authz.servicer import ExtAuthzServicer
 from tessera.errors import ConfigError
-from tessera.settings import GrpcSettings
+from tessera.grpc_server import permitted
+from tessera.metrics import set_ready
+from tessera.settings import GrpcSettings, IdentitySettings
+from tessera.tls import grpc_server_credentials
 
 log = structlog.get_logger("ext_authz.sync_grpc")
 NO_DEADLINE = 86_400.0  # a deadline further away than this is none
 
 
 class _ThreadedCheck(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, servicer: ExtAuthzServicer, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, servicer: ExtAuthzServicer, loop: asyncio.AbstractEventLoop, allowed: frozenset[str] | None
+    ) -> None:
         self._servicer = servicer
         self._loop = loop
+        self._allowed = allowed  # under mutual TLS: who may call Check (grpc_server.permitted)
 
     def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's name
+        if self._allowed is not None:
+            peer = (context.auth_context().get("peer_spiffe_id") or [b""])[0].decode()
+            if not permitted(peer, self._allowed):
+                log.warning("rpc_refused", rpc="Check", peer=peer or None, reason="identity not allowed")
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, f"{peer or 'this caller'} may not call Check"
+                )
         future = asyncio.run_coroutine_threadsafe(self._servicer.Check(request, None), self._loop)
         context.add_callback(future.cancel)  # the call ended first (Envoy went away): cancel it
         try:
@@ -67,16 +80,26 @@ class SyncServer:
         )
         for name in ("", *self.services):
             self.health.set(name, status)
+        set_ready(serving)
 
     async def stop(self, grace: float) -> None:
+        set_ready(False)
         self.health.enter_graceful_shutdown()
         await asyncio.to_thread(self.server.stop(grace).wait)
 
 
 def start_sync_server(
-    settings: GrpcSettings, servicer: ExtAuthzServicer, service: str, *, threads: int, reuse_port: bool
+    settings: GrpcSettings,
+    servicer: ExtAuthzServicer,
+    service: str,
+    *,
+    threads: int,
+    reuse_port: bool,
+    identity: IdentitySettings | None = None,
+    allowed: frozenset[str] = frozenset(),
 ) -> SyncServer:
-    """Bind, register Check, health and reflection, start; health begins NOT_SERVING."""
+    """Bind, register Check, health and reflection, start; health begins NOT_SERVING. With an
+    ``identity``: mutual TLS, and only the ``allowed`` SPIFFE IDs may call Check."""
     options = [
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -84,13 +107,17 @@ def start_sync_server(
     ]
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=threads), options=options)
     loop = asyncio.get_running_loop()
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(_ThreadedCheck(servicer, loop), server)
+    check = _ThreadedCheck(servicer, loop, allowed if identity is not None else None)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(check, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((service, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
     try:
-        port = server.add_insecure_port(address)
+        if identity is not None:
+            port = server.add_secure_port(address, grpc_server_credentials(identity))
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if port == 0:

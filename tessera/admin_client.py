@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import grpc
 
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
 from tessera.datadir import DataDir, read_json
+from tessera.identity import server_name, spiffe_id
 
 
 class AdminConfigError(Exception):
@@ -21,27 +23,74 @@ class AdminConfigError(Exception):
 class AdminTarget:
     url: str
     token: str
+    # Mutual TLS: the operator's identity (certificate, key) and the CA the control plane's
+    # certificate must chain to; the server must be the control plane of ``namespace``.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    namespace: str = "default"
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
+
+
+TLS_ENV = ("TESSERA_ADMIN_CERT_FILE", "TESSERA_ADMIN_KEY_FILE", "TESSERA_ADMIN_CA_FILE")
+
+
+def _tls_files(saved: dict[str, Any]) -> tuple[Path | None, ...]:
+    """(certificate, key, CA) from the environment, else admin.json; all three or none."""
+    given = tuple(os.environ.get(name) for name in TLS_ENV)
+    if not any(given):
+        given = tuple(saved.get(k) for k in ("cert_file", "key_file", "ca_file"))
+    if any(given) and not all(given):
+        msg = "the admin API's mutual TLS needs a certificate, its key and the CA together"
+        raise AdminConfigError(msg)
+    return tuple(Path(v) if v else None for v in given)
 
 
 def resolve_target(data_dir: Path, url: str | None = None, token: str | None = None) -> AdminTarget:
     url = url or os.environ.get("TESSERA_ADMIN_URL")
     token = token or os.environ.get("TESSERA_ADMIN_TOKEN")
+    saved: dict[str, Any] = {}
+    with contextlib.suppress(FileNotFoundError):
+        saved = _read(DataDir(data_dir).admin)
     if not (url and token):
-        path = DataDir(data_dir).admin
-        try:
-            saved: dict[str, Any] = read_json(path)
-        except FileNotFoundError as exc:
+        if not saved:
             msg = (
                 f"no admin.json in {data_dir}: start the stack with `tessera up`, "
                 "or pass --admin-url and --token"
             )
-            raise AdminConfigError(msg) from exc
-        except (OSError, ValueError) as exc:
-            msg = f"cannot read {path}: {exc}"
-            raise AdminConfigError(msg) from exc
+            raise AdminConfigError(msg)
         url = url or str(saved.get("admin_url", ""))
         token = token or str(saved.get("token", ""))
-    return AdminTarget(url=url.removeprefix("grpc://"), token=token)
+    cert, key, ca = _tls_files(saved)
+    namespace = os.environ.get("TESSERA_ADMIN_NAMESPACE") or str(saved.get("namespace", "default"))
+    return AdminTarget(url.removeprefix("grpc://"), token, cert, key, ca, namespace)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return dict(read_json(path))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        msg = f"cannot read {path}: {exc}"
+        raise AdminConfigError(msg) from exc
+
+
+def admin_channel(target: AdminTarget) -> grpc.Channel:
+    """A channel to the admin API: mutual TLS as the operator when the target names the files
+    (the server must hold the control plane's identity), else plaintext."""
+    if not target.tls or target.cert_file is None or target.key_file is None or target.ca_file is None:
+        return grpc.insecure_channel(target.url)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=target.ca_file.read_bytes(),
+        private_key=target.key_file.read_bytes(),
+        certificate_chain=target.cert_file.read_bytes(),
+    )
+    name = server_name(spiffe_id("control-plane", target.namespace))
+    return grpc.secure_channel(target.url, credentials, options=[("grpc.ssl_target_name_override", name)])
 
 
 SERVICES = tuple(admin_pb2.DESCRIPTOR.services_by_name)  # TenantService, PlanService, ...
@@ -54,7 +103,7 @@ class AdminClient:
     """
 
     def __init__(self, target: AdminTarget, *, timeout: float = 10.0) -> None:
-        self._channel = grpc.insecure_channel(target.url)
+        self._channel = admin_channel(target)
         self._methods: dict[str, Any] = {}
         for service in SERVICES:
             stub = getattr(admin_pb2_grpc, f"{service}Stub")(self._channel)

@@ -68,6 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
     up.add_argument("--admin-port", type=int, default=50051, help="admin gRPC port (default 50051)")
     up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve the gateway over HTTPS (HTTP/2 and HTTP/1.1) with a certificate from a local CA "
+        "of its own (<data-dir>/gateway-tls/ca.pem is what clients trust)",
+    )
+    up.add_argument(
+        "--tls-cert", type=Path, help="the gateway's certificate (PEM; with --tls-key, implies --tls)"
+    )
+    up.add_argument("--tls-key", type=Path, help="the gateway certificate's private key (PEM)")
+    up.add_argument(
+        "--admin-rest",
+        choices=("public", "internal", "off"),
+        default="public",
+        help="the admin REST API (/admin/v1/...): on the gateway (default), on a listener of its "
+        "own on 127.0.0.1, or nowhere (the gRPC admin API stays)",
+    )
     up.add_argument("--ext-authz-replicas", type=int, default=1, help="ext_authz processes (Envoy balances)")
     up.add_argument("--ext-authz-workers", type=int, default=1, help="worker processes per ext_authz replica")
     up.add_argument(
@@ -78,11 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bs = sub.add_parser("envoy-bootstrap", help="render envoy/bootstrap.yaml with concrete addresses")
-    bs.add_argument("--node-id", default="tessera-gateway")
-    bs.add_argument("--admin", default="127.0.0.1:9901", help="Envoy admin host:port")
+    bs.add_argument("--node-id", default="gateway", help="Envoy's node id (its SPIFFE ID names it)")
+    bs.add_argument("--namespace", default="default", help="the namespace the SPIFFE IDs name")
+    bs.add_argument("--admin-socket", default="/var/run/envoy/admin.sock", help="Envoy admin unix socket")
+    bs.add_argument("--stats", default="0.0.0.0:9902", help="host:port serving /stats/prometheus and /ready")
     bs.add_argument("--xds", default="127.0.0.1:50052", help="control plane xDS host:port")
     bs.add_argument("--ext-authz", default="127.0.0.1:50061", help="ext_authz host:port[,host:port...]")
-    bs.add_argument("--ratelimit", default="127.0.0.1:50071", help="ratelimit host:port")
+    bs.add_argument(
+        "--identity-dir",
+        default="/etc/tessera/identity",
+        help="Envoy's identity (tls.crt, tls.key, ca.crt: a mounted Secret, reloaded when it changes)",
+    )
+    bs.add_argument("--identity-sds", default=None, help="SDS file to write (default: beside --out)")
     bs.add_argument("--template", default=None, help="bootstrap template (default: envoy/bootstrap.yaml)")
     bs.add_argument("--out", default="-", help="file to write (default stdout)")
 
@@ -166,15 +190,32 @@ def run_admin(args: argparse.Namespace) -> int:
 
 def _envoy_bootstrap(args: argparse.Namespace) -> int:
     from tessera.bootstrap import TEMPLATE, BootstrapParams, render_bootstrap  # noqa: PLC0415
+    from tessera.envoy_tls import write_file_identity  # noqa: PLC0415
 
     def split(value: str) -> tuple[str, int]:
         host, _, port = value.rpartition(":")
         return host, int(port)
 
-    (ah, ap), (xh, xp), (rh, rp) = (split(args.admin), split(args.xds), split(args.ratelimit))
-    authz = tuple(split(a) for a in args.ext_authz.split(","))
-    template = Path(args.template) if args.template else TEMPLATE
-    text = render_bootstrap(BootstrapParams(args.node_id, ah, ap, xh, xp, authz, rh, rp), template)
+    if args.identity_sds is None and args.out == "-":
+        print("tessera: --identity-sds is needed when the bootstrap goes to stdout", file=sys.stderr)
+        return 2
+    sds = Path(args.identity_sds) if args.identity_sds else Path(args.out).with_name("identity-sds.json")
+    identity = Path(args.identity_dir)
+    (sh, sp), (xh, xp) = split(args.stats), split(args.xds)
+    params = BootstrapParams(
+        node_id=args.node_id,
+        admin_socket=args.admin_socket,
+        stats_host=sh,
+        stats_port=sp,
+        xds_host=xh,
+        xds_port=xp,
+        ext_authz=tuple(split(a) for a in args.ext_authz.split(",")),
+        identity_sds=str(sds),
+        ca_file=str(identity / "ca.crt"),
+        namespace=args.namespace,
+    )
+    text = render_bootstrap(params, Path(args.template) if args.template else TEMPLATE)
+    write_file_identity(sds, identity)
     if args.out == "-":
         sys.stdout.write(text)
     else:

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tessera.errors import ConfigError, TesseraError
+from tessera.metrics import set_ready
 from tessera.settings import GrpcSettings, IdentitySettings
 from tessera.tls import grpc_server_credentials
 
@@ -44,8 +45,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, allowed: Mapping[str, frozenset[str]] | None = None) -> None:
         self._wrapped: dict[str, Any] = {}
-        # service name -> the SPIFFE IDs that may call it (mutual TLS only); a service not named
-        # here (health, reflection) takes any peer whose certificate chains to the CA
+        # service name -> the SPIFFE IDs that may call it (``permitted``; mutual TLS only); a
+        # service not named here (health, reflection) takes any peer whose certificate chains
+        # to the CA
         self._allowed = allowed
 
     async def intercept_service(
@@ -91,11 +93,19 @@ async def _fail(ctx: Any, exc: Exception) -> None:
     await ctx.abort(code, message)
 
 
+def permitted(peer: str, allowed: frozenset[str]) -> bool:
+    """Whether the SPIFFE ID ``peer`` is in ``allowed``, whose entries ending in ``/`` name every
+    ID under them (``spiffe://tessera.local/ns/default/envoy/``: each Envoy node)."""
+    if not peer:
+        return False
+    return peer in allowed or any(p.endswith("/") and peer.startswith(p) for p in allowed)
+
+
 async def _refuse_unless(allowed: frozenset[str], rpc: str, ctx: Any) -> None:
     """PERMISSION_DENIED (and a log line) for a peer whose identity may not call ``rpc``."""
     found = ctx.auth_context().get("peer_spiffe_id") or [b""]
     peer = found[0].decode()
-    if peer not in allowed:
+    if not permitted(peer, allowed):
         log.warning("rpc_refused", rpc=rpc, peer=peer or None, reason="identity not allowed")
         await ctx.abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer or 'this caller'} may not call {rpc}")
 
@@ -154,8 +164,10 @@ class RunningServer:
         )
         for name in ("", *self.services):
             await self.health.set(name, status)
+        set_ready(serving)
 
     async def stop(self, grace: float) -> None:
+        set_ready(False)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 

@@ -12,6 +12,7 @@ package does cryptography here.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 from pathlib import Path
 from typing import Final
@@ -36,6 +37,11 @@ def spiffe_id(component: str, namespace: str = "default", node: str = "") -> str
     return f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/{component}" + (f"/{node}" if node else "")
 
 
+def envoy_nodes(namespace: str = "default") -> str:
+    """The prefix of every Envoy node's SPIFFE ID (an allow-list entry: ``grpc_server.permitted``)."""
+    return spiffe_id("envoy", namespace) + "/"
+
+
 def server_name(spiffe: str) -> str:
     """The DNS name a certificate for ``spiffe`` also carries, so that a gRPC client (which
     checks names, not URIs) verifies whom it reached: ``spiffe://tessera.local/ns/default/
@@ -53,7 +59,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Written whole and durably (a reader sees the old file or the new one, a crash leaves
     one of them), mode 0600 from the start: a fresh temp file, never a leftover or a link."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -127,25 +133,26 @@ class Authority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        _write_private(key_path, _key_pem(self._key))
-        _write_private(self.cert_path, self.cert.public_bytes(serialization.Encoding.PEM))
+        write_private(key_path, _key_pem(self._key))
+        write_private(self.cert_path, self.cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(
         self,
         spiffe: str,
         *,
-        dns_names: tuple[str, ...] = ("localhost",),
+        hosts: tuple[str, ...] = ("localhost",),
         lifetime: dt.timedelta = LEAF_LIFETIME,
         now: dt.datetime | None = None,
     ) -> tuple[bytes, bytes]:
-        """(certificate PEM, key PEM) of a new leaf for ``spiffe``: client and server use."""
+        """(certificate PEM, key PEM) of a new leaf for ``spiffe`` and ``hosts`` (DNS names or
+        IP addresses): client and server use."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = now or _now()
         sans: list[x509.GeneralName] = [
             x509.UniformResourceIdentifier(spiffe),
             x509.DNSName(server_name(spiffe)),
         ]
-        sans += [x509.DNSName(d) for d in dns_names]
+        sans += [_host_name(h) for h in hosts]
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(spiffe.rsplit("/", 1)[-1]))
@@ -167,19 +174,34 @@ class Authority:
         )
         return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
-    def ensure(self, name: str, spiffe: str, *, now: dt.datetime | None = None) -> IdentitySettings:
+    def ensure(
+        self,
+        name: str,
+        spiffe: str,
+        *,
+        hosts: tuple[str, ...] = ("localhost",),
+        force: bool = False,
+        now: dt.datetime | None = None,
+    ) -> IdentitySettings:
         """``name``'s identity (its files, as a component is configured with them), issued again
-        when missing, for another ID or CA, or past half their life (a watcher of the files
-        picks the new ones up without a restart)."""
+        when missing, for another ID or CA, past half their life, or when ``force``d (a watcher
+        of the files picks the new ones up without a restart)."""
         cert_path, key_path = self.directory / f"{name}.pem", self.directory / f"{name}.key"
         now = now or _now()
-        if not _fresh(cert_path, key_path, spiffe, self.cert, now):
-            cert_pem, key_pem = self.issue(spiffe, now=now)
-            _write_private(key_path, key_pem)  # the key first: a cert never names a missing key
-            _write_private(cert_path, cert_pem)
+        if force or not _fresh(cert_path, key_path, spiffe, self.cert, now):
+            cert_pem, key_pem = self.issue(spiffe, hosts=hosts, now=now)
+            write_private(key_path, key_pem)  # the key first: a cert never names a missing key
+            write_private(cert_path, cert_pem)
         return IdentitySettings(
             cert_file=cert_path, key_file=key_path, ca_file=self.cert_path, namespace=_path(spiffe)[0]
         )
+
+
+def _host_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
 
 
 def _load_ca(key_path: Path, cert_path: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:

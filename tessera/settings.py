@@ -93,6 +93,14 @@ class IdentitySettings(_Fragment):
     def enabled(self) -> bool:
         return self.cert_file is not None
 
+    @property
+    def files(self) -> tuple[Path, Path, Path]:
+        """(certificate, key, CA); an error for no identity."""
+        if self.cert_file is None or self.key_file is None or self.ca_file is None:
+            msg = "an identity needs its certificate, key and CA files"
+            raise ValueError(msg)
+        return self.cert_file, self.key_file, self.ca_file
+
 
 class PepperSettings(_Fragment):
     file: Path = Path("pepper")

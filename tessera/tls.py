@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,16 +22,8 @@ log = structlog.get_logger("tessera.tls")
 WATCH_SECONDS = 30.0
 
 
-def _files(settings: IdentitySettings) -> tuple[Path, Path, Path]:
-    """(certificate, key, CA) paths; the settings hold all three or none."""
-    if settings.cert_file is None or settings.key_file is None or settings.ca_file is None:
-        msg = "an identity needs its certificate, key and CA files"
-        raise ValueError(msg)
-    return settings.cert_file, settings.key_file, settings.ca_file
-
-
 def _context(settings: IdentitySettings, purpose: ssl.Purpose) -> ssl.SSLContext:
-    cert, key, ca = _files(settings)
+    cert, key, ca = settings.files
     side = ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
     ctx = ssl.SSLContext(side)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -70,7 +61,7 @@ async def follow_renewals(
         if renewals.renewed() is None:
             continue
         try:
-            ctx.load_cert_chain(*_files(settings)[:2])
+            ctx.load_cert_chain(*settings.files[:2])
         except (OSError, ssl.SSLError) as exc:  # replaced again meanwhile: the next look takes it
             log.warning("identity_reload_failed", error=str(exc))
 
@@ -92,7 +83,7 @@ class Renewals:
             pem = _pem(self._settings)
         except OSError:
             return None
-        if not _pair(pem[0], pem[1]):
+        if not key_matches(pem[0], pem[1]):
             return None  # mid-renewal: the next look takes it
         self._seen = stamp
         log.info("identity_reloaded", cert=str(self._settings.cert_file))
@@ -110,11 +101,11 @@ def _stamp(settings: IdentitySettings) -> tuple[float, ...]:
 
 def _pem(settings: IdentitySettings) -> tuple[bytes, bytes, bytes]:
     """(key, certificate, CA) as bytes."""
-    cert, key, ca = _files(settings)
+    cert, key, ca = settings.files
     return key.read_bytes(), cert.read_bytes(), ca.read_bytes()
 
 
-def _pair(key_pem: bytes, cert_pem: bytes) -> bool:
+def key_matches(key_pem: bytes, cert_pem: bytes) -> bool:
     """Whether the key belongs to the certificate (both parse)."""
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)

@@ -31,10 +31,12 @@ from tessera import llm, ports, usage_line
 from tessera.bootstrap import BootstrapParams, render_bootstrap
 from tessera.datadir import DataDir, resolve_data_dir, write_json
 from tessera.demo_upstream.schema import DEFAULT_MAX_TOKENS as DEMO_DEFAULT_MAX_TOKENS
+from tessera.envoy_tls import write_inline_identity
 from tessera.identity import Authority, spiffe_id
 from tessera.keys import ensure_pepper
-from tessera.probe import active_requests, grpc_serving, http_post, http_status
+from tessera.probe import active_requests, grpc_serving, http_post, http_status, unix_url
 from tessera.settings import IdentitySettings
+from tessera.tls import client_context
 from tessera.workers import die_with_parent
 
 HOST = "127.0.0.1"
@@ -115,10 +117,9 @@ class Child:
             await self.proc.wait()
 
 
-# Internal surfaces under mutual TLS so far: the ratelimit service's admission stream (from
-# ext_authz) and gRPC server (Settle from ext_authz and the meter; health from the supervisor),
-# and the control plane's policy stream (ext_authz and ratelimit, each served its own view).
-MTLS_COMPONENTS = ("ext-authz", "ratelimit", "meter", "supervisor", "control-plane")
+# Every internal surface is mutual TLS; each component holds its own identity. "operator" is
+# the admin CLI's (admin.json names its files), "envoy" is Envoy's (its node in the SPIFFE ID).
+MTLS_COMPONENTS = ("ext-authz", "ratelimit", "meter", "supervisor", "control-plane", "operator")
 IDENTITY_CHECK_SECONDS = 600.0  # certificates live 24 h and are renewed past half of it
 
 
@@ -138,7 +139,8 @@ class Ports:
     ratelimit: int = field(default_factory=free_port)
     ratelimit_admission: int = field(default_factory=free_port)  # ext_authz's admission streams
     ratelimit_metrics: int = field(default_factory=free_port)
-    envoy_admin: int = field(default_factory=free_port)
+    envoy_stats: int = field(default_factory=free_port)  # Envoy's /stats/prometheus and /ready
+    admin_rest: int = field(default_factory=free_port)  # --admin-rest internal: its listener
     policy: int = field(default_factory=free_port)  # the control plane's policy stream
     demo: int = field(default_factory=free_port)
     meter_metrics: int = field(default_factory=free_port)
@@ -167,7 +169,13 @@ class Stack:
         self.envoy = str(bindir / "envoy")
         self.node_id = f"tessera-{socket.gethostname()}"
         self.usage_log = self.dd.logs / "access.log"  # Envoy's usage lines (tessera/usage_line.py)
+        # Envoy admin: a unix socket only this user can open (mode 0600, in the 0700 data dir)
+        self.envoy_admin = self.dd.run / "envoy-admin.sock"
+        self.envoy_identity = self.dd.root / "identity" / "envoy-sds.json"  # Envoy's certificate
+        self.admin_rest: str = getattr(args, "admin_rest", "public")
+        self.gateway_tls: tuple[Path, Path] | None = None  # (certificate, key) with --tls
         self.reloading = False
+        self.rotate_now = False  # SIGUSR1: issue every certificate again now
 
     # --- environment -------------------------------------------------------------------------
 
@@ -202,14 +210,33 @@ class Stack:
                 "TESSERA_GATEWAY__ACCESS_LOG_PATH": str(self.usage_log),
                 # The listener's ext_authz speaks what the ext_authz children serve.
                 "TESSERA_GATEWAY__AUTHZ_TRANSPORT": self.authz_transport,
+                "TESSERA_GATEWAY__ADMIN_REST": self.admin_rest,
+                "TESSERA_GATEWAY__ADMIN_REST_PORT": str(p.admin_rest),
+                "TESSERA_GATEWAY__ENVOY_IDENTITY_SDS": str(self.envoy_identity),
+                "TESSERA_GATEWAY__ENVOY_CA_FILE": str(self.identities["control-plane"].ca_file),
+                **self._gateway_tls_env(),
                 **self._identity_env("control-plane"),
             }
         )
 
+    def _gateway_ca(self) -> str | None:
+        """The CA a client of the gateway trusts (--tls), else None."""
+        if self.gateway_tls is None:
+            return None
+        own = self.dd.root / "gateway-tls" / "ca.pem"
+        return str(own) if own.exists() and not getattr(self.args, "tls_cert", None) else None
+
+    def _gateway_tls_env(self) -> dict[str, str]:
+        if self.gateway_tls is None:
+            return {}
+        cert, key = self.gateway_tls
+        return {"TESSERA_GATEWAY__TLS_CERT_FILE": str(cert), "TESSERA_GATEWAY__TLS_KEY_FILE": str(key)}
+
     def endpoints(self) -> dict[str, Any]:
         p = self.ports
+        scheme = "https" if self.gateway_tls else "http"
         out: dict[str, Any] = {
-            "gateway": f"http://{self.args.host}:{p.gateway}",
+            "gateway": f"{scheme}://{self.args.host}:{p.gateway}",
             "admin": f"{HOST}:{p.admin}",
             "xds": f"{HOST}:{p.xds}",
             "policy": f"{HOST}:{p.policy}",  # mutual TLS
@@ -219,16 +246,22 @@ class Stack:
             "ext_authz_replicas": [f"{HOST}:{port}" for port in p.ext_authz],
             "ratelimit": f"{HOST}:{p.ratelimit}",
             "ratelimit_admission_stream": f"{HOST}:{p.ratelimit_admission}",  # mutual TLS
-            "envoy_admin": f"http://{HOST}:{p.envoy_admin}",
+            "envoy_admin": unix_url(str(self.envoy_admin)),  # an http+unix URL (tessera.probe)
             "metrics": {
                 "control_plane": f"http://{HOST}:{p.cp_metrics}/metrics",
                 "ext_authz": f"http://{HOST}:{p.ext_authz_metrics[0]}/metrics",
                 "ratelimit": f"http://{HOST}:{p.ratelimit_metrics}/metrics",
-                "envoy": f"http://{HOST}:{p.envoy_admin}/stats/prometheus",
+                "envoy": f"http://{HOST}:{p.envoy_stats}/stats/prometheus",
             },
+            # mutual TLS on every internal port: the CA their certificates chain to
+            "internal_ca": str(self.identities["control-plane"].ca_file),
             "pids": {name: c.proc.pid for name, c in self.children.items() if c.proc},
             "supervisor_pid": os.getpid(),
         }
+        if (ca := self._gateway_ca()) is not None:
+            out["gateway_ca"] = ca
+        if self.admin_rest == "internal":
+            out["admin_rest"] = f"{scheme}://{HOST}:{p.admin_rest}"
         if self.args.demo_upstream:
             out["demo_upstream"] = f"http://{HOST}:{p.demo}"
             out["metrics"]["demo_upstream"] = f"http://{HOST}:{p.demo}/metrics"
@@ -246,9 +279,11 @@ class Stack:
 
     def _authz_ready(self, port: int) -> Any:
         """Serving once it holds a policy snapshot: gRPC health, or ``GET /healthz`` (200)."""
-        if self.authz_transport == "http":
-            return functools.partial(http_status, f"http://{HOST}:{port}/healthz", expect=200)
-        return functools.partial(grpc_serving, f"{HOST}:{port}")
+        me = self.identities["supervisor"]
+        if self.authz_transport == "http":  # mutual TLS: any identity from the CA may read /healthz
+            url = f"https://{HOST}:{port}/healthz"
+            return functools.partial(http_status, url, expect=200, context=client_context(me))
+        return functools.partial(grpc_serving, f"{HOST}:{port}", identity=me, peer="ext-authz")
 
     def _define_children(self) -> None:
         p = self.ports
@@ -257,7 +292,9 @@ class Stack:
             "control-plane",
             [self.python, "-m", "control_plane", "serve"],
             self._cp_env(),
-            lambda: grpc_serving(f"{HOST}:{p.admin}"),
+            lambda: grpc_serving(
+                f"{HOST}:{p.admin}", identity=self.identities["supervisor"], peer="control-plane"
+            ),
         )
 
         # ext_authz admits by ratelimit's counters over one stream; the meter settles there.
@@ -320,7 +357,7 @@ class Stack:
                 {
                     "TESSERA_DATABASE__URL": self.db_url,
                     "TESSERA_METRICS__PORT": str(p.meter_metrics),
-                    "TESSERA_METER__ENVOY_ADMIN": f"http://{HOST}:{p.envoy_admin}",
+                    "TESSERA_METER__ENVOY_ADMIN": f"unix:{self.envoy_admin}",
                     "TESSERA_ADMISSION__URL": admission_url,
                     **self._identity_env("meter"),
                 }
@@ -349,7 +386,9 @@ class Stack:
             ],
             self._env({usage_line.NODE_ENV: self.node_id}),
             # 401 means: listener up, routes loaded, ext_authz answering.
-            lambda: http_status(f"http://{HOST}:{p.gateway}/v1/models", expect=401),
+            lambda: http_status(
+                self.endpoints()["gateway"] + "/v1/models", expect=401, ca_file=self._gateway_ca()
+            ),
         )
 
     def _write_bootstrap(self) -> None:
@@ -357,13 +396,14 @@ class Stack:
         text = render_bootstrap(
             BootstrapParams(
                 node_id=self.node_id,
-                admin_host=HOST,
-                admin_port=p.envoy_admin,
+                admin_socket=str(self.envoy_admin),
+                stats_host=HOST,
+                stats_port=p.envoy_stats,
                 xds_host=HOST,
                 xds_port=p.xds,
                 ext_authz=tuple((HOST, port) for port in p.ext_authz),
-                ratelimit_host=HOST,
-                ratelimit_port=p.ratelimit,
+                identity_sds=str(self.envoy_identity),
+                ca_file=str(self.identities["control-plane"].ca_file),
             )
         )
         (self.dd.run / "envoy.yaml").write_text(text)
@@ -387,12 +427,12 @@ class Stack:
         """Register model ``demo`` (and ``gemma-3-270m`` on the real server) and mint a demo key
         (printed once for the curl line)."""
         from tessera.admin.v1 import admin_pb2 as pb  # noqa: PLC0415
-        from tessera.admin_client import AdminClient, AdminTarget  # noqa: PLC0415
+        from tessera.admin_client import AdminClient  # noqa: PLC0415
 
         def seed() -> dict[str, str]:
             import grpc  # noqa: PLC0415
 
-            with AdminClient(AdminTarget(f"{HOST}:{self.ports.admin}", self.token)) as c:
+            with AdminClient(self._admin_target()) as c:
                 if self.args.demo_upstream:
                     backend = pb.Backend(url=f"http://{HOST}:{self.ports.demo}")
                     c.call(
@@ -450,10 +490,21 @@ class Stack:
     async def start(self) -> dict[str, str] | None:
         self.dd.ensure()
         ensure_pepper(self.dd.pepper)
-        write_json(
-            self.dd.admin, {"admin_url": f"{HOST}:{self.ports.admin}", "token": self.token}, private=True
-        )
         self._renew_identities()
+        self._gateway_certificate()
+        operator = self.identities["operator"]
+        write_json(
+            self.dd.admin,
+            {
+                "admin_url": f"{HOST}:{self.ports.admin}",
+                "token": self.token,
+                # the admin API is mutual TLS: the CLI presents the operator's identity
+                "cert_file": str(operator.cert_file),
+                "key_file": str(operator.key_file),
+                "ca_file": str(operator.ca_file),
+            },
+            private=True,
+        )
         await self._migrate()
         self._define_children()
         for name in ("control-plane",):
@@ -472,13 +523,35 @@ class Stack:
         write_json(self.dd.endpoints, self.endpoints())
         return demo_key
 
-    def _renew_identities(self) -> None:
-        """Issue each internal identity on first start, and again past half its life (the
-        services reload renewed files without a restart)."""
+    def _admin_target(self) -> Any:
+        from tessera.admin_client import AdminTarget  # noqa: PLC0415
+
+        return AdminTarget(f"{HOST}:{self.ports.admin}", self.token, *self.identities["operator"].files)
+
+    def _renew_identities(self, *, force: bool = False) -> None:
+        """Issue each internal identity on first start, and again past half its life or when
+        ``force``d (the services and Envoy reload renewed files without a restart)."""
         self.authority = self.authority or Authority(self.dd.root / "identity")
         for name in MTLS_COMPONENTS:
-            self.identities[name] = self.authority.ensure(name, spiffe_id(name))
+            self.identities[name] = self.authority.ensure(name, spiffe_id(name), force=force)
+        envoy = self.authority.ensure("envoy", spiffe_id("envoy", node=self.node_id), force=force)
+        self.identities["envoy"] = envoy
+        cert, key = (path.read_bytes() for path in envoy.files[:2])
+        if not self.envoy_identity.exists() or cert.decode() not in self.envoy_identity.read_text():
+            write_inline_identity(self.envoy_identity, cert, key)  # Envoy watches the file
         self.identities_checked = time.monotonic()
+
+    def _gateway_certificate(self, *, force: bool = False) -> None:
+        """``--tls``: the files given, or a certificate for the gateway's host from a CA of its
+        own in ``<data-dir>/gateway-tls/`` (clients trust its ca.pem; never the internal CA)."""
+        args = self.args
+        if getattr(args, "tls_cert", None) and getattr(args, "tls_key", None):
+            self.gateway_tls = (Path(args.tls_cert), Path(args.tls_key))
+        elif getattr(args, "tls", False):
+            authority = Authority(self.dd.root / "gateway-tls")
+            names = tuple(dict.fromkeys(("localhost", args.host)))
+            files = authority.ensure("gateway", spiffe_id("gateway"), hosts=names, force=force)
+            self.gateway_tls = files.files[:2]
 
     def _identity_env(self, name: str) -> dict[str, str]:
         files = self.identities[name]
@@ -491,9 +564,13 @@ class Stack:
     async def supervise(self) -> None:
         """Restart crashed children with backoff until asked to stop; renew identities."""
         while not self.stopping.is_set():
-            if time.monotonic() - self.identities_checked > IDENTITY_CHECK_SECONDS:
+            if time.monotonic() - self.identities_checked > IDENTITY_CHECK_SECONDS or self.rotate_now:
+                force, self.rotate_now = self.rotate_now, False
                 try:
-                    self._renew_identities()
+                    self._renew_identities(force=force)
+                    self._gateway_certificate(force=force)
+                    if force:
+                        _say("SIGUSR1: every certificate issued again")
                 except (OSError, ValueError) as exc:  # the current ones stay valid for hours
                     self.identities_checked = time.monotonic() - IDENTITY_CHECK_SECONDS + 30
                     _say(f"error: renewing the workload certificates failed ({exc}); retrying in 30 s")
@@ -533,7 +610,7 @@ class Stack:
             return
         self.reloading = True
         envoy = self.children["envoy"]
-        admin = f"http://{HOST}:{self.ports.envoy_admin}"
+        admin = unix_url(str(self.envoy_admin))
         try:
             _say("SIGHUP: draining Envoy's listeners, then restarting Envoy")
             await http_post(f"{admin}/drain_listeners?graceful")
@@ -565,15 +642,18 @@ class Stack:
 def _banner(stack: Stack, demo_key: dict[str, str] | None) -> None:
     ep = stack.endpoints()
     print(f"Tessera is up. Gateway: {ep['gateway']}")
-    print(f"  admin API (gRPC): {ep['admin']}   data dir: {stack.dd.root}")
-    print(f"  Envoy admin: {ep['envoy_admin']}   logs: {stack.dd.logs}")
+    print(f"  admin API (gRPC, mutual TLS): {ep['admin']}   data dir: {stack.dd.root}")
+    print(f"  Envoy admin: unix socket {stack.envoy_admin}   logs: {stack.dd.logs}")
+    if "gateway_ca" in ep:
+        print(f"  gateway CA (clients trust it): {ep['gateway_ca']}")
     for name, url in ep["metrics"].items():
         print(f"  metrics {name}: {url}")
     if demo_key:
+        ca = f"--cacert {ep['gateway_ca']} " if "gateway_ca" in ep else ""
         print(f"\nDemo key (shown once): {demo_key['key']}")
         print("Try it:\n")
         print(
-            f"curl -s {ep['gateway']}/v1/chat/completions -H 'Authorization: Bearer {demo_key['key']}' "
+            f"curl -s {ca}{ep['gateway']}/v1/chat/completions -H 'Authorization: Bearer {demo_key['key']}' "
             "-H 'Content-Type: application/json' "
             '-d \'{"model": "demo", "messages": [{"role": "user", "content": "Hello Tessera"}]}\''
         )
@@ -593,6 +673,11 @@ async def _main(args: argparse.Namespace) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+
+    def on_sigusr1() -> None:
+        stack.rotate_now = True
+
+    loop.add_signal_handler(signal.SIGUSR1, on_sigusr1)
     try:
         stack.preflight()
         starting = asyncio.create_task(stack.start())
@@ -651,4 +736,7 @@ def run_up(args: argparse.Namespace) -> int:
         _say(f"error: {exc}")
         return 2
     args.redis = args.redis or "memory://"
+    if (getattr(args, "tls_cert", None) is None) != (getattr(args, "tls_key", None) is None):
+        _say("error: --tls-cert and --tls-key go together")
+        return 2
     return asyncio.run(_main(args))

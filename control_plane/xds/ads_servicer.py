@@ -28,6 +28,7 @@ from control_plane.xds.resources import (
     ROUTE_TYPE,
     SECRET_TYPE,
 )
+from tessera.errors import PermissionDeniedError
 
 log = structlog.get_logger("control_plane.xds")
 
@@ -48,19 +49,29 @@ class _TypeState:
 @dataclass
 class _Stream:
     node: str = ""
+    certified_node: str | None = None  # under mutual TLS: the node its certificate names
     types: dict[str, _TypeState] = field(default_factory=dict)
 
 
 class AggregatedDiscoveryServiceServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
-    def __init__(self, cache: SnapshotCache) -> None:
+    def __init__(self, cache: SnapshotCache, envoy_prefix: str | None = None) -> None:
         self._cache = cache
         self._nonces = itertools.count(1)
+        # Under mutual TLS: the SPIFFE ID prefix of Envoy nodes (``…/envoy/``); a stream's node
+        # must be the one its certificate names. None: plaintext, the node is what it says.
+        self._envoy_prefix = envoy_prefix
+
+    def _certified_node(self, context: Any) -> str | None:
+        """The node the caller's certificate names (mutual TLS), else None (anyone)."""
+        if self._envoy_prefix is None:
+            return None
+        peer: bytes = (context.auth_context().get("peer_spiffe_id") or [b""])[0]
+        return peer.decode().removeprefix(self._envoy_prefix)  # the allow list admitted only Envoy IDs
 
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: Any
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
-        del context
-        stream = _Stream()
+        stream = _Stream(certified_node=self._certified_node(context))
         inbox: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
 
         async def read() -> None:
@@ -108,8 +119,13 @@ class AggregatedDiscoveryServiceServicer(ads_pb2_grpc.AggregatedDiscoveryService
             get_snap.cancel()
 
     def _on_request(self, stream: _Stream, req: discovery_pb2.DiscoveryRequest) -> None:
-        if req.node.id:
-            stream.node = req.node.id
+        node = req.node.id or stream.node
+        if stream.certified_node is not None and node != stream.certified_node:
+            # Every node's config (and its secrets) goes only to the node its certificate names.
+            log.warning("rpc_refused", rpc="ADS", node=node or None, certified=stream.certified_node)
+            msg = f"this certificate is node {stream.certified_node!r}, not {node!r}"
+            raise PermissionDeniedError(msg)
+        stream.node = node
         ts = stream.types.setdefault(req.type_url, _TypeState())
         if req.HasField("error_detail"):
             XDS_NACKS.labels(req.type_url.rsplit(".", 1)[-1]).inc()

@@ -12,9 +12,11 @@ ROUTES_NAME = "tessera_routes"
 EXT_AUTHZ_CLUSTER = "tessera_ext_authz"  # static, in the bootstrap (HTTP/2: gRPC Check)
 EXT_AUTHZ_HTTP_CLUSTER = "tessera_ext_authz_http"  # the same endpoints over HTTP/1.1 (http_service)
 AUTHZ_PATH_PREFIX = "/authz"  # http_service: ext_authz sees /authz<original path> (its http_transport)
-RATELIMIT_CLUSTER = "tessera_ratelimit"  # static, in the bootstrap
 CP_HTTP_CLUSTER = "tessera_control_plane_http"
 ADMIN_CLUSTER = "tessera_admin_api"
+ADMIN_REST_LISTENER = "tessera_admin_rest"  # admin_rest="internal": the admin REST API alone
+# the SDS secret with the public listener's certificate (a name, not a secret)
+GATEWAY_TLS_SECRET = "gateway_tls"  # noqa: S105
 ADMIN_SERVICES = tuple(admin_pb2.DESCRIPTOR.services_by_name)
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 JWT_FILTER = "tessera.jwt_authn"  # its config arrives over ECDS (JWKS rotation without a listener drain)
@@ -61,3 +63,10 @@ class GatewayConfig:
     jwt_audience: str = "tessera-gateway"
     upstream_ca_file: str = SYSTEM_CA_FILE  # verifies https backends
     authz_transport: Literal["grpc", "http"] = "grpc"  # how Envoy calls ext_authz (its TESSERA_TRANSPORT)
+    tls: bool = False  # the public listener serves TLS with the SDS secret GATEWAY_TLS_SECRET
+    admin_rest: Literal["public", "internal", "off"] = "public"  # where /admin/ REST is served
+    admin_rest_host: str = "127.0.0.1"  # "internal": its own listener
+    admin_rest_port: int = 8081
+    envoy_identity_sds: str | None = None  # set: mutual TLS to our HTTP handlers and admin API
+    envoy_ca_file: str = ""
+    namespace: str = "default"  # the SPIFFE IDs of our services name it

@@ -20,11 +20,13 @@ from typing import Any
 
 from control_plane.state import State
 from control_plane.xds.config import (
+    ADMIN_REST_LISTENER,
     ADMIN_SERVICES,
     ADS,
     AUTHZ_PATH_PREFIX,
     EXT_AUTHZ_CLUSTER,
     EXT_AUTHZ_HTTP_CLUSTER,
+    GATEWAY_TLS_SECRET,
     HCM,
     INVALID,
     JWT_FILTER,
@@ -40,8 +42,10 @@ from control_plane.xds.config import (
     T,
 )
 from tessera import gateway_headers, usage_line
+from tessera.envoy_tls import DOWNSTREAM_TLS
 from tessera.openai_errors import error_body
 
+ROUTER = "envoy.extensions.filters.http.router.v3.Router"
 USAGE_NS = "ai.gw.usage"
 JSON_CONTENT = {"regex": "^application/json(;.*)?$"}  # aiohttp and others add "; charset=utf-8"
 REALTIME_OFF = "Realtime is not enabled for this model, or you do not have access to it."
@@ -348,7 +352,7 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
         _transcoder(cfg.admin_descriptor),
         {
             "name": "envoy.filters.http.router",
-            "typed_config": {"@type": T + "envoy.extensions.filters.http.router.v3.Router"},
+            "typed_config": {"@type": T + ROUTER},
         },
     ]
 
@@ -407,10 +411,55 @@ def listener(cfg: GatewayConfig) -> dict[str, Any]:
     }
     if cfg.access_log_path:
         hcm["access_log"] = _access_log(cfg.access_log_path)
+    return _listener(LISTENER_NAME, cfg.host, cfg.port, hcm, tls=cfg.tls)
+
+
+def _listener(name: str, host: str, port: int, hcm: dict[str, Any], *, tls: bool) -> dict[str, Any]:
+    chain: dict[str, Any] = {
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+    }
+    if tls:
+        # The certificate arrives over SDS (rotation keeps open connections); HTTP/2 or HTTP/1.1
+        # by ALPN, the connection manager's codec follows it.
+        chain["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": DOWNSTREAM_TLS,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "tls_certificate_sds_secret_configs": [{"name": GATEWAY_TLS_SECRET, "sds_config": ADS}],
+                },
+            },
+        }
     return {
-        "name": LISTENER_NAME,
-        "address": {"socket_address": {"address": cfg.host, "port_value": cfg.port}},
-        "filter_chains": [
-            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        "name": name,
+        "address": {"socket_address": {"address": host, "port_value": port}},
+        "filter_chains": [chain],
+    }
+
+
+def admin_rest_listener(cfg: GatewayConfig, route: dict[str, Any]) -> dict[str, Any]:
+    """``admin_rest="internal"``: the admin REST API on a listener of its own (not the public
+    one), with the gateway's TLS when it has it. The control plane authenticates each call."""
+    transcoder = {"name": TRANSCODER, "typed_config": transcoder_config(cfg.admin_descriptor)}
+    hcm = {
+        "@type": HCM,
+        "stat_prefix": "admin_rest",
+        "codec_type": "AUTO",
+        "always_set_request_id_in_response": True,
+        "route_config": {
+            "name": "tessera_admin_rest",
+            "virtual_hosts": [
+                {
+                    "name": "admin",
+                    "domains": ["*"],
+                    "routes": [{"match": route["match"], "route": route["route"]}],
+                }
+            ],
+        },
+        "http_filters": [
+            transcoder,
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": T + ROUTER}},
         ],
     }
+    return _listener(ADMIN_REST_LISTENER, cfg.admin_rest_host, cfg.admin_rest_port, hcm, tls=cfg.tls)

@@ -18,10 +18,12 @@ from control_plane.state import BackendState, ModelState, State
 from control_plane.validation import NO_HEALTH_CHECK
 from control_plane.xds.config import (
     ADMIN_CLUSTER,
+    ADMIN_REST_LISTENER,
     ADS,
     CP_HTTP_CLUSTER,
     DISABLED,
     FILTER_CONFIG,
+    GATEWAY_TLS_SECRET,
     INVALID,
     JSON_CT,
     JWT_FILTER,
@@ -40,7 +42,8 @@ from control_plane.xds.config import (
     GatewayConfig,
     T,
 )
-from control_plane.xds.listener import jwt_authn_config, listener, transcoder_config
+from control_plane.xds.listener import admin_rest_listener, jwt_authn_config, listener, transcoder_config
+from tessera.envoy_tls import internal_tls
 from tessera.openai_errors import error_json
 from tessera.usage_line import token_terms
 
@@ -78,22 +81,29 @@ def _direct(name: str, match: dict[str, Any], code: str) -> dict[str, Any]:
     }
 
 
+def admin_rest_route(cfg: GatewayConfig) -> dict[str, Any]:
+    """The admin API as REST/JSON. The control plane authenticates these callers itself."""
+    return {
+        "name": "admin_api",
+        "match": {"prefix": "/admin/"},
+        "route": {"cluster": ADMIN_CLUSTER, "timeout": "30s"},
+        "typed_per_filter_config": {
+            "envoy.filters.http.json_to_metadata": DISABLED,
+            "envoy.filters.http.ext_authz": DISABLED,
+            LUA_FILTER: DISABLED,
+            SSE_FILTER: DISABLED,
+            # Enables the (default-off) transcoder here; Envoy wants its config again.
+            TRANSCODER: {"@type": FILTER_CONFIG, "config": transcoder_config(cfg.admin_descriptor)},
+        },
+    }
+
+
 def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
     not_inference = {LUA_FILTER: DISABLED, SSE_FILTER: DISABLED}
+    # The admin REST API on the public listener only with admin_rest="public".
+    admin = [admin_rest_route(cfg)] if cfg.admin_rest == "public" else []
     routes: list[dict[str, Any]] = [
-        {
-            # The admin API as REST/JSON. The control plane authenticates these callers itself.
-            "name": "admin_api",
-            "match": {"prefix": "/admin/"},
-            "route": {"cluster": ADMIN_CLUSTER, "timeout": "30s"},
-            "typed_per_filter_config": {
-                "envoy.filters.http.json_to_metadata": DISABLED,
-                "envoy.filters.http.ext_authz": DISABLED,
-                **not_inference,
-                # Enables the (default-off) transcoder here; Envoy wants its config again.
-                TRANSCODER: {"@type": FILTER_CONFIG, "config": transcoder_config(cfg.admin_descriptor)},
-            },
-        },
+        *admin,
         {
             # OAuth2 client credentials: the control plane authenticates the client itself.
             "name": "oauth_token",
@@ -535,45 +545,56 @@ def _secrets(state: State) -> dict[str, dict[str, Any]]:
     }
 
 
-def _cp_http_cluster(cfg: GatewayConfig) -> dict[str, Any]:
-    addr = {
-        "socket_address": {"address": cfg.control_plane_http_host, "port_value": cfg.control_plane_http_port}
-    }
+def _gateway_secret(cert_pem: bytes, key_pem: bytes) -> dict[str, Any]:
     return {
-        "name": CP_HTTP_CLUSTER,
-        # STRICT_DNS: in Kubernetes this is the control-plane Service name, locally an IP.
-        "type": "STRICT_DNS",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": CP_HTTP_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr}}]}],
+        "name": GATEWAY_TLS_SECRET,
+        "tls_certificate": {
+            "certificate_chain": {"inline_string": cert_pem.decode()},
+            "private_key": {"inline_string": key_pem.decode()},
         },
     }
 
 
-def _admin_cluster(cfg: GatewayConfig) -> dict[str, Any]:
-    addr = {"socket_address": {"address": cfg.admin_host, "port_value": cfg.admin_port}}
-    return {
-        "name": ADMIN_CLUSTER,
+def _control_plane_cluster(
+    cfg: GatewayConfig, name: str, host: str, port: int, *, h2: bool
+) -> dict[str, Any]:
+    """A cluster to the control plane (its HTTP handlers, its admin API): STRICT_DNS (in
+    Kubernetes the Service name, locally an IP), mutual TLS when Envoy has an identity."""
+    addr = {"socket_address": {"address": host, "port_value": port}}
+    cluster: dict[str, Any] = {
+        "name": name,
         "type": "STRICT_DNS",
         "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            HTTP_OPTIONS: {
-                "@type": T + HTTP_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
         "load_assignment": {
-            "cluster_name": ADMIN_CLUSTER,
+            "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr}}]}],
         },
     }
+    if h2:
+        cluster["typed_extension_protocol_options"] = {
+            HTTP_OPTIONS: {"@type": T + HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}}}
+        }
+    if cfg.envoy_identity_sds:
+        alpn = ("h2",) if h2 else ("http/1.1",)
+        cluster["transport_socket"] = internal_tls(
+            cfg.envoy_identity_sds, cfg.envoy_ca_file, "control-plane", cfg.namespace, alpn=alpn
+        )
+    return cluster
 
 
 def resources_from_state(
-    state: State, cfg: GatewayConfig, load: Mapping[str, float] | None = None
+    state: State,
+    cfg: GatewayConfig,
+    load: Mapping[str, float] | None = None,
+    gateway_cert: tuple[bytes, bytes] | None = None,
 ) -> XdsResources:
-    clusters = {CP_HTTP_CLUSTER: _cp_http_cluster(cfg), ADMIN_CLUSTER: _admin_cluster(cfg)}
+    """Everything Envoy is sent; ``gateway_cert`` (certificate, key PEM) for a TLS listener."""
+    clusters = {
+        CP_HTTP_CLUSTER: _control_plane_cluster(
+            cfg, CP_HTTP_CLUSTER, cfg.control_plane_http_host, cfg.control_plane_http_port, h2=False
+        ),
+        ADMIN_CLUSTER: _control_plane_cluster(cfg, ADMIN_CLUSTER, cfg.admin_host, cfg.admin_port, h2=True),
+    }
     endpoints: dict[str, dict[str, Any]] = {}
     for m in state.models:
         if not m.backends:
@@ -582,11 +603,20 @@ def resources_from_state(
         clusters[cluster["name"]] = cluster
         if cla is not None:
             endpoints[cla["cluster_name"]] = cla
+    listeners = {LISTENER_NAME: listener(cfg)}
+    if cfg.admin_rest == "internal":
+        listeners[ADMIN_REST_LISTENER] = admin_rest_listener(cfg, admin_rest_route(cfg))
+    secrets = _secrets(state)
+    if cfg.tls:
+        if gateway_cert is None:
+            msg = "the gateway listener serves TLS but no certificate was read"
+            raise ValueError(msg)
+        secrets[GATEWAY_TLS_SECRET] = _gateway_secret(*gateway_cert)
     return XdsResources(
-        listeners={LISTENER_NAME: listener(cfg)},
+        listeners=listeners,
         routes={ROUTES_NAME: route_config(state, cfg)},
         clusters=clusters,
         endpoints=endpoints,
         extension_configs={JWT_FILTER: jwt_authn_config(state, cfg)},
-        secrets=_secrets(state),
+        secrets=secrets,
     )

@@ -89,8 +89,8 @@ def test_envoy_bootstrap_renders_given_addresses(tmp_path):
                 "cp.svc:50052",
                 "--ext-authz",
                 "authz.svc:1",
-                "--ratelimit",
-                "rl.svc:2",
+                "--identity-dir",
+                str(tmp_path / "identity"),
                 "--out",
                 str(out),
             ]
@@ -101,3 +101,9 @@ def test_envoy_bootstrap_renders_given_addresses(tmp_path):
     assert '"cp.svc", port_value: 50052' in text
     assert '"authz.svc", port_value: 1' in text
     assert "${" not in text
+    # Envoy's certificate: the mounted Secret's files, reloaded when kubelet swaps them
+    sds = json.loads((tmp_path / "identity-sds.json").read_text())
+    (secret,) = sds["resources"]
+    assert secret["tls_certificate"]["watched_directory"] == {"path": str(tmp_path / "identity")}
+    assert str(tmp_path / "identity-sds.json") in text
+    assert oct((tmp_path / "identity-sds.json").stat().st_mode & 0o777) == "0o600"
