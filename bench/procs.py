@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
+from tessera.probe import fetch
+
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
@@ -99,8 +101,11 @@ def envoy_counters(admin_url: str) -> dict[str, int]:
     """Envoy's request counters from its admin ``/stats``: every cluster's ``upstream_rq_total``
     and every HTTP listener's ``downstream_rq_total``."""
     query = urllib.parse.urlencode({"filter": r"(upstream_rq_total|downstream_rq_total)$"})
-    with urllib.request.urlopen(f"{admin_url}/stats?{query}", timeout=5) as resp:  # noqa: S310 - loopback
-        text = resp.read().decode()
+    status, body = fetch(f"{admin_url}/stats?{query}", timeout=5)  # http:// or Tessera's unix socket
+    if status != 200:
+        msg = f"Envoy admin {admin_url} answered {status}"
+        raise OSError(msg)
+    text = body.decode()
     out: dict[str, int] = {}
     for line in text.splitlines():
         name, sep, value = line.rpartition(": ")

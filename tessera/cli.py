@@ -110,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--template", default=None, help="bootstrap template (default: envoy/bootstrap.yaml)")
     bs.add_argument("--out", default="-", help="file to write (default stdout)")
 
+    ident = sub.add_parser("identity", parents=[g], help="workload identities for Kubernetes")
+    ident_sub = ident.add_subparsers(dest="identity_command", required=True)
+    k8s = ident_sub.add_parser(
+        "k8s-secrets", help="a namespace's identities as kubernetes.io/tls Secrets (without cert-manager)"
+    )
+    k8s.add_argument("--namespace", required=True, help="the namespace the Secrets and SPIFFE IDs name")
+    k8s.add_argument("--out", type=Path, required=True, help="the file to write (0600: it holds keys)")
+    k8s.add_argument(
+        "--hours", type=float, default=24.0, help="certificate lifetime (run again before half of it)"
+    )
+
     add_admin_commands(sub, g, _global_flags(defaults=False, long_output=False))
     for name in SERVICE_COMMANDS:
         what = "bootstrap the first platform admin" if name == "admin" else f"run the {name} service"
@@ -247,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "envoy-bootstrap":
         return _envoy_bootstrap(args)
+    if args.command == "identity":
+        from tessera.datadir import resolve_data_dir  # noqa: PLC0415
+        from tessera.k8s_secrets import write_secrets  # noqa: PLC0415
+
+        write_secrets(resolve_data_dir(args.data_dir), args.namespace, args.out, args.hours)
+        print(f"tessera: wrote {args.out}: apply it with kubectl apply -f {args.out}", file=sys.stderr)
+        return 0
     if args.command == "up":
         from tessera.up import run_up  # noqa: PLC0415
 

@@ -240,7 +240,8 @@ class Stack:
             "admin": f"{HOST}:{p.admin}",
             "xds": f"{HOST}:{p.xds}",
             "policy": f"{HOST}:{p.policy}",  # mutual TLS
-            "control_plane_http": f"http://{HOST}:{p.cp_http}",
+            "control_plane_http": f"https://{HOST}:{p.cp_http}",  # mutual TLS: Envoy only
+            "envoy_node": self.node_id,
             "ext_authz": f"{HOST}:{p.ext_authz[0]}",
             "ext_authz_transport": self.authz_transport,
             "ext_authz_replicas": [f"{HOST}:{port}" for port in p.ext_authz],

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tessera import ports
+from tessera.envoy_tls import write_inline_identity
+from tessera.identity import Authority, spiffe_id
 
 PG_ADMIN_DSN = os.environ.get("TESSERA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TESSERA_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -16,6 +19,16 @@ REDIS_URL = os.environ.get("TESSERA_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 def free_port() -> int:
     return ports.free_port()
+
+
+def envoy_identity(directory: Path, node: str = "n") -> tuple[str, str]:
+    """An Envoy identity from a CA in ``directory``: (its SDS file, the CA file), the two paths a
+    rendered bootstrap names."""
+    authority = Authority(directory)
+    cert, key, _ = authority.ensure("envoy", spiffe_id("envoy", node=node)).files
+    sds = directory / "envoy-sds.json"
+    write_inline_identity(sds, cert.read_bytes(), key.read_bytes())
+    return str(sds), str(authority.cert_path)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import os
 import queue
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -17,9 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import openai
 import pytest
 
+from tessera.admin_client import admin_channel, resolve_target
+from tessera.identity import Authority, server_name, spiffe_id
+from tessera.settings import IdentitySettings
 from tests.conftest import free_port
 from tests.upstream import Upstream
 
@@ -42,10 +47,34 @@ class Stack:
 
     @property
     def gateway(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """The gateway's URL: https with --tls."""
+        return str(self.endpoints()["gateway"])
+
+    @property
+    def gateway_ca(self) -> str | None:
+        """The CA file a client of a --tls gateway trusts."""
+        return self.endpoints().get("gateway_ca")
 
     def endpoints(self) -> dict[str, Any]:
         return json.loads((self.root / "endpoints.json").read_text())
+
+    def admin_channel(self) -> grpc.Channel:
+        """The admin API as the CLI reaches it: mutual TLS with the operator's identity."""
+        return admin_channel(resolve_target(self.root))
+
+    def identity(self, component: str, node: str = "") -> IdentitySettings:
+        """A certificate from this stack's CA naming ``component`` (``node``): what a peer with
+        that identity would hold (e.g. to call ext_authz as an Envoy)."""
+        name = f"test-{component}-{node}" if node else f"test-{component}"
+        return Authority(self.root / "identity").ensure(name, spiffe_id(component, node=node))
+
+    @staticmethod
+    def channel(target: str, identity: IdentitySettings, peer: str, **options: Any) -> grpc.Channel:
+        """A blocking channel to the internal component ``peer`` under mutual TLS."""
+        cert, key, ca = (path.read_bytes() for path in identity.files)
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        opts = [("grpc.ssl_target_name_override", server_name(spiffe_id(peer))), *options.items()]
+        return grpc.secure_channel(target, creds, options=opts)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -63,8 +92,15 @@ class Stack:
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args).stdout)
 
-    def client(self, key: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.gateway}/v1", api_key=key, max_retries=0, timeout=30)
+    def client(self, key: str, *, http2: bool = False) -> openai.OpenAI:
+        """The official client, trusting the gateway's CA when it serves TLS."""
+        http_client = None
+        if self.gateway_ca or http2:
+            verify = ssl.create_default_context(cafile=self.gateway_ca)
+            http_client = openai.DefaultHttpx2Client(verify=verify, http2=http2)
+        return openai.OpenAI(
+            base_url=f"{self.gateway}/v1", api_key=key, max_retries=0, timeout=30, http_client=http_client
+        )
 
     def new_key(self, tenant: str | None = None) -> str:
         name = tenant or f"t{time.monotonic_ns()}"

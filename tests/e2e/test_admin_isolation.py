@@ -187,7 +187,7 @@ def _uniq(prefix: str) -> str:
 
 @pytest.fixture(scope="module")
 def grpc_transport(stack) -> Iterator[GrpcTransport]:
-    with grpc.insecure_channel(f"127.0.0.1:{stack.admin_port}") as channel:
+    with stack.admin_channel() as channel:
         yield GrpcTransport(channel)
 
 

@@ -15,7 +15,6 @@ import urllib.parse
 import uuid
 from collections.abc import Iterator
 
-import grpc
 import jwt
 import openai
 import pytest
@@ -76,7 +75,7 @@ def token_for(stack: Stack, key: dict[str, str]) -> dict[str, object]:
     return json.loads(raw)
 
 
-def check_on_every_worker(port: int, key: str, connections: int = 24) -> set[str]:
+def check_on_every_worker(stack: Stack, port: int, key: str, connections: int = 24) -> set[str]:
     """Check the key over many fresh connections (SO_REUSEPORT spreads them over the workers)."""
     request = external_auth_pb2.CheckRequest(
         attributes=attribute_context_pb2.AttributeContext(
@@ -89,8 +88,10 @@ def check_on_every_worker(port: int, key: str, connections: int = 24) -> set[str
     )
     codes = set()
     for _ in range(connections):
-        with grpc.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        # as an Envoy node would: ext_authz answers nobody else
+        envoy = stack.identity("envoy", node="e2e")
+        with stack.channel(
+            f"127.0.0.1:{port}", envoy, "ext-authz", **{"grpc.use_local_subchannel_pool": 1}
         ) as ch:
             resp = external_auth_pb2_grpc.AuthorizationStub(ch).Check(request, timeout=5)
         codes.add(json.loads(resp.denied_response.body)["error"]["code"] if resp.status.code else "allowed")
@@ -102,11 +103,11 @@ def test_revocation_reaches_every_replica_and_worker_within_a_second(rs):
     ports = [int(a.rsplit(":", 1)[1]) for a in rs.endpoints()["ext_authz_replicas"]]
     assert len(ports) == 2
     eventually(lambda: chat(rs.client(key["key"])))
-    assert all(check_on_every_worker(p, key["key"]) == {"allowed"} for p in ports)
+    assert all(check_on_every_worker(rs, p, key["key"]) == {"allowed"} for p in ports)
     rs.cli("keys", "revoke", key["id"])
     time.sleep(1.0)
     for port in ports:
-        assert check_on_every_worker(port, key["key"]) == {"api_key_revoked"}
+        assert check_on_every_worker(rs, port, key["key"]) == {"api_key_revoked"}
     with pytest.raises(openai.AuthenticationError) as err:
         chat(rs.client(key["key"]))
     assert err.value.code == "api_key_revoked"

@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.admin.v1 import admin_pb2_grpc
+from tessera.probe import fetch
 from tests.e2e.test_gateway import upstream_requests
 
 pytestmark = pytest.mark.envoy
@@ -39,6 +40,9 @@ FLUSH_TIMEOUT = 15.0
 
 
 def _http(method: str, url: str, headers: dict[str, str] | None = None, body: bytes | None = None) -> str:
+    if url.startswith("http+unix:"):  # Envoy's admin socket
+        status, text = fetch(url, method, timeout=30)
+        return f"HTTP {status}: {text.decode('utf-8', 'replace')}"
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})  # noqa: S310
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
@@ -255,7 +259,7 @@ def test_no_secret_leaks_anywhere(stack):
         }
     )
     found: dict[str, str] = {}  # where -> text to search
-    with grpc.insecure_channel(f"127.0.0.1:{stack.admin_port}") as channel:
+    with stack.admin_channel() as channel:
         admin = Admin(channel, found)
         tenant = admin("CreateTenant", pb.CreateTenantRequest(name=f"leak-{uuid.uuid4().hex[:8]}"), platform)
         assert tenant is not None

@@ -273,9 +273,12 @@ async def test_ads_pushes_a_new_model_cluster(admin, app):
         while len(got) < 2:
             resp = await asyncio.wait_for(stream.read(), 5)
             got[resp.type_url] = resp
-        (lst,) = got[LISTENER_TYPE].resources
-        listener = listener_pb2.Listener.FromString(lst.value)
-        assert listener.address.socket_address.port_value == 18080
+        listeners = {
+            (lst := listener_pb2.Listener.FromString(a.value)).name: lst for a in got[LISTENER_TYPE].resources
+        }
+        # the public listener, and the admin REST API's own (admin_rest="internal" by default)
+        assert listeners.keys() == {"tessera_gateway", "tessera_admin_rest"}
+        assert listeners["tessera_gateway"].address.socket_address.port_value == 18080
         # ACK both, then add a model: a new CDS version arrives with its cluster.
         for resp in got.values():
             await stream.write(
@@ -641,8 +644,9 @@ async def test_the_policy_stream_under_mutual_tls_serves_each_identity_its_own_v
     app = await build_app(settings)
     target = f"127.0.0.1:{app.policy_port}"
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as admin_channel:
-            admin = Admin(admin_channel)
+        # the admin API is under mutual TLS too: the operator's identity
+        async with grpc_channel(f"127.0.0.1:{app.admin_port}", identity("operator"), "control-plane") as ch:
+            admin = Admin(ch)
             name = _name()
             await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=name), metadata=AUTH)
             await admin.CreateApiKey(admin_pb2.CreateApiKeyRequest(tenant=name), metadata=AUTH)

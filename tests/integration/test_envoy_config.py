@@ -31,6 +31,7 @@ from control_plane.xds.resources import (
 )
 from control_plane.xds.translate import GatewayConfig, resources_from_state
 from tessera.bootstrap import BootstrapParams, render_bootstrap
+from tests.conftest import envoy_identity
 
 ENVOY = str(Path(sys.executable).parent / "envoy")
 DESCRIPTOR = ADMIN_DESCRIPTOR.read_bytes()
@@ -80,7 +81,16 @@ def _static_bootstrap(tmp_path: Path) -> Path:
     res = encode_all(resources_from_state(STATE, cfg))
     boot = yaml.safe_load(
         render_bootstrap(
-            BootstrapParams("n", "127.0.0.1", 0, "127.0.0.1", 1, (("127.0.0.1", 2),), "127.0.0.1", 3)
+            BootstrapParams(
+                "n",
+                str(tmp_path / "admin.sock"),
+                "127.0.0.1",
+                0,
+                "127.0.0.1",
+                1,
+                (("127.0.0.1", 2),),
+                *envoy_identity(tmp_path / "identity"),
+            )
         )
     )
     # Rendered back to JSON with envoy-data-plane, which knows every 1.40 type we use.
@@ -137,13 +147,13 @@ def test_rendered_bootstrap_passes_envoy_validation(tmp_path):
         render_bootstrap(
             BootstrapParams(
                 "n",
+                str(tmp_path / "admin.sock"),
                 "127.0.0.1",
-                0,
+                9902,
                 "127.0.0.1",
                 50052,
                 (("127.0.0.1", 50061), ("n", 50062)),
-                "127.0.0.1",
-                50071,
+                *envoy_identity(tmp_path / "identity"),
             )
         )
     )

@@ -43,6 +43,7 @@ from tessera.settings import (
     PepperSettings,
     PolicySettings,
 )
+from tests.conftest import envoy_identity
 
 PEPPER = b"0123456789abcdef" * 4
 KEY = mint_key().key
@@ -784,14 +785,21 @@ def _ext_authz_filter(listener: dict) -> dict:
     return authz["typed_config"]
 
 
-def _rendered_bootstrap() -> dict:
+def _rendered_bootstrap(tmp_path: Path) -> dict:
     params = BootstrapParams(
-        "n", "127.0.0.1", 0, "127.0.0.1", 1, (("10.0.0.1", 2), ("10.0.0.2", 2)), "127.0.0.1", 3
+        "n",
+        str(tmp_path / "admin.sock"),
+        "127.0.0.1",
+        9902,
+        "127.0.0.1",
+        1,
+        (("10.0.0.1", 2), ("10.0.0.2", 2)),
+        *envoy_identity(tmp_path / "identity"),
     )
     return yaml.safe_load(render_bootstrap(params))
 
 
-def test_the_listener_calls_ext_authz_over_http_with_the_bootstrap_cluster():
+def test_the_listener_calls_ext_authz_over_http_with_the_bootstrap_cluster(tmp_path):
     cfg = GatewayConfig("127.0.0.1", 8080, "127.0.0.1", 9999, None, 1 << 20, authz_transport="http")
     listener = gateway_listener(cfg)
     authz = _ext_authz_filter(listener)
@@ -817,7 +825,7 @@ def test_the_listener_calls_ext_authz_over_http_with_the_bootstrap_cluster():
     grpc_listener = gateway_listener(grpc_cfg)
     assert _ext_authz_filter(grpc_listener)["allowed_headers"] == authz["allowed_headers"]
     # The cluster it names is in the bootstrap: HTTP/1.1 to every ext_authz replica.
-    clusters = {c["name"]: c for c in _rendered_bootstrap()["static_resources"]["clusters"]}
+    clusters = {c["name"]: c for c in _rendered_bootstrap(tmp_path)["static_resources"]["clusters"]}
     http_cluster = clusters[http["server_uri"]["cluster"]]
     options = http_cluster["typed_extension_protocol_options"]
     (protocol,) = options.values()
@@ -849,7 +857,7 @@ def test_the_http_listener_passes_envoy_validation(tmp_path):
         authz_transport="http",
     )
     (listener,) = encode_all(resources_from_state(State(models=()), cfg))[LISTENER_TYPE].values()
-    boot = _rendered_bootstrap()
+    boot = _rendered_bootstrap(tmp_path)
     boot["static_resources"]["listeners"] = [Listener.parse(listener.value).to_dict()]
     path = tmp_path / "bootstrap.json"
     path.write_text(json.dumps(boot))
