@@ -71,6 +71,15 @@ def write_inline_identity(path: Path, cert_pem: bytes, key_pem: bytes) -> None:
     write_private(path, _secret_file(secret).encode())
 
 
+def inline_certificate(path: Path) -> bytes | None:
+    """The certificate an inline SDS file holds now (None: no file, or not one of ours)."""
+    try:
+        (secret,) = json.loads(path.read_text())["resources"]
+        return str(secret["tls_certificate"]["certificate_chain"]["inline_string"]).encode()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def write_file_identity(path: Path, directory: Path, cert: str = "tls.crt", key: str = "tls.key") -> None:
     """The SDS file naming a mounted Secret's files (Kubernetes): Envoy reloads them when
     kubelet swaps the directory's ``..data`` link."""

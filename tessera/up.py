@@ -31,7 +31,7 @@ from tessera import llm, ports, usage_line
 from tessera.bootstrap import BootstrapParams, render_bootstrap
 from tessera.datadir import DataDir, resolve_data_dir, write_json
 from tessera.demo_upstream.schema import DEFAULT_MAX_TOKENS as DEMO_DEFAULT_MAX_TOKENS
-from tessera.envoy_tls import write_inline_identity
+from tessera.envoy_tls import inline_certificate, write_inline_identity
 from tessera.identity import Authority, spiffe_id
 from tessera.keys import ensure_pepper
 from tessera.probe import active_requests, grpc_serving, http_post, http_status, unix_url
@@ -538,7 +538,7 @@ class Stack:
         envoy = self.authority.ensure("envoy", spiffe_id("envoy", node=self.node_id), force=force)
         self.identities["envoy"] = envoy
         cert, key = (path.read_bytes() for path in envoy.files[:2])
-        if not self.envoy_identity.exists() or cert.decode() not in self.envoy_identity.read_text():
+        if inline_certificate(self.envoy_identity) != cert:
             write_inline_identity(self.envoy_identity, cert, key)  # Envoy watches the file
         self.identities_checked = time.monotonic()
 

@@ -104,3 +104,16 @@ def test_half_an_identity_is_a_configuration_error():
     with pytest.raises(ValidationError):
         IdentitySettings(cert_file=Path("c.pem"), key_file=Path("k.pem"))
     assert not IdentitySettings().enabled
+
+
+def test_an_allow_list_entry_ending_in_a_slash_names_every_id_under_it():
+    from tessera.grpc_server import permitted  # noqa: PLC0415
+    from tessera.identity import envoy_nodes  # noqa: PLC0415
+
+    allowed = frozenset({envoy_nodes("prod"), spiffe_id("meter", "prod")})
+    assert permitted(spiffe_id("envoy", "prod", "gw-1"), allowed)
+    assert permitted(spiffe_id("meter", "prod"), allowed)
+    assert not permitted(spiffe_id("envoy", "other", "gw-1"), allowed)  # another namespace
+    assert not permitted(spiffe_id("meter", "prod") + "x", allowed)  # exact entries are exact
+    assert not permitted("spiffe://tessera.local/ns/prod/envoyx/gw", allowed)
+    assert not permitted("", allowed)

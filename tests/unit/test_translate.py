@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
+
 from control_plane.state import BackendState, ModelState, State
 from control_plane.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, encode_all, type_version
 from control_plane.xds.translate import GatewayConfig, cluster_name, resources_from_state
@@ -332,3 +334,65 @@ def test_circuit_breaker_is_the_sum_of_the_backends_max_concurrency():
     limited = [BackendState(f"http://10.0.0.{i}:80", "vllm", 1, 0, 8) for i in (1, 2)]
     assert breaker(*limited) == 16
     assert breaker(limited[0], b("http://10.0.0.3:80")) == 1_000_000  # one backend without a limit
+
+
+# --- issue 14: TLS at the gateway, the admin REST API's place, mutual TLS to the control plane ---
+
+
+def test_a_tls_gateway_serves_its_sds_certificate_with_h2_and_http11_by_alpn():
+    cfg = replace(CFG, tls=True)
+    res = resources_from_state(State(), cfg, gateway_cert=(b"CERT", b"KEY"))
+    (chain,) = res.listeners["tessera_gateway"]["filter_chains"]
+    common = chain["transport_socket"]["typed_config"]["common_tls_context"]
+    assert common["alpn_protocols"] == ["h2", "http/1.1"]
+    (sds,) = common["tls_certificate_sds_secret_configs"]
+    assert sds["name"] == "gateway_tls"
+    assert "ads" in sds["sds_config"]  # over ADS: rotated without a listener drain
+    cert = res.secrets["gateway_tls"]["tls_certificate"]
+    assert cert["certificate_chain"]["inline_string"] == "CERT"
+    assert cert["private_key"]["inline_string"] == "KEY"
+    # plain HTTP without it, and no certificate is no TLS listener at all
+    plain = resources_from_state(State(), CFG).listeners["tessera_gateway"]["filter_chains"][0]
+    assert "transport_socket" not in plain
+    with pytest.raises(ValueError, match="no certificate"):
+        resources_from_state(State(), cfg)
+
+
+def test_the_admin_rest_api_is_public_internal_or_nowhere():
+    def admin_routes(listener_routes: list[dict]) -> list[dict]:
+        return [r for r in listener_routes if r.get("match", {}).get("prefix") == "/admin/"]
+
+    public = resources_from_state(State(), replace(CFG, admin_rest="public"))
+    assert len(admin_routes(public.routes["tessera_routes"]["virtual_hosts"][0]["routes"])) == 1
+    assert public.listeners.keys() == {"tessera_gateway"}
+
+    internal = resources_from_state(State(), replace(CFG, admin_rest="internal", admin_rest_port=8081))
+    assert admin_routes(internal.routes["tessera_routes"]["virtual_hosts"][0]["routes"]) == []
+    own = internal.listeners["tessera_admin_rest"]
+    assert own["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 8081}
+    hcm = own["filter_chains"][0]["filters"][0]["typed_config"]
+    (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["route"]["cluster"] == "tessera_admin_api"
+
+    off = resources_from_state(State(), replace(CFG, admin_rest="off"))
+    assert admin_routes(off.routes["tessera_routes"]["virtual_hosts"][0]["routes"]) == []
+    assert off.listeners.keys() == {"tessera_gateway"}
+
+
+def test_envoy_reaches_the_control_plane_over_mutual_tls_pinning_its_identity():
+    cfg = replace(CFG, envoy_identity_sds="/run/envoy-sds.json", envoy_ca_file="/ca.pem", namespace="prod")
+    clusters = resources_from_state(State(), cfg).clusters
+    for name, alpn in (("tessera_admin_api", ["h2"]), ("tessera_control_plane_http", ["http/1.1"])):
+        tls = clusters[name]["transport_socket"]["typed_config"]
+        common = tls["common_tls_context"]
+        assert common["alpn_protocols"] == alpn
+        (mine,) = common["tls_certificate_sds_secret_configs"]
+        assert mine["sds_config"]["path_config_source"]["path"] == "/run/envoy-sds.json"
+        assert common["validation_context"]["trusted_ca"] == {"filename": "/ca.pem"}
+        (san,) = common["validation_context"]["match_typed_subject_alt_names"]
+        assert san == {
+            "san_type": "URI",
+            "matcher": {"exact": "spiffe://tessera.local/ns/prod/control-plane"},
+        }
+        assert tls["sni"] == "control-plane.prod.tessera.local"
+    assert "transport_socket" not in resources_from_state(State(), CFG).clusters["tessera_admin_api"]
