@@ -9,7 +9,7 @@ pipeline); ``settle_many`` replaces a batch's reservations by their real usage.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
@@ -78,9 +78,14 @@ _SHADOW_OVER = DECISIONS.labels("shadow_over_limit")
 FAIL_CLOSED_RETRY_SECONDS = 1.0
 RECENT_MAX: Final = 100_000  # request ids remembered, so a forced admission never counts twice
 UNCOUNTED_MAX: Final = 100_000  # fail-open admissions waiting for the counters to come back
+EARLY_MAX: Final = 100_000  # settlements that arrived before their admission, kept for it
 UNCOUNTED = Gauge(
     "tessera_ratelimit_uncounted_admissions",
     "Requests admitted fail-open while the counters were unreachable, not counted yet",
+)
+EARLY_APPLIED = Counter(
+    "tessera_ratelimit_early_settlements_total",
+    "Settlements that arrived before their admission, applied when it arrived",
 )
 UNCOUNTED_LOST = Counter(
     "tessera_ratelimit_uncounted_dropped_total",
@@ -185,6 +190,9 @@ class RateLimiter:
         # Admitted fail-open while the counters failed: counted (forced) by the next backend call
         # that reaches them, before anything else in it, so their settles find them held.
         self._uncounted: deque[AcquireCall] = deque()
+        # Settled before this process admitted them (a fail-open admission sent again after a
+        # reconnect, or answered late): applied as soon as their admission reserves.
+        self._early: OrderedDict[str, Usage] = OrderedDict()
 
     def replace(self, snapshot: LimitSnapshot) -> None:
         """Swap the whole snapshot; requests in flight keep the one they started with."""
@@ -255,7 +263,22 @@ class RateLimiter:
                 self._count_later(plan.call)
             verdicts[plan.position] = verdict
         _OK.inc(len(hits) - len(plans))
+        if self._early:
+            await self._settle_early(hits, plans, verdicts)
         return verdicts
+
+    async def _settle_early(self, hits: Sequence[Hit], plans: list[_Plan], verdicts: list[Verdict]) -> None:
+        """Reservations just made for requests whose usage was settled before: replaced by
+        that usage now (else they would be held until their lease ends)."""
+        early = self._early
+        usages = [
+            early.pop(rid)
+            for plan in plans
+            if (rid := hits[plan.position].request_id) in early and verdicts[plan.position].reserved
+        ]
+        if usages:
+            EARLY_APPLIED.inc(len(usages))
+            await self.settle(*usages)
 
     def _count_later(self, call: AcquireCall) -> None:
         """A request admitted fail-open by the counters' outage: counted once they answer."""
@@ -322,7 +345,7 @@ class RateLimiter:
             verdict = Verdict(allowed=True, outcomes=outcomes, retry_after=0.0)
         else:
             verdict = self._judge((hit,), outcomes)
-            self._remember(hit.request_id, verdict.allowed)
+        self._remember(hit.request_id, verdict.allowed)  # a forced copy sent again is not counted again
         reserved = verdict.allowed and any(r.reserve or r.kind == SLOTS for r in plan.call.counters)
         if reserved:
             RESERVED.inc()
@@ -336,13 +359,13 @@ class RateLimiter:
         if len(recent) > RECENT_MAX:
             del recent[next(iter(recent))]
 
-    async def settle(self, usage: Usage) -> None:
-        """Replace the request's reservations by its real cost and free its slots (the RLS
+    async def settle(self, *usages: Usage) -> None:
+        """Replace the requests' reservations by their real cost and free their slots (the RLS
         stream-done call). A failure is logged and counted: the leases release them later."""
         try:
-            await self.settle_many((usage,))
+            await self.settle_many(usages)
         except StorageError as exc:
-            log.warning("ratelimit_settle_failed", error=str(exc), tenant_id=usage.tenant_id)
+            log.warning("ratelimit_settle_failed", error=str(exc), tenant_id=usages[0].tenant_id)
 
     async def settle_many(self, usages: Sequence[Usage]) -> int:
         """Settle ended requests in one backend call; how many touched a counter. Raises
@@ -350,6 +373,7 @@ class RateLimiter:
         calls = [SettleCall(found, u.request_id) for u in usages if (found := self._settlements(u))]
         if not calls:
             return 0
+        self._keep_early(usages)
         await self.count_uncounted()
         error = await self._backend.settle_many(calls, lease_seconds=self._lease)
         if error is not None:
@@ -357,6 +381,16 @@ class RateLimiter:
             raise error
         SETTLED.inc(len(calls))
         return len(calls)
+
+    def _keep_early(self, usages: Sequence[Usage]) -> None:
+        """Remember the settlements of requests this process has not admitted (yet): their
+        admission may still arrive (sent again after a reconnect), and must end settled."""
+        recent, early = self._recent, self._early
+        for usage in usages:
+            if usage.request_id and not recent.get(usage.request_id):
+                early[usage.request_id] = usage
+                if len(early) > EARLY_MAX:
+                    early.popitem(last=False)
 
     def _settlements(self, usage: Usage) -> list[Settlement]:
         snapshot = self.snapshot

@@ -189,6 +189,7 @@ class Stack:
             "TESSERA_JWT__",
             "TESSERA_BILLING__",
             "TESSERA_GRPC_SERVER",
+            "TESSERA_ADMISSION__TIMEOUT_SECONDS",
         )
         keep = {k: v for k, v in os.environ.items() if k.startswith(passthrough)}
         return {**env, **keep, "TESSERA_LOG__FORMAT": "json", **extra}

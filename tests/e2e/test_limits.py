@@ -210,10 +210,13 @@ def test_two_gateways_share_exact_limits_on_one_redis_and_each_limit_keeps_its_f
     and one Redis, reached through a proxy the test can cut and restore."""
     redis_proxy = ThreadedTcpProxy(6379)
     shared_redis = redis_url.replace("127.0.0.1:6379", f"127.0.0.1:{redis_proxy.port}")
-    a = start_stack(tmp_path / "a", "--db", postgres_url, "--redis", shared_redis)
+    # Exact while the counters answer in time: two stacks on two cores can stall past the 0.2 s
+    # default, and a request admitted fail-open then is counted, not refused (its fail mode).
+    slow_ok = {"TESSERA_ADMISSION__TIMEOUT_SECONDS": "2"}
+    a = start_stack(tmp_path / "a", "--db", postgres_url, "--redis", shared_redis, env_extra=slow_ok)
     (tmp_path / "b").mkdir()
     shutil.copy(tmp_path / "a" / "pepper", tmp_path / "b" / "pepper")  # replicas share the secret pepper
-    b = start_stack(tmp_path / "b", "--db", postgres_url, "--redis", shared_redis)
+    b = start_stack(tmp_path / "b", "--db", postgres_url, "--redis", shared_redis, env_extra=slow_ok)
     try:
         n = 20
         exact, fail_open, fail_closed = (f"{x}{time.monotonic_ns()}" for x in ("exact", "open", "closed"))

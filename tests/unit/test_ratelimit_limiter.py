@@ -202,6 +202,36 @@ async def test_settle_many_replaces_held_reservations_and_ignores_the_rest():
     assert probe2.outcomes[0][0].remaining == 100 - 10 - 1 - 1
 
 
+async def test_a_settlement_that_arrives_before_its_admission_settles_it_when_it_arrives():
+    """ext_authz admitted the request fail-open and its admission waits for the stream to come
+    back; meanwhile the request ran and the meter settled it (nothing held: no-op)."""
+    clock = FakeClock()
+    rl = limiter(clock, lim(policy_pb2.Limit.TOKENS, 100, 0))
+    await rl.settle(Usage("t1", "k1", "m", "a", prompt_tokens=3, completion_tokens=4))
+    (a,) = await rl.admit([Hit("t1", "k1", "m", request_id="a", max_tokens=60, forced=True)])
+    assert a.reserved
+    (probe,) = await rl.admit([hit("p", 1)])
+    assert probe.outcomes[0][0].remaining == 100 - 7 - 1  # a at its real 7, not its 60 held
+    # the same admission sent once more (its acknowledgement was lost): neither counted nor settled again
+    (again,) = await rl.admit([Hit("t1", "k1", "m", request_id="a", max_tokens=60, forced=True)])
+    assert again.allowed
+    (probe2,) = await rl.admit([hit("p2", 1)])
+    assert probe2.outcomes[0][0].remaining == 100 - 7 - 1 - 1
+
+
+async def test_an_admission_refused_after_its_early_settlement_keeps_it_for_the_forced_copy():
+    clock = FakeClock()
+    rl = limiter(clock, lim(policy_pb2.Limit.TOKENS, 50, 0))
+    await rl.settle(Usage("t1", "k1", "m", "a", prompt_tokens=5, completion_tokens=5))
+    (a,) = await rl.admit([Hit("t1", "k1", "m", request_id="a", max_tokens=60)])  # late, over the budget
+    assert not a.allowed
+    # ext_authz had admitted it fail-open: its forced copy counts it at its real usage
+    (forced,) = await rl.admit([Hit("t1", "k1", "m", request_id="a", max_tokens=60, forced=True)])
+    assert forced.reserved
+    (probe,) = await rl.admit([hit("p", 1)])
+    assert probe.outcomes[0][0].remaining == 50 - 10 - 1
+
+
 async def test_a_settle_after_the_lease_ended_the_reservation_changes_nothing():
     clock = FakeClock()
     rl = limiter(clock, lim(policy_pb2.Limit.TOKENS, 100, 0))
