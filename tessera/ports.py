@@ -3,7 +3,8 @@
 A port found free by binding port 0 comes from the ephemeral range, which is also where every
 outgoing connection takes its local port: between the moment the port is handed out and the
 moment its server binds it, a connection may take it ("Address already in use"). Ports below
-that range are never taken that way.
+that range are never taken that way. A process never hands out the same port twice (several
+picked before any is bound would otherwise collide now and then), nor one it was told is taken.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from typing import Final
 
 LOWEST: Final = 10_000
 RANGE_FILE: Final = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+
+
+def reserve(*taken: int) -> None:
+    """Ports chosen elsewhere (not bound yet): never handed out by ``free_port``."""
+    _handed_out.update(taken)
 
 
 def _ephemeral_start() -> int:
@@ -38,7 +45,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     if top - LOWEST > 1000:  # noqa: PLR2004 - room enough to pick at random
         for _ in range(200):
             port = LOWEST + secrets.randbelow(top - LOWEST)
-            if _bindable(host, port):
+            if port not in _handed_out and _bindable(host, port):
+                _handed_out.add(port)
                 return port
     with socket.socket() as s:
         s.bind((host, 0))

@@ -151,6 +151,7 @@ class Stack:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.dd = DataDir(resolve_data_dir(args.data_dir))
+        ports.reserve(args.port, args.admin_port)  # chosen by the caller: never picked for another
         self.ports = Ports(gateway=args.port, admin=args.admin_port)
         self.authz_replicas = max(1, args.ext_authz_replicas)
         self.authz_workers = max(1, args.ext_authz_workers)
