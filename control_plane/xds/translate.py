@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from control_plane.state import BackendState, ModelState, State
 from control_plane.validation import NO_HEALTH_CHECK
@@ -81,6 +81,16 @@ def _direct(name: str, match: dict[str, Any], code: str) -> dict[str, Any]:
     }
 
 
+# Per-route filter switches: a route that is not inference skips the usage filters; one the
+# control plane authenticates itself skips ext_authz (and the body parse that feeds it) too.
+NOT_INFERENCE: Final = {LUA_FILTER: DISABLED, SSE_FILTER: DISABLED}
+SELF_AUTHENTICATED: Final = {
+    "envoy.filters.http.json_to_metadata": DISABLED,
+    "envoy.filters.http.ext_authz": DISABLED,
+    **NOT_INFERENCE,
+}
+
+
 def admin_rest_route(cfg: GatewayConfig) -> dict[str, Any]:
     """The admin API as REST/JSON. The control plane authenticates these callers itself."""
     return {
@@ -88,10 +98,7 @@ def admin_rest_route(cfg: GatewayConfig) -> dict[str, Any]:
         "match": {"prefix": "/admin/"},
         "route": {"cluster": ADMIN_CLUSTER, "timeout": "30s"},
         "typed_per_filter_config": {
-            "envoy.filters.http.json_to_metadata": DISABLED,
-            "envoy.filters.http.ext_authz": DISABLED,
-            LUA_FILTER: DISABLED,
-            SSE_FILTER: DISABLED,
+            **SELF_AUTHENTICATED,
             # Enables the (default-off) transcoder here; Envoy wants its config again.
             TRANSCODER: {"@type": FILTER_CONFIG, "config": transcoder_config(cfg.admin_descriptor)},
         },
@@ -99,7 +106,6 @@ def admin_rest_route(cfg: GatewayConfig) -> dict[str, Any]:
 
 
 def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
-    not_inference = {LUA_FILTER: DISABLED, SSE_FILTER: DISABLED}
     # The admin REST API on the public listener only with admin_rest="public".
     admin = [admin_rest_route(cfg)] if cfg.admin_rest == "public" else []
     routes: list[dict[str, Any]] = [
@@ -109,17 +115,13 @@ def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
             "name": "oauth_token",
             "match": {"path": "/oauth/token"},
             "route": {"cluster": CP_HTTP_CLUSTER, "timeout": "5s"},
-            "typed_per_filter_config": {
-                "envoy.filters.http.json_to_metadata": DISABLED,
-                "envoy.filters.http.ext_authz": DISABLED,
-                **not_inference,
-            },
+            "typed_per_filter_config": SELF_AUTHENTICATED,
         },
         {
             "name": "models_list",
             "match": {"path": "/v1/models"},
             "route": {"cluster": CP_HTTP_CLUSTER, "timeout": "5s"},
-            "typed_per_filter_config": not_inference,
+            "typed_per_filter_config": NOT_INFERENCE,
         },
         _direct(
             "invalid_json",

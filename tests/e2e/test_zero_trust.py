@@ -119,17 +119,10 @@ def _calls(
 def _authz_over_http(ep: dict[str, Any], key: str, who: IdentitySettings | None) -> Outcome:
     """ext_authz's HTTP transport, asked what Envoy would ask (an HTTP status, or refused)."""
     url = f"https://{ep['ext_authz']}/authz/v1/chat/completions"
-    context = client_context(who) if who is not None else None
+    if who is None:  # anonymous: plaintext
+        return _https_get(urllib.request.Request(url.replace("https:", "http:"), method="POST"), None)  # noqa: S310 - loopback
     request = urllib.request.Request(url, method="POST", headers={"authorization": f"Bearer {key}"})
-    if who is None:
-        request = urllib.request.Request(url.replace("https:", "http:"), method="POST")  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=5, context=context) as resp:  # noqa: S310 - loopback
-            return f"HTTP {resp.status}"
-    except urllib.error.HTTPError as exc:
-        return f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError):
-        return "refused"
+    return _https_get(request, client_context(who))
 
 
 # surface -> (endpoints.json entry, the component whose identity serves it)
@@ -158,7 +151,8 @@ async def _sweep(
     return out
 
 
-def _https_get(url: str, context: ssl.SSLContext | None) -> Outcome:
+def _https_get(url: str | urllib.request.Request, context: ssl.SSLContext | None) -> Outcome:
+    """An HTTP status, or "refused" (no TLS session, or no connection at all)."""
     try:
         with urllib.request.urlopen(url, timeout=5, context=context) as resp:  # noqa: S310 - loopback
             return f"HTTP {resp.status}"

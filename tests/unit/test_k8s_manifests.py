@@ -33,6 +33,7 @@ from control_plane.settings import ControlPlaneSettings
 from ext_authz.settings import ExtAuthzSettings
 from ratelimit.settings import RatelimitSettings
 from tessera.identity import server_name, spiffe_id
+from tessera.k8s_secrets import K8S_IDENTITIES, secret_name
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -338,16 +339,6 @@ IDENTITY_FILES = {
 }
 GATEWAY_TLS_DIR = "/etc/tessera/gateway-tls"
 GATEWAY_TLS_SECRET = "tessera-gateway-tls"
-# Every workload identity (k8s/components/cert-manager/identities.yaml): its SPIFFE ID's path
-# after ns/<namespace>/ (Envoy's names its node: every pod shares `gateway`).
-IDENTITIES = {
-    "control-plane": ("control-plane", ""),
-    "ext-authz": ("ext-authz", ""),
-    "ratelimit": ("ratelimit", ""),
-    "meter": ("meter", ""),
-    "envoy": ("envoy", "gateway"),
-    "operator": ("operator", ""),
-}
 SERVED = {
     "control-plane": "tessera-control-plane",
     "ext-authz": "tessera-ext-authz",
@@ -359,13 +350,9 @@ STATS_PORT = 9902
 VARIANTS = [*OVERLAYS, *EXAMPLES]
 
 
-def identity_secret(component: str) -> str:
-    return f"tessera-identity-{component}"
-
-
 def identity_uri(component: str, namespace: str) -> str:
-    name, node = IDENTITIES[component]
-    return spiffe_id(name, namespace, node)
+    """Every workload identity's SPIFFE ID (Envoy's names its node: every pod shares one)."""
+    return spiffe_id(component, namespace, K8S_IDENTITIES[component])
 
 
 def stand_in_secrets(namespace: str = "default") -> str:
@@ -374,11 +361,11 @@ def stand_in_secrets(namespace: str = "default") -> str:
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": identity_secret(component), "namespace": namespace},
+            "metadata": {"name": secret_name(component), "namespace": namespace},
             "type": "kubernetes.io/tls",
             "data": {"tls.crt": "", "tls.key": "", "ca.crt": ""},
         }
-        for component in IDENTITIES
+        for component in K8S_IDENTITIES
     )
 
 
@@ -686,7 +673,7 @@ def test_every_identity_is_mounted_with_its_settings(built):
             mount, volume = at[IDENTITY_DIR]
             assert mount.get("readOnly") is True
             secret = volume.get("secret", {}).get("secretName")
-            assert secret == identity_secret(component), f"{where}/{c['name']}: {secret}"
+            assert secret == secret_name(component), f"{where}/{c['name']}: {secret}"
             if component == "envoy":
                 continue  # Envoy reads its files through the SDS file (test_envoy_pod)
             env = env_of(c)
@@ -715,7 +702,7 @@ def test_every_mounted_certificate_has_a_source(built):
     secrets = {o["metadata"]["name"]: o for o in built if o["kind"] == "Secret"}
     if issued:
         assert referenced <= issued
-        assert {identity_secret(c) for c in IDENTITIES} <= issued
+        assert {secret_name(c) for c in K8S_IDENTITIES} <= issued
         assert not issued & secrets.keys(), "a Secret that cert-manager also writes"
     else:
         assert not [o for o in built if o["apiVersion"].startswith("cert-manager.io/")]
@@ -731,8 +718,8 @@ def check_certificates(objects: list[dict[str, Any]], namespace: str) -> None:
     for obj in [*issuers.values(), *by_secret.values()]:
         assert obj["metadata"].get("namespace") == namespace, obj["metadata"]["name"]
     assert "$(" not in yaml.safe_dump(list(by_secret.values())), "an unresolved kustomize var"
-    for component in IDENTITIES:
-        spec = by_secret[identity_secret(component)]["spec"]
+    for component in K8S_IDENTITIES:
+        spec = by_secret[secret_name(component)]["spec"]
         uri = identity_uri(component, namespace)
         assert spec["uris"] == [uri], component
         assert spec["dnsNames"][0] == server_name(uri), component
@@ -799,9 +786,9 @@ def test_plain_secrets_command_writes_what_the_pods_mount(tmp_path):
         pytest.skip("`tessera identity k8s-secrets` is not there yet")
     assert result.returncode == 0, result.stderr
     secrets = {d["metadata"]["name"]: d for d in load(out)}
-    assert secrets.keys() == {identity_secret(c) for c in IDENTITIES}
-    for component in IDENTITIES:
-        secret = secrets[identity_secret(component)]
+    assert secrets.keys() == {secret_name(c) for c in K8S_IDENTITIES}
+    for component in K8S_IDENTITIES:
+        secret = secrets[secret_name(component)]
         assert secret["type"] == "kubernetes.io/tls"
         assert secret["metadata"].get("namespace") == "tessera-prod"
         assert secret["data"].keys() == {"tls.crt", "tls.key", "ca.crt"}
