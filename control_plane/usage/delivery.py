@@ -5,6 +5,10 @@ is down holds back nobody else. Delivery is at least once: a receiver that answe
 request it also timed out on sees the event twice, and deduplicates it by the event's stable id.
 Events a sink does not take (its format does not carry the kind, or ``kinds`` excludes it) are
 marked delivered to it without a request, so every event ends up delivered to every sink.
+
+Replicas: each batch is claimed first (a lease on its delivery rows, won by one replica), so
+with several control planes on one database each event still goes to each sink once; a replica
+that dies mid-batch leaves it to the others when the lease ends (at least once, ids stable).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class OutboxDeliverer:
         max_backoff: float = 300.0,
         clock: Clock = SYSTEM_CLOCK,
         timeout: float = 10.0,
+        lease: float = 60.0,
     ) -> None:
         for sink in sinks:
             if sink.format == "standard-webhooks":
@@ -64,6 +69,8 @@ class OutboxDeliverer:
         self._max_backoff = max_backoff
         self._clock = clock
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # A claimed batch's lease: past every request's timeout (each waits for a slot first).
+        self._lease = max(lease, 2 * timeout)
         self._http: aiohttp.ClientSession | None = None
         # Bounds the requests in flight, so that no request's timeout runs while it waits for
         # a connection.
@@ -98,9 +105,49 @@ class OutboxDeliverer:
             await self._http.close()
             self._http = None
 
+    async def _claim(self, sink: SinkSettings, now: float) -> list[tuple[OutboxEvent, int | None]]:
+        """The sink's due events, each leased to this replica alone for ``lease`` seconds: its
+        delivery row is set to be due again only then, by a conditional upsert that one replica
+        wins (a replica that dies mid-delivery leaves the events to another after the lease).
+        On PostgreSQL the selected events are locked ``SKIP LOCKED``, so concurrent replicas
+        take different batches rather than race for one."""
+        async with self._sessionmaker.begin() as session:
+            due = _due(sink.name, _at(now), sink.batch_size).with_for_update(of=OutboxEvent, skip_locked=True)
+            rows = (await session.execute(due)).all()
+            if not rows:
+                return []
+            stmt = insert_stmt(session, OutboxDelivery).values(
+                [
+                    {
+                        "event_id": ev.id,
+                        "sink": sink.name,
+                        "attempts": n or 0,
+                        "next_attempt_at": _at(now + self._lease),
+                    }
+                    for ev, n in rows
+                ]
+            )
+            claimed = set(
+                (
+                    await session.execute(
+                        stmt.on_conflict_do_update(
+                            index_elements=["event_id", "sink"],
+                            set_={"next_attempt_at": stmt.excluded.next_attempt_at},
+                            where=and_(
+                                OutboxDelivery.delivered_at.is_(None),
+                                or_(
+                                    OutboxDelivery.next_attempt_at.is_(None),
+                                    OutboxDelivery.next_attempt_at <= _at(now),
+                                ),
+                            ),
+                        ).returning(OutboxDelivery.event_id)
+                    )
+                ).scalars()
+            )
+        return [(ev, n) for ev, n in rows if ev.id in claimed]
+
     async def _deliver(self, sink: SinkSettings, now: float) -> int:
-        async with self._sessionmaker() as session:
-            rows = (await session.execute(_due(sink.name, _at(now), sink.batch_size))).all()
+        rows = await self._claim(sink, now)
         if not rows:
             return 0
         attempts = {ev.id: n or 0 for ev, n in rows}

@@ -35,6 +35,7 @@ from sqlalchemy import delete, select
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from structlog.testing import capture_logs
 
+from control_plane.db.engine import make_engine, make_sessionmaker
 from control_plane.db.models import OutboxDelivery, OutboxEvent
 from control_plane.settings import SinkSettings
 from control_plane.usage import formats
@@ -558,6 +559,62 @@ async def test_run_forever_delivers_until_cancelled(sessionmaker, receivers, del
     assert sorted(ce["id"] for _, _, b in receiver.requests for ce in json.loads(b)) == sorted(
         e.id for e in events
     )
+
+
+async def test_replicas_on_one_database_deliver_each_event_to_each_sink_once(
+    sessionmaker, db_url, receivers, deliverers
+):
+    """Three control-plane replicas (two engines) deliver one outbox at once, interleaved at every
+    await: each event reaches the sink once, not once per replica."""
+    got: list[str] = []
+
+    async def slow(request: web.Request, _body: bytes) -> web.StreamResponse:
+        await asyncio.sleep(0.01)  # the replicas' batches overlap
+        got.append(request.headers["webhook-id"])
+        return web.Response(status=204)
+
+    receiver = await receivers(slow)
+    events = await add_events(sessionmaker, [KINDS[n % 3] for n in range(240)])
+    name = sink_name()
+    sink = SinkSettings(name=name, url=f"{receiver.url}/hook", secret=whsec(), batch_size=20)
+    other = make_engine(db_url)
+    try:
+        replicas = [deliverers(sm, [sink]) for sm in (sessionmaker, make_sessionmaker(other), sessionmaker)]
+        await asyncio.gather(*(deliver_until_drained(r, [name]) for r in replicas))
+    finally:
+        await other.dispose()
+    assert sorted(got) == sorted(e.id for e in events)
+
+
+async def test_a_replica_killed_mid_batch_leaves_it_to_another_after_its_lease(
+    sessionmaker, receivers, deliverers
+):
+    hold = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def stuck_then_ok(request: web.Request, _body: bytes) -> web.StreamResponse:
+        arrived.set()
+        await hold.wait()  # the first replica's request gets no answer before it dies
+        return web.Response(status=204)
+
+    receiver = await receivers(stuck_then_ok)
+    events = await add_events(sessionmaker, ["usage.recorded"] * 5)
+    name = sink_name()
+    sink = SinkSettings(name=name, url=f"{receiver.url}/hook", secret=whsec(), batch_size=10)
+    clock = FakeClock(start=time.time())
+    first, second = (deliverers(sessionmaker, [sink], clock=clock, timeout=5.0, lease=30.0) for _ in range(2))
+    dying = asyncio.create_task(first.deliver_once())
+    await asyncio.wait_for(arrived.wait(), 10)
+    dying.cancel()  # killed with its batch claimed and in flight
+    with pytest.raises(asyncio.CancelledError):
+        await dying
+    hold.set()
+    assert await second.deliver_once() == 0  # still leased to the dead replica
+    clock.advance(31)
+    assert await second.deliver_once() == len(events)
+    async with sessionmaker() as s:
+        rows = (await s.scalars(select(OutboxDelivery).where(OutboxDelivery.sink == name))).all()
+    assert sorted(r.event_id for r in rows if r.delivered_at is not None) == sorted(e.id for e in events)
 
 
 async def test_only_events_every_sink_acknowledged_are_pruned(sessionmaker, receivers, deliverers):
