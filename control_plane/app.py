@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
+import secrets
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -16,6 +20,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from control_plane import changes
 from control_plane.admin.api_keys import ApiKeyServiceServicer
 from control_plane.admin.audit_service import AuditServiceServicer
 from control_plane.admin.auth import Authenticator
@@ -183,8 +188,16 @@ async def build_app(settings: ControlPlaneSettings) -> App:
     )
     publisher = Publisher(sessionmaker, xds_cache, policy_cache, pepper=pepper, jwt_policy=jwt_policy)
     grace = timedelta(seconds=settings.billing.invoice_grace_seconds)
+    # Replicas on one PostgreSQL tell each other of every write (control_plane.changes).
+    origin = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    announce = functools.partial(changes.announce, engine, origin) if changes.shares_changes(engine) else None
     ctx = AdminContext(
-        sessionmaker, publisher, Authenticator(pepper, settings.admin_token.get_secret_value()), pepper, grace
+        sessionmaker,
+        publisher,
+        Authenticator(pepper, settings.admin_token.get_secret_value()),
+        pepper,
+        grace,
+        announce,
     )
     identity = settings.identity
     envoys = envoy_nodes(identity.namespace)
@@ -263,6 +276,8 @@ async def build_app(settings: ControlPlaneSettings) -> App:
     await policy.set_serving(True)
     app = App(admin, xds, policy, http_runner, http_port, metrics, engine, publisher)
     app.tasks.append(asyncio.create_task(publisher.refresh_forever(settings.refresh_seconds)))
+    if announce is not None:
+        app.tasks.append(asyncio.create_task(changes.follow(engine, origin, publisher.publish)))
     if settings.load_scrape_seconds > 0:
         watcher = LoadWatcher(
             publisher.load_targets, publisher.set_load, interval=settings.load_scrape_seconds

@@ -7,7 +7,7 @@ holding the row change and its audit record — then ``await self.publish()``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,6 +37,9 @@ class AdminContext:
     auth: Authenticator
     pepper: bytes
     invoice_grace: timedelta = timedelta(days=3)  # after a month ends, before its invoice closes
+    # Tells the other replicas on the same store to read it again (control_plane.changes); None
+    # when the store is single-replica (SQLite).
+    announce: Callable[[], Awaitable[None]] | None = None
 
 
 def _metadata(context: Any) -> dict[str, str]:
@@ -74,6 +77,8 @@ class AdminServicerBase:
         # The write is committed; if the push fails the periodic refresh publishes it later.
         async with self._storage():
             await self.ctx.publisher.publish()
+            if self.ctx.announce is not None:
+                await self.ctx.announce()
 
     async def _caller(self, session: AsyncSession, context: Any) -> Caller:
         caller = await self.ctx.auth.authenticate(session, _metadata(context).get("authorization", ""))

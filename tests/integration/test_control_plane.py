@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -687,3 +688,49 @@ async def test_the_policy_stream_under_mutual_tls_serves_each_identity_its_own_v
         assert {"api_key", "tenant"} <= kinds
     finally:
         await app.stop(0)
+
+
+@pytest.mark.postgres
+async def test_a_write_on_one_replica_reaches_the_other_replicas_subscribers_within_a_second(
+    postgres_url, pepper
+):
+    """Two control planes on one PostgreSQL, periodic refresh far off (60 s): a key created on
+    one is in the other's policy stream within a second (NOTIFY/LISTEN), and revoked likewise."""
+    await asyncio.to_thread(upgrade, postgres_url)
+    settings = _settings(postgres_url, pepper).model_copy(update={"refresh_seconds": 60.0})
+    a, b = await build_app(settings), await build_app(settings)
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{a.admin_port}") as ch,
+            grpc.aio.insecure_channel(f"127.0.0.1:{b.policy_port}") as pch,
+        ):
+            admin = Admin(ch)
+            name = _name()
+            await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=name), metadata=AUTH)
+            stream = policy_pb2_grpc.PolicyServiceStub(pch).Stream()
+            await stream.write(policy_pb2.StreamPolicyRequest(node_id="test", service="ext_authz"))
+            await _next_complete(stream)  # b's snapshot
+            await asyncio.sleep(0.5)  # b's listener is up (it publishes once on connecting)
+            for step in ("created", "revoked"):
+                started = time.monotonic()
+                if step == "created":
+                    created = await admin.CreateApiKey(
+                        admin_pb2.CreateApiKeyRequest(tenant=name), metadata=AUTH
+                    )
+                else:
+                    await admin.RevokeApiKey(admin_pb2.RevokeApiKeyRequest(id=created.id), metadata=AUTH)
+                while True:
+                    delta = await asyncio.wait_for(stream.read(), 1.0)  # not on the 60 s refresh
+                    if any(
+                        r.api_key.key_id == created.id
+                        for r in delta.upserts
+                        if r.WhichOneof("kind") == "api_key"
+                    ):
+                        break
+                    if step == "revoked" and any(created.id in d for d in delta.deletes):
+                        break
+                assert time.monotonic() - started < 1.0, step
+            stream.cancel()
+    finally:
+        await b.stop(0)
+        await a.stop(0)
