@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from control_plane.settings import ControlPlaneSettings
 from tessera.errors import ConfigError
 from tessera.logging import configure_logging
 from tessera.settings import redact_url
+
+SETTLE_DRAIN_SECONDS = 5.0  # at shutdown, for the last settlements to reach the ratelimit service
 
 log = structlog.get_logger("control_plane")
 
@@ -106,15 +110,40 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
         )
         log.info("meter_started", log=str(log_path), node=node, metrics_port=metrics.port)
         set_ready(True)  # its /healthz: the store answered and the log is being read
+        running = asyncio.create_task(
+            meter.run_forever(settings.meter.poll_seconds, settle_interval=settings.meter.settle_poll_seconds)
+        )
         try:
-            await meter.run_forever(
-                settings.meter.poll_seconds, settle_interval=settings.meter.settle_poll_seconds
-            )
+            await _until_terminated(running)
+            # SIGTERM: Envoy has stopped writing (it is stopped first); bill what it wrote
+            log.info("meter_stopping")
+            rows = await meter.finish()
+            settled = await settler.drained(SETTLE_DRAIN_SECONDS) if settler is not None else True
+            log.info("meter_stopped", rows=rows, settlements_sent=settled)
         finally:
+            running.cancel()
             if settle_task is not None:
                 settle_task.cancel()
     finally:
         await engine.dispose()
+
+
+async def _until_terminated(running: asyncio.Task[None]) -> None:
+    """Until SIGTERM or SIGINT (then ``running`` is cancelled and awaited); or until ``running``
+    ends by itself (its error raised)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if running.done():
+        running.result()
+        return
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
 
 
 def meter_main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,6 @@ log = structlog.get_logger("control_plane.changes")
 CHANNEL: Final = "tessera_changes"
 RECEIVED = Counter("tessera_cp_change_notices_total", "Change notices from other replicas")
 RECONNECT_MAX_SECONDS: Final = 5.0
-KEEPALIVE: Final = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
 
 def shares_changes(engine: AsyncEngine) -> bool:
@@ -56,7 +55,14 @@ async def follow(engine: AsyncEngine, origin: str, on_change: Callable[[], Await
         while True:
             try:
                 # TCP keepalives: a listening connection that died silently is noticed in ~25 s
-                connect = psycopg.AsyncConnection.connect(_libpq_url(engine), autocommit=True, **KEEPALIVE)
+                connect = psycopg.AsyncConnection.connect(
+                    _libpq_url(engine),
+                    autocommit=True,
+                    keepalives=1,
+                    keepalives_idle=10,
+                    keepalives_interval=5,
+                    keepalives_count=3,
+                )
                 async with await connect as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     log.info("change_notices_listening")

@@ -20,6 +20,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
 DRAIN_SECONDS = 2  # listeners drain this long on SIGHUP
 RESTART_STREAM_GRACE = 60.0  # then streams in flight get this long to end
+METER_STOP_GRACE = 30.0  # the meter reads the log to its end before it exits
 
 
 USAGE_FLUSH_MSEC = 200
@@ -228,6 +230,19 @@ class Stack:
         own = self.dd.root / "gateway-tls" / "ca.pem"
         return str(own) if own.exists() and not getattr(self.args, "tls_cert", None) else None
 
+    def _gateway_probe_tls(self) -> ssl.SSLContext | None:
+        """How the readiness probe speaks TLS to its own Envoy on loopback: checking our own CA
+        (--tls); with --tls-cert the chain may end at a CA this machine does not know, and the
+        probe asks only whether the listener answers, so it does not verify."""
+        if self.gateway_tls is None:
+            return None
+        if (ca := self._gateway_ca()) is not None:
+            return ssl.create_default_context(cafile=ca)
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+
     def _gateway_tls_env(self) -> dict[str, str]:
         if self.gateway_tls is None:
             return {}
@@ -390,7 +405,7 @@ class Stack:
             self._env({usage_line.NODE_ENV: self.node_id}),
             # 401 means: listener up, routes loaded, ext_authz answering.
             lambda: http_status(
-                self.endpoints()["gateway"] + "/v1/models", expect=401, ca_file=self._gateway_ca()
+                self.endpoints()["gateway"] + "/v1/models", expect=401, context=self._gateway_probe_tls()
             ),
         )
 
@@ -613,16 +628,9 @@ class Stack:
             return
         self.reloading = True
         envoy = self.children["envoy"]
-        admin = unix_url(str(self.envoy_admin))
         try:
             _say("SIGHUP: draining Envoy's listeners, then restarting Envoy")
-            await http_post(f"{admin}/drain_listeners?graceful")
-            deadline = time.monotonic() + DRAIN_SECONDS + RESTART_STREAM_GRACE
-            await asyncio.sleep(DRAIN_SECONDS)
-            while time.monotonic() < deadline:
-                if await active_requests(admin) == 0:
-                    break
-                await asyncio.sleep(0.1)
+            await self._drain_envoy()
             await envoy.stop(grace=10.0)
             await envoy.start()
             await envoy.wait_ready()
@@ -633,13 +641,30 @@ class Stack:
         finally:
             self.reloading = False
 
+    async def _drain_envoy(self, listeners_seconds: float = DRAIN_SECONDS) -> None:
+        """Ask Envoy's connections to close, give its listeners ``listeners_seconds``, then wait
+        (bounded) for the requests in flight."""
+        admin = unix_url(str(self.envoy_admin))
+        await http_post(f"{admin}/drain_listeners?graceful")
+        deadline = time.monotonic() + listeners_seconds + RESTART_STREAM_GRACE
+        await asyncio.sleep(listeners_seconds)
+        while time.monotonic() < deadline:
+            if await active_requests(admin) == 0:
+                break
+            await asyncio.sleep(0.1)
+
     async def stop(self) -> None:
+        """Envoy first, drained (requests in flight end, their usage lines written); then the
+        meter, which reads the log to its end before it exits; the services; the control plane."""
         self.stopping.set()
-        # Reverse start order: Envoy first (no new requests), the control plane last.
-        middle = [n for n in reversed(self.children) if n not in {"envoy", "control-plane"}]
-        for name in ["envoy", *middle, "control-plane"]:
+        envoy = self.children.get("envoy")
+        if envoy is not None and envoy.proc is not None and envoy.proc.returncode is None:
+            with contextlib.suppress(OSError):  # not answering: stopped as it is
+                await self._drain_envoy(listeners_seconds=0)  # stopping: no new requests anyway
+        middle = [n for n in reversed(self.children) if n not in {"envoy", "meter", "control-plane"}]
+        for name in ["envoy", "meter", *middle, "control-plane"]:
             if name in self.children:
-                await self.children[name].stop()
+                await self.children[name].stop(grace=METER_STOP_GRACE if name == "meter" else 5.0)
 
 
 def _banner(stack: Stack, demo_key: dict[str, str] | None) -> None:

@@ -338,6 +338,14 @@ class Meter:
         current = _identify(self._log_path)
         return current is not None and current.file_id != rotated.file_id
 
+    async def finish(self) -> int:
+        """On shutdown: read the log to its end (every complete line) into the ledger and offer
+        its settlements; returns the rows inserted. What Envoy wrote before it stopped is billed
+        now, not by a meter that may never run again (the pod and its log volume go)."""
+        self._offsets = None  # only what was committed counts (a pass may have been cut short)
+        await self.settle_available()
+        return await self.ingest_available()
+
     async def run_forever(
         self, interval: float = 0.5, expire_every: float = 3600.0, settle_interval: float = 0.1
     ) -> None:

@@ -12,6 +12,7 @@ free within one retry. Idempotent by request id on the service's side, so a line
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, Final
@@ -59,6 +60,7 @@ class Settler:
         self._retry = retry_seconds
         self._pending: deque[admission_pb2.Usage] = deque()
         self._wake = asyncio.Event()
+        self._emptied = asyncio.Event()  # set whenever the send loop has emptied the queue
 
     def offer(self, lines: Iterable[UsageLine]) -> None:
         """Queue the lines of reserved requests (never blocks the meter)."""
@@ -70,7 +72,16 @@ class Settler:
                 self._pending.append(usage_of(line))
         PENDING.set(len(self._pending))
         if self._pending:
+            self._emptied.clear()
             self._wake.set()
+
+    async def drained(self, timeout: float) -> bool:
+        """Whether every queued usage was sent (or dropped), waiting ``timeout`` s at most (the
+        send loop must be running)."""
+        if self._pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._emptied.wait(), timeout)
+        return not self._pending
 
     async def run(self) -> None:
         channel = PeerChannel(self._url, self._identity, "ratelimit")
@@ -104,3 +115,4 @@ class Settler:
                     self._pending.popleft()
                 SETTLED.labels("sent").inc(len(batch))
                 PENDING.set(len(self._pending))
+            self._emptied.set()

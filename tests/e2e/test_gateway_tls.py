@@ -15,14 +15,16 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx2
 import openai
 import pytest
 from cryptography import x509
 
+from tessera.identity import Authority, spiffe_id
 from tests.e2e.conftest import Stack, start_stack, stop_stack
+from tests.e2e.test_gateway import eventually
 
 pytestmark = pytest.mark.envoy
 
@@ -39,9 +41,9 @@ def tls_stack(tmp_path_factory) -> Iterator[Stack]:
     stop_stack(s)
 
 
-def _served_serial(stack: Stack) -> int:
+def _served_serial(stack: Stack, cafile: str | None = None) -> int:
     """The serial number of the certificate the gateway presents now (a new connection)."""
-    ctx = ssl.create_default_context(cafile=stack.gateway_ca)
+    ctx = ssl.create_default_context(cafile=cafile or stack.gateway_ca)
     with (
         socket.create_connection(("127.0.0.1", stack.port), timeout=5) as raw,
         ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
@@ -172,3 +174,65 @@ def test_every_certificate_rotates_under_load_with_no_failed_request(tls_stack: 
     sds = json.loads((tls_stack.root / "identity" / "envoy-sds.json").read_text())
     inline = sds["resources"][0]["tls_certificate"]["certificate_chain"]["inline_string"]
     assert x509.load_pem_x509_certificate(inline.encode()).serial_number == envoy.serial_number
+
+
+def test_a_renewal_caught_half_written_keeps_the_last_good_pair_and_a_killed_envoy_comes_back_with_the_new(
+    tmp_path,
+):
+    """The gateway's certificate from files (--tls-cert/--tls-key), as cert-manager or an operator
+    renews them: the new certificate beside the old key, garbage, the key missing. Each time the
+    gateway keeps serving the last good pair; the completed renewal is served to new connections;
+    Envoy SIGKILLed right after comes back (restarted by the supervisor) with the new one."""
+    authority = Authority(tmp_path / "ca")
+    ca = str(authority.cert_path)
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    first, second = (authority.issue(spiffe_id("gateway"), hosts=("127.0.0.1",)) for _ in range(2))
+    cert_file.write_bytes(first[0])
+    key_file.write_bytes(first[1])
+    stack = start_stack(tmp_path / "stack", "--tls-cert", str(cert_file), "--tls-key", str(key_file))
+    log = stack.root / "logs" / "control-plane.log"
+
+    def serial_of(pem: bytes) -> int:
+        return x509.load_pem_x509_certificate(pem).serial_number
+
+    def served() -> int:
+        return _served_serial(stack, ca)
+
+    def answers() -> bool:
+        body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        headers = {"authorization": f"Bearer {stack.demo_key}"}
+        with httpx2.Client(verify=ssl.create_default_context(cafile=ca), timeout=10) as http:
+            return (
+                http.post(f"{stack.gateway}/v1/chat/completions", json=body, headers=headers).status_code
+                == 200
+            )
+
+    def after_next(event: str, change: Callable[[], object]) -> None:
+        """Make the change, then wait until the control plane has read the files and said so."""
+        seen = log.read_text().count(event)
+        change()
+        eventually(lambda: log.read_text().count(event) > seen or 1 / 0, timeout=15, interval=0.2)
+
+    try:
+        assert served() == serial_of(first[0])
+        after_next("gateway_certificate_mismatched", lambda: cert_file.write_bytes(second[0]))
+        assert (served(), answers()) == (serial_of(first[0]), True)
+        after_next(
+            "gateway_certificate_mismatched",
+            lambda: cert_file.write_bytes(b"-----BEGIN CERTIFICATE-----\nx\n"),
+        )
+        assert (served(), answers()) == (serial_of(first[0]), True)
+        after_next("gateway_certificate_unreadable", key_file.unlink)
+        assert (served(), answers()) == (serial_of(first[0]), True)
+        cert_file.write_bytes(second[0])
+        key_file.write_bytes(second[1])
+        eventually(lambda: served() == serial_of(second[0]) or 1 / 0, timeout=15, interval=0.3)
+        envoy = stack.endpoints()["pids"]["envoy"]
+        os.kill(envoy, signal.SIGKILL)
+        eventually(lambda: stack.endpoints()["pids"]["envoy"] != envoy or 1 / 0, timeout=15)
+        eventually(
+            lambda: (served(), answers()) == (serial_of(second[0]), True) or 1 / 0, timeout=30, interval=0.3
+        )
+        assert "PRIVATE KEY" not in log.read_text()  # the key never reaches a log line
+    finally:
+        stop_stack(stack)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import TESSERA
+from tests.e2e.conftest import TESSERA, start_stack, stop_stack
 from tests.e2e.test_gateway import eventually
 from tests.e2e.test_routing import wait_routed
 from tests.upstream import Upstream
@@ -222,6 +222,29 @@ def test_a_graceful_envoy_restart_mid_run_loses_and_doubles_nothing(stack, upstr
 
     eventually(restarted, timeout=30, interval=0.2)
     wait_routed(stack.client(key), model, timeout=15)  # and the gateway serves again
+
+
+def test_a_stack_stopped_mid_run_bills_every_answered_request_before_it_exits(tmp_path, upstreams):
+    """SIGTERM to `tessera up` under load, as a rollout or scale-down does: Envoy drains, then the
+    meter reads the usage log to its end before it exits. Read from the database once everything
+    has exited: every request that got an answer is in the ledger once."""
+    stack = start_stack(tmp_path / "stack")
+    stopped: list[int] = []
+    try:
+        model, tenant, key, _ = _setup(stack, upstreams)
+        tenant_id = _tenant_id(stack, tenant)
+        stopper = threading.Thread(target=lambda: stopped.append(stop_stack(stack)))
+        outcomes = _load(stack, model, key, 150, stopper.start)
+        stopper.join(60)
+    finally:
+        stop_stack(stack)
+    assert stopped == [0]
+    answered = {o.request_id for o in outcomes if o.request_id}
+    assert len(answered) >= 150 // 3  # the run ran before the stop
+    ledger = _ledger(stack, tenant_id)
+    assert answered <= set(ledger), f"{len(answered - set(ledger))} answered requests never billed"
+    meter_log = (stack.root / "logs" / "meter.log").read_text()
+    assert "meter_stopped" in meter_log
 
 
 def test_usage_csv_and_json_and_bad_input(stack):

@@ -996,3 +996,13 @@ def test_network_policies_let_only_the_named_callers_in(built):
     assert _ingress_sources(policies["control-plane"], "xds-grpc") == {"envoy"}
     assert _ingress_sources(policies["envoy"], "https") is None  # the public gateway
     assert _ingress_sources(policies["envoy"], "stats") is None  # scrapers
+
+
+def test_the_meter_is_a_native_sidecar_that_outlives_envoy(built):
+    """Stopped only after Envoy has exited (Kubernetes' sidecar order), so that its SIGTERM
+    comes once every usage line is written; it then reads the log to its end and exits."""
+    for where, spec in pod_specs(built):
+        meters = [c for c in containers(spec) if runs_as(c) == "meter"]
+        assert not [c for c in spec["containers"] if runs_as(c) == "meter"], where
+        for meter in meters:
+            assert meter.get("restartPolicy") == "Always", where
