@@ -71,6 +71,12 @@ class Authorizer:
         """Whether admissions reach the counters now (the admission stream is open)."""
         return self._admitter is not None and self._admitter.connected
 
+    def abandon(self, outcome: Outcome) -> None:
+        """The caller gave up before this outcome reached it: the request will not run, so what
+        its admission took is given back."""
+        if self._admitter is not None and outcome.admitted is not None:
+            self._admitter.abandon(outcome.admitted)
+
     def swap_index(self, index: KeyIndex) -> None:
         """Install a new snapshot: one assignment, so a Check sees the old or the new one."""
         self.index = index

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
@@ -41,6 +42,13 @@ def _header(key: str, value: str) -> Any:
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
     )
+
+
+def _past_deadline(context: Any) -> bool:
+    """grpc.aio: whether the call's deadline (Envoy's ext_authz timeout) has passed. None: the
+    sync server's threads, which keep the deadline themselves (``ext_authz/sync_grpc.py``)."""
+    left = context.time_remaining() if context is not None else None
+    return left is not None and left <= 0
 
 
 def allow_response(tenant_id: str, key_id: str, priority: int = 0) -> Any:
@@ -84,10 +92,15 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
             authorizer, clock, allow=allow_response, deny=deny_response
         )
 
-    async def Check(self, request: Any, context: Any) -> Any:  # noqa: ARG002 - gRPC's signature
+    async def Check(self, request: Any, context: Any) -> Any:
         http = request.attributes.request.http
         headers = http.headers
         outcome = await self._authorizer.authorize(headers, http.path)
+        if outcome.admitted is not None and _past_deadline(context):
+            # Envoy's timeout passed while the admission was answered: its answer would reach
+            # nobody and the request will not run; give back what it took
+            self._authorizer.abandon(outcome)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         if not outcome.decision.allowed:
             return self._deny(outcome, headers.get("x-request-id", ""))
         resp = self._answers.allowed(outcome.decision)
