@@ -32,6 +32,7 @@ from ratelimit.backends import (
     counter_key,
     make_backend,
 )
+from ratelimit.backends.redis_url import close_client, redis_client
 from tessera.clock import FakeClock
 from tessera.errors import ConfigError, StorageError
 
@@ -54,7 +55,14 @@ def req(key: str = "L1", limit: int = 3, *, enforced: bool = True, hits: int = 1
     return CounterRequest(counter_key("t1", key), limit, window, enforced, hits)
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis_cluster", marks=pytest.mark.redis),
+        pytest.param("redis_sentinel", marks=pytest.mark.redis),
+    ]
+)
 async def harness(request):
     if request.param == "memory":
         clock = FakeClock()
@@ -71,8 +79,9 @@ async def harness(request):
         await backend.close()
         return
     prefix = f"tessera:test:{uuid.uuid4().hex}:rl:"
-    backend = RedisCounterBackend(REDIS_URL, prefix=prefix)
-    client = aioredis.Redis.from_url(REDIS_URL)
+    url = REDIS_URL if request.param == "redis" else request.getfixturevalue(request.param).url
+    backend = RedisCounterBackend(url, prefix=prefix)
+    client = redis_client(url, 5.0)  # the same server(s), to look inside
 
     async def redis_size(key: str, kind: int) -> int:
         base = prefix + key
@@ -88,11 +97,10 @@ async def harness(request):
     yield Harness(backend, asyncio.sleep, time.time, redis_size)
     await backend.close()
     try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
+        for key in [k async for k in client.scan_iter(match=f"{prefix}*")]:
+            await client.delete(key)  # one by one: a Cluster's keys live in different slots
     finally:
-        await client.aclose()
+        await close_client(client)
 
 
 async def test_exactly_n_admitted_then_refused(harness):
