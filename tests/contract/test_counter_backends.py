@@ -312,6 +312,7 @@ async def test_redis_timeouts_are_not_retried():
         ("redis://127.0.0.1:6379/0", RedisCounterBackend),
         ("rediss://user:pw@redis.example:6380/0", RedisCounterBackend),
         ("unix:///run/redis.sock", RedisCounterBackend),
+        ("redis+sentinel://:p%40ss@10.0.0.1:26379,10.0.0.2:26379/tessera/2", RedisCounterBackend),
     ],
 )
 async def test_make_backend_by_scheme(url, kind):
@@ -320,10 +321,27 @@ async def test_make_backend_by_scheme(url, kind):
     await backend.close()
 
 
-def test_make_backend_rejects_unknown_schemes_without_leaking_passwords():
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memcached://user:s3cret@host:11211",
+        "redis+cluster://user:s3cret@h1:7000,h2/",  # a node without a port
+        "redis+cluster://user:s3cret@h1:7000/3",  # a Cluster has one database
+        "redis+sentinel://user:s3cret@h1:26379",  # no master name
+        "redis+sentinel://user:s3cret@h1:26379/tessera/x",  # not a database number
+    ],
+)
+def test_make_backend_rejects_bad_urls_without_leaking_passwords(url):
     with pytest.raises(ConfigError) as info:
-        make_backend("memcached://user:s3cret@host:11211")
+        make_backend(url)
     assert "s3cret" not in str(info.value)
+
+
+async def test_sentinel_credentials_are_percent_decoded_for_the_data_nodes():
+    client = redis_client("redis+sentinel://u%3A1:p%40ss@127.0.0.1:26379/tessera/2", 1.0)
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("u:1", "p@ss", 2)
+    await close_client(client)
 
 
 # --- budgets (tokens, spend) and slots (concurrency) ------------------------------------------
