@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--db-file", type=Path, help="a file holding the database URL (a password may be in it)")
     up.add_argument(
         "--redis",
-        help="rate-limit counters: memory:// (default) or redis://host:port/db, without a password "
-        "(default: $TESSERA_REDIS_URL)",
+        help="rate-limit counters: memory:// (default), redis://host:port/db, "
+        "redis+cluster://host:port,host:port or redis+sentinel://host:port,host:port/master, "
+        "without a password (default: $TESSERA_REDIS_URL)",
     )
     up.add_argument("--redis-file", type=Path, help="a file holding the Redis URL (a password may be in it)")
     up.add_argument(

@@ -12,6 +12,7 @@ import pytest
 from tessera import ports
 from tessera.envoy_tls import write_inline_identity
 from tessera.identity import Authority, spiffe_id
+from tests.redis_topologies import LocalCluster, LocalSentinel
 
 PG_ADMIN_DSN = os.environ.get("TESSERA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TESSERA_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -47,6 +48,22 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[LocalCluster]:
+    """A real Redis Cluster (3 masters, a replica each) for the whole run."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory) -> Iterator[LocalSentinel]:
+    """A master and its replica under three Sentinels for the whole run."""
+    sentinel = LocalSentinel(tmp_path_factory.mktemp("redis-sentinel"))
+    yield sentinel
+    sentinel.close()
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from ratelimit.backends.base import (
 )
 from ratelimit.backends.memory import MemoryCounterBackend
 from ratelimit.backends.redis import RedisCounterBackend
+from ratelimit.backends.redis_url import SCHEMES as REDIS_SCHEMES
 from tessera.clock import SYSTEM_CLOCK, Clock
 from tessera.errors import ConfigError
 from tessera.settings import redact_url
@@ -43,8 +44,6 @@ __all__ = [
     "make_backend",
 ]
 
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
-
 
 def _scheme(url: str) -> str:
     scheme, sep, _ = url.partition("://")
@@ -56,11 +55,14 @@ def is_memory_url(url: str) -> bool:
 
 
 def make_backend(url: str, *, clock: Clock = SYSTEM_CLOCK) -> CounterBackend:
-    """``memory://`` (one process) or ``redis://`` / ``rediss://`` / ``unix://``; nothing connects yet."""
+    """``memory://`` (one process) or Redis (``ratelimit/backends/redis_url.py``); nothing connects yet."""
     scheme = _scheme(url)
     if scheme == "memory":
         return MemoryCounterBackend(clock)
-    if scheme in _REDIS_SCHEMES:
+    if scheme in REDIS_SCHEMES:
         return RedisCounterBackend(url)
-    msg = f"unsupported counter URL {redact_url(url)!r}: use memory://, redis://, rediss:// or unix://"
+    msg = (
+        f"unsupported counter URL {redact_url(url)!r}: use memory://, redis://, rediss://, unix://,"
+        " redis+cluster:// or redis+sentinel://"
+    )
     raise ConfigError(msg)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple, TypeAlias
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -23,6 +23,7 @@ from ratelimit.backends.base import (
     SettleCall,
     Settlement,
 )
+from ratelimit.backends.redis_url import close_client, redis_client
 from tessera.errors import StorageError
 
 DEFAULT_PREFIX = "tessera:rl:"
@@ -267,7 +268,7 @@ _Job: TypeAlias = tuple[list[str], list[str | int]]  # one script call: keys, ar
 
 
 class RedisCounterBackend:
-    """Counters in Redis (``redis://``, ``rediss://``, ``unix://``).
+    """Counters in Redis: one server, a Cluster or a Sentinel-found master (``redis_url.py``).
 
     All keys of one call must hash to one Cluster slot: they do, being tagged by one tenant.
     A batch is one pipeline of EVALSHA calls (one round trip); a script Redis lost (a restart,
@@ -281,12 +282,8 @@ class RedisCounterBackend:
     """
 
     def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, timeout_seconds: float = 0.25) -> None:
-        self._client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
+        self._client = redis_client(url, timeout_seconds)
+        self._cluster = isinstance(self._client, RedisCluster)
         self._prefix = prefix
 
     def _keys(self, key: str) -> list[str]:
@@ -372,10 +369,11 @@ class RedisCounterBackend:
         """Each job's reply, or a StorageError for a job the script failed; raises StorageError
         when the batch could not run."""
         try:
-            replies = await self._pipeline(script, jobs, load=False)
+            replies = await self._pipeline(script, jobs)
             lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if lost:  # Redis restarted or flushed its scripts: load it, rerun what did not run
-                again = await self._pipeline(script, [jobs[i] for i in lost], load=True)
+                await self._client.script_load(script.text)  # on every master of a Cluster
+                again = await self._pipeline(script, [jobs[i] for i in lost])
                 for i, reply in zip(lost, again, strict=True):
                     replies[i] = reply
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -384,23 +382,41 @@ class RedisCounterBackend:
             raise StorageError(f"redis error: {exc}", transient=False) from exc
         return [_error(reply) if isinstance(reply, ResponseError) else reply for reply in replies]
 
-    async def _pipeline(self, script: _Script, jobs: list[_Job], *, load: bool) -> list[Any]:
-        if len(jobs) == 1 and not load:  # a single call: a pipeline would only add client CPU
-            keys, args = jobs[0]
-            try:
-                return [await self._client.evalsha(script.sha, len(keys), *keys, *args)]
-            except ResponseError as exc:
-                return [exc]
+    async def _pipeline(self, script: _Script, jobs: list[_Job]) -> list[Any]:
+        if len(jobs) == 1:  # a single call: a pipeline would only add client CPU
+            return [await self._call(script, jobs[0])]
+        if self._cluster:  # no EVALSHA in a Cluster pipeline
+            return await self._by_slot(script, jobs)
         pipe = self._client.pipeline(transaction=False)
-        if load:
-            pipe.script_load(script.text)
         for keys, args in jobs:
             pipe.evalsha(script.sha, len(keys), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies[1:] if load else replies
+        return replies
+
+    async def _by_slot(self, script: _Script, jobs: list[_Job]) -> list[Any]:
+        """A Cluster: the calls of one slot in batch order (a counter sees them as a pipeline
+        would), the slots at once, each at its master."""
+        slots: dict[int, list[int]] = {}
+        for i, (keys, _) in enumerate(jobs):
+            slots.setdefault(key_slot(keys[0].encode()), []).append(i)
+        replies: list[Any] = [None] * len(jobs)
+
+        async def in_order(indices: list[int]) -> None:
+            for i in indices:
+                replies[i] = await self._call(script, jobs[i])
+
+        await asyncio.gather(*(in_order(indices) for indices in slots.values()))
+        return replies
+
+    async def _call(self, script: _Script, job: _Job) -> Any:
+        keys, args = job
+        try:
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except ResponseError as exc:
+            return exc
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await close_client(self._client)
 
 
 def _acquisition(reply: Any) -> Acquisition:

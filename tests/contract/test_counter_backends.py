@@ -32,6 +32,7 @@ from ratelimit.backends import (
     counter_key,
     make_backend,
 )
+from ratelimit.backends.redis_url import close_client, redis_client
 from tessera.clock import FakeClock
 from tessera.errors import ConfigError, StorageError
 
@@ -54,7 +55,14 @@ def req(key: str = "L1", limit: int = 3, *, enforced: bool = True, hits: int = 1
     return CounterRequest(counter_key("t1", key), limit, window, enforced, hits)
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis_cluster", marks=pytest.mark.redis),
+        pytest.param("redis_sentinel", marks=pytest.mark.redis),
+    ]
+)
 async def harness(request):
     if request.param == "memory":
         clock = FakeClock()
@@ -71,8 +79,9 @@ async def harness(request):
         await backend.close()
         return
     prefix = f"tessera:test:{uuid.uuid4().hex}:rl:"
-    backend = RedisCounterBackend(REDIS_URL, prefix=prefix)
-    client = aioredis.Redis.from_url(REDIS_URL)
+    url = REDIS_URL if request.param == "redis" else request.getfixturevalue(request.param).url
+    backend = RedisCounterBackend(url, prefix=prefix)
+    client = redis_client(url, 5.0)  # the same server(s), to look inside
 
     async def redis_size(key: str, kind: int) -> int:
         base = prefix + key
@@ -88,11 +97,10 @@ async def harness(request):
     yield Harness(backend, asyncio.sleep, time.time, redis_size)
     await backend.close()
     try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
+        for key in [k async for k in client.scan_iter(match=f"{prefix}*")]:
+            await client.delete(key)  # one by one: a Cluster's keys live in different slots
     finally:
-        await client.aclose()
+        await close_client(client)
 
 
 async def test_exactly_n_admitted_then_refused(harness):
@@ -304,6 +312,7 @@ async def test_redis_timeouts_are_not_retried():
         ("redis://127.0.0.1:6379/0", RedisCounterBackend),
         ("rediss://user:pw@redis.example:6380/0", RedisCounterBackend),
         ("unix:///run/redis.sock", RedisCounterBackend),
+        ("redis+sentinel://:p%40ss@10.0.0.1:26379,10.0.0.2:26379/tessera/2", RedisCounterBackend),
     ],
 )
 async def test_make_backend_by_scheme(url, kind):
@@ -312,10 +321,27 @@ async def test_make_backend_by_scheme(url, kind):
     await backend.close()
 
 
-def test_make_backend_rejects_unknown_schemes_without_leaking_passwords():
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memcached://user:s3cret@host:11211",
+        "redis+cluster://user:s3cret@h1:7000,h2/",  # a node without a port
+        "redis+cluster://user:s3cret@h1:7000/3",  # a Cluster has one database
+        "redis+sentinel://user:s3cret@h1:26379",  # no master name
+        "redis+sentinel://user:s3cret@h1:26379/tessera/x",  # not a database number
+    ],
+)
+def test_make_backend_rejects_bad_urls_without_leaking_passwords(url):
     with pytest.raises(ConfigError) as info:
-        make_backend("memcached://user:s3cret@host:11211")
+        make_backend(url)
     assert "s3cret" not in str(info.value)
+
+
+async def test_sentinel_credentials_are_percent_decoded_for_the_data_nodes():
+    client = redis_client("redis+sentinel://u%3A1:p%40ss@127.0.0.1:26379/tessera/2", 1.0)
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("u:1", "p@ss", 2)
+    await close_client(client)
 
 
 # --- budgets (tokens, spend) and slots (concurrency) ------------------------------------------

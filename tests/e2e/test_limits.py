@@ -293,3 +293,56 @@ def test_events_split_across_reads_reach_the_client_whole_when_usage_is_stripped
         words = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).split()
         assert words == [f"tok{i}" for i in range(6)]
         assert (chunks[-1].usage is not None) == bool(include_usage)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("topology", ["redis_cluster", "redis_sentinel"])
+def test_a_redis_master_failover_under_load_keeps_fail_modes_and_exact_counts(tmp_path, topology, request):
+    """Counters on a real Redis Cluster (3 masters, a replica each) or a Sentinel-watched master.
+    Its master(s) fail over while requests flow: a fail-open limit never refuses, a fail-closed
+    one refuses at most (never a 5xx), and a request limit's count from before the failover is
+    still exact after it (10 of 20 used before; exactly 10 more admitted after)."""
+    redis = request.getfixturevalue(topology)
+    stack = start_stack(tmp_path / "stack", "--redis", redis.url)
+    try:
+        exact, fail_open, fail_closed = (f"{x}{time.monotonic_ns()}" for x in ("exact", "open", "closed"))
+        for tenant, args in (
+            (exact, ["--window", "hour", "--limit", "20"]),
+            (fail_open, ["--window", "minute", "--limit", "100000"]),
+            (fail_closed, ["--window", "minute", "--limit", "100000", "--fail", "closed"]),
+        ):
+            stack.cli("tenants", "create", tenant)
+            stack.cli("limits", "create", "--tenant", tenant, "--kind", "requests", *args)
+        keys = {t: stack.new_key(t) for t in (exact, fail_open, fail_closed)}
+        time.sleep(1.0)
+        body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+
+        def post(key: str) -> int:
+            headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+            return http("POST", f"{stack.gateway}/v1/chat/completions", body.encode(), headers)[0]
+
+        assert [post(keys[exact]) for _ in range(10)] == [200] * 10
+        codes: dict[str, list[int]] = {fail_open: [], fail_closed: []}
+        stop = threading.Event()
+
+        def load(tenant: str) -> None:
+            while not stop.is_set():
+                codes[tenant].append(post(keys[tenant]))
+
+        loaders = [threading.Thread(target=load, args=(t,)) for t in codes]
+        for t in loaders:
+            t.start()
+        try:
+            time.sleep(0.5)
+            redis.failover()
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            for t in loaders:
+                t.join()
+        assert len(codes[fail_open]) > 20 and set(codes[fail_open]) == {200}  # noqa: PT018
+        assert set(codes[fail_closed]) <= {200, 429}, codes[fail_closed]
+        after = [post(keys[exact]) for _ in range(12)]
+        assert (after.count(200), after.count(429)) == (10, 2), after
+    finally:
+        stop_stack(stack)
