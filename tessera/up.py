@@ -106,17 +106,19 @@ class Child:
         msg = f"{self.name} not ready after {timeout:.0f}s; see {self.log_path}"
         raise StartupError(msg)
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``grace``; its exit code (None: it was not running)."""
         if self.proc is None or self.proc.returncode is not None:
-            return
+            return None
         with contextlib.suppress(ProcessLookupError):
             self.proc.terminate()
         try:
-            await asyncio.wait_for(self.proc.wait(), grace)
+            return await asyncio.wait_for(self.proc.wait(), grace)
         except TimeoutError:
+            _say(f"{self.name} did not stop within {grace:.0f}s of SIGTERM: killed")
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
-            await self.proc.wait()
+            return await self.proc.wait()
 
 
 # Every internal surface is mutual TLS; each component holds its own identity. "operator" is
@@ -662,9 +664,13 @@ class Stack:
             with contextlib.suppress(OSError):  # not answering: stopped as it is
                 await self._drain_envoy(listeners_seconds=0)  # stopping: no new requests anyway
         middle = [n for n in reversed(self.children) if n not in {"envoy", "meter", "control-plane"}]
+        codes = {}
         for name in ["envoy", "meter", *middle, "control-plane"]:
             if name in self.children:
-                await self.children[name].stop(grace=METER_STOP_GRACE if name == "meter" else 5.0)
+                codes[name] = await self.children[name].stop(
+                    grace=METER_STOP_GRACE if name == "meter" else 5.0
+                )
+        _say("stopped: " + " ".join(f"{name}={code}" for name, code in codes.items()))
 
 
 def _banner(stack: Stack, demo_key: dict[str, str] | None) -> None:

@@ -7,6 +7,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -133,6 +134,36 @@ def test_sigterm_stops_every_child_on_postgres_and_redis(tmp_path, postgres_url,
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert [p for p in pids if alive(p)] == []
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_and_every_child_exits_0(tmp_path):
+    """A rollout's SIGTERM: Envoy drains (the stream that is running gets to its end, whole),
+    then each child is asked to stop and exits 0 of its own accord, none killed."""
+    stack = start_stack(tmp_path)
+    client = stack.client(stack.demo_key)
+    words: list[str] = []
+
+    def stream() -> None:
+        chunks = client.chat.completions.create(
+            model="demo",
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=30,
+            stream=True,
+            extra_headers={"x-demo-delay-ms": "50"},  # 1.5 s of tokens
+        )
+        words.extend(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    time.sleep(0.5)
+    code = stop_stack(stack)
+    reader.join(10)
+    assert code == 0
+    assert "".join(words).split() == [f"tok{i}" for i in range(30)]
+    (line,) = [ln for ln in stack.output if "tessera up: stopped: " in ln]
+    codes = dict(item.split("=") for item in line.split("stopped: ")[1].split())
+    assert {"envoy", "meter", "ext-authz", "ratelimit", "control-plane"} <= codes.keys()
+    assert set(codes.values()) == {"0"}, codes
 
 
 def test_ext_authz_unresponsive_fails_closed_with_503(stack):
