@@ -47,6 +47,12 @@ class Outcome:
     admitted: admission_pb2.Admission | None = field(default=None, compare=False)
 
 
+NOT_READY = Counter(
+    "tessera_authz_not_ready_total", "Checks answered 503 before the first policy snapshot arrived"
+)
+NOT_READY_OUTCOME: Final = Outcome(Decision(code="service_unavailable"), (("retry-after", "1"),))
+
+
 def jwt_key_id(payload: str | None) -> str | None:
     """The ``key_id`` claim of a JWT Envoy's jwt_authn verified (its base64url payload header)."""
     if not payload:
@@ -65,6 +71,7 @@ class Authorizer:
         self._clock = clock
         self._admitter = admitter
         self.index = EMPTY_INDEX
+        self.ready = False  # until the first snapshot: Checks are answered 503, not judged
 
     @property
     def admitting(self) -> bool:
@@ -80,9 +87,15 @@ class Authorizer:
     def swap_index(self, index: KeyIndex) -> None:
         """Install a new snapshot: one assignment, so a Check sees the old or the new one."""
         self.index = index
+        self.ready = True
 
-    async def authorize(self, headers: Mapping[str, str], path: str) -> Outcome:
+    async def authorize(self, headers: Mapping[str, str], path: str) -> Outcome:  # noqa: PLR0911 - one per outcome
         index = self.index
+        if not self.ready:
+            # No policy snapshot yet (just started): every key would look unknown. A 401 would
+            # tell a client its valid key is bad; this is an outage of ours: 503, fail closed.
+            NOT_READY.inc()
+            return NOT_READY_OUTCOME
         model = headers.get(gh.MODEL) or None
         decision = decide(
             headers,

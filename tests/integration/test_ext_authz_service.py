@@ -234,11 +234,16 @@ async def wait_for_code(authz, req, want: str, within: float = 1.0) -> float:
 # --- tests --------------------------------------------------------------------------------
 
 
-async def test_not_serving_until_first_snapshot(app, channel, policy_server):
+async def test_not_serving_until_first_snapshot(app, channel, authz, policy_server):
     await asyncio.wait_for(policy_server.subscribed.wait(), 5)
     assert policy_server.hellos[0].service == "ext_authz"
     assert await health(channel) == NOT_SERVING
     assert await health(channel, SERVICE_NAME) == NOT_SERVING
+    # Envoy does not ask health before a Check: one that comes now is our outage (503, retry),
+    # never a 401 that would tell the client its valid key is bad
+    early = await authz.Check(check_request({"authorization": f"Bearer {KEY}"}, "demo"))
+    assert early.denied_response.status.code == 503
+    assert json.loads(early.denied_response.body)["error"]["code"] == "service_unavailable"
     policy_server.push(full_snapshot("7"))
     await wait_health(channel, SERVING)
     assert await health(channel, SERVICE_NAME) == SERVING
