@@ -10,6 +10,7 @@ follows every reconnection and by the periodic refresh. SQLite is single-replica
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -58,6 +59,7 @@ async def follow(engine: AsyncEngine, origin: str, on_change: Callable[[], Await
                 connect = psycopg.AsyncConnection.connect(
                     _libpq_url(engine),
                     autocommit=True,
+                    connect_timeout=5,
                     keepalives=1,
                     keepalives_idle=10,
                     keepalives_interval=5,
@@ -72,12 +74,14 @@ async def follow(engine: AsyncEngine, origin: str, on_change: Callable[[], Await
                         if notice.payload != origin:  # its own write is published already
                             RECEIVED.inc()
                             wake.set()
-            except psycopg.Error as exc:
+            except Exception as exc:
                 log.warning("change_notices_lost", error=type(exc).__name__, retry_seconds=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_SECONDS)
     finally:
         worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
 
 
 async def _apply(wake: asyncio.Event, on_change: Callable[[], Awaitable[None]]) -> None:

@@ -247,38 +247,53 @@ class RateLimiter:
         if not plans:
             _OK.inc(len(hits))
             return verdicts
-        calls = [p.call for p in plans]
-        backlog = self._take_uncounted() if self._uncounted else []  # empty but after an outage
-        started = time.perf_counter()
-        results = await self._backend.acquire_many(
-            [*backlog, *calls] if backlog else calls, lease_seconds=self._lease
-        )
-        BACKEND_SECONDS.observe(time.perf_counter() - started)
-        if backlog:
-            self._counted(backlog, results[: len(backlog)])
-            results = results[len(backlog) :]
+        results, counted = await self._acquire_with_backlog([p.call for p in plans])
         for plan, result in zip(plans, results, strict=True):
             verdict = self._verdict(hits[plan.position], plan, result, month[2] - now)
             if verdict.allowed and isinstance(result, StorageError):
-                self._count_later(plan.call)
+                self._count_later(plan.call)  # not counted yet: keeps any early settlement
+            elif verdict.reserved:
+                counted.append(plan.call.request_id)
             verdicts[plan.position] = verdict
         _OK.inc(len(hits) - len(plans))
         if self._early:
-            await self._settle_early(hits, plans, verdicts)
+            await self._settle_early(counted)
         return verdicts
 
-    async def _settle_early(self, hits: Sequence[Hit], plans: list[_Plan], verdicts: list[Verdict]) -> None:
-        """Reservations just made for requests whose usage was settled before: replaced by
-        that usage now (else they would be held until their lease ends)."""
+    async def _acquire_with_backlog(
+        self, calls: list[AcquireCall]
+    ) -> tuple[Sequence[Acquisition | StorageError], list[str]]:
+        """One backend call for ``calls``, the fail-open backlog (if any) counted first in it:
+        the calls' results, and the request ids of the backlog counted now."""
+        backlog = self._take_uncounted() if self._uncounted else []  # empty but after an outage
+        started = time.perf_counter()
+        try:
+            results = await self._backend.acquire_many(
+                [*backlog, *calls] if backlog else calls, lease_seconds=self._lease
+            )
+        except BaseException:
+            self._uncounted.extendleft(reversed(backlog))  # not counted: first in line again
+            raise
+        BACKEND_SECONDS.observe(time.perf_counter() - started)
+        if not backlog:
+            return results, []
+        return results[len(backlog) :], self._counted(backlog, results[: len(backlog)])
+
+    async def _settle_early(self, counted: Sequence[str]) -> None:
+        """Requests just counted whose usage was settled before: their reservations are
+        replaced by that usage now (else they would be held until their lease ends)."""
         early = self._early
-        usages = [
-            early.pop(rid)
-            for plan in plans
-            if (rid := hits[plan.position].request_id) in early and verdicts[plan.position].reserved
-        ]
-        if usages:
-            EARLY_APPLIED.inc(len(usages))
-            await self.settle(*usages)
+        usages = [early.pop(rid) for rid in counted if rid in early]
+        if not usages:
+            return
+        try:
+            await self.settle_many(usages)
+        except StorageError as exc:
+            for usage in usages:  # kept for the admission counted later (the backlog)
+                early[usage.request_id] = usage
+            log.warning("ratelimit_settle_failed", error=str(exc), tenant_id=usages[0].tenant_id)
+            return
+        EARLY_APPLIED.inc(len(usages))
 
     def _count_later(self, call: AcquireCall) -> None:
         """A request admitted fail-open by the counters' outage: counted once they answer."""
@@ -294,11 +309,19 @@ class RateLimiter:
         self._uncounted.clear()
         return taken
 
-    def _counted(self, backlog: list[AcquireCall], results: Sequence[Acquisition | StorageError]) -> None:
-        """Put back, first in line, what the backend could not count yet."""
+    def _counted(
+        self, backlog: list[AcquireCall], results: Sequence[Acquisition | StorageError]
+    ) -> list[str]:
+        """Put back, first in line, what the backend could not count yet; the request ids of
+        the others (counted now)."""
         failed = [call for call, r in zip(backlog, results, strict=True) if isinstance(r, StorageError)]
         self._uncounted.extendleft(reversed(failed))
         UNCOUNTED.set(len(self._uncounted))
+        return [
+            call.request_id
+            for call, r in zip(backlog, results, strict=True)
+            if not isinstance(r, StorageError)
+        ]
 
     async def count_uncounted(self) -> None:
         """Count the fail-open backlog now (before settling: a settle only replaces what is held).
@@ -306,8 +329,14 @@ class RateLimiter:
         backlog = self._take_uncounted()
         if not backlog:
             return
-        results = await self._backend.acquire_many(backlog, lease_seconds=self._lease)
-        self._counted(backlog, results)
+        try:
+            results = await self._backend.acquire_many(backlog, lease_seconds=self._lease)
+        except BaseException:
+            self._uncounted.extendleft(reversed(backlog))
+            raise
+        counted = self._counted(backlog, results)
+        if self._early:
+            await self._settle_early(counted)
         error = next((r for r in results if isinstance(r, StorageError)), None)
         if error is not None:
             BACKEND_ERRORS.inc()

@@ -107,9 +107,9 @@ class Child:
         raise StartupError(msg)
 
     async def stop(self, grace: float = 5.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``grace``; its exit code (None: it was not running)."""
+        """SIGTERM, then SIGKILL after ``grace``; its exit code (None: it never started)."""
         if self.proc is None or self.proc.returncode is not None:
-            return None
+            return None if self.proc is None else self.proc.returncode  # it had exited by itself
         with contextlib.suppress(ProcessLookupError):
             self.proc.terminate()
         try:
@@ -661,7 +661,7 @@ class Stack:
         self.stopping.set()
         envoy = self.children.get("envoy")
         if envoy is not None and envoy.proc is not None and envoy.proc.returncode is None:
-            with contextlib.suppress(OSError):  # not answering: stopped as it is
+            with contextlib.suppress(Exception):  # not answering (or garbled): stopped as it is
                 await self._drain_envoy(listeners_seconds=0)  # stopping: no new requests anyway
         middle = [n for n in reversed(self.children) if n not in {"envoy", "meter", "control-plane"}]
         codes = {}

@@ -77,8 +77,11 @@ class AdminServicerBase:
         # The write is committed; if the push fails the periodic refresh publishes it later.
         async with self._storage():
             await self.ctx.publisher.publish()
-            if self.ctx.announce is not None:
+        if self.ctx.announce is not None:
+            try:
                 await self.ctx.announce()
+            except Exception:  # the write is committed: the others' periodic refresh reads it
+                log.warning("change_announce_failed", exc_info=True)
 
     async def _caller(self, session: AsyncSession, context: Any) -> Caller:
         caller = await self.ctx.auth.authenticate(session, _metadata(context).get("authorization", ""))

@@ -42,6 +42,7 @@ DELIVERED = Counter("tessera_outbox_delivered_total", "Events a sink acknowledge
 FAILURES = Counter("tessera_outbox_delivery_failures_total", "Events whose delivery failed", ["sink"])
 
 BASE_BACKOFF = 1.0
+PARALLEL = 16  # requests in flight per deliverer
 MAX_ERROR = 500  # OutboxDelivery.last_error holds 512
 
 
@@ -69,12 +70,12 @@ class OutboxDeliverer:
         self._max_backoff = max_backoff
         self._clock = clock
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        # A claimed batch's lease: past every request's timeout (each waits for a slot first).
-        self._lease = max(lease, 2 * timeout)
+        self._request_seconds = timeout
+        self._lease = lease  # a claimed batch's, at least: each batch's is sized to its requests
         self._http: aiohttp.ClientSession | None = None
         # Bounds the requests in flight, so that no request's timeout runs while it waits for
         # a connection.
-        self._slots = asyncio.Semaphore(16)
+        self._slots = asyncio.Semaphore(PARALLEL)
 
     async def deliver_once(self) -> int:
         """One pass over every sink: send each sink its due events (up to ``batch_size``) and
@@ -116,13 +117,15 @@ class OutboxDeliverer:
             rows = (await session.execute(due)).all()
             if not rows:
                 return []
+            # long enough for the whole batch: one request per event at worst, 16 at a time
+            lease = max(self._lease, -(-len(rows) // PARALLEL) * self._request_seconds + 30.0)
             stmt = insert_stmt(session, OutboxDelivery).values(
                 [
                     {
                         "event_id": ev.id,
                         "sink": sink.name,
                         "attempts": n or 0,
-                        "next_attempt_at": _at(now + self._lease),
+                        "next_attempt_at": _at(now + lease),
                     }
                     for ev, n in rows
                 ]

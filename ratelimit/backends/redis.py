@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, TypeAlias
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ratelimit.backends.base import (
@@ -376,7 +376,8 @@ class RedisCounterBackend:
                 again = await self._pipeline(script, [jobs[i] for i in lost])
                 for i, reply in zip(lost, again, strict=True):
                     replies[i] = reply
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException) as exc:
+            # a Cluster that cannot be reached, or a slot without a master mid-failover, too
             raise StorageError(f"redis unavailable: {exc}", transient=True) from exc
         except RedisError as exc:
             raise StorageError(f"redis error: {exc}", transient=False) from exc
@@ -402,8 +403,13 @@ class RedisCounterBackend:
         replies: list[Any] = [None] * len(jobs)
 
         async def in_order(indices: list[int]) -> None:
-            for i in indices:
-                replies[i] = await self._call(script, jobs[i])
+            for n, i in enumerate(indices):
+                try:
+                    replies[i] = await self._call(script, jobs[i])
+                except (RedisError, OSError) as exc:  # this slot's master is gone: the rest too
+                    for j in indices[n:]:
+                        replies[j] = StorageError(f"redis unavailable: {exc}", transient=True)
+                    return
 
         await asyncio.gather(*(in_order(indices) for indices in slots.values()))
         return replies

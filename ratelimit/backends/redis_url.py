@@ -22,6 +22,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tessera.errors import ConfigError
@@ -31,6 +32,13 @@ SINGLE: Final = ("redis", "rediss", "unix")
 CLUSTER: Final = ("redis+cluster", "rediss+cluster")
 SENTINEL: Final = ("redis+sentinel", "rediss+sentinel")
 SCHEMES: Final = (*SINGLE, *CLUSTER, *SENTINEL)
+
+
+class _NoTimeoutRetryCluster(RedisCluster):
+    """redis-py's Cluster client retries a command after a timeout too (its own list, whatever
+    ``retry`` says): a script that timed out may have run, and a rerun would count it twice."""
+
+    ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
 
 
 def redis_client(url: str, timeout_seconds: float) -> Any:
@@ -50,8 +58,10 @@ def redis_client(url: str, timeout_seconds: float) -> Any:
     if scheme in CLUSTER:
         if path.strip("/"):
             raise ConfigError(f"{redact_url(url)}: a Redis Cluster has one database (no /db)")
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in hosts], **options)
+        return _NoTimeoutRetryCluster(startup_nodes=[ClusterNode(h, p) for h, p in hosts], **options)
     name, _, db = path.strip("/").partition("/")
+    if "?" in path or "#" in path:
+        raise ConfigError(f"{redact_url(url)}: a Sentinel URL takes no query or fragment")
     if not name:
         raise ConfigError(f"{redact_url(url)}: name the master: redis+sentinel://host:port,…/<name>")
     if db and not db.isdigit():
@@ -60,7 +70,12 @@ def redis_client(url: str, timeout_seconds: float) -> Any:
         hosts,
         socket_timeout=timeout_seconds,
         socket_connect_timeout=timeout_seconds,
-        sentinel_kwargs={"socket_timeout": timeout_seconds, "socket_connect_timeout": timeout_seconds},
+        # asking a Sentinel is not retried (redis-py backs off for seconds): the next one is asked
+        sentinel_kwargs={
+            "socket_timeout": timeout_seconds,
+            "socket_connect_timeout": timeout_seconds,
+            "retry": Retry(NoBackoff(), 0),
+        },
     )
     return sentinel.master_for(name, db=int(db or 0), **options)
 

@@ -270,9 +270,18 @@ async def test_memory_backend_window_change_moves_the_key():
     assert len(backend) == 1
 
 
-async def test_redis_unreachable_is_a_transient_storage_error():
-    backend = RedisCounterBackend("redis://127.0.0.1:1/0", prefix="tessera:test:unreachable:")
+@pytest.mark.parametrize(
+    "url",
+    ["redis://127.0.0.1:1/0", "redis+cluster://127.0.0.1:1,127.0.0.1:2", "redis+sentinel://127.0.0.1:1/m"],
+)
+async def test_redis_unreachable_is_a_transient_storage_error(url):
+    """Never an exception of the client's own: the caller applies each limit's fail mode."""
+    backend = RedisCounterBackend(url, prefix="tessera:test:unreachable:")
     try:
+        results = await backend.acquire_many(
+            [AcquireCall([req()]), AcquireCall([req("L2")])], lease_seconds=1
+        )
+        assert [type(r) for r in results] == [StorageError, StorageError]
         with pytest.raises(StorageError) as info:
             await backend.acquire([req()])
         assert info.value.transient

@@ -610,7 +610,7 @@ async def test_a_replica_killed_mid_batch_leaves_it_to_another_after_its_lease(
         await dying
     hold.set()
     assert await second.deliver_once() == 0  # still leased to the dead replica
-    clock.advance(31)
+    clock.advance(36)  # past the lease: 35 s (a request timeout per 16 events, plus 30 s)
     assert await second.deliver_once() == len(events)
     async with sessionmaker() as s:
         rows = (await s.scalars(select(OutboxDelivery).where(OutboxDelivery.sink == name))).all()

@@ -219,6 +219,37 @@ async def test_a_settlement_that_arrives_before_its_admission_settles_it_when_it
     assert probe2.outcomes[0][0].remaining == 100 - 7 - 1 - 1
 
 
+async def test_an_early_settlement_outlives_a_counter_outage_until_its_admission_is_counted():
+    clock = FakeClock()
+    rl, backend = counted(clock, lim(policy_pb2.Limit.TOKENS, 100, 0))
+    await rl.settle(Usage("t1", "k1", "m", "a", prompt_tokens=3, completion_tokens=4))
+    backend.down = True
+    (a,) = await rl.admit([Hit("t1", "k1", "m", request_id="a", max_tokens=60, forced=True)])
+    assert a.degraded  # admitted, counted later
+    backend.down = False
+    (probe,) = await rl.admit([hit("p", 1)])  # the backlog is counted first, then settled
+    (again,) = await rl.admit([hit("p2", 1)])
+    assert again.outcomes[0][0].remaining == 100 - 7 - 1 - 1, probe
+
+
+async def test_a_backend_that_raises_keeps_the_fail_open_backlog():
+    clock = FakeClock()
+    rl, backend = counted(clock, lim(policy_pb2.Limit.REQUESTS, 5, 60))
+    backend.down = True
+    await rl.admit([Hit("t1", "k1", "m", request_id="a")])  # fail-open: counted later
+    backend.down = False
+    backend.acquire_many = _raising  # a client bug, not a StorageError
+    with pytest.raises(RuntimeError):
+        await rl.admit([Hit("t1", "k1", "m", request_id="b")])
+    del backend.acquire_many
+    (c,) = await rl.admit([Hit("t1", "k1", "m", request_id="c")])
+    assert c.outcomes[0][0].remaining == 5 - 2  # a (from the backlog) and c; b never ran
+
+
+async def _raising(*_args, **_kwargs):
+    raise RuntimeError("boom")
+
+
 async def test_an_admission_refused_after_its_early_settlement_keeps_it_for_the_forced_copy():
     clock = FakeClock()
     rl = limiter(clock, lim(policy_pb2.Limit.TOKENS, 50, 0))
