@@ -17,7 +17,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,36 @@ def wait_metered(stack: Stack, name: str, requests: int, timeout: float = 10.0) 
     eventually(all_in, timeout=timeout, interval=0.3)
 
 
+def in_parallel(threads: int, work: Callable[[], None]) -> None:
+    """``work`` on ``threads`` threads at once; returns once every one has ended."""
+    running = [threading.Thread(target=work) for _ in range(threads)]
+    for t in running:
+        t.start()
+    for t in running:
+        t.join()
+
+
+def post_from_threads(
+    stack: Stack, key: str, body: dict[str, Any], threads: int, *, each: int = 1, seconds: float = 0.0
+) -> list[int]:
+    """The statuses of ``body`` posted by ``threads`` clients at once: ``each`` requests apiece,
+    or as many as fit in ``seconds``."""
+    codes: list[int] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        made = 0
+        while time.monotonic() < deadline if seconds else made < each:
+            status = post(stack, key, body)[0]
+            made += 1
+            with lock:
+                codes.append(status)
+
+    in_parallel(threads, client)
+    return codes
+
+
 def test_concurrent_requests_at_the_cap_overshoot_a_token_budget_by_at_most_one_request(any_stack, upstreams):
     stack = any_stack
     model, upstream = capped_model(stack, upstreams)
@@ -119,19 +149,7 @@ def test_concurrent_requests_at_the_cap_overshoot_a_token_budget_by_at_most_one_
     settled()
     body = {"model": model, "messages": [{"role": "user", "content": "go"}], "max_tokens": CAP}
     one_request_max = len(json.dumps(body)) + CAP  # what one admission reserves at most
-    codes: list[int] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        status, _, _ = post(stack, key, body)
-        with lock:
-            codes.append(status)
-
-    threads = [threading.Thread(target=one) for _ in range(40)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    codes = post_from_threads(stack, key, body, 40)
     assert set(codes) <= {200, 429}, codes
     admitted = codes.count(200)
     assert 0 < admitted <= budget // CAP + 1  # each uses the cap: settled, they add up to the budget
@@ -244,11 +262,7 @@ def _streams(stack: Stack, key: str, n: int, delay_ms: int, tokens: int) -> tupl
             with lock:
                 statuses.append(429)
 
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_parallel(n, one)
     return statuses, held
 
 
@@ -431,21 +445,7 @@ def test_under_overload_every_admitted_request_is_counted_and_settled(tmp_path):
             ["--kind", "tokens", "--window", "month", "--limit", str(budget)],
         )
         body = {"model": "demo", "messages": [{"role": "user", "content": "x y z"}], "max_tokens": 3}
-        codes: list[int] = []
-        lock = threading.Lock()
-        deadline = time.monotonic() + 8.0
-
-        def hammer() -> None:
-            while time.monotonic() < deadline:
-                status, _, _ = post(stack, key, body)
-                with lock:
-                    codes.append(status)
-
-        threads = [threading.Thread(target=hammer) for _ in range(64)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        codes = post_from_threads(stack, key, body, 64, seconds=8.0)
         answered = codes.count(200)
         assert answered > 0
         assert set(codes) <= {200, 429, 503}, set(codes)
@@ -478,20 +478,7 @@ def test_admissions_that_land_after_their_settlement_still_end_at_the_real_usage
         budget = 10**9
         name, key = tenant(stack, ["--kind", "tokens", "--window", "month", "--limit", str(budget)])
         body = {"model": "demo", "messages": [{"role": "user", "content": "x y z"}], "max_tokens": 3}
-        codes: list[int] = []
-        lock = threading.Lock()
-
-        def client() -> None:
-            for _ in range(40):
-                status = post(stack, key, body)[0]
-                with lock:
-                    codes.append(status)
-
-        threads = [threading.Thread(target=client) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        codes = post_from_threads(stack, key, body, 8, each=40)
         assert codes == [200] * len(codes)
         wait_metered(stack, name, len(codes), timeout=30)
         time.sleep(SETTLE_SECONDS + 1)
