@@ -112,7 +112,9 @@ def test_replicas_under_load_survive_each_component_killed_and_bill_exactly(
             for index, child in KILLS:
                 time.sleep(1.0)
                 _kill(stacks[index], child)
-            time.sleep(2.0)  # both gateways answer again before the load stops
+            # both gateways answer again (each restarted child is back) before the load stops
+            eventually(lambda: {client.post(s, key) for s in stacks} == {200} or 1 / 0, timeout=30)
+            time.sleep(0.5)
         finally:
             stop.set()
             for t in loaders:
