@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import sys
 from pathlib import Path
 
@@ -87,6 +86,7 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
     from control_plane.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
     from control_plane.usage.meter import Meter  # noqa: PLC0415
     from control_plane.usage.settler import Settler  # noqa: PLC0415
+    from tessera.grpc_server import wait_for_termination  # noqa: PLC0415
     from tessera.metrics import serve_metrics, set_ready  # noqa: PLC0415
     from tessera.probe import http_base  # noqa: PLC0415
 
@@ -113,8 +113,14 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
         running = asyncio.create_task(
             meter.run_forever(settings.meter.poll_seconds, settle_interval=settings.meter.settle_poll_seconds)
         )
+
+        async def stop_reading() -> None:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+
         try:
-            await _until_terminated(running)
+            await wait_for_termination(stop_reading)
             # SIGTERM: Envoy has stopped writing (it is stopped first); bill what it wrote
             log.info("meter_stopping")
             rows = await meter.finish()
@@ -126,24 +132,6 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
                 settle_task.cancel()
     finally:
         await engine.dispose()
-
-
-async def _until_terminated(running: asyncio.Task[None]) -> None:
-    """Until SIGTERM or SIGINT (then ``running`` is cancelled and awaited); or until ``running``
-    ends by itself (its error raised)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    stopping.cancel()
-    if running.done():
-        running.result()
-        return
-    running.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await running
 
 
 def meter_main(argv: list[str] | None = None) -> int:

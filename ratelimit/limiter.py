@@ -252,7 +252,7 @@ class RateLimiter:
             verdict = self._verdict(hits[plan.position], plan, result, month[2] - now)
             if verdict.allowed and isinstance(result, StorageError):
                 self._count_later(plan.call)  # not counted yet: keeps any early settlement
-            elif verdict.reserved:
+            elif verdict.reserved and self._early:  # only then is the list read
                 counted.append(plan.call.request_id)
             verdicts[plan.position] = verdict
         _OK.inc(len(hits) - len(plans))

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from tests.e2e.conftest import Stack, start_stack, stop_stack
+from tests.e2e.test_admission import tenant as admission_tenant
 from tests.e2e.test_gateway import eventually, http
 
 pytestmark = [pytest.mark.envoy, pytest.mark.postgres, pytest.mark.redis]
@@ -80,22 +81,8 @@ def test_replicas_under_load_survive_each_component_killed_and_bill_exactly(
     stacks = [a, b]
     client = Client()
     try:
-        tenant = f"rep{time.monotonic_ns()}"
-        a.cli("tenants", "create", tenant)
-        a.cli(
-            "limits",
-            "create",
-            "--tenant",
-            tenant,
-            "--kind",
-            "tokens",
-            "--window",
-            "hour",
-            "--limit",
-            "100000000",
-        )
+        tenant, key = admission_tenant(a, ["--kind", "tokens", "--window", "hour", "--limit", "100000000"])
         tenant_id = a.cli_json("tenants", "get", tenant)["tenant"]["id"]
-        key = a.new_key(tenant)
         eventually(lambda: client.post(b, key) == 200 or 1 / 0, timeout=5, interval=0.1)  # b has it
 
         stop = threading.Event()
