@@ -84,6 +84,7 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
 
     from control_plane.app import check_schema  # noqa: PLC0415
     from control_plane.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
+    from control_plane.usage.backstop import UsageBackstop  # noqa: PLC0415
     from control_plane.usage.meter import Meter  # noqa: PLC0415
     from control_plane.usage.settler import Settler  # noqa: PLC0415
     from tessera.grpc_server import wait_for_termination  # noqa: PLC0415
@@ -98,7 +99,15 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
         settler = (
             Settler(settings.admission.url, identity=settings.identity) if settings.admission.url else None
         )
-        settle_task = asyncio.create_task(settler.run()) if settler is not None else None
+        tasks = []
+        if settler is not None:  # settles, closes admissions billed, and bills those never closed
+            backstop = UsageBackstop(
+                make_sessionmaker(engine), settings.admission.url, settler, identity=settings.identity
+            )
+            tasks += [
+                asyncio.create_task(settler.run()),
+                asyncio.create_task(backstop.run_forever(settings.meter.backstop_poll_seconds)),
+            ]
         meter = Meter(
             make_sessionmaker(engine),
             log_path,
@@ -128,8 +137,8 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
             log.info("meter_stopped", rows=rows, settlements_sent=settled)
         finally:
             running.cancel()
-            if settle_task is not None:
-                settle_task.cancel()
+            for task in tasks:
+                task.cancel()
     finally:
         await engine.dispose()
 

@@ -121,6 +121,9 @@ class MeterSettings(BaseModel):
     settle_poll_seconds: float = Field(
         default=0.1, gt=0, description="how often admitted requests' lines are read for settlement"
     )
+    backstop_poll_seconds: float = Field(
+        default=5.0, gt=0, description="how often admitted requests whose lines never came are claimed"
+    )
     # Rotate the log at this size once read (0 = off: an outside logrotate + /reopen_logs).
     rotate_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # Envoy's admin, where /reopen_logs is: its unix socket (unix:/path), or http://host:port

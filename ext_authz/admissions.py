@@ -131,7 +131,9 @@ class Admitter:
             return
         stub: Any = admission_pb2_grpc.AdmissionServiceStub(self._channel.get())
         try:
-            await stub.Settle(admission_pb2.SettleBatch(usages=[usage]), timeout=5.0)
+            # closed: it never runs, so the usage backstop must not bill it
+            batch = admission_pb2.SettleBatch(usages=[usage], closed=[usage.request_id])
+            await stub.Settle(batch, timeout=5.0)
         except grpc.aio.AioRpcError as exc:
             log.warning("admission_release_failed", code=exc.code().name, request_id=usage.request_id)
 

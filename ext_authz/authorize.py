@@ -110,9 +110,12 @@ class Authorizer:
         cost = request_cost(headers, path, index.model_tokens.get(model))
         if isinstance(cost, BadParam):
             return Outcome(_bad_param(decision, cost))
-        scopes = index.limits_for(decision.tenant_id, decision.key_id, model)
-        if not scopes or self._admitter is None:
+        if self._admitter is None:
             return Outcome(decision)
+        scopes = index.limits_for(decision.tenant_id, decision.key_id, model)
+        # the Envoy's node, which its usage lines name: with it the admission is kept open until
+        # the request is billed (the usage backstop, ratelimit/backstop.py)
+        node = headers.get(gh.NODE, "")
         admission = admission_pb2.Admission(
             request_id=headers.get("x-request-id", ""),
             tenant_id=decision.tenant_id,
@@ -120,7 +123,12 @@ class Authorizer:
             model=model,
             body_bytes=cost.body_bytes,
             max_completion_tokens=cost.max_completion_tokens,
+            node=node,
         )
+        if not scopes:
+            if node:  # nothing to count or wait for: sent only to be kept open until billed
+                self._admitter.force(admission)
+            return Outcome(decision)
         try:
             verdict = await self._admitter.admit(admission)  # its batch's future: nothing else waits on it
         except asyncio.CancelledError:

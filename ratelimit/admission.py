@@ -3,8 +3,8 @@ meter's settlements, gRPC) answered.
 
 The only module that turns admission protos into limiter calls. ``decide_batch`` answers one
 ``AdmitBatch`` of the admission stream (``admission_stream.py``) with one counter call.
-``Settle`` answers UNAVAILABLE when the counters cannot be reached, so the caller keeps the
-batch and tries again.
+``Settle`` answers UNAVAILABLE when the counters (or the open admissions it closes) cannot be
+reached, so the caller keeps the batch and tries again.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import grpc
 import structlog
 from prometheus_client import Counter, Histogram
 
+from ratelimit.backstop import Backstop
 from ratelimit.limiter import Hit, RateLimiter, Usage, Verdict
 from ratelimit.verdicts import limit_headers, refusal_code, retry_after_seconds
 from tessera.admission.v1 import admission_pb2, admission_pb2_grpc
@@ -40,6 +41,7 @@ def hit_of(a: admission_pb2.Admission) -> Hit:
         max_tokens=a.max_completion_tokens,
         body_bytes=a.body_bytes,
         forced=a.forced,
+        node=a.node,
     )
 
 
@@ -65,10 +67,16 @@ def verdict_message(verdict: Verdict) -> admission_pb2.Verdict:
     return out
 
 
-async def decide_batch(limiter: RateLimiter, batch: admission_pb2.AdmitBatch) -> admission_pb2.VerdictBatch:
-    """One batch of ext_authz's admission stream (``admission_stream.py``): one counter call."""
+async def decide_batch(
+    limiter: RateLimiter, batch: admission_pb2.AdmitBatch, backstop: Backstop | None = None
+) -> admission_pb2.VerdictBatch:
+    """One batch of ext_authz's admission stream (``admission_stream.py``): one counter call;
+    the admitted requests are then kept open for the usage backstop."""
     BATCH_SIZE.observe(len(batch.admissions))
-    verdicts = await limiter.admit([hit_of(a) for a in batch.admissions])
+    hits = [hit_of(a) for a in batch.admissions]
+    verdicts = await limiter.admit(hits)
+    if backstop is not None:
+        backstop.keep(hits, verdicts)
     reply = admission_pb2.VerdictBatch(batch=batch.batch)
     reply.verdicts.extend(verdict_message(v) for v in verdicts)
     return reply
@@ -77,8 +85,9 @@ async def decide_batch(limiter: RateLimiter, batch: admission_pb2.AdmitBatch) ->
 class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
     """``Settle`` (gRPC: batched and rare); admissions arrive on the frames stream instead."""
 
-    def __init__(self, limiter: RateLimiter) -> None:
+    def __init__(self, limiter: RateLimiter, backstop: Backstop | None = None) -> None:
         self._limiter = limiter
+        self._backstop = backstop
 
     async def Settle(  # noqa: N802 - the gRPC method name
         self, request: admission_pb2.SettleBatch, context: Any
@@ -86,7 +95,10 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
         SETTLE_USAGES.inc(len(request.usages))
         try:
             settled = await self._limiter.settle_many([usage_of(u) for u in request.usages])
+            if request.closed and self._backstop is not None:
+                await self._backstop.close(list(request.closed))
         except StorageError as exc:
-            log.warning("ratelimit_settle_failed", error=str(exc), usages=len(request.usages))
+            usages, closed = len(request.usages), len(request.closed)
+            log.warning("ratelimit_settle_failed", error=str(exc), usages=usages, closed=closed)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the counters cannot be reached; retry")
         return admission_pb2.SettleReply(settled=settled)

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from ratelimit.admission import decide_batch
+from ratelimit.backstop import Backstop
 from ratelimit.limiter import RateLimiter
 from tessera.admission.v1 import admission_pb2
 from tessera.errors import ConfigError, InvalidArgumentError
@@ -28,8 +29,11 @@ log = structlog.get_logger("ratelimit.admission_stream")
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, limiter: RateLimiter, allowed: frozenset[str] | None) -> None:
+    def __init__(
+        self, limiter: RateLimiter, allowed: frozenset[str] | None, backstop: Backstop | None
+    ) -> None:
         self._limiter = limiter
+        self._backstop = backstop
         self._allowed = allowed  # the SPIFFE IDs that may admit (None: plaintext, no identities)
         self._frames = Frames()
         self._pending: deque[bytes] = deque()
@@ -68,7 +72,7 @@ class _Connection(asyncio.Protocol):
     async def _work(self) -> None:
         while self._pending and self._transport is not None:
             batch = admission_pb2.AdmitBatch.FromString(self._pending.popleft())
-            reply = await decide_batch(self._limiter, batch)
+            reply = await decide_batch(self._limiter, batch, self._backstop)
             if self._transport is not None:
                 self._transport.write(frame(reply.SerializeToString()))
 
@@ -81,6 +85,7 @@ async def start_admission_stream(
     reuse_port: bool,
     tls: ssl.SSLContext | None = None,
     allowed: frozenset[str] | None = None,
+    backstop: Backstop | None = None,
 ) -> Any:
     """Listen for ext_authz's admission streams; a taken port is a startup error. With ``tls``
     (mutual: a client certificate from the platform CA is required) only the SPIFFE IDs in
@@ -88,7 +93,7 @@ async def start_admission_stream(
     loop = asyncio.get_running_loop()
     try:
         return await loop.create_server(
-            lambda: _Connection(limiter, allowed if tls is not None else None),
+            lambda: _Connection(limiter, allowed if tls is not None else None, backstop),
             host,
             port,
             reuse_port=reuse_port or None,

@@ -13,6 +13,9 @@ from ratelimit.admission import SERVICE_NAME as ADMISSION_SERVICE
 from ratelimit.admission import AdmissionServicer
 from ratelimit.admission_stream import start_admission_stream
 from ratelimit.backends import CounterBackend, make_backend
+from ratelimit.backends.open_admissions import OpenAdmissions, make_open_admissions
+from ratelimit.backstop import SERVICE_NAME as BACKSTOP_SERVICE
+from ratelimit.backstop import Backstop, UsageBackstopServicer
 from ratelimit.limiter import RateLimiter
 from ratelimit.limits import snapshot_from_policy
 from ratelimit.servicer import SERVICE_NAME, RateLimitServicer
@@ -31,9 +34,11 @@ log = structlog.get_logger("ratelimit")
 
 def _callers(namespace: str) -> dict[str, frozenset[str]]:
     """Who may call what, under mutual TLS: Settle only ext_authz (releases) and the meter
-    (settlement); Envoy's RLS nobody yet (not in Tessera's chain; Envoy has no identity yet)."""
+    (settlement), the usage backstop only the meter; Envoy's RLS nobody (not in Tessera's
+    chain)."""
     return {
         ADMISSION_SERVICE: frozenset({spiffe_id("ext-authz", namespace), spiffe_id("meter", namespace)}),
+        BACKSTOP_SERVICE: frozenset({spiffe_id("meter", namespace)}),
         SERVICE_NAME: frozenset(),
     }
 
@@ -48,6 +53,8 @@ class App:
     server: RunningServer
     _backend: CounterBackend
     _owns_backend: bool
+    _open: OpenAdmissions
+    _backstop: Backstop
     _grace: float
     _tasks: tuple[asyncio.Task[None], ...]
     _metrics: MetricsServer
@@ -64,6 +71,8 @@ class App:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._backstop.flushed()
+        await self._open.aclose()
         if self._owns_backend:
             await self._backend.close()
         await asyncio.to_thread(self._metrics.shutdown)  # blocks up to the server's 0.5 s poll
@@ -94,7 +103,14 @@ async def build_app(
         prompt_bytes_per_token=settings.prompt_bytes_per_token,
     )
     servicer = RateLimitServicer(limiter)
-    admission = AdmissionServicer(limiter)
+    open_admissions = make_open_admissions(settings.redis.url.get_secret_value())  # beside the counters
+    backstop = Backstop(
+        open_admissions,
+        after_seconds=settings.backstop_after_seconds,
+        hold_seconds=settings.backstop_hold_seconds,
+        clock=clock,
+    )
+    admission = AdmissionServicer(limiter, backstop)
 
     held: dict[str, policy_pb2.Resource] = {}
 
@@ -112,13 +128,17 @@ async def build_app(
             [
                 lambda server: admission_pb2_grpc.add_AdmissionServiceServicer_to_server(admission, server),
                 lambda server: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer, server),
+                lambda server: admission_pb2_grpc.add_UsageBackstopServicer_to_server(
+                    UsageBackstopServicer(backstop), server
+                ),
             ],
-            services=[ADMISSION_SERVICE, SERVICE_NAME],
+            services=[ADMISSION_SERVICE, SERVICE_NAME, BACKSTOP_SERVICE],
             reuse_port=settings.workers > 1,
             identity=settings.identity,
             allowed=_callers(settings.identity.namespace),
         )
     except BaseException:
+        await open_admissions.aclose()
         if counters is None:
             await backend.close()
         raise
@@ -133,10 +153,12 @@ async def build_app(
             reuse_port=settings.workers > 1,
             tls=tls,
             allowed=frozenset({spiffe_id("ext-authz", identity.namespace)}),
+            backstop=backstop,
         )
         metrics = serve_metrics(settings.metrics)
     except BaseException:
         await running.stop(0)
+        await open_admissions.aclose()
         if counters is None:
             await backend.close()
         raise
@@ -155,6 +177,8 @@ async def build_app(
         server=running,
         _backend=backend,
         _owns_backend=counters is None,
+        _open=open_admissions,
+        _backstop=backstop,
         _grace=settings.grpc.grace_seconds,
         _tasks=tasks,
         _metrics=metrics,

@@ -109,6 +109,7 @@ class Hit:
     """``max_tokens`` is as the client wrote it (Envoy RLS descriptors): capped by the model's."""
     body_bytes: int = 0  # the request body's size: the prompt-size estimate
     forced: bool = False  # admitted already (degraded, fail-open): count it whatever
+    node: str = ""  # the Envoy node that asked, when known (the usage backstop keeps it open)
 
 
 @dataclass(frozen=True, slots=True)

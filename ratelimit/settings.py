@@ -36,6 +36,17 @@ class RatelimitSettings(BaseSettings):
         gt=0,
         description="a token/spend reservation or concurrency slot not settled by then is released",
     )
+    backstop_after_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description=(
+            "an admitted request whose usage line has not been billed by then is billed as estimated"
+            " (the usage backstop): longer than the longest request plus the meter's lag"
+        ),
+    )
+    backstop_hold_seconds: float = Field(
+        default=60.0, gt=0, description="a meter's claim on overdue admissions lasts this long"
+    )
     prompt_bytes_per_token: int = Field(
         default=1,
         ge=1,

@@ -20,6 +20,8 @@ N: Final = "x-tessera-n"  # the body's n (choices generated)
 BEST_OF: Final = "x-tessera-best-of"  # the body's best_of (sequences generated, completions)
 PROMPTS: Final = "x-tessera-prompts"  # how many prompts a completions body batches (an array)
 JWT_PAYLOAD: Final = "x-tessera-jwt-payload"  # set by jwt_authn once it has verified a JWT
+# the Envoy's node (its ENVOY_NODE_ID, as its usage lines name it): the usage backstop's ledger key
+NODE: Final = "x-tessera-node"
 
 SET_BY_GATEWAY: Final = (
     MODEL,
@@ -32,5 +34,6 @@ SET_BY_GATEWAY: Final = (
     BEST_OF,
     PROMPTS,
     JWT_PAYLOAD,
+    NODE,
 )
 CREDENTIALS: Final = ("authorization", "x-api-key")

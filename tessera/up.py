@@ -79,6 +79,7 @@ class Child:
     started_at: float = 0.0
 
     async def start(self) -> None:
+        self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a lost log volume
         log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
@@ -186,8 +187,9 @@ class Stack:
 
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
-        # Log levels, gateway knobs (e.g. the per-IP guard), JWT settings and ext_authz's gRPC
-        # server mode (TESSERA_GRPC_SERVER, _THREADS; the other services ignore it) pass through.
+        # Log levels, gateway knobs (e.g. the per-IP guard), JWT settings, ext_authz's gRPC
+        # server mode (TESSERA_GRPC_SERVER, _THREADS; the other services ignore it) and the
+        # usage backstop's timing (ratelimit's TESSERA_BACKSTOP_*, the meter's poll) pass through.
         passthrough = (
             "TESSERA_LOG__",
             "TESSERA_GATEWAY__",
@@ -195,6 +197,8 @@ class Stack:
             "TESSERA_BILLING__",
             "TESSERA_GRPC_SERVER",
             "TESSERA_ADMISSION__TIMEOUT_SECONDS",
+            "TESSERA_BACKSTOP_",
+            "TESSERA_METER__BACKSTOP_POLL_SECONDS",
         )
         keep = {k: v for k, v in os.environ.items() if k.startswith(passthrough)}
         return {**env, **keep, "TESSERA_LOG__FORMAT": "json", **extra}

@@ -280,6 +280,9 @@ class UsageRecord(Base):
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     usage_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
+    # billed by the usage backstop: admitted, and its line never reached the meter (Envoy died,
+    # or its log was lost); usage estimated, status 0 (what the client got is unknown)
+    backstop: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     streamed: Mapped[bool] = mapped_column(Boolean, default=False)
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
     ttfb_ms: Mapped[int | None] = mapped_column(Integer)

@@ -96,15 +96,19 @@ def tokens_of(line: UsageLine, terms: ModelTerms | None) -> tuple[int, int, int,
     return prompt, max(completion, line.chunks), 0, True
 
 
+def _cost(price: Price | None, prompt: int, completion: int, cached: int) -> int:
+    if price is None:
+        return 0
+    cost = (prompt - cached) * price.input_micros + cached * price.cached_micros
+    return cost + completion * price.output_micros
+
+
 def record_values(line: UsageLine, terms: dict[str, ModelTerms], now: datetime) -> dict[str, Any]:
     model_terms = terms.get(line.model) if line.model else None
     prompt, completion, cached, estimated = tokens_of(line, model_terms)
     cached = min(cached, prompt)
     price = model_terms.price_at(line.start_time) if model_terms else None
-    cost = 0
-    if price is not None:
-        cost = (prompt - cached) * price.input_micros + cached * price.cached_micros
-        cost += completion * price.output_micros
+    cost = _cost(price, prompt, completion, cached)
     return {
         "node": line.node,
         "request_id": line.request_id,
@@ -121,6 +125,7 @@ def record_values(line: UsageLine, terms: dict[str, ModelTerms], now: datetime) 
         "completion_tokens": completion,
         "cached_tokens": cached,
         "usage_estimated": estimated,
+        "backstop": False,
         "streamed": line.streamed,
         "duration_ms": line.duration_ms,
         "ttfb_ms": line.ttfb_ms,
@@ -130,6 +135,62 @@ def record_values(line: UsageLine, terms: dict[str, ModelTerms], now: datetime) 
         "cost_picos": cost,
         "currency": price.currency if price else None,
         "unpriced": price is None and line.model is not None,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Overdue:
+    """An admitted request whose usage line never reached a meter (the usage backstop,
+    ``control_plane/usage/backstop.py``): what its admission said."""
+
+    node: str
+    request_id: str
+    admitted_at: datetime
+    tenant_id: str
+    key_id: str
+    model: str
+    body_bytes: int
+    max_completion_tokens: int  # 0: not a generation request
+
+
+def overdue_values(o: Overdue, terms: dict[str, ModelTerms], now: datetime) -> dict[str, Any]:
+    """Its ledger row: billed as estimated (what was reserved for it, never free), flagged
+    ``backstop``; status 0, as what the client got is unknown."""
+    model_terms = terms.get(o.model)
+    prompt, completion = reserved_tokens(
+        o.body_bytes,
+        o.max_completion_tokens or None,
+        default_max_tokens=model_terms.default_max_tokens if model_terms else 0,
+        max_max_tokens=model_terms.max_max_tokens if model_terms else 0,
+    )
+    completion = completion if o.max_completion_tokens else 0
+    price = model_terms.price_at(o.admitted_at) if model_terms else None
+    return {
+        "node": o.node,
+        "request_id": o.request_id,
+        "time": o.admitted_at,
+        "ingested_at": now,
+        "tenant_id": o.tenant_id,
+        "key_id": o.key_id,
+        "principal": o.key_id,
+        "model_requested": o.model,
+        "model": o.model,
+        "backend": None,
+        "status": 0,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cached_tokens": 0,
+        "usage_estimated": True,
+        "backstop": True,
+        "streamed": False,
+        "duration_ms": 0,
+        "ttfb_ms": None,
+        "bytes_received": o.body_bytes,
+        "bytes_sent": 0,
+        "price_id": price.id if price else None,
+        "cost_picos": _cost(price, prompt, completion, 0),
+        "currency": price.currency if price else None,
+        "unpriced": price is None,
     }
 
 
@@ -155,6 +216,7 @@ def usage_event(row: dict[str, Any]) -> dict[str, Any]:
         "cached_tokens": row["cached_tokens"],
         "total_tokens": row["prompt_tokens"] + row["completion_tokens"],
         "usage_estimated": row["usage_estimated"],
+        "backstop": row["backstop"],
         "streamed": row["streamed"],
         "cost_micros": picos_to_micros(row["cost_picos"]),
         "currency": row["currency"],
@@ -306,8 +368,42 @@ async def ingest(
         seen.update((node, request_id) for (request_id,) in present)
     rows = [v for v in values if (v["node"], v["request_id"]) not in seen]
     await insert_many_new(s, UsageRecord.__table__, rows, ["node", "request_id"])
+    # The usage backstop is the one other writer: a row it committed meanwhile (the request
+    # fell overdue just as its line came) kept the key; that line is a duplicate after all.
+    for node, ids in _by_node(rows).items():
+        query = select(ledger.request_id).where(
+            ledger.node == node, ledger.request_id.in_(ids), ledger.backstop.is_(True)
+        )
+        seen.update((node, request_id) for (request_id,) in await s.execute(query))
+    rows = [v for v in rows if (v["node"], v["request_id"]) not in seen]
+    await _follow(s, rows, now)
+    return len(rows), len(unique) - len(rows)
+
+
+async def _follow(s: AsyncSession, rows: Sequence[dict[str, Any]], now: datetime) -> None:
+    """What follows from new ledger rows: rollups, usage events, budget thresholds."""
     await _add_rollups(s, rows)
     events = [usage_event(r) for r in rows if r["tenant_id"]]
     await insert_many_new(s, OutboxEvent.__table__, events, ["id"])
     await _budget_events(s, rows, now)
-    return len(rows), len(unique) - len(rows)
+
+
+async def bill_overdue(
+    s: AsyncSession, overdue: Sequence[Overdue], terms: dict[str, ModelTerms], now: datetime
+) -> list[str]:
+    """Bill requests whose lines never came (the usage backstop): those not in the ledger yet
+    (by node + request id: a line that did arrive wins, and a request claimed twice is billed
+    once). Returns the request ids billed now."""
+    values = list({(o.node, o.request_id): overdue_values(o, terms, now) for o in overdue}.values())
+    if not values:
+        return []
+    stmt = (
+        insert_stmt(s, UsageRecord)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=["node", "request_id"])
+        .returning(UsageRecord.node, UsageRecord.request_id)
+    )
+    inserted = set((await s.execute(stmt)).tuples())
+    rows = [v for v in values if (v["node"], v["request_id"]) in inserted]
+    await _follow(s, rows, now)
+    return [r["request_id"] for r in rows]

@@ -235,6 +235,7 @@ class Meter:
                 terms = await ledger.load_terms(s)
                 added, dupes = await ledger.ingest(s, lines, terms, now)
                 await self._save_checkpoint(s, f, offset + span, now)
+            self._close(lines)
         except (DataError, IntegrityError):
             # A line the database refuses must not stop metering: take them one at a time.
             added, dupes, refused = await self._one_by_one(f, lines, offset + span, now)
@@ -262,12 +263,18 @@ class Meter:
                 async with self._sessionmaker.begin() as s:
                     a, d = await ledger.ingest(s, [ln], await ledger.load_terms(s), now)
                 added, dupes = added + a, dupes + d
+                self._close([ln])
             except (DataError, IntegrityError):
                 refused += 1
                 log.exception("usage_line_refused", node=ln.node, request_id=ln.request_id)
         async with self._sessionmaker.begin() as s:
             await self._save_checkpoint(s, f, end, now)
         return added, dupes, refused
+
+    def _close(self, lines: list[usage_line.UsageLine]) -> None:
+        """Their ledger rows are committed: the usage backstop must not bill them."""
+        if self._settler is not None:
+            self._settler.close(ln.request_id for ln in lines if ln.tenant_id)
 
     async def _save_checkpoint(self, s: AsyncSession, f: LogFile, offset: int, now: datetime) -> None:
         row: dict[str, Any] = {"node": self._node, "file_id": f.file_id, "offset": offset,

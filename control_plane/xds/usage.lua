@@ -124,6 +124,9 @@ local function trim(x) return (string.gsub(x, "^%s*(.-)%s*$", "%1")) end
 
 -- tessera/gateway_headers.py: what ext_authz decides on (a unit test checks the names match)
 local H_MODEL, H_BODY, H_PROMPTS = "x-tessera-model", "x-tessera-body-bytes", "x-tessera-prompts"
+-- this Envoy's node, as its usage lines name it (%ENVIRONMENT(ENVOY_NODE_ID)%): ext_authz keeps
+-- the admission open under it for the usage backstop
+local H_NODE, NODE = "x-tessera-node", os.getenv("ENVOY_NODE_ID")
 local FACTS = {
   max_tokens = "x-tessera-max-tokens",
   max_completion_tokens = "x-tessera-max-completion-tokens",
@@ -249,7 +252,10 @@ function envoy_on_request(h)
   local hd = h:headers()
   local route = h:metadata() -- this route's metadata for the Lua filter (model routes only)
   local model = route:get("model")
-  if model then hd:replace(H_MODEL, model) end
+  if model then
+    hd:replace(H_MODEL, model)
+    if NODE and NODE ~= "" then hd:replace(H_NODE, NODE) end
+  end
   if hd:get(":method") ~= "POST" then return end
   local body = h:body() -- the whole body (json_to_metadata buffered it); bounded by the size limit
   -- handles taken before the body was read are out of scope now: take them again

@@ -1,14 +1,17 @@
-"""Metering through real Envoy: mixed traffic with the meter SIGKILLed mid-run, and with a
-graceful Envoy restart (SIGHUP to `tessera up`) mid-run. The ledger must hold exactly one row per
-request the client saw completed, with the tokens the upstream reported (cut streams estimated
-and flagged). The ledger is read straight from the stack's SQLite file; the upstream's reported
-usage from the demo upstream's record of what it sent."""
+"""Metering through real Envoy: mixed traffic with the meter SIGKILLed mid-run, with a graceful
+Envoy restart (SIGHUP to `tessera up`) mid-run, with Envoy SIGKILLed mid-run (its unflushed lines
+lost), and with Envoy and the meter killed and the log directory deleted. The ledger must hold
+exactly one row per request the client saw answered, with the tokens the upstream reported (cut
+streams estimated and flagged; requests whose lines were lost billed by the usage backstop as
+estimated and flagged). The ledger is read straight from the stack's SQLite file; the upstream's
+reported usage from the demo upstream's record of what it sent."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -31,6 +34,14 @@ pytestmark = pytest.mark.envoy
 
 KINDS = ("json", "stream_usage", "stream_plain", "cut")
 INGEST_TIMEOUT = 20.0
+WORKERS = 6  # client threads: at most this many requests in flight at any moment
+# The usage backstop on a short fuse: a request admitted 3 s ago whose line has not been
+# billed is billed as estimated (the default, 900 s, outlasts any request and meter lag).
+BACKSTOP_ENV = {
+    "TESSERA_BACKSTOP_AFTER_SECONDS": "3",
+    "TESSERA_BACKSTOP_HOLD_SECONDS": "5",
+    "TESSERA_METER__BACKSTOP_POLL_SECONDS": "0.3",
+}
 
 
 @dataclass
@@ -75,6 +86,7 @@ def _one(stack, model: str, key: str, kind: str, rng: random.Random) -> Outcome:
     except urllib.error.HTTPError as exc:
         return Outcome(kind, exc.headers.get("x-request-id"), completed=False)
     except OSError:
+        time.sleep(0.2)  # a client's backoff: Envoy is restarting
         return Outcome(kind, None, completed=False)  # no answer (e.g. while Envoy restarts)
 
 
@@ -100,7 +112,7 @@ def _load(stack, model: str, key: str, n: int, at_third: Callable[[], None]) -> 
             with lock:
                 outcomes.append(out)
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(WORKERS)]
     for t in threads:
         t.start()
     for t in threads:
@@ -115,7 +127,7 @@ def _ledger(stack, tenant_id: str) -> dict[str, dict[str, Any]]:
     try:
         rows = db.execute(
             "SELECT request_id, node, status, prompt_tokens, completion_tokens, usage_estimated, streamed,"
-            " model FROM usage_records WHERE tenant_id = ?",
+            " model, backstop FROM usage_records WHERE tenant_id = ?",
             (tenant_id,),
         ).fetchall()
     finally:
@@ -130,9 +142,11 @@ def _tenant_id(stack, name: str) -> str:
 
 
 def _check_ledger(
-    stack, upstream: Upstream, tenant: str, outcomes: list[Outcome]
+    stack, upstream: Upstream, tenant: str, outcomes: list[Outcome], *, lost_lines: bool = False
 ) -> dict[str, dict[str, Any]]:
-    """Every answered request is in the ledger once; tokens are what the upstream reported."""
+    """Every answered request is in the ledger once; tokens are what the upstream reported.
+    ``lost_lines``: Envoy died with lines unflushed, so the usage backstop billed some requests
+    as estimated: those answered, and at most one per client thread that got no answer."""
     answered = [o for o in outcomes if o.request_id]
     completed = [o for o in answered if o.completed]
     assert len(completed) >= len(outcomes) // 2, outcomes  # the run really ran
@@ -145,6 +159,16 @@ def _check_ledger(
         return ledger
 
     ledger = eventually(all_in, timeout=INGEST_TIMEOUT, interval=0.5)
+    backstopped = {rid for rid, row in ledger.items() if row["backstop"]}
+    assert bool(backstopped) == lost_lines, backstopped  # only when lines were lost, and then some
+    for rid in backstopped:
+        row = ledger[rid]
+        assert (row["status"], row["usage_estimated"]) == (0, 1), row  # flagged: estimated, status unknown
+        assert row["prompt_tokens"] > 0
+        assert row["completion_tokens"] >= 3  # what was reserved (its max_tokens): never free
+    # Billed but never answered: in flight when Envoy died (the client got no answer).
+    unanswered = backstopped - {o.request_id for o in answered}
+    assert len(unanswered) <= WORKERS, unanswered
     reported = {
         r["headers"].get("x-request-id"): r.get("usage")
         for r in upstream.requests()
@@ -152,6 +176,8 @@ def _check_ledger(
     }
     for o in completed:
         row = ledger[o.request_id]
+        if row["backstop"]:
+            continue  # its line was lost: estimated (checked above)
         usage = reported[o.request_id]
         assert usage is not None, o  # a completed request's usage was sent (include_usage forced on)
         assert (row["prompt_tokens"], row["completion_tokens"]) == (
@@ -166,7 +192,7 @@ def _check_ledger(
             assert row["usage_estimated"] == 1, (o, row)  # cut before its usage: estimated, flagged
             assert row["completion_tokens"] >= 2  # at least what was sent; never zero
     # Nothing in the ledger that no request of this run made.
-    assert set(ledger) <= {r["headers"].get("x-request-id") for r in upstream.requests()} | {
+    assert set(ledger) - unanswered <= {r["headers"].get("x-request-id") for r in upstream.requests()} | {
         o.request_id for o in answered
     }
     return ledger
@@ -222,6 +248,57 @@ def test_a_graceful_envoy_restart_mid_run_loses_and_doubles_nothing(stack, upstr
 
     eventually(restarted, timeout=30, interval=0.2)
     wait_routed(stack.client(key), model, timeout=15)  # and the gateway serves again
+
+
+def _wait_replaced(stack, name: str, pid: int) -> None:
+    eventually(lambda: stack.endpoints()["pids"][name] != pid or 1 / 0, timeout=30, interval=0.2)
+
+
+def test_an_envoy_sigkilled_under_load_bills_every_answered_request_once(tmp_path, upstreams):
+    """Envoy SIGKILLed mid-run: the usage lines it had not flushed (up to 200 ms of answers) are
+    gone. The usage backstop bills those requests from their admissions, as estimated and
+    flagged; no request is billed twice, none answered is missing."""
+    stack = start_stack(tmp_path / "stack", env_extra=BACKSTOP_ENV)
+    try:
+        model, tenant, key, upstream = _setup(stack, upstreams)
+        time.sleep(1.5)  # the set-up's own requests are billed before anything is lost
+        envoy = stack.endpoints()["pids"]["envoy"]
+        outcomes = _load(stack, model, key, 180, lambda: os.kill(envoy, signal.SIGKILL))
+        _wait_replaced(stack, "envoy", envoy)
+        ledger = _check_ledger(stack, upstream, tenant, outcomes, lost_lines=True)
+        sent, answered = len(outcomes), sum(1 for o in outcomes if o.request_id)
+        backstopped = sum(1 for r in ledger.values() if r["backstop"])
+        print(f"envoy SIGKILL: sent {sent} answered {answered} billed {len(ledger)} backstop {backstopped}")  # noqa: T201
+    finally:
+        stop_stack(stack)
+
+
+def test_envoy_and_meter_killed_and_the_log_directory_lost_bill_every_answered_request_once(
+    tmp_path, upstreams
+):
+    """The Envoy pod's log volume lost (simulated: Envoy and the meter SIGKILLed, the log directory
+    deleted with whatever the meter had not read): the backstop bills those requests."""
+    stack = start_stack(tmp_path / "stack", env_extra=BACKSTOP_ENV)
+    try:
+        model, tenant, key, upstream = _setup(stack, upstreams)
+        time.sleep(1.5)  # the set-up's own requests are billed before anything is lost
+        pids = stack.endpoints()["pids"]
+
+        def lose_the_volume() -> None:
+            os.kill(pids["meter"], signal.SIGKILL)
+            os.kill(pids["envoy"], signal.SIGKILL)
+            shutil.rmtree(stack.root / "logs")
+
+        outcomes = _load(stack, model, key, 180, lose_the_volume)
+        _wait_replaced(stack, "envoy", pids["envoy"])
+        _wait_replaced(stack, "meter", pids["meter"])
+        ledger = _check_ledger(stack, upstream, tenant, outcomes, lost_lines=True)
+        sent, answered = len(outcomes), sum(1 for o in outcomes if o.request_id)
+        backstopped = sum(1 for r in ledger.values() if r["backstop"])
+        print(f"log volume lost: sent {sent} answered {answered} billed {len(ledger)} backstop {backstopped}")  # noqa: T201
+        wait_routed(stack.client(key), model, timeout=15)  # the gateway serves and logs again
+    finally:
+        stop_stack(stack)
 
 
 def test_a_stack_stopped_mid_run_bills_every_answered_request_before_it_exits(tmp_path, upstreams):

@@ -16,6 +16,12 @@ Settle: the meter (from the usage log, the durable record) and ext_authz (for a 
 Envoy abandoned after it was admitted) report how requests ended, in batches. A settle
 replaces a request's reservations by its real cost and frees its concurrency slots; it is
 idempotent by request id (a second one, or one for a request never admitted, changes nothing).
+
+The usage backstop: every admitted request whose Envoy node is known is an open admission
+in the ratelimit service's store until the meter reports it `closed` (its ledger row is
+committed, or it never ran). One still open `backstop_after_seconds` after its admission
+(its usage line was lost: Envoy SIGKILLed, the log volume gone) is handed to a meter by
+ClaimOverdue and billed as estimated, flagged; its line arriving later is a duplicate.
 """
 
 from collections import abc as _abc
@@ -44,6 +50,7 @@ class Admission(_message.Message):
     BODY_BYTES_FIELD_NUMBER: _builtins.int
     MAX_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     FORCED_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Envoy's x-request-id: the reservation's name"""
     tenant_id: _builtins.str
@@ -57,8 +64,14 @@ class Admission(_message.Message):
     written into its body) times n; 0 = not a generation request (embeddings, audio).
     """
     forced: _builtins.bool
-    """ext_authz has already admitted it while the counters could not answer in time (a
-    fail-open limit): count it whatever the counters say, and answer with its verdict.
+    """ext_authz has already admitted it: while the counters could not answer in time (a
+    fail-open limit), or because no limit applies in its snapshot (sent only to keep it
+    open for the usage backstop). Count what applies whatever the counters say; nobody
+    waits for its verdict.
+    """
+    node: _builtins.str
+    """The Envoy node that asked (from its workload identity): the ledger row's node if the
+    usage backstop bills it. Empty: not known (no mutual TLS), not kept open.
     """
     def __init__(
         self,
@@ -70,10 +83,11 @@ class Admission(_message.Message):
         body_bytes: _builtins.int = ...,
         max_completion_tokens: _builtins.int = ...,
         forced: _builtins.bool = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_bytes", b"body_bytes", "forced", b"forced", "key_id", b"key_id", "max_completion_tokens", b"max_completion_tokens", "model", b"model", "request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_bytes", b"body_bytes", "forced", b"forced", "key_id", b"key_id", "max_completion_tokens", b"max_completion_tokens", "model", b"model", "node", b"node", "request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -243,16 +257,24 @@ class SettleBatch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USAGES_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def usages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Usage]: ...
+    @_builtins.property
+    def closed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Requests whose open admission ends: their ledger row is committed (the meter, after its
+        transaction), or they never ran (ext_authz releasing an abandoned Check).
+        """
+
     def __init__(
         self,
         *,
         usages: _abc.Iterable[Global___Usage] | None = ...,
+        closed: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["usages", b"usages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "usages", b"usages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -277,3 +299,67 @@ class SettleReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SettleReply: _TypeAlias = SettleReply  # noqa: Y015
+
+@_typing.final
+class ClaimOverdueRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_FIELD_NUMBER: _builtins.int
+    max: _builtins.int
+    """at most this many (the service caps it)"""
+    def __init__(
+        self,
+        *,
+        max: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max", b"max"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimOverdueRequest: _TypeAlias = ClaimOverdueRequest  # noqa: Y015
+
+@_typing.final
+class OverdueAdmission(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADMISSION_FIELD_NUMBER: _builtins.int
+    ADMITTED_AT_MS_FIELD_NUMBER: _builtins.int
+    admitted_at_ms: _builtins.int
+    """unix milliseconds, when the ratelimit service admitted it"""
+    @_builtins.property
+    def admission(self) -> Global___Admission: ...
+    def __init__(
+        self,
+        *,
+        admission: Global___Admission | None = ...,
+        admitted_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "admitted_at_ms", b"admitted_at_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OverdueAdmission: _TypeAlias = OverdueAdmission  # noqa: Y015
+
+@_typing.final
+class OverdueAdmissions(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADMISSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def admissions(self) -> _containers.RepeatedCompositeFieldContainer[Global___OverdueAdmission]: ...
+    def __init__(
+        self,
+        *,
+        admissions: _abc.Iterable[Global___OverdueAdmission] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admissions", b"admissions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OverdueAdmissions: _TypeAlias = OverdueAdmissions  # noqa: Y015

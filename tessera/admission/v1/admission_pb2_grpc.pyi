@@ -16,6 +16,12 @@ Settle: the meter (from the usage log, the durable record) and ext_authz (for a 
 Envoy abandoned after it was admitted) report how requests ended, in batches. A settle
 replaces a request's reservations by its real cost and frees its concurrency slots; it is
 idempotent by request id (a second one, or one for a request never admitted, changes nothing).
+
+The usage backstop: every admitted request whose Envoy node is known is an open admission
+in the ratelimit service's store until the meter reports it `closed` (its ledger row is
+committed, or it never ran). One still open `backstop_after_seconds` after its admission
+(its usage line was lost: Envoy SIGKILLed, the log volume gone) is handed to a meter by
+ClaimOverdue and billed as estimated, flagged; its line arriving later is a duplicate.
 """
 
 from collections import abc as _abc
@@ -62,3 +68,43 @@ class AdmissionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admission_pb2.SettleReply, _abc.Awaitable[_admission_pb2.SettleReply]]: ...
 
 def add_AdmissionServiceServicer_to_server(servicer: AdmissionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class UsageBackstopStub:
+    """Meters only."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> UsageBackstopAsyncStub: ...
+    ClaimOverdue: _grpc.UnaryUnaryMultiCallable[_admission_pb2.ClaimOverdueRequest, _admission_pb2.OverdueAdmissions]
+    """Open admissions past their time, each claimed for the service's `backstop_hold_seconds`
+    (claimable again after that unless closed meanwhile: a meter that dies mid-way loses
+    nothing, and the ledger bills a request once however often it is claimed).
+    """
+
+@_typing.type_check_only
+class UsageBackstopAsyncStub(UsageBackstopStub):
+    """Meters only."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ClaimOverdue: _aio.UnaryUnaryMultiCallable[_admission_pb2.ClaimOverdueRequest, _admission_pb2.OverdueAdmissions]  # type: ignore[assignment]
+    """Open admissions past their time, each claimed for the service's `backstop_hold_seconds`
+    (claimable again after that unless closed meanwhile: a meter that dies mid-way loses
+    nothing, and the ledger bills a request once however often it is claimed).
+    """
+
+class UsageBackstopServicer(metaclass=_abc_1.ABCMeta):
+    """Meters only."""
+
+    @_abc_1.abstractmethod
+    def ClaimOverdue(
+        self,
+        request: _admission_pb2.ClaimOverdueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admission_pb2.OverdueAdmissions, _abc.Awaitable[_admission_pb2.OverdueAdmissions]]:
+        """Open admissions past their time, each claimed for the service's `backstop_hold_seconds`
+        (claimable again after that unless closed meanwhile: a meter that dies mid-way loses
+        nothing, and the ledger bills a request once however often it is claimed).
+        """
+
+def add_UsageBackstopServicer_to_server(servicer: UsageBackstopServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
