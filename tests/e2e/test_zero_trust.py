@@ -25,6 +25,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
+from tessera.admission.v1 import admission_pb2, admission_pb2_grpc
 from tessera.identity import Authority, spiffe_id
 from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
 from tessera.settings import IdentitySettings
@@ -110,7 +111,11 @@ def _calls(
             rls_pb2.RateLimitRequest(domain="tessera")
         )
 
-    calls = {"ext_authz": check, "xds": ads, "policy": policy, "admin": admin, "ratelimit": rls}
+    def backstop(ch: grpc.aio.Channel) -> Any:
+        return admission_pb2_grpc.UsageBackstopStub(ch).ClaimOverdue(admission_pb2.ClaimOverdueRequest(max=1))
+
+    calls = {"ext_authz": check, "xds": ads, "policy": policy, "admin": admin, "ratelimit": rls,
+             "backstop": backstop}  # fmt: skip
     if ep["ext_authz_transport"] == "http":
         del calls["ext_authz"]  # HTTP/1.1 there: _authz_over_http
     return calls
@@ -132,6 +137,7 @@ SURFACES = {
     "policy": ("policy", "control-plane"),
     "admin": ("admin", "control-plane"),
     "ratelimit": ("ratelimit", "ratelimit"),
+    "backstop": ("ratelimit", "ratelimit"),
 }
 
 
@@ -183,6 +189,7 @@ def test_every_internal_port_refuses_strangers_other_cas_and_wrong_identities(st
         "policy": stack.identity("meter"),  # the policy stream: ext_authz and ratelimit only
         "admin": stack.identity("ext-authz"),  # the admin API: operators and Envoy only
         "ratelimit": stack.identity("meter"),  # RLS: nobody (Settle: ext_authz and the meter)
+        "backstop": stack.identity("ext-authz"),  # ClaimOverdue (the usage backstop): meters only
     }
     for surface, identity in wrong.items():
         if surface not in calls:
@@ -195,6 +202,7 @@ def test_every_internal_port_refuses_strangers_other_cas_and_wrong_identities(st
         "xds": stack.identity("envoy", node=node),
         "policy": stack.identity("ext-authz"),
         "admin": stack.identity("operator"),
+        "backstop": stack.identity("meter"),
     }
     for surface, identity in right.items():
         if surface not in calls:

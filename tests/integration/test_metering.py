@@ -33,7 +33,7 @@ from control_plane.db.models import (
     UsageRecord,
     UsageRollup,
 )
-from control_plane.usage import invoices
+from control_plane.usage import invoices, ledger
 from control_plane.usage.ledger import picos_to_micros
 from control_plane.usage.meter import Meter
 from control_plane.usage.settler import Settler
@@ -491,3 +491,118 @@ async def test_retention_drops_old_billed_rows_and_keeps_rollups(sessionmaker, t
             )
         )
     assert kept == 7
+
+
+# --- the usage backstop: requests whose lines never came ------------------------------------
+
+
+def _overdue(node: str, rid: str, tenant: str, model: str, **kw: Any) -> ledger.Overdue:
+    fields: dict[str, Any] = {
+        "admitted_at": datetime(2026, 11, 10, 10, 0, tzinfo=UTC),
+        "key_id": "key_x",
+        "body_bytes": 400,
+        "max_completion_tokens": 50,
+    }
+    return ledger.Overdue(node=node, request_id=rid, tenant_id=tenant, model=model, **(fields | kw))
+
+
+async def _usage(sm, tenant: str) -> tuple[int, int, int]:
+    """(ledger rows, hourly rollup requests, usage events) of ``tenant``."""
+    async with sm() as s:
+        rows = await s.scalar(
+            select(func.count()).select_from(UsageRecord).where(UsageRecord.tenant_id == tenant)
+        )
+        hour = await s.scalar(
+            select(func.coalesce(func.sum(UsageRollup.requests), 0)).where(
+                UsageRollup.tenant_id == tenant, UsageRollup.period == "hour"
+            )
+        )
+        events = await s.scalar(
+            select(func.count()).select_from(OutboxEvent).where(OutboxEvent.tenant_id == tenant)
+        )
+    return int(rows or 0), int(hour or 0), int(events or 0)
+
+
+async def test_the_backstop_bills_a_lost_line_once_as_estimated_and_its_late_line_is_a_duplicate(
+    sessionmaker, tmp_path
+):
+    node = f"node-{uuid.uuid4().hex[:8]}"
+    async with sessionmaker.begin() as s:
+        tenant = await _tenant(s)
+        # $1 per 1M input tokens, $2 per 1M output tokens
+        model = await _model(s, [("2026-11-01T00:00:00+00:00", 1_000_000, 2_000_000, 0)], max_max_tokens=30)
+    lost = _overdue(node, "lost", tenant, model)
+    embedding = _overdue(node, "emb", tenant, model, max_completion_tokens=0)  # not a generation
+    now = datetime.now(UTC)
+    async with sessionmaker.begin() as s:
+        terms = await ledger.load_terms(s)
+        # the same admission twice in one claim (sent again after a reconnect): one row
+        assert await ledger.bill_overdue(s, [lost, embedding, lost], terms, now) == ["lost", "emb"]
+    async with sessionmaker.begin() as s:  # claimed again (a meter died before closing it): nothing new
+        assert await ledger.bill_overdue(s, [lost], await ledger.load_terms(s), now) == []
+    rows = {r.request_id: r for r in await _rows(sessionmaker, node)}
+    row = rows["lost"]
+    assert (row.backstop, row.usage_estimated, row.status) == (True, True, 0)
+    # estimated as the meter estimates a cut stream: the body's bytes / BYTES_PER_TOKEN for the
+    # prompt, max_tokens capped by the model's cap (30) for the completion
+    prompt = 400 // usage_line.BYTES_PER_TOKEN
+    assert (row.prompt_tokens, row.completion_tokens) == (prompt, 30)
+    assert row.cost_picos == prompt * 1_000_000 + 30 * 2_000_000
+    assert (rows["emb"].prompt_tokens, rows["emb"].completion_tokens) == (prompt, 0)
+    assert await _usage(sessionmaker, tenant) == (2, 2, 2)
+
+    # The lost line turns up after all (a meter that was down catches up): billed already.
+    log = tmp_path / "access.log"
+    reported = {"tenant_id": tenant, "model": model, "prompt_tokens": 7, "completion_tokens": 3}
+    _write(log, line("lost", node=node, **reported), line("fresh", node=node, **reported))
+    meter = Meter(sessionmaker, log, node)
+    assert await meter.ingest_available() == 1  # "fresh" only
+    assert await _usage(sessionmaker, tenant) == (3, 3, 3)
+    rows = {r.request_id: r for r in await _rows(sessionmaker, node)}
+    assert rows["lost"].backstop  # the first bill stands
+    assert rows["lost"].prompt_tokens == prompt
+    assert not rows["fresh"].backstop
+
+    # A line that came first wins: its admission claimed later bills nothing.
+    async with sessionmaker.begin() as s:
+        came = _overdue(node, "fresh", tenant, model)
+        assert await ledger.bill_overdue(s, [came], await ledger.load_terms(s), now) == []
+    assert await _usage(sessionmaker, tenant) == (3, 3, 3)
+    async with sessionmaker() as s:
+        event = await s.scalar(select(OutboxEvent).where(OutboxEvent.id == f"usage:{node}:lost"))
+    assert event is not None
+    assert event.payload["backstop"] is True  # receivers see the flag
+
+
+@pytest.mark.postgres
+async def test_a_line_racing_its_backstop_bill_on_postgres_is_billed_once(postgres_url, tmp_path):
+    """The backstop's INSERT is not committed when the meter ingests the same request's line: the
+    meter's INSERT waits for it, then finds the row billed (no second row, no second rollup)."""
+    from control_plane.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
+    from control_plane.db.migrate import upgrade  # noqa: PLC0415
+
+    await asyncio.to_thread(upgrade, postgres_url)  # alembic runs its own event loop
+    engine = make_engine(postgres_url)
+    sm = make_sessionmaker(engine)
+    try:
+        node = f"node-{uuid.uuid4().hex[:8]}"
+        async with sm.begin() as s:
+            tenant = await _tenant(s)
+            model = await _model(s, [])
+        ids = [f"race-{i}" for i in range(20)]
+        log = tmp_path / "access.log"
+        _write(log, *(line(rid, node=node, tenant_id=tenant, model=model) for rid in ids))
+        meter = Meter(sm, log, node)
+        async with sm.begin() as backstop:
+            terms = await ledger.load_terms(backstop)
+            overdue = [_overdue(node, rid, tenant, model) for rid in ids[:10]]
+            assert len(await ledger.bill_overdue(backstop, overdue, terms, datetime.now(UTC))) == 10
+            ingesting = asyncio.create_task(meter.ingest_available())
+            await asyncio.sleep(0.5)
+            assert not ingesting.done()  # its INSERT waits on the backstop's uncommitted rows
+        assert await ingesting == 10  # committed: the other ten are the meter's
+        assert await _usage(sm, tenant) == (20, 20, 20)
+        rows = await _rows(sm, node)
+        assert sorted(r.request_id for r in rows if r.backstop) == sorted(ids[:10])
+    finally:
+        await engine.dispose()
