@@ -220,6 +220,7 @@ def test_a_meter_killed_mid_run_loses_and_doubles_nothing(stack, upstreams):
 
     outcomes = _load(stack, model, key, 120, kill_meter)
     ledger = _check_ledger(stack, upstream, tenant, outcomes)
+    print(f"meter SIGKILL: {_counts(outcomes, ledger)}")  # noqa: T201 - docs/operations.md
     assert killed
     assert stack.endpoints()["pids"]["meter"] != killed[0]  # the supervisor started a new one
     assert {o.kind for o in outcomes if o.completed} == {"json", "stream_usage", "stream_plain"}
@@ -250,6 +251,18 @@ def test_a_graceful_envoy_restart_mid_run_loses_and_doubles_nothing(stack, upstr
     wait_routed(stack.client(key), model, timeout=15)  # and the gateway serves again
 
 
+def _counts(outcomes: list[Outcome], ledger: dict[str, dict[str, Any]]) -> str:
+    """What a fault run's table in docs/operations.md shows: the run's requests only (not the
+    set-up's), billed ones answered plus those billed in flight (by the backstop, unanswered)."""
+    answered = {o.request_id for o in outcomes if o.request_id}
+    backstop = {rid for rid, r in ledger.items() if r["backstop"]}
+    billed = len(answered & set(ledger)) + len(backstop - answered)
+    return (
+        f"sent {len(outcomes)} answered {len(answered)} billed {billed} backstop {len(backstop)}"
+        f" (in flight, unanswered: {len(backstop - answered)})"
+    )
+
+
 def _wait_replaced(stack, name: str, pid: int) -> None:
     eventually(lambda: stack.endpoints()["pids"][name] != pid or 1 / 0, timeout=30, interval=0.2)
 
@@ -266,9 +279,7 @@ def test_an_envoy_sigkilled_under_load_bills_every_answered_request_once(tmp_pat
         outcomes = _load(stack, model, key, 180, lambda: os.kill(envoy, signal.SIGKILL))
         _wait_replaced(stack, "envoy", envoy)
         ledger = _check_ledger(stack, upstream, tenant, outcomes, lost_lines=True)
-        sent, answered = len(outcomes), sum(1 for o in outcomes if o.request_id)
-        backstopped = sum(1 for r in ledger.values() if r["backstop"])
-        print(f"envoy SIGKILL: sent {sent} answered {answered} billed {len(ledger)} backstop {backstopped}")  # noqa: T201
+        print(f"envoy SIGKILL: {_counts(outcomes, ledger)}")  # noqa: T201 - docs/operations.md
     finally:
         stop_stack(stack)
 
@@ -293,9 +304,7 @@ def test_envoy_and_meter_killed_and_the_log_directory_lost_bill_every_answered_r
         _wait_replaced(stack, "envoy", pids["envoy"])
         _wait_replaced(stack, "meter", pids["meter"])
         ledger = _check_ledger(stack, upstream, tenant, outcomes, lost_lines=True)
-        sent, answered = len(outcomes), sum(1 for o in outcomes if o.request_id)
-        backstopped = sum(1 for r in ledger.values() if r["backstop"])
-        print(f"log volume lost: sent {sent} answered {answered} billed {len(ledger)} backstop {backstopped}")  # noqa: T201
+        print(f"log volume lost: {_counts(outcomes, ledger)}")  # noqa: T201 - docs/operations.md
         wait_routed(stack.client(key), model, timeout=15)  # the gateway serves and logs again
     finally:
         stop_stack(stack)
@@ -320,6 +329,7 @@ def test_a_stack_stopped_mid_run_bills_every_answered_request_before_it_exits(tm
     assert len(answered) >= 150 // 3  # the run ran before the stop
     ledger = _ledger(stack, tenant_id)
     assert answered <= set(ledger), f"{len(answered - set(ledger))} answered requests never billed"
+    print(f"tessera up SIGTERM: {_counts(outcomes, ledger)}")  # noqa: T201 - docs/operations.md
     meter_log = (stack.root / "logs" / "meter.log").read_text()
     assert "meter_stopped" in meter_log
 
