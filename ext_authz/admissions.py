@@ -13,6 +13,11 @@ the stream is reconnecting) returns None and the caller applies each limit's own
 request admitted that way (fail-open) is still counted: ``force`` sends it again marked
 ``forced`` (kept, bounded, until the stream is back). ``release`` gives back what a request
 was admitted with when Envoy abandoned the Check before its answer arrived.
+
+A request no limit applies to is not admitted (nothing to count, nobody waits) but ``keep``
+sends it marked ``keep_only``: the ratelimit service keeps it open until the meter has billed
+its usage line (the usage backstop, ``ratelimit/backstop.py``). Those go last in a batch, in a
+queue of their own (bounded: an outage drops the oldest, never a fail-open count).
 """
 
 from __future__ import annotations
@@ -46,7 +51,12 @@ UNANSWERED = Counter(
 FORCED_DROPPED = Counter(
     "tessera_authz_forced_dropped_total", "Fail-open admissions that could not be counted (backlog full)"
 )
+KEPT_DROPPED = Counter(
+    "tessera_authz_keep_only_dropped_total",
+    "Unlimited requests not kept open for the usage backstop (backlog full): their lines alone bill them",
+)
 FORCED_BACKLOG_MAX: Final = 100_000
+KEPT_BACKLOG_MAX: Final = 100_000
 MAX_BATCH: Final = 4096
 LATE_BATCHES_MAX: Final = 4096  # expired batches whose late answers are still watched
 ABANDONED_MAX: Final = 100_000  # requests refused fail-closed whose admission may still land
@@ -71,6 +81,8 @@ class Admitter:
         self._seq = itertools.count(1)
         self._waiting: list[tuple[admission_pb2.Admission, asyncio.Future[Verdict | None]]] = []
         self._forced: deque[admission_pb2.Admission] = deque()
+        self._kept: deque[admission_pb2.Admission] = deque(maxlen=KEPT_BACKLOG_MAX)  # keep_only
+        self._flush_soon = False  # a _flush is scheduled for this tick
         self._in_flight: dict[int, _Batch] = {}
         self._late: OrderedDict[int, _Batch] = OrderedDict()  # expired, still answerable
         self._abandoned: OrderedDict[str, admission_pb2.Admission] = OrderedDict()
@@ -91,10 +103,22 @@ class Admitter:
             UNANSWERED.inc()
             future.set_result(None)  # not connected: do not make the request wait for nothing
             return future
-        if not self._waiting:
-            loop.call_soon(self._flush)
         self._waiting.append((admission, future))
+        self._schedule(loop)
         return future
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if not self._flush_soon and self._transport is not None:
+            self._flush_soon = True
+            (loop or self._loop or asyncio.get_running_loop()).call_soon(self._flush)
+
+    def keep(self, admission: admission_pb2.Admission) -> None:
+        """Send a request no limit applies to, only to be kept open until billed (no answer)."""
+        admission.keep_only = True
+        if len(self._kept) == KEPT_BACKLOG_MAX:
+            KEPT_DROPPED.inc()  # the deque drops the oldest
+        self._kept.append(admission)
+        self._schedule()
 
     def force(self, admission: admission_pb2.Admission) -> None:
         """Count a request admitted while the counters could not answer (fail-open)."""
@@ -103,8 +127,7 @@ class Admitter:
             FORCED_DROPPED.inc()
             return
         self._forced.append(admission)
-        if self._transport is not None and not self._waiting:
-            (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
+        self._schedule()
 
     def abandon(self, admission: admission_pb2.Admission) -> None:
         """The request will not run (refused while its admission was unanswered, or its Check
@@ -138,6 +161,7 @@ class Admitter:
             log.warning("admission_release_failed", code=exc.code().name, request_id=usage.request_id)
 
     def _flush(self) -> None:
+        self._flush_soon = False
         waiting, self._waiting = self._waiting, []
         transport = self._transport
         if transport is None:
@@ -146,17 +170,18 @@ class Admitter:
                     UNANSWERED.inc()
                     future.set_result(None)
             return
-        while waiting or self._forced:
+        while waiting or self._forced or self._kept:
             chunk, waiting = waiting[:MAX_BATCH], waiting[MAX_BATCH:]
             batch = admission_pb2.AdmitBatch(batch=next(self._seq))
             batch.admissions.extend(a for a, _ in chunk)
-            while self._forced and len(batch.admissions) < MAX_BATCH:
-                batch.admissions.append(self._forced.popleft())
+            for queue in (self._forced, self._kept):  # fail-open counts before keep-only records
+                while queue and len(batch.admissions) < MAX_BATCH:
+                    batch.admissions.append(queue.popleft())
             self._in_flight[batch.batch] = _Batch(list(batch.admissions), [f for _, f in chunk])
             transport.write(frame(batch.SerializeToString()))
             BATCHES.inc()
-            if chunk:
-                asyncio.get_running_loop().call_later(self._timeout, self._expire, batch.batch)
+            # every batch, answered or not: an unanswered one marks the stream as dead
+            asyncio.get_running_loop().call_later(self._timeout, self._expire, batch.batch)
 
     def _expire(self, batch: int) -> None:
         """The batch's time is up: its Checks decide by fail mode. Its answer is still watched
@@ -215,7 +240,9 @@ class Admitter:
         # forced admissions not acknowledged (in flight, or in a batch that expired): sent again
         # on the next connection (a repeat that was counted already is recognised by its request id)
         unacknowledged = [p for _, p in sorted({**late, **in_flight}.items())]
-        self._forced.extendleft(reversed([a for p in unacknowledged for a in p.admissions[len(p.futures) :]]))
+        again = [a for p in unacknowledged for a in p.admissions[len(p.futures) :]]
+        self._forced.extendleft(reversed([a for a in again if not a.keep_only][:FORCED_BACKLOG_MAX]))
+        self._kept.extendleft(reversed([a for a in again if a.keep_only]))  # full: the newest go
 
     async def run(self) -> None:
         """Keep the stream open; reconnect with backoff capped at ``reconnect_max_seconds``."""
@@ -256,8 +283,8 @@ class Admitter:
         self._transport = transport
         CONNECTED.set(1)
         log.info("admission_stream_open", url=self._settings.stream_url)
-        if self._forced:
-            self._flush()  # what was admitted fail-open meanwhile is counted first
+        if self._forced or self._kept:
+            self._flush()  # what was admitted meanwhile is counted (and kept open) first
         try:
             await closed
         finally:

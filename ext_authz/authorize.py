@@ -2,8 +2,9 @@
 
 Identity and entitlement (``pipeline.decide``, pure, on the current snapshot), what the request
 may cost (``request_facts``), then admission by the ratelimit service's counters (batched onto
-one stream, ``admissions``) when a limit applies. The transports only translate headers in and
-an ``Outcome`` out.
+one stream, ``admissions``) when a limit applies; otherwise the request is only sent to be kept
+open for the usage backstop (``Admitter.keep``: nobody waits). The transports only translate
+headers in and an ``Outcome`` out.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class Authorizer:
         )
         if not scopes:
             if node:  # nothing to count or wait for: sent only to be kept open until billed
-                self._admitter.force(admission)
+                self._admitter.keep(admission)
             return Outcome(decision)
         try:
             verdict = await self._admitter.admit(admission)  # its batch's future: nothing else waits on it

@@ -42,6 +42,7 @@ def hit_of(a: admission_pb2.Admission) -> Hit:
         body_bytes=a.body_bytes,
         forced=a.forced,
         node=a.node,
+        keep_only=a.keep_only,
     )
 
 
@@ -93,12 +94,15 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
         self, request: admission_pb2.SettleBatch, context: Any
     ) -> admission_pb2.SettleReply:
         SETTLE_USAGES.inc(len(request.usages))
+        if request.closed and self._backstop is not None:
+            try:  # first: the usages below may still be retried; these ids are billed already
+                await self._backstop.close(list(request.closed))
+            except StorageError as exc:
+                # kept open: the backstop's bill for one of them is a duplicate (billed once)
+                log.warning("open_admissions_not_closed", error=str(exc), closed=len(request.closed))
         try:
             settled = await self._limiter.settle_many([usage_of(u) for u in request.usages])
-            if request.closed and self._backstop is not None:
-                await self._backstop.close(list(request.closed))
         except StorageError as exc:
-            usages, closed = len(request.usages), len(request.closed)
-            log.warning("ratelimit_settle_failed", error=str(exc), usages=usages, closed=closed)
+            log.warning("ratelimit_settle_failed", error=str(exc), usages=len(request.usages))
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the counters cannot be reached; retry")
         return admission_pb2.SettleReply(settled=settled)

@@ -110,7 +110,8 @@ async def build_app(
         hold_seconds=settings.backstop_hold_seconds,
         clock=clock,
     )
-    admission = AdmissionServicer(limiter, backstop)
+    kept = backstop if settings.backstop_enabled else None
+    admission = AdmissionServicer(limiter, kept)
 
     held: dict[str, policy_pb2.Resource] = {}
 
@@ -153,7 +154,7 @@ async def build_app(
             reuse_port=settings.workers > 1,
             tls=tls,
             allowed=frozenset({spiffe_id("ext-authz", identity.namespace)}),
-            backstop=backstop,
+            backstop=kept,
         )
         metrics = serve_metrics(settings.metrics)
     except BaseException:

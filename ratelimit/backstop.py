@@ -45,7 +45,7 @@ class Backstop:
         self,
         store: OpenAdmissions,
         *,
-        after_seconds: float = 900.0,
+        after_seconds: float = 3600.0,
         hold_seconds: float = 60.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:

@@ -110,6 +110,7 @@ class Hit:
     body_bytes: int = 0  # the request body's size: the prompt-size estimate
     forced: bool = False  # admitted already (degraded, fail-open): count it whatever
     node: str = ""  # the Envoy node that asked, when known (the usage backstop keeps it open)
+    keep_only: bool = False  # no limit applied at ext_authz: admitted, never counted here
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +239,9 @@ class RateLimiter:
         verdicts: list[Verdict] = [ALLOWED] * len(hits)
         plans: list[_Plan] = []
         for i, hit in enumerate(hits):
+            if hit.keep_only:
+                continue  # ext_authz admitted it with no limit: counting it now would hold a
+                # reservation nobody settles (its line is not marked reserved)
             limits = snapshot.applicable(hit.tenant_id, hit.key_id, hit.model)
             if not limits:
                 continue

@@ -36,8 +36,12 @@ class RatelimitSettings(BaseSettings):
         gt=0,
         description="a token/spend reservation or concurrency slot not settled by then is released",
     )
+    backstop_enabled: bool = Field(
+        default=True,
+        description="keep admitted requests open for the usage backstop (off where no meter runs)",
+    )
     backstop_after_seconds: float = Field(
-        default=900.0,
+        default=3600.0,
         gt=0,
         description=(
             "an admitted request whose usage line has not been billed by then is billed as estimated"

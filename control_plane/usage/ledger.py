@@ -366,7 +366,11 @@ async def ingest(
         query = select(ledger.request_id).where(ledger.node == node, ledger.request_id.in_(ids))
         present = await s.execute(query)
         seen.update((node, request_id) for (request_id,) in present)
-    rows = [v for v in values if (v["node"], v["request_id"]) not in seen]
+    # in key order, as bill_overdue inserts: two writers of overlapping keys wait, never deadlock
+    rows = sorted(
+        (v for v in values if (v["node"], v["request_id"]) not in seen),
+        key=lambda v: (v["node"], v["request_id"]),
+    )
     await insert_many_new(s, UsageRecord.__table__, rows, ["node", "request_id"])
     # The usage backstop is the one other writer: a row it committed meanwhile (the request
     # fell overdue just as its line came) kept the key; that line is a duplicate after all.
@@ -394,7 +398,8 @@ async def bill_overdue(
     """Bill requests whose lines never came (the usage backstop): those not in the ledger yet
     (by node + request id: a line that did arrive wins, and a request claimed twice is billed
     once). Returns the request ids billed now."""
-    values = list({(o.node, o.request_id): overdue_values(o, terms, now) for o in overdue}.values())
+    keyed = {(o.node, o.request_id): overdue_values(o, terms, now) for o in overdue}
+    values = [keyed[k] for k in sorted(keyed)]  # in key order, as ingest inserts
     if not values:
         return []
     stmt = (

@@ -15,12 +15,14 @@ records) under one hash tag: one Cluster slot, and a claim is one atomic script.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 from typing import Any, Final, Protocol
 
+from prometheus_client import Counter
 from redis.exceptions import NoScriptError, RedisError
 
 from ratelimit.backends.redis_url import close_client, redis_client
@@ -28,6 +30,11 @@ from tessera.errors import StorageError
 
 DEFAULT_PREFIX: Final = "tessera:"
 MAX_CLAIM: Final = 1000
+MAX_OPEN: Final = 1_000_000  # in-process records kept at most (~500 MB)
+DROPPED = Counter(
+    "tessera_ratelimit_open_admissions_dropped_total",
+    "Open admissions dropped unbilled by the in-process store's bound (no meter closing them?)",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,18 +73,31 @@ class OpenAdmissions(Protocol):
 
 
 class MemoryOpenAdmissions:
-    """One process (``memory://``): a dict in due order (records are added with due times that
-    only grow, and a claim moves them to the end)."""
+    """One process (``memory://``): the records by request id, and a heap of (due, request id)
+    whose entries a later ``add``, a claim or a close made stale (skipped when popped).
 
-    def __init__(self) -> None:
-        self._open: OrderedDict[str, tuple[float, OpenAdmission]] = OrderedDict()
+    Bounded: beyond ``max_open`` records the oldest admitted is dropped and counted (a
+    deployment with no meter to close them must not grow without end)."""
+
+    def __init__(self, max_open: int = MAX_OPEN) -> None:
+        self._open: OrderedDict[str, tuple[float, OpenAdmission]] = OrderedDict()  # admission order
+        self._due: list[tuple[float, str]] = []
+        self._max = max_open
 
     def __len__(self) -> int:
         return len(self._open)
 
     async def add(self, records: Sequence[OpenAdmission], due: float) -> None:
         for r in records:
+            self._open.pop(r.request_id, None)
             self._open[r.request_id] = (due, r)
+            heapq.heappush(self._due, (due, r.request_id))
+        while len(self._open) > self._max:
+            self._open.popitem(last=False)
+            DROPPED.inc()
+        if len(self._due) > 2 * len(self._open) + 1024:  # mostly stale: rebuild
+            self._due = [(due, rid) for rid, (due, _) in self._open.items()]
+            heapq.heapify(self._due)
 
     async def close(self, request_ids: Sequence[str]) -> None:
         for rid in request_ids:
@@ -85,13 +105,16 @@ class MemoryOpenAdmissions:
 
     async def claim_overdue(self, now: float, hold_seconds: float, limit: int) -> list[OpenAdmission]:
         claimed: list[OpenAdmission] = []
-        for due, record in self._open.values():
-            if due > now or len(claimed) >= limit:
-                break
-            claimed.append(record)
+        heap = self._due
+        while heap and heap[0][0] <= now and len(claimed) < limit:
+            due, rid = heapq.heappop(heap)
+            current = self._open.get(rid)
+            if current is None or current[0] != due:
+                continue  # closed, or added or claimed again since: a stale entry
+            claimed.append(current[1])
         for r in claimed:
-            del self._open[r.request_id]
             self._open[r.request_id] = (now + hold_seconds, r)
+            heapq.heappush(heap, (now + hold_seconds, r.request_id))
         return claimed
 
     async def aclose(self) -> None:

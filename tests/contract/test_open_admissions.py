@@ -126,3 +126,19 @@ async def test_an_unreachable_redis_is_a_storage_error_not_a_crash():
             await dead.claim_overdue(T0, 60, 10)
     finally:
         await dead.aclose()
+
+
+async def test_a_claim_held_past_its_hold_is_claimable_before_records_due_later(store):
+    """A meter died holding a claim: its records come back after the hold, not after the
+    records admitted later fall due."""
+    await store.add([record(1)], due=T0)
+    await store.add([record(2)], due=T0 + 100)
+    assert [r.request_id for r in await store.claim_overdue(T0 + 1, 10, 100)] == ["req-1"]
+    assert [r.request_id for r in await store.claim_overdue(T0 + 12, 10, 100)] == ["req-1"]
+
+
+async def test_the_in_process_store_is_bounded_and_drops_the_oldest():
+    bounded = MemoryOpenAdmissions(max_open=3)
+    await bounded.add([record(n) for n in range(5)], due=T0)
+    assert len(bounded) == 3
+    assert [r.request_id for r in await bounded.claim_overdue(T0, 60, 100)] == ["req-2", "req-3", "req-4"]

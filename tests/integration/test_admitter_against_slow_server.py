@@ -405,6 +405,44 @@ async def test_a_forced_admission_in_an_expired_batch_is_sent_again_after_a_reco
     assert forced == {"a1", "a2"}  # none of them was ever answered: both are counted now
 
 
+async def test_keep_only_admissions_ride_after_forced_ones_and_are_sent_again_after_a_disconnect(
+    admitter: Admitter, stream: SlowAdmissionServer
+) -> None:
+    """A request no limit applies to is only sent to be kept open (the usage backstop): nobody
+    waits for it, it goes after fail-open counts, and an unanswered one is not lost."""
+    stream.mode = Mode.SILENT
+    first = stream.connections[0]
+    admitter.keep(admission("unlimited", "t2"))
+    admitter.force(admission("open"))  # the same tick
+    await eventually(lambda: len(first.admissions) == 2, "one batch with both")
+    assert [(a.request_id, a.forced, a.keep_only) for a in first.batches[0].admissions] == [
+        ("open", True, False),
+        ("unlimited", False, True),
+    ]
+    stream.mode = Mode.ANSWER
+    first.kill()
+    second = await reconnected(admitter, stream, 2)
+    await eventually(lambda: second.answered >= 1, "both sent again and answered")
+    assert {(a.request_id, a.keep_only) for a in second.admissions} == {("open", False), ("unlimited", True)}
+    assert (await verdict_of(admitter, "t2-counted", "t2")).allowed  # keep-only took no slot of t2's
+
+
+async def test_keep_only_batches_alone_find_a_half_open_connection(
+    admitter: Admitter, stream: SlowAdmissionServer
+) -> None:
+    """With no limits anywhere only keep-only batches flow: unanswered, they too drop a dead
+    connection (none of them waits, so nothing else would notice)."""
+    first = stream.connections[0]
+    stream.mode = Mode.SILENT
+    for i in range(MISSES_BEFORE_RECONNECT):
+        admitter.keep(admission(f"k{i}", "t2"))
+        await asyncio.sleep(TIMEOUT * 1.5)
+    stream.mode = Mode.ANSWER
+    await eventually(first.closed.is_set, "the dead connection dropped")
+    second = await reconnected(admitter, stream, 2)
+    await eventually(lambda: len(second.admissions) == MISSES_BEFORE_RECONNECT, "all sent again")
+
+
 # --- 5. a half-open connection is dropped after MISSES_BEFORE_RECONNECT misses ------------------
 
 

@@ -264,6 +264,7 @@ GATEWAY_HEADERS = [
     "x-tessera-best-of",
     "x-tessera-prompts",
     "x-tessera-jwt-payload",
+    "x-tessera-node",
 ]
 
 

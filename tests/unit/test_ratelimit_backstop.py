@@ -49,10 +49,12 @@ def _setup(limit: int = 2) -> tuple[RateLimiter, Backstop, MemoryOpenAdmissions,
     return RateLimiter(MemoryCounterBackend(clock), snapshot, clock=clock), backstop, store, clock
 
 
-def _admission(rid: str, tenant: str = "limited", *, node: str = "gw-1", forced: bool = False) -> Any:
+def _admission(
+    rid: str, tenant: str = "limited", *, node: str = "gw-1", forced: bool = False, keep_only: bool = False
+) -> Any:
     return admission_pb2.Admission(
         request_id=rid, tenant_id=tenant, key_id="k", model="m", body_bytes=100,
-        max_completion_tokens=16, node=node, forced=forced,
+        max_completion_tokens=16, node=node, forced=forced, keep_only=keep_only,
     )  # fmt: skip
 
 
@@ -71,7 +73,7 @@ async def test_admitted_requests_with_a_node_are_kept_open_refused_and_nodeless_
         _admission("b"),
         _admission("refused"),  # the limit of 2 is used up
         _admission("no-node", "free", node=""),  # no node: its line is the only record
-        _admission("unlimited", "free", forced=True),  # no limit applies: kept open only
+        _admission("unlimited", "free", keep_only=True),  # no limit applies: kept open only
     )
     assert allowed == [True, True, False, True, True]
     assert {r.request_id for r in await store.claim_overdue(T0 + 29, 10, 100)} == set()  # not due yet
@@ -105,3 +107,15 @@ async def test_a_store_that_cannot_be_reached_costs_no_verdict_and_is_counted():
     finally:
         await unreachable.aclose()
     assert KEEP_FAILED._value.get() == before + 1
+
+
+async def test_a_keep_only_admission_is_never_counted_even_where_this_snapshot_has_a_limit():
+    """ext_authz saw no limit (its snapshot was a moment behind): counting it here would hold a
+    reservation that nobody settles, as its line is not marked reserved."""
+    limiter, backstop, _, _ = _setup(limit=1)
+    assert (
+        await _batch(limiter, backstop, *(_admission(f"k{i}", keep_only=True) for i in range(3)))
+        == [True] * 3
+    )
+    assert await _batch(limiter, backstop, _admission("counted")) == [True]  # the limit of 1 untouched
+    assert await _batch(limiter, backstop, _admission("over")) == [False]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tessera/admission/v1/admission.proto\x12\x14tessera.admission.v1\"\xa2\x01\n\tAdmission\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nbody_bytes\x18\x05 \x01(\x04\x12\x1d\n\x15max_completion_tokens\x18\x06 \x01(\x04\x12\x0e\n\x06\x66orced\x18\x07 \x01(\x08\x12\x0c\n\x04node\x18\x08 \x01(\t\"P\n\nAdmitBatch\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x04\x12\x33\n\nadmissions\x18\x02 \x03(\x0b\x32\x1f.tessera.admission.v1.Admission\"$\n\x06Header\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x98\x01\n\x07Verdict\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x10\n\x08reserved\x18\x02 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x05 \x01(\r\x12-\n\x07headers\x18\x06 \x03(\x0b\x32\x1c.tessera.admission.v1.Header\"N\n\x0cVerdictBatch\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x04\x12/\n\x08verdicts\x18\x02 \x03(\x0b\x32\x1d.tessera.admission.v1.Verdict\"\xd8\x01\n\x05Usage\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1a\n\rprompt_tokens\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1e\n\x11\x63ompletion_tokens\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x15\n\rcached_tokens\x18\x07 \x01(\x04\x12\x0e\n\x06status\x18\x08 \x01(\rB\x10\n\x0e_prompt_tokensB\x14\n\x12_completion_tokens\"J\n\x0bSettleBatch\x12+\n\x06usages\x18\x01 \x03(\x0b\x32\x1b.tessera.admission.v1.Usage\x12\x0e\n\x06\x63losed\x18\x02 \x03(\t\"\x1e\n\x0bSettleReply\x12\x0f\n\x07settled\x18\x01 \x01(\r\"\"\n\x13\x43laimOverdueRequest\x12\x0b\n\x03max\x18\x01 \x01(\r\"^\n\x10OverdueAdmission\x12\x32\n\tadmission\x18\x01 \x01(\x0b\x32\x1f.tessera.admission.v1.Admission\x12\x16\n\x0e\x61\x64mitted_at_ms\x18\x02 \x01(\x03\"O\n\x11OverdueAdmissions\x12:\n\nadmissions\x18\x01 \x03(\x0b\x32&.tessera.admission.v1.OverdueAdmission2b\n\x10\x41\x64missionService\x12N\n\x06Settle\x12!.tessera.admission.v1.SettleBatch\x1a!.tessera.admission.v1.SettleReply2s\n\rUsageBackstop\x12\x62\n\x0c\x43laimOverdue\x12).tessera.admission.v1.ClaimOverdueRequest\x1a\'.tessera.admission.v1.OverdueAdmissionsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tessera/admission/v1/admission.proto\x12\x14tessera.admission.v1\"\xb5\x01\n\tAdmission\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nbody_bytes\x18\x05 \x01(\x04\x12\x1d\n\x15max_completion_tokens\x18\x06 \x01(\x04\x12\x0e\n\x06\x66orced\x18\x07 \x01(\x08\x12\x0c\n\x04node\x18\x08 \x01(\t\x12\x11\n\tkeep_only\x18\t \x01(\x08\"P\n\nAdmitBatch\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x04\x12\x33\n\nadmissions\x18\x02 \x03(\x0b\x32\x1f.tessera.admission.v1.Admission\"$\n\x06Header\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x98\x01\n\x07Verdict\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x10\n\x08reserved\x18\x02 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x05 \x01(\r\x12-\n\x07headers\x18\x06 \x03(\x0b\x32\x1c.tessera.admission.v1.Header\"N\n\x0cVerdictBatch\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x04\x12/\n\x08verdicts\x18\x02 \x03(\x0b\x32\x1d.tessera.admission.v1.Verdict\"\xd8\x01\n\x05Usage\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1a\n\rprompt_tokens\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1e\n\x11\x63ompletion_tokens\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x15\n\rcached_tokens\x18\x07 \x01(\x04\x12\x0e\n\x06status\x18\x08 \x01(\rB\x10\n\x0e_prompt_tokensB\x14\n\x12_completion_tokens\"J\n\x0bSettleBatch\x12+\n\x06usages\x18\x01 \x03(\x0b\x32\x1b.tessera.admission.v1.Usage\x12\x0e\n\x06\x63losed\x18\x02 \x03(\t\"\x1e\n\x0bSettleReply\x12\x0f\n\x07settled\x18\x01 \x01(\r\"\"\n\x13\x43laimOverdueRequest\x12\x0b\n\x03max\x18\x01 \x01(\r\"^\n\x10OverdueAdmission\x12\x32\n\tadmission\x18\x01 \x01(\x0b\x32\x1f.tessera.admission.v1.Admission\x12\x16\n\x0e\x61\x64mitted_at_ms\x18\x02 \x01(\x03\"O\n\x11OverdueAdmissions\x12:\n\nadmissions\x18\x01 \x03(\x0b\x32&.tessera.admission.v1.OverdueAdmission2b\n\x10\x41\x64missionService\x12N\n\x06Settle\x12!.tessera.admission.v1.SettleBatch\x1a!.tessera.admission.v1.SettleReply2s\n\rUsageBackstop\x12\x62\n\x0c\x43laimOverdue\x12).tessera.admission.v1.ClaimOverdueRequest\x1a\'.tessera.admission.v1.OverdueAdmissionsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.admission.v1.admiss
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ADMISSION']._serialized_start=63
-  _globals['_ADMISSION']._serialized_end=225
-  _globals['_ADMITBATCH']._serialized_start=227
-  _globals['_ADMITBATCH']._serialized_end=307
-  _globals['_HEADER']._serialized_start=309
-  _globals['_HEADER']._serialized_end=345
-  _globals['_VERDICT']._serialized_start=348
-  _globals['_VERDICT']._serialized_end=500
-  _globals['_VERDICTBATCH']._serialized_start=502
-  _globals['_VERDICTBATCH']._serialized_end=580
-  _globals['_USAGE']._serialized_start=583
-  _globals['_USAGE']._serialized_end=799
-  _globals['_SETTLEBATCH']._serialized_start=801
-  _globals['_SETTLEBATCH']._serialized_end=875
-  _globals['_SETTLEREPLY']._serialized_start=877
-  _globals['_SETTLEREPLY']._serialized_end=907
-  _globals['_CLAIMOVERDUEREQUEST']._serialized_start=909
-  _globals['_CLAIMOVERDUEREQUEST']._serialized_end=943
-  _globals['_OVERDUEADMISSION']._serialized_start=945
-  _globals['_OVERDUEADMISSION']._serialized_end=1039
-  _globals['_OVERDUEADMISSIONS']._serialized_start=1041
-  _globals['_OVERDUEADMISSIONS']._serialized_end=1120
-  _globals['_ADMISSIONSERVICE']._serialized_start=1122
-  _globals['_ADMISSIONSERVICE']._serialized_end=1220
-  _globals['_USAGEBACKSTOP']._serialized_start=1222
-  _globals['_USAGEBACKSTOP']._serialized_end=1337
+  _globals['_ADMISSION']._serialized_end=244
+  _globals['_ADMITBATCH']._serialized_start=246
+  _globals['_ADMITBATCH']._serialized_end=326
+  _globals['_HEADER']._serialized_start=328
+  _globals['_HEADER']._serialized_end=364
+  _globals['_VERDICT']._serialized_start=367
+  _globals['_VERDICT']._serialized_end=519
+  _globals['_VERDICTBATCH']._serialized_start=521
+  _globals['_VERDICTBATCH']._serialized_end=599
+  _globals['_USAGE']._serialized_start=602
+  _globals['_USAGE']._serialized_end=818
+  _globals['_SETTLEBATCH']._serialized_start=820
+  _globals['_SETTLEBATCH']._serialized_end=894
+  _globals['_SETTLEREPLY']._serialized_start=896
+  _globals['_SETTLEREPLY']._serialized_end=926
+  _globals['_CLAIMOVERDUEREQUEST']._serialized_start=928
+  _globals['_CLAIMOVERDUEREQUEST']._serialized_end=962
+  _globals['_OVERDUEADMISSION']._serialized_start=964
+  _globals['_OVERDUEADMISSION']._serialized_end=1058
+  _globals['_OVERDUEADMISSIONS']._serialized_start=1060
+  _globals['_OVERDUEADMISSIONS']._serialized_end=1139
+  _globals['_ADMISSIONSERVICE']._serialized_start=1141
+  _globals['_ADMISSIONSERVICE']._serialized_end=1239
+  _globals['_USAGEBACKSTOP']._serialized_start=1241
+  _globals['_USAGEBACKSTOP']._serialized_end=1356
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,7 @@ class Admission(_message.Message):
     MAX_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     FORCED_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
+    KEEP_ONLY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Envoy's x-request-id: the reservation's name"""
     tenant_id: _builtins.str
@@ -64,14 +65,18 @@ class Admission(_message.Message):
     written into its body) times n; 0 = not a generation request (embeddings, audio).
     """
     forced: _builtins.bool
-    """ext_authz has already admitted it: while the counters could not answer in time (a
-    fail-open limit), or because no limit applies in its snapshot (sent only to keep it
-    open for the usage backstop). Count what applies whatever the counters say; nobody
-    waits for its verdict.
+    """ext_authz has already admitted it while the counters could not answer in time (a
+    fail-open limit): count it whatever the counters say, and answer with its verdict.
     """
     node: _builtins.str
-    """The Envoy node that asked (from its workload identity): the ledger row's node if the
-    usage backstop bills it. Empty: not known (no mutual TLS), not kept open.
+    """The Envoy's node, as its usage lines name it (Envoy's Lua filter sets x-tessera-node from
+    ENVOY_NODE_ID): the ledger row's node if the usage backstop bills it. Empty: unknown, not
+    kept open.
+    """
+    keep_only: _builtins.bool
+    """No limit applies in ext_authz's snapshot: admitted already, never counted (even if the
+    ratelimit service's snapshot differs for a moment), only kept open for the usage
+    backstop. Nobody waits for its verdict.
     """
     def __init__(
         self,
@@ -84,10 +89,11 @@ class Admission(_message.Message):
         max_completion_tokens: _builtins.int = ...,
         forced: _builtins.bool = ...,
         node: _builtins.str = ...,
+        keep_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_bytes", b"body_bytes", "forced", b"forced", "key_id", b"key_id", "max_completion_tokens", b"max_completion_tokens", "model", b"model", "node", b"node", "request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_bytes", b"body_bytes", "forced", b"forced", "keep_only", b"keep_only", "key_id", b"key_id", "max_completion_tokens", b"max_completion_tokens", "model", b"model", "node", b"node", "request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
