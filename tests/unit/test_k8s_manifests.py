@@ -1006,3 +1006,28 @@ def test_the_meter_is_a_native_sidecar_that_outlives_envoy(built):
         assert not [c for c in spec["containers"] if runs_as(c) == "meter"], where
         for meter in meters:
             assert meter.get("restartPolicy") == "Always", where
+
+
+def test_the_usage_backstop_bills_under_the_node_the_meter_reads_or_is_off(built):
+    """Envoy's lines and its admissions (x-tessera-node, from the same ENVOY_NODE_ID) name its
+    pod; the meter beside it must read them under that name, or a line arriving after its
+    backstop bill would be billed again. Where no meter runs, nothing would close or bill the
+    admissions kept open: the backstop is off there."""
+    config = {}
+    for o in built:
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "tessera-config":
+            config = o.get("data", {})
+    metered = False
+    for where, spec in pod_specs(built):
+        envoys = [c for c in containers(spec) if runs_as(c) == "envoy"]
+        meters = [c for c in containers(spec) if runs_as(c) == "meter"]
+        if not envoys:
+            continue
+        (envoy,) = envoys
+        assert env_of(envoy)["ENVOY_NODE_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        for meter in meters:
+            metered = True
+            assert "--node=$(POD_NAME)" in meter["args"], where
+            assert env_of(meter)["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    if not metered:
+        assert config.get("TESSERA_BACKSTOP_ENABLED") == "false"
