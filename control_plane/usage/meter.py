@@ -272,9 +272,11 @@ class Meter:
         return added, dupes, refused
 
     def _close(self, lines: list[usage_line.UsageLine]) -> None:
-        """Their ledger rows are committed: the usage backstop must not bill them."""
+        """Their ledger rows are committed: the usage backstop must not bill them. Lines that
+        name no tenant too: an admitted request Envoy then refused without ext_authz's answer
+        (ext_authz died, or answered too late) ran nowhere, and its line says so."""
         if self._settler is not None:
-            self._settler.close(ln.request_id for ln in lines if ln.tenant_id)
+            self._settler.close(ln.request_id for ln in lines)
 
     async def _save_checkpoint(self, s: AsyncSession, f: LogFile, offset: int, now: datetime) -> None:
         row: dict[str, Any] = {"node": self._node, "file_id": f.file_id, "offset": offset,

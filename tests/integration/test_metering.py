@@ -160,10 +160,18 @@ class RecordingSettle(admission_pb2_grpc.AdmissionServiceServicer):
 
     def __init__(self) -> None:
         self.request_ids: list[str] = []
+        self.closed: list[str] = []
 
     async def Settle(self, request: Any, _context: Any) -> Any:  # noqa: N802 - the gRPC method name
         self.request_ids.extend(u.request_id for u in request.usages)
+        self.closed.extend(request.closed)
         return admission_pb2.SettleReply(settled=len(request.usages))
+
+
+async def _until(condition: Any, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
 
 
 async def test_lines_read_for_settlement_reach_the_ledger_once_through_partial_lines_truncation_and_rotation(
@@ -193,6 +201,8 @@ async def test_lines_read_for_settlement_reach_the_ledger_once_through_partial_l
         _write(log, reserved(0), line("plain1", node=node, **ok), reserved(1))
         _write(log, reserved(2)[:30], end="")  # mid-write
         assert await meter.settle_available() == 2
+        await asyncio.sleep(0.2)
+        assert recorder.closed == []  # settled ahead of the ledger, but not billed yet: still open
         _write(log, reserved(2)[30:])
         _write(log, "not json")
         assert await meter.settle_available() == 1
@@ -218,10 +228,10 @@ async def test_lines_read_for_settlement_reach_the_ledger_once_through_partial_l
 
         ids = sorted(r.request_id for r in await _rows(sessionmaker, node))
         assert ids == sorted(["plain1", *(f"r{i}" for i in range(9))])
-        deadline = time.monotonic() + 5
-        while len(recorder.request_ids) < 9 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await _until(lambda: len(recorder.request_ids) >= 9 and len(set(recorder.closed)) >= 10)
         assert sorted(recorder.request_ids) == [f"r{i}" for i in range(9)]  # reserved lines only, once
+        # every line committed closes its admission (the usage backstop bills only the others)
+        assert set(recorder.closed) == {"plain1", *(f"r{i}" for i in range(9))}
     finally:
         sending.cancel()
         await server.stop(0)
