@@ -3,8 +3,9 @@ meter's settlements, gRPC) answered.
 
 The only module that turns admission protos into limiter calls. ``decide_batch`` answers one
 ``AdmitBatch`` of the admission stream (``admission_stream.py``) with one counter call.
-``Settle`` answers UNAVAILABLE when the counters (or the open admissions it closes) cannot be
-reached, so the caller keeps the batch and tries again.
+``Settle`` answers UNAVAILABLE when the counters cannot be reached, so the caller keeps the
+batch and tries again. Open admissions it cannot close stay open: the backstop's later bill for
+one of them is a duplicate in the ledger (billed once), so a close is never retried.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class Backstop:
         KEPT.inc(len(records))
 
     async def close(self, request_ids: Sequence[str]) -> None:
-        """Raises StorageError: the caller keeps the batch and sends it again."""
+        """Raises StorageError (the caller logs it: an admission left open is billed once anyway)."""
         await self._store.close(request_ids)
 
     async def claim_overdue(self, limit: int) -> list[OpenAdmission]:
