@@ -87,6 +87,8 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
     from control_plane.usage.backstop import UsageBackstop  # noqa: PLC0415
     from control_plane.usage.meter import Meter  # noqa: PLC0415
     from control_plane.usage.settler import Settler  # noqa: PLC0415
+    from control_plane.usage.telemetry import RequestMetrics  # noqa: PLC0415
+    from tessera import tracing  # noqa: PLC0415
     from tessera.grpc_server import wait_for_termination  # noqa: PLC0415
     from tessera.metrics import serve_metrics, set_ready  # noqa: PLC0415
     from tessera.probe import http_base  # noqa: PLC0415
@@ -95,6 +97,7 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
     try:
         await check_schema(engine)
         metrics = serve_metrics(settings.metrics)
+        tracing.configure("tessera-meter", settings.tracing)
         retention = timedelta(days=settings.billing.raw_retention_days)
         settler = (
             Settler(settings.admission.url, identity=settings.identity) if settings.admission.url else None
@@ -116,6 +119,7 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
             rotate_bytes=settings.meter.rotate_bytes,
             envoy_admin=http_base(settings.meter.envoy_admin),
             settler=settler,
+            metrics=RequestMetrics(settings.meter.metric_label_values, settings.meter.metric_label_values),
         )
         log.info("meter_started", log=str(log_path), node=node, metrics_port=metrics.port)
         set_ready(True)  # its /healthz: the store answered and the log is being read

@@ -42,7 +42,7 @@ from control_plane.usage.invoices import close_invoices_forever
 from control_plane.xds.ads_servicer import AggregatedDiscoveryServiceServicer
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.translate import GatewayConfig
-from tessera import keys
+from tessera import keys, tracing
 from tessera.admin.v1 import admin_pb2_grpc
 from tessera.errors import ConfigError
 from tessera.grpc_server import RunningServer, permitted, start_server
@@ -241,6 +241,8 @@ async def build_app(settings: ControlPlaneSettings) -> App:
             envoy_identity_sds=gw.envoy_identity_sds,
             envoy_ca_file=gw.envoy_ca_file,
             namespace=identity.namespace,
+            otlp_endpoint=settings.tracing.otlp_endpoint,
+            trace_sampling_percent=settings.tracing.sampling_percent,
         ),
         tls_files,
     )
@@ -271,6 +273,7 @@ async def build_app(settings: ControlPlaneSettings) -> App:
         allowed={POLICY_SERVICE: frozenset(callers)},
     )
     metrics = serve_metrics(settings.metrics)
+    tracing.configure("tessera-control-plane", settings.tracing)
     await admin.set_serving(True)
     await xds.set_serving(True)
     await policy.set_serving(True)

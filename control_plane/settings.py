@@ -17,6 +17,7 @@ from tessera.settings import (
     LogSettings,
     MetricsSettings,
     PepperSettings,
+    TracingSettings,
 )
 
 
@@ -128,6 +129,11 @@ class MeterSettings(BaseModel):
     rotate_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # Envoy's admin, where /reopen_logs is: its unix socket (unix:/path), or http://host:port
     envoy_admin: str = "unix:/var/run/envoy/admin.sock"
+    metric_label_values: int = Field(
+        default=1000,
+        ge=1,
+        description="distinct tenants (and models) the GenAI metrics name; the rest: _other",
+    )
 
 
 class ControlPlaneSettings(BaseSettings):
@@ -141,6 +147,7 @@ class ControlPlaneSettings(BaseSettings):
     http: HttpSettings = HttpSettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
+    tracing: TracingSettings = TracingSettings()  # the gateway's (Envoy's) too
     database: DatabaseSettings = DatabaseSettings()
     pepper: PepperSettings = PepperSettings()
     gateway: GatewaySettings = GatewaySettings()

@@ -18,6 +18,7 @@ from ext_authz.key_index import key_index_from_policy
 from ext_authz.servicer import ExtAuthzServicer
 from ext_authz.settings import ExtAuthzSettings
 from ext_authz.sync_grpc import start_sync_server
+from tessera import tracing
 from tessera.clock import SYSTEM_CLOCK, Clock
 from tessera.errors import ConfigError
 from tessera.grpc_server import start_server
@@ -132,6 +133,7 @@ def _follow_policy(
 
 async def build_app(settings: ExtAuthzSettings, *, clock: Clock = SYSTEM_CLOCK) -> App:
     pepper = load_pepper(settings.pepper.file)  # ConfigError before anything listens
+    tracing.configure("tessera-ext-authz", settings.tracing)
     admitter = Admitter(settings.admission, settings.identity) if settings.admission.stream_url else None
     authorizer = Authorizer(pepper, clock, admitter)
     server = await _start_transport(settings, authorizer, clock)

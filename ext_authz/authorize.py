@@ -26,6 +26,7 @@ from ext_authz.request_facts import BadParam, request_cost
 from tessera import gateway_headers as gh
 from tessera.admission.v1 import admission_pb2
 from tessera.clock import Clock
+from tessera.tracing import TRACER, TraceContext, current_context
 
 DEGRADED = Counter(
     "tessera_authz_admitted_degraded_total",
@@ -90,7 +91,11 @@ class Authorizer:
         self.index = index
         self.ready = True
 
-    async def authorize(self, headers: Mapping[str, str], path: str) -> Outcome:  # noqa: PLR0911 - one per outcome
+    async def authorize(  # noqa: PLR0911 - one return per outcome
+        self, headers: Mapping[str, str], path: str, parent: TraceContext | None = None
+    ) -> Outcome:
+        """The decision on one request. ``parent``: the trace context its admission's span
+        continues (else the current span's: the gRPC Check's)."""
         index = self.index
         if not self.ready:
             # No policy snapshot yet (just started): every key would look unknown. A 401 would
@@ -131,7 +136,7 @@ class Authorizer:
                 self._admitter.keep(admission)
             return Outcome(decision)
         try:
-            verdict = await self._admitter.admit(admission)  # its batch's future: nothing else waits on it
+            verdict = await self._admit(admission, parent)
         except asyncio.CancelledError:
             # Envoy gave up on this Check: the request will not run, give back what it got.
             self._admitter.abandon(admission)
@@ -149,6 +154,29 @@ class Authorizer:
             retry = ("retry-after", str(max(1, verdict.retry_after_seconds)))
             return Outcome(refusal, (*headers_out, retry))
         return Outcome(decision, headers_out, reserved=verdict.reserved, admitted=admission)
+
+    async def _admit(
+        self, admission: admission_pb2.Admission, parent: TraceContext | None
+    ) -> admission_pb2.Verdict | None:
+        """The admission's verdict (its batch's future: nothing else waits on it), in a span of
+        its own when tracing."""
+        assert self._admitter is not None  # noqa: S101 - only called with an admitter
+        if not TRACER.enabled:
+            return await self._admitter.admit(admission)
+        attributes = {"tessera.tenant_id": admission.tenant_id, "gen_ai.request.model": admission.model}
+        # not made current: the HTTP transport finishes this coroutine in another context
+        span = TRACER.start("ratelimit admission", parent or current_context(), attributes=attributes)
+        try:
+            verdict = await self._admitter.admit(admission)
+        except BaseException as exc:
+            TRACER.end(span, type(exc).__name__)
+            raise
+        if span is not None:
+            span.attributes["tessera.verdict"] = (
+                "none" if verdict is None else "allowed" if verdict.allowed else "refused"
+            )
+            TRACER.end(span)
+        return verdict
 
     def _degraded(
         self, decision: Decision, scopes: tuple[LimitScope, ...], admission: admission_pb2.Admission

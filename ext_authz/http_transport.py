@@ -58,6 +58,7 @@ from tessera.metrics import set_ready
 from tessera.openai_errors import error_json, status_of
 from tessera.settings import GrpcSettings, IdentitySettings
 from tessera.tls import follow_renewals, peer_spiffe_id, server_context
+from tessera.tracing import SERVER, TRACEPARENT, TRACER, Span, parse_traceparent
 
 log = structlog.get_logger("ext_authz")
 
@@ -208,12 +209,21 @@ async def _finish(coro: Coroutine[Any, Any, Outcome], waiting: Any) -> Outcome:
 class _Pending:
     """A decision still waiting (for an admission verdict), in its place in the answer order."""
 
-    __slots__ = ("request_id", "strip_body", "task")
+    __slots__ = ("request_id", "span", "strip_body", "task", "trace_id")
 
-    def __init__(self, task: asyncio.Task[Outcome], request_id: str, strip_body: bool) -> None:
+    def __init__(
+        self,
+        task: asyncio.Task[Outcome],
+        request_id: str,
+        strip_body: bool,
+        trace_id: str,
+        span: Span | None,
+    ) -> None:
         self.task = task
         self.request_id = request_id
         self.strip_body = strip_body
+        self.trace_id = trace_id
+        self.span = span
 
 
 class _Connection(asyncio.Protocol):
@@ -332,24 +342,34 @@ class _Connection(asyncio.Protocol):
     def _decide(self, path: str, strip_body: bool) -> None:
         headers = self._headers
         request_id = headers.get("x-request-id", "")
-        coro = self._authorizer.authorize(headers, path)
+        # Envoy's HTTP authz client sets traceparent (its span); the client's own is replaced
+        trace = parse_traceparent(headers.get(TRACEPARENT))
+        trace_id = trace.trace_id if trace is not None else ""
+        span = TRACER.start("ext_authz Check", trace, SERVER)
+        coro = self._authorizer.authorize(headers, path, span.context if span is not None else None)
         try:
             waiting = coro.send(None)
         except StopIteration as done:
             # Decided without waiting (no limit applies, or a denial): answered at once.
-            self._queue.append(self._answer(done.value, request_id, strip_body))
+            self._queue.append(self._answer(done.value, request_id, strip_body, trace_id))
+            TRACER.end(span)
             return
-        except Exception:
+        except Exception as exc:
             log.exception("authz_failed", request_id=request_id)
             self._queue.append(_FAILED)
+            TRACER.end(span, type(exc).__name__)
             return
         task = asyncio.get_running_loop().create_task(_finish(coro, waiting))
         task.add_done_callback(self._on_decided)
-        self._queue.append(_Pending(task, request_id, strip_body))
+        self._queue.append(_Pending(task, request_id, strip_body, trace_id, span))
 
-    def _answer(self, outcome: Outcome, request_id: str, strip_body: bool) -> bytes:
+    def _answer(self, outcome: Outcome, request_id: str, strip_body: bool, trace_id: str) -> bytes:
         try:
-            resp = self._responder.respond(outcome, request_id)
+            if trace_id and not outcome.decision.allowed:  # its log line names the trace
+                with structlog.contextvars.bound_contextvars(trace_id=trace_id):
+                    resp = self._responder.respond(outcome, request_id)
+            else:
+                resp = self._responder.respond(outcome, request_id)
         except Exception:
             log.exception("authz_failed", request_id=request_id)
             return _FAILED
@@ -388,11 +408,13 @@ class _Connection(asyncio.Protocol):
                     break
                 try:
                     outcome = task.result()
-                except (Exception, asyncio.CancelledError):
+                except (Exception, asyncio.CancelledError) as exc:
                     log.exception("authz_failed", request_id=item.request_id)
                     out.append(_FAILED)
+                    TRACER.end(item.span, type(exc).__name__)
                 else:
-                    out.append(self._answer(outcome, item.request_id, item.strip_body))
+                    out.append(self._answer(outcome, item.request_id, item.strip_body, item.trace_id))
+                    TRACER.end(item.span)
             else:
                 out.append(item)
             queue.popleft()

@@ -27,6 +27,7 @@ from tessera.settings import (
     MetricsSettings,
     PepperSettings,
     PolicySettings,
+    TracingSettings,
 )
 
 
@@ -44,6 +45,7 @@ class ExtAuthzSettings(BaseSettings):
     grpc_server_threads: int = Field(default=64, ge=1, le=1024)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     pepper: PepperSettings = Field(default_factory=PepperSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)

@@ -20,6 +20,7 @@ from ratelimit.limiter import RateLimiter
 from ratelimit.limits import snapshot_from_policy
 from ratelimit.servicer import SERVICE_NAME, RateLimitServicer
 from ratelimit.settings import RatelimitSettings, check_settings
+from tessera import tracing
 from tessera.admission.v1 import admission_pb2_grpc
 from tessera.clock import SYSTEM_CLOCK, Clock
 from tessera.grpc_server import RunningServer, start_server
@@ -157,6 +158,7 @@ async def build_app(
             backstop=kept,
         )
         metrics = serve_metrics(settings.metrics)
+        tracing.configure("tessera-ratelimit", settings.tracing)
     except BaseException:
         await running.stop(0)
         await open_admissions.aclose()

@@ -40,6 +40,7 @@ from ratelimit.limits import (
 )
 from tessera.clock import SYSTEM_CLOCK, Clock, calendar_month
 from tessera.errors import StorageError
+from tessera.metrics import LabelCap
 from tessera.usage_line import token_terms
 
 log = structlog.get_logger("ratelimit")
@@ -61,16 +62,19 @@ FORCED = Counter(
 RESERVED = Counter(
     "tessera_ratelimit_reservations_total", "Admitted requests that reserved tokens, spend or a slot"
 )
-NEAR_LIMIT = Counter(
-    "tessera_ratelimit_near_limit_total", "Admitted hits that left a limit under 10% of its value"
+OUTCOMES = Counter(
+    "tessera_limit_outcomes",
+    "Limits that refused (over_limit), would have (shadow_over_limit), or were left under 10% of"
+    " their value by an admitted request (near_limit), by tenant and kind",
+    ["tenant", "kind", "outcome"],
 )
+TENANT_LABELS: Final = LabelCap(1000)  # distinct tenants named in OUTCOMES; the rest: _other
 BACKEND_SECONDS = Histogram(
     "tessera_ratelimit_backend_seconds",
     "Counter backend call latency",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 NEAR_LIMIT_SHARE: Final = 0.1
-_NEAR = NEAR_LIMIT
 _OK = DECISIONS.labels("ok")
 _OVER = DECISIONS.labels("over_limit")
 _SHADOW_OVER = DECISIONS.labels("shadow_over_limit")
@@ -523,6 +527,7 @@ class RateLimiter:
             _OVER.inc()
             retry = max(o.retry_after for _, o in refusing)
             for hit, o in refusing:
+                OUTCOMES.labels(TENANT_LABELS(hit.tenant_id), o.limit.kind, "over_limit").inc()
                 log.info(
                     "ratelimit_over_limit",
                     tenant_id=hit.tenant_id,
@@ -537,6 +542,7 @@ class RateLimiter:
         if shadow:
             _SHADOW_OVER.inc()
             for hit, o in shadow:
+                OUTCOMES.labels(TENANT_LABELS(hit.tenant_id), o.limit.kind, "shadow_over_limit").inc()
                 log.info(
                     "ratelimit_shadow_over_limit",
                     tenant_id=hit.tenant_id,
@@ -564,7 +570,7 @@ def _outcome(lim: RequestLimit, state: CounterState | None, to_month_end: float)
     else:  # a bucket is full again once it has refilled what is missing
         reset = (lim.limit - state.remaining) * lim.window_seconds / lim.limit if lim.limit else 0.0
     if not state.over and lim.limit and state.remaining < lim.limit * NEAR_LIMIT_SHARE:
-        _NEAR.inc()
+        OUTCOMES.labels(TENANT_LABELS(lim.tenant_id), lim.kind, "near_limit").inc()
     return LimitOutcome(lim, state.over, state.remaining, state.retry_after, max(0.0, reset))
 
 

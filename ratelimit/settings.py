@@ -16,6 +16,7 @@ from tessera.settings import (
     MetricsSettings,
     PolicySettings,
     RedisSettings,
+    TracingSettings,
 )
 
 
@@ -28,6 +29,7 @@ class RatelimitSettings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     identity: IdentitySettings = IdentitySettings()  # mutual TLS on the admission stream when set
     log: LogSettings = LogSettings()
+    tracing: TracingSettings = TracingSettings()
     policy: PolicySettings = PolicySettings()
     redis: RedisSettings = RedisSettings()
     workers: int = Field(default=1, ge=1, description="processes sharing the gRPC port (SO_REUSEPORT)")

@@ -94,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="grpc",
         help="how Envoy calls ext_authz: gRPC Check or HTTP/1.1 (default grpc)",
     )
+    up.add_argument(
+        "--otlp-endpoint",
+        metavar="HOST:PORT",
+        default="",
+        help="export traces (Envoy's and every service's spans) to this OTLP/gRPC collector",
+    )
+    up.add_argument(
+        "--trace-sampling",
+        metavar="PERCENT",
+        type=float,
+        default=100.0,
+        help="requests whose trace is recorded, with --otlp-endpoint (default 100)",
+    )
 
     bs = sub.add_parser("envoy-bootstrap", help="render envoy/bootstrap.yaml with concrete addresses")
     bs.add_argument("--node-id", default="gateway", help="Envoy's node id (its SPIFFE ID names it)")

@@ -24,6 +24,7 @@ from tessera.errors import ConfigError, TesseraError
 from tessera.metrics import set_ready
 from tessera.settings import GrpcSettings, IdentitySettings
 from tessera.tls import grpc_server_credentials
+from tessera.tracing import SERVER, TRACEPARENT, TRACER, Span, enter, leave, parse_traceparent
 
 log = structlog.get_logger("tessera.grpc")
 
@@ -77,11 +78,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 _ANY_PEER = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME})
+_TRACE_ROOTS = "/tessera.admin."  # calls that start a trace when their caller sent none
 
 
-def _bind(rpc: str, ctx: Any) -> None:
-    request_id = next((v for k, v in ctx.invocation_metadata() or () if k == "x-request-id"), "")
-    structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id)
+def _bind(rpc: str, ctx: Any, roots: bool) -> Span | None:
+    """Log context for the call (its request and trace ids) and, when tracing, its span: the
+    child of the caller's ``traceparent``, or a new trace where ``roots`` (admin calls)."""
+    request_id, parent = "", None
+    for key, value in ctx.invocation_metadata() or ():
+        if key == "x-request-id":
+            request_id = value
+        elif key == TRACEPARENT:
+            parent = parse_traceparent(value)
+    if parent is None:
+        structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id)
+        return TRACER.start(rpc, None, SERVER) if roots else None
+    structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id, trace_id=parent.trace_id)
+    return TRACER.start(rpc, parent, SERVER)
 
 
 async def _fail(ctx: Any, exc: Exception) -> None:
@@ -111,17 +124,24 @@ async def _refuse_unless(allowed: frozenset[str], rpc: str, ctx: Any) -> None:
 
 
 def _wrap(rpc: str, handler: Any, allowed: frozenset[str] | None = None) -> Any:
+    roots = rpc.startswith(_TRACE_ROOTS)
     if handler.unary_unary or handler.stream_unary:  # one response, to one request or a stream
         inner: Any = handler.unary_unary or handler.stream_unary
 
         async def single(req: Any, ctx: Any) -> Any:
-            _bind(rpc, ctx)
-            if allowed is not None:  # only under mutual TLS: Check pays nothing otherwise
-                await _refuse_unless(allowed, rpc, ctx)
+            span = _bind(rpc, ctx, roots)
+            token = enter(span)
+            error = ""
             try:
+                if allowed is not None:  # only under mutual TLS: Check pays nothing otherwise
+                    await _refuse_unless(allowed, rpc, ctx)
                 return await inner(req, ctx)
             except Exception as exc:
+                error = type(exc).__name__
                 await _fail(ctx, exc)
+            finally:
+                leave(token)
+                TRACER.end(span, error)
 
         factory = (
             grpc.unary_unary_rpc_method_handler
@@ -133,7 +153,7 @@ def _wrap(rpc: str, handler: Any, allowed: frozenset[str] | None = None) -> Any:
         streaming: Any = handler.stream_stream or handler.unary_stream
 
         async def stream(req: Any, ctx: Any) -> AsyncIterator[Any]:
-            _bind(rpc, ctx)
+            _bind(rpc, ctx, roots=False)  # long-lived: its log context only, no span
             if allowed is not None:  # only under mutual TLS: Check pays nothing otherwise
                 await _refuse_unless(allowed, rpc, ctx)
             try:

@@ -44,6 +44,26 @@ def _app() -> Any:
     return app
 
 
+class LabelCap:
+    """At most ``limit`` distinct values of one label (the first seen); any later value is
+    reported as ``OTHER``, so names chosen by clients or tenants cannot grow the series count
+    without bound."""
+
+    OTHER = "_other"
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) < self._limit:
+            self._seen.add(value)
+            return value
+        return self.OTHER
+
+
 @dataclass
 class MetricsServer:
     port: int

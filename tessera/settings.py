@@ -44,6 +44,17 @@ class LogSettings(_Fragment):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class TracingSettings(_Fragment):
+    otlp_endpoint: str = Field(
+        default="",
+        pattern=r"^$|^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$",
+        description="host:port of an OTLP/gRPC collector; '' = no export",
+    )
+    sampling_percent: float = Field(
+        default=100.0, ge=0, le=100, description="share of traces started here (Envoy: each request)"
+    )
+
+
 class PolicySettings(_Fragment):
     """Where a data-plane service subscribes to the control plane's policy stream."""
 

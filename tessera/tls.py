@@ -13,6 +13,7 @@ import grpc
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from prometheus_client import Gauge
 
 from tessera.identity import server_name, spiffe_id
 from tessera.settings import IdentitySettings
@@ -20,6 +21,22 @@ from tessera.settings import IdentitySettings
 log = structlog.get_logger("tessera.tls")
 
 WATCH_SECONDS = 30.0
+CERT_EXPIRY = Gauge(
+    "tessera_identity_certificate_expiry_timestamp_seconds",
+    "When this process's workload certificate expires (the certificate it last loaded)",
+    ["identity"],
+)
+
+
+def note_expiry(cert_pem: bytes) -> None:
+    """Export the certificate's expiry, labelled by its SPIFFE ID (what alerts watch)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = uris.get_values_for_type(x509.UniformResourceIdentifier)
+    except (ValueError, x509.ExtensionNotFound):
+        return
+    CERT_EXPIRY.labels(names[0] if names else "").set(cert.not_valid_after_utc.timestamp())
 
 
 def _context(settings: IdentitySettings, purpose: ssl.Purpose) -> ssl.SSLContext:
@@ -28,6 +45,7 @@ def _context(settings: IdentitySettings, purpose: ssl.Purpose) -> ssl.SSLContext
     ctx = ssl.SSLContext(side)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(cert, key)
+    note_expiry(cert.read_bytes())
     ctx.load_verify_locations(cafile=ca)
     ctx.verify_mode = ssl.CERT_REQUIRED  # both ways: a peer without a certificate from our CA is cut
     ctx.check_hostname = False  # peers are named by their SPIFFE ID, checked by the caller
@@ -102,7 +120,9 @@ def _stamp(settings: IdentitySettings) -> tuple[float, ...]:
 def _pem(settings: IdentitySettings) -> tuple[bytes, bytes, bytes]:
     """(key, certificate, CA) as bytes."""
     cert, key, ca = settings.files
-    return key.read_bytes(), cert.read_bytes(), ca.read_bytes()
+    pem = key.read_bytes(), cert.read_bytes(), ca.read_bytes()
+    note_expiry(pem[1])
+    return pem
 
 
 def key_matches(key_pem: bytes, cert_pem: bytes) -> bool:

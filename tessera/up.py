@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import ValidationError
+
 from tessera import llm, ports, usage_line
 from tessera.bootstrap import BootstrapParams, render_bootstrap
 from tessera.datadir import DataDir, resolve_data_dir, write_json
@@ -36,7 +38,7 @@ from tessera.envoy_tls import inline_certificate, write_inline_identity
 from tessera.identity import Authority, spiffe_id
 from tessera.keys import ensure_pepper
 from tessera.probe import active_requests, grpc_serving, http_post, http_status, unix_url
-from tessera.settings import IdentitySettings
+from tessera.settings import IdentitySettings, TracingSettings
 from tessera.tls import client_context
 from tessera.workers import die_with_parent
 
@@ -201,7 +203,11 @@ class Stack:
             "TESSERA_METER__BACKSTOP_POLL_SECONDS",
         )
         keep = {k: v for k, v in os.environ.items() if k.startswith(passthrough)}
-        return {**env, **keep, "TESSERA_LOG__FORMAT": "json", **extra}
+        tracing = {
+            "TESSERA_TRACING__OTLP_ENDPOINT": self.args.otlp_endpoint,
+            "TESSERA_TRACING__SAMPLING_PERCENT": str(self.args.trace_sampling),
+        }
+        return {**env, **keep, "TESSERA_LOG__FORMAT": "json", **tracing, **extra}
 
     def _cp_env(self) -> dict[str, str]:
         p = self.ports
@@ -275,6 +281,7 @@ class Stack:
                 "control_plane": f"http://{HOST}:{p.cp_metrics}/metrics",
                 "ext_authz": f"http://{HOST}:{p.ext_authz_metrics[0]}/metrics",
                 "ratelimit": f"http://{HOST}:{p.ratelimit_metrics}/metrics",
+                "meter": f"http://{HOST}:{p.meter_metrics}/metrics",
                 "envoy": f"http://{HOST}:{p.envoy_stats}/stats/prometheus",
             },
             # mutual TLS on every internal port: the CA their certificates chain to
@@ -776,5 +783,10 @@ def run_up(args: argparse.Namespace) -> int:
     args.redis = args.redis or "memory://"
     if (getattr(args, "tls_cert", None) is None) != (getattr(args, "tls_key", None) is None):
         _say("error: --tls-cert and --tls-key go together")
+        return 2
+    try:
+        TracingSettings(otlp_endpoint=args.otlp_endpoint, sampling_percent=args.trace_sampling)
+    except ValidationError as exc:
+        _say(f"error: --otlp-endpoint/--trace-sampling: {exc.errors()[0]['msg']}")
         return 2
     return asyncio.run(_main(args))

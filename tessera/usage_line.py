@@ -45,6 +45,9 @@ ENVOY_FORMAT: Final[dict[str, Any]] = {
     "ttfb_ms": "%COMMON_DURATION(DS_RX_BEG:US_RX_BODY_BEG:ms)%",  # to the first response-body byte
     "bytes_received": "%BYTES_RECEIVED%",
     "bytes_sent": "%BYTES_SENT%",
+    "trace_id": "%TRACE_ID%",  # Envoy's trace of the request (a client's traceparent continued)
+    # the context the backend got (the router's span), when the request reached one
+    "traceparent": "%REQ(TRACEPARENT)%",
 }
 
 
@@ -73,6 +76,8 @@ class UsageLine:
     bytes_received: int
     bytes_sent: int
     reserved: bool = False
+    trace_id: str | None = None  # 32 hex digits
+    traceparent: str | None = None  # W3C, as sent upstream: the meter's span continues it
 
 
 MAX_COUNT: Final = 10**9  # a count (tokens, bytes, ms) beyond this is capped: money stays in int64
@@ -139,7 +144,19 @@ def parse(line: str | bytes, default_node: str = "") -> UsageLine | None:
         bytes_received=_int(raw.get("bytes_received")) or 0,
         bytes_sent=_int(raw.get("bytes_sent")) or 0,
         reserved=raw.get("reserved") == "1",
+        trace_id=_trace_id(raw.get("trace_id")),
+        traceparent=_str(raw.get("traceparent"), 64),
     )
+
+
+def _trace_id(value: Any) -> str | None:
+    if isinstance(value, str) and len(value) == 32 and value != "0" * 32:  # noqa: PLR2004 - W3C
+        try:
+            int(value, 16)
+        except ValueError:
+            return None
+        return value.lower()
+    return None
 
 
 # --- estimates: what a request is assumed to use before (or without) its real usage ----------

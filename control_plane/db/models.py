@@ -293,6 +293,7 @@ class UsageRecord(Base):
     currency: Mapped[str | None] = mapped_column(String(3))
     unpriced: Mapped[bool] = mapped_column(Boolean, default=False)
     invoice_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    trace_id: Mapped[str | None] = mapped_column(String(32))  # W3C: the request's spans
 
 
 class UsageRollup(Base):

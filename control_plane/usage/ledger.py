@@ -135,6 +135,7 @@ def record_values(line: UsageLine, terms: dict[str, ModelTerms], now: datetime) 
         "cost_picos": cost,
         "currency": price.currency if price else None,
         "unpriced": price is None and line.model is not None,
+        "trace_id": line.trace_id,
     }
 
 
@@ -191,6 +192,7 @@ def overdue_values(o: Overdue, terms: dict[str, ModelTerms], now: datetime) -> d
         "cost_picos": _cost(price, prompt, completion, 0),
         "currency": price.currency if price else None,
         "unpriced": price is None,
+        "trace_id": None,
     }
 
 
@@ -221,6 +223,7 @@ def usage_event(row: dict[str, Any]) -> dict[str, Any]:
         "cost_micros": picos_to_micros(row["cost_picos"]),
         "currency": row["currency"],
         "unpriced": row["unpriced"],
+        "trace_id": row.get("trace_id"),
     }
     return {
         "id": f"usage:{row['node']}:{row['request_id']}",
@@ -351,12 +354,12 @@ async def _budget_events(s: AsyncSession, rows: Sequence[dict[str, Any]], now: d
 
 async def ingest(
     s: AsyncSession, lines: Iterable[UsageLine], terms: dict[str, ModelTerms], now: datetime
-) -> tuple[int, int]:
+) -> tuple[list[dict[str, Any]], int]:
     """Insert the lines not in the ledger yet (by node + request id), and what follows from
-    them. Returns (inserted, duplicates)."""
+    them. Returns (the rows inserted, the number of duplicates)."""
     unique = {(ln.node, ln.request_id): ln for ln in lines}
     if not unique:
-        return 0, 0
+        return [], 0
     values = [record_values(ln, terms, now) for ln in unique.values()]
     # The meter is its node's only writer: the lines of a batch already in the ledger (re-read
     # after a crash, before its checkpoint) are found by one indexed query, the rest inserted.
@@ -381,7 +384,7 @@ async def ingest(
         seen.update((node, request_id) for (request_id,) in await s.execute(query))
     rows = [v for v in rows if (v["node"], v["request_id"]) not in seen]
     await _follow(s, rows, now)
-    return len(rows), len(unique) - len(rows)
+    return rows, len(unique) - len(rows)
 
 
 async def _follow(s: AsyncSession, rows: Sequence[dict[str, Any]], now: datetime) -> None:

@@ -31,6 +31,7 @@ from control_plane.db.models import MeterCheckpoint, UsageRecord
 from control_plane.db.repositories import insert_stmt
 from control_plane.usage import ledger
 from control_plane.usage.settler import Settler
+from control_plane.usage.telemetry import DEFAULT_LABEL_VALUES, RequestMetrics, trace_ingestion
 from tessera import usage_line
 from tessera.probe import http_post
 
@@ -110,6 +111,7 @@ class Meter:
         rotate_bytes: int = 0,
         envoy_admin: str = "",
         settler: Settler | None = None,
+        metrics: RequestMetrics | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._log_path = log_path
@@ -118,6 +120,7 @@ class Meter:
         self._rotate_bytes = rotate_bytes  # 0: someone else rotates (logrotate + /reopen_logs)
         self._envoy_admin = envoy_admin
         self._settler = settler
+        self._metrics = metrics or RequestMetrics(DEFAULT_LABEL_VALUES, DEFAULT_LABEL_VALUES)
         self._offsets: dict[str, int] | None = None  # this meter is its node's only writer
         self._settle_offsets: dict[str, int] = {}  # file id -> read for settlement up to here
         self._parsed: dict[tuple[str, int], _Chunk] = {}  # (file id, offset) -> parsed by the settle pass
@@ -229,13 +232,16 @@ class Meter:
             return 0, 0
         lines, span = chunk.lines, chunk.end - offset
         self._forget(f.file_id, chunk.end)
-        now = datetime.now(UTC)
+        now, started_ns = datetime.now(UTC), time.time_ns()
         try:
             async with self._sessionmaker.begin() as s:
                 terms = await ledger.load_terms(s)
-                added, dupes = await ledger.ingest(s, lines, terms, now)
+                rows, dupes = await ledger.ingest(s, lines, terms, now)
                 await self._save_checkpoint(s, f, offset + span, now)
             self._close(lines)
+            self._metrics.observe(rows)
+            trace_ingestion(lines, rows, started_ns)
+            added = len(rows)
         except (DataError, IntegrityError):
             # A line the database refuses must not stop metering: take them one at a time.
             added, dupes, refused = await self._one_by_one(f, lines, offset + span, now)
@@ -261,9 +267,10 @@ class Meter:
         for ln in lines:
             try:
                 async with self._sessionmaker.begin() as s:
-                    a, d = await ledger.ingest(s, [ln], await ledger.load_terms(s), now)
-                added, dupes = added + a, dupes + d
+                    rows, d = await ledger.ingest(s, [ln], await ledger.load_terms(s), now)
+                added, dupes = added + len(rows), dupes + d
                 self._close([ln])
+                self._metrics.observe(rows)
             except (DataError, IntegrityError):
                 refused += 1
                 log.exception("usage_line_refused", node=ln.node, request_id=ln.request_id)

@@ -14,6 +14,7 @@ EXT_AUTHZ_HTTP_CLUSTER = "tessera_ext_authz_http"  # the same endpoints over HTT
 AUTHZ_PATH_PREFIX = "/authz"  # http_service: ext_authz sees /authz<original path> (its http_transport)
 CP_HTTP_CLUSTER = "tessera_control_plane_http"
 ADMIN_CLUSTER = "tessera_admin_api"
+OTLP_CLUSTER = "tessera_otlp"  # the trace collector; no endpoint when none is configured
 ADMIN_REST_LISTENER = "tessera_admin_rest"  # admin_rest="internal": the admin REST API alone
 # the SDS secret with the public listener's certificate (a name, not a secret)
 GATEWAY_TLS_SECRET = "gateway_tls"  # noqa: S105
@@ -70,3 +71,5 @@ class GatewayConfig:
     envoy_identity_sds: str | None = None  # set: mutual TLS to our HTTP handlers and admin API
     envoy_ca_file: str = ""
     namespace: str = "default"  # the SPIFFE IDs of our services name it
+    otlp_endpoint: str = ""  # host:port of an OTLP/gRPC collector for Envoy's spans; "" = none
+    trace_sampling_percent: float = 100.0  # requests whose trace is recorded (with a collector)

@@ -23,6 +23,7 @@ from control_plane.xds.config import (
     ADMIN_REST_LISTENER,
     ADMIN_SERVICES,
     ADS,
+    AUTHZ_NS,
     AUTHZ_PATH_PREFIX,
     EXT_AUTHZ_CLUSTER,
     EXT_AUTHZ_HTTP_CLUSTER,
@@ -35,6 +36,8 @@ from control_plane.xds.config import (
     MISSING,
     MODEL_NAMED,
     MODEL_NS,
+    OTLP_CLUSTER,
+    ROUTE_NS,
     ROUTES_NAME,
     SSE_FILTER,
     TRANSCODER,
@@ -411,7 +414,45 @@ def listener(cfg: GatewayConfig) -> dict[str, Any]:
     }
     if cfg.access_log_path:
         hcm["access_log"] = _access_log(cfg.access_log_path)
+    hcm["tracing"] = tracing(cfg)
     return _listener(LISTENER_NAME, cfg.host, cfg.port, hcm, tls=cfg.tls)
+
+
+def tracing(cfg: GatewayConfig) -> dict[str, Any]:
+    """Envoy's OpenTelemetry tracer. Always on: each request continues the client's W3C trace
+    context (or starts one), and ext_authz and the backend get a ``traceparent`` whose parent is
+    the gateway's span. Spans are recorded and exported only with a collector; without one
+    nothing is sampled (the cluster has no endpoint), so a request pays for ids, not spans."""
+    sampling = cfg.trace_sampling_percent if cfg.otlp_endpoint else 0.0
+    return {
+        "random_sampling": {"value": sampling},
+        # the backend-facing span: the router's call to the model server, the backend's parent
+        "spawn_upstream_span": True,
+        "custom_tags": [
+            {
+                "tag": "tessera.tenant_id",
+                "metadata": {
+                    "kind": {"request": {}},
+                    "metadata_key": {"key": AUTHZ_NS, "path": [{"key": "tenant_id"}]},
+                },
+            },
+            {
+                "tag": "gen_ai.request.model",
+                "metadata": {
+                    "kind": {"route": {}},
+                    "metadata_key": {"key": ROUTE_NS, "path": [{"key": "model"}]},
+                },
+            },
+        ],
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": T + "envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": "1s"},
+                "service_name": "tessera-gateway",
+            },
+        },
+    }
 
 
 def _listener(name: str, host: str, port: int, hcm: dict[str, Any], *, tls: bool) -> dict[str, Any]:
@@ -457,6 +498,7 @@ def admin_rest_listener(cfg: GatewayConfig, route: dict[str, Any]) -> dict[str, 
                 }
             ],
         },
+        "tracing": tracing(cfg),
         "http_filters": [
             transcoder,
             {"name": "envoy.filters.http.router", "typed_config": {"@type": T + ROUTER}},

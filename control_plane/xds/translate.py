@@ -32,6 +32,7 @@ from control_plane.xds.config import (
     MISSING,
     MODEL_NAMED,
     MODEL_NS,
+    OTLP_CLUSTER,
     POST,
     ROUTE_NS,
     ROUTES_NAME,
@@ -162,6 +163,10 @@ def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
     )
     return {
         "name": ROUTES_NAME,
+        # The client's own traceparent was read when the request came in (its trace continues);
+        # the router sets the gateway's. A malformed one, which Envoy cannot continue, must not
+        # reach the backend as it came.
+        "request_headers_to_remove": ["traceparent"],
         "virtual_hosts": [
             {
                 "name": "gateway",
@@ -584,6 +589,25 @@ def _control_plane_cluster(
     return cluster
 
 
+def _otlp_cluster(endpoint: str) -> dict[str, Any]:
+    """The trace collector (OTLP over gRPC, plaintext as collectors serve it), or a cluster with
+    no endpoint when there is none: the tracer needs one, and samples nothing then."""
+    cluster: dict[str, Any] = {
+        "name": OTLP_CLUSTER,
+        "type": "STRICT_DNS" if endpoint else "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            HTTP_OPTIONS: {"@type": T + HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}}}
+        },
+        "load_assignment": {"cluster_name": OTLP_CLUSTER},
+    }
+    if endpoint:
+        host, _, port = endpoint.rpartition(":")
+        addr = {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+        cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [{"endpoint": {"address": addr}}]}]
+    return cluster
+
+
 def resources_from_state(
     state: State,
     cfg: GatewayConfig,
@@ -596,6 +620,7 @@ def resources_from_state(
             cfg, CP_HTTP_CLUSTER, cfg.control_plane_http_host, cfg.control_plane_http_port, h2=False
         ),
         ADMIN_CLUSTER: _control_plane_cluster(cfg, ADMIN_CLUSTER, cfg.admin_host, cfg.admin_port, h2=True),
+        OTLP_CLUSTER: _otlp_cluster(cfg.otlp_endpoint),
     }
     endpoints: dict[str, dict[str, Any]] = {}
     for m in state.models:
