@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 E2E_HTTP := TESSERA_TEST_AUTHZ_TRANSPORT=http $(BIN)/pytest tests/e2e -m "envoy and not real and not postgres" \
 	--deselect tests/e2e/test_auth.py::test_revocation_reaches_every_replica_and_worker_within_a_second
 
-.PHONY: install run test lint check-generated unit integration e2e e2e-http bench clean llm
+.PHONY: install tools run test lint check-generated unit integration e2e e2e-http bench clean llm
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install Tessera (produces .venv/bin/tessera)
+
+tools:  ## Debian's prometheus: promtool tests the alert rules, a real Prometheus scrapes a stack
+	@command -v promtool >/dev/null || apt-get install -y prometheus || (apt-get update && apt-get install -y prometheus)
 
 run: install $(if $(REAL),llm)  ## the whole stack with the demo upstream on 127.0.0.1:8080 (REAL=1: and a real model)
 	$(BIN)/tessera up --demo-upstream $(if $(REAL),--real-model) $(ARGS)
@@ -31,17 +34,17 @@ lint: install  ## ruff, mypy, import contracts, generated-code drift
 	$(BIN)/lint-imports
 	$(BIN)/python -m tessera.codegen --check
 
-test: lint  ## every tier: unit, contract (memory/Redis, SQLite/PostgreSQL), integration, e2e through real Envoy (ext_authz over gRPC, then HTTP)
+test: lint tools  ## every tier: unit, contract (memory/Redis, SQLite/PostgreSQL), integration, e2e through real Envoy (ext_authz over gRPC, then HTTP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 	$(E2E_HTTP) $(PYTEST_ARGS)
 
-unit: install
+unit: install tools
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-e2e: install
+e2e: install tools
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 
-e2e-http: install  ## the e2e tier with ext_authz over HTTP/1.1
+e2e-http: install tools  ## the e2e tier with ext_authz over HTTP/1.1
 	$(E2E_HTTP) $(PYTEST_ARGS)
 
 llm: install  ## build llama-server and Gemma 3 270M once, into ~/.cache/tessera/llm (first time ~4 min)
@@ -50,7 +53,8 @@ llm: install  ## build llama-server and Gemma 3 270M once, into ~/.cache/tessera
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-bench: install  ## load through upstream / plain Envoy / callout floor / Tessera, ext_authz at 1k+1M keys (~6 min)
+bench: install  ## load through upstream / plain Envoy / callout floor / Tessera, ext_authz at 1k+1M keys, the tracer's cost (~8 min)
 	@command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	@command -v h2load >/dev/null || apt-get install -y nghttp2-client || (apt-get update && apt-get install -y nghttp2-client)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.tracing_cost

@@ -589,7 +589,7 @@ def _control_plane_cluster(
     return cluster
 
 
-def _otlp_cluster(endpoint: str) -> dict[str, Any]:
+def otlp_cluster(endpoint: str) -> dict[str, Any]:
     """The trace collector (OTLP over gRPC, plaintext as collectors serve it), or a cluster with
     no endpoint when there is none: the tracer needs one, and samples nothing then."""
     cluster: dict[str, Any] = {
@@ -620,7 +620,7 @@ def resources_from_state(
             cfg, CP_HTTP_CLUSTER, cfg.control_plane_http_host, cfg.control_plane_http_port, h2=False
         ),
         ADMIN_CLUSTER: _control_plane_cluster(cfg, ADMIN_CLUSTER, cfg.admin_host, cfg.admin_port, h2=True),
-        OTLP_CLUSTER: _otlp_cluster(cfg.otlp_endpoint),
+        OTLP_CLUSTER: otlp_cluster(cfg.otlp_endpoint),
     }
     endpoints: dict[str, dict[str, Any]] = {}
     for m in state.models:

@@ -1,0 +1,134 @@
+"""The tracer's own cost: Envoy CPU per request with the gateway's tracing config and without.
+
+``python -m bench.tracing_cost [--seconds 5] [--rounds 3]`` (``make bench`` runs it).
+
+One direct-response upstream Envoy (``bench.lua_cost.upstream_config``) and front Envoys side by
+side, ``--concurrency 1`` each:
+
+* ``plain``: the router only;
+* ``no-collector``: the same plus the HTTP connection manager's ``tracing`` exactly as the
+  gateway configures it without a collector (``control_plane.xds.listener.tracing``: the
+  OpenTelemetry tracer, nothing sampled, the trace context continued to the backend), and the
+  collector cluster with no endpoint (``control_plane.xds.translate.otlp_cluster``);
+* ``sampled``: with a collector, every request sampled and exported. The collector is a third
+  Envoy answering each OTLP ``Export`` with an empty gRPC OK (trailers-only): what is measured is
+  the front's span recording and export, not a collector's work.
+
+Bodies: the bench's standard chat request, and a stream (``bench.lua_cost.BODIES``). The target
+(issue 16): the no-collector tracer costs at most 5% of Envoy's CPU per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import envoy_configs
+from bench.lua_cost import BODIES, Envoy, measure, start_envoy, upstream_config, wrk_body_script
+from bench.procs import free_port, stop
+from control_plane.xds.config import GatewayConfig
+from control_plane.xds.listener import tracing
+from control_plane.xds.translate import otlp_cluster
+
+TARGET_SHARE = 0.05
+
+
+def _gateway(otlp_endpoint: str, sampling: float) -> GatewayConfig:
+    return GatewayConfig(
+        host=envoy_configs.HOST,
+        port=0,
+        control_plane_http_host="",
+        control_plane_http_port=0,
+        access_log_path=None,
+        max_request_bytes=1 << 20,
+        otlp_endpoint=otlp_endpoint,
+        trace_sampling_percent=sampling,
+    )
+
+
+def front_config(port: int, upstream_port: int, gateway: GatewayConfig | None) -> dict[str, Any]:
+    clusters = [envoy_configs._cluster("upstream", upstream_port)]  # noqa: SLF001
+    config = envoy_configs._bootstrap(port, envoy_configs._proxy_route(), [], clusters)  # noqa: SLF001
+    if gateway is not None:
+        listener = config["static_resources"]["listeners"][0]
+        listener["filter_chains"][0]["filters"][0]["typed_config"]["tracing"] = tracing(gateway)
+        config["static_resources"]["clusters"].append(otlp_cluster(gateway.otlp_endpoint))
+    return config
+
+
+def collector_config(port: int) -> dict[str, Any]:
+    """An Envoy that accepts every OTLP export: a trailers-only gRPC OK."""
+    route = {
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 200},
+        "response_headers_to_add": [
+            {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for k, v in (("content-type", "application/grpc"), ("grpc-status", "0"))
+        ],
+    }
+    return envoy_configs._bootstrap(port, route, [], [])  # noqa: SLF001
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.tracing_cost", description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=int, default=5, help="per (front, body) run")
+    parser.add_argument("--rounds", type=int, default=3, help="median of this many runs")
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+    bodies = [b for b in BODIES if b.name in ("chat", "stream")]
+    with tempfile.TemporaryDirectory(prefix="tessera-tracing-cost-") as tmp:
+        workdir = Path(tmp)
+        envoys: list[Envoy] = []
+        try:
+            up_port, sink_port = free_port(), free_port()
+            envoys.append(start_envoy("upstream", upstream_config(up_port), up_port, workdir, 9301))
+            envoys.append(start_envoy("collector", collector_config(sink_port), sink_port, workdir, 9302))
+            variants = {
+                "plain": None,
+                "no-collector": _gateway("", 100.0),
+                "sampled": _gateway(f"{envoy_configs.HOST}:{sink_port}", 100.0),
+            }
+            fronts = []
+            for i, (name, gateway) in enumerate(variants.items()):
+                port = free_port()
+                front = start_envoy(name, front_config(port, up_port, gateway), port, workdir, 9303 + i)
+                envoys.append(front)
+                fronts.append(front)
+            scripts = {b.name: wrk_body_script(workdir / f"wrk-{b.name}.lua", b) for b in bodies}
+            samples = measure(
+                fronts, bodies, scripts, rounds=args.rounds, seconds=args.seconds, conns=args.connections
+            )
+        finally:
+            for envoy in reversed(envoys):
+                stop(envoy.proc)
+    print(
+        f"\nTracing: front Envoy CPU per request (utime+stime / responses), --concurrency 1, "
+        f"wrk -t2 -c{args.connections} {args.seconds} s, median of {args.rounds}:\n"
+    )
+    print("| body | Envoy | µs/req | Δ vs plain | share | req/s | errors |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    verdicts = []
+    for body in bodies:
+        plain = statistics.median(samples.us[("plain", body.name)])
+        for name in variants:
+            key = (name, body.name)
+            us = statistics.median(samples.us[key])
+            share = (us - plain) / plain
+            delta = "" if name == "plain" else f"{us - plain:+.1f}"
+            pct = "" if name == "plain" else f"{share:+.1%}"
+            rps = statistics.median(samples.rps[key])
+            print(
+                f"| {body.name} | {name} | {us:.1f} | {delta} | {pct} | {rps:,.0f} | {samples.errors[key]} |"
+            )
+            if name == "no-collector":
+                verdicts.append(
+                    f"{body.name}: {share:+.1%} ({'within' if share <= TARGET_SHARE else 'over'} 5%)"
+                )
+    print("\nTracer without a collector against the 5% target: " + "; ".join(verdicts))
+
+
+if __name__ == "__main__":
+    main()
