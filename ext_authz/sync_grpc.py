@@ -25,9 +25,11 @@ from tessera.grpc_server import permitted
 from tessera.metrics import set_ready
 from tessera.settings import GrpcSettings, IdentitySettings
 from tessera.tls import grpc_server_credentials
+from tessera.tracing import SERVER, TRACER, Span, TraceContext, bind_trace, enter, from_metadata, leave
 
 log = structlog.get_logger("ext_authz.sync_grpc")
 NO_DEADLINE = 86_400.0  # a deadline further away than this is none
+CHECK_RPC = "/envoy.service.auth.v3.Authorization/Check"  # the span's name, as on grpc.aio
 
 
 class _ThreadedCheck(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -46,19 +48,37 @@ class _ThreadedCheck(external_auth_pb2_grpc.AuthorizationServicer):  # type: ign
                 context.abort(
                     grpc.StatusCode.PERMISSION_DENIED, f"{peer or 'this caller'} may not call Check"
                 )
-        future = asyncio.run_coroutine_threadsafe(self._servicer.Check(request, None), self._loop)
+        trace = from_metadata(context.invocation_metadata())
+        span = TRACER.start(CHECK_RPC, trace, SERVER)
+        future = asyncio.run_coroutine_threadsafe(self._check(request, trace, span), self._loop)
         context.add_callback(future.cancel)  # the call ended first (Envoy went away): cancel it
+        error = ""
         try:
             # Envoy's ext_authz timeout travels as the call's deadline: past it, nobody waits.
             return future.result(timeout=_remaining(context))
         except TimeoutError:
+            error = "DeadlineExceeded"
             future.cancel()  # on the loop: the Check's admission is abandoned, given back
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         except concurrent.futures.CancelledError:
+            error = "Cancelled"
             context.abort(grpc.StatusCode.CANCELLED, "cancelled")
-        except Exception:
+        except Exception as exc:
+            error = type(exc).__name__
             log.exception("check_failed")
             context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            TRACER.end(span, error)
+
+    async def _check(self, request: Any, trace: TraceContext | None, span: Span | None) -> Any:
+        """The decision, on the loop, in its own task: its log lines name the trace, and the
+        admission's span is the Check's child."""
+        bind_trace(trace)
+        token = enter(span)
+        try:
+            return await self._servicer.Check(request, None)
+        finally:
+            leave(token)
 
 
 def _remaining(context: Any) -> float | None:

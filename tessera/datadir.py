@@ -37,6 +37,11 @@ class DataDir:
         return self.root / "endpoints.json"
 
     @property
+    def prometheus(self) -> Path:
+        """A Prometheus scrape config for this stack (``tessera up`` writes it)."""
+        return self.root / "prometheus.yml"
+
+    @property
     def admin(self) -> Path:
         return self.root / "admin.json"
 

@@ -552,6 +552,7 @@ class Stack:
         await self.children["envoy"].start()
         await self.children["envoy"].wait_ready()
         write_json(self.dd.endpoints, self.endpoints())
+        write_json(self.dd.prometheus, prometheus_config(self.endpoints()["metrics"]))  # JSON is YAML
         return demo_key
 
     def _admin_target(self) -> Any:
@@ -771,6 +772,27 @@ def _store_url(flag: str, value: str | None, file: Path | None, env: str) -> str
             raise StartupError(msg)
         return text
     return os.environ.get(env) or None
+
+
+def metrics_job(name: str) -> str:
+    """The Prometheus job of a process (``ext_authz``), as its PodMonitor names it in Kubernetes
+    (k8s/components/observability): dashboards and alert rules select by it."""
+    return "tessera-" + name.replace("_", "-")
+
+
+def prometheus_config(metrics: dict[str, str]) -> dict[str, Any]:
+    """Scrape every process of the stack (``endpoints.json``'s ``metrics``) every 5 s."""
+    jobs = []
+    for name, url in sorted(metrics.items()):
+        parts = urlsplit(url)
+        jobs.append(
+            {
+                "job_name": metrics_job(name),
+                "metrics_path": parts.path,
+                "static_configs": [{"targets": [parts.netloc]}],
+            }
+        )
+    return {"global": {"scrape_interval": "5s", "evaluation_interval": "5s"}, "scrape_configs": jobs}
 
 
 def run_up(args: argparse.Namespace) -> int:

@@ -273,7 +273,9 @@ class Meter:
                 self._metrics.observe(rows)
             except (DataError, IntegrityError):
                 refused += 1
-                log.exception("usage_line_refused", node=ln.node, request_id=ln.request_id)
+                log.exception(
+                    "usage_line_refused", node=ln.node, request_id=ln.request_id, trace_id=ln.trace_id
+                )
         async with self._sessionmaker.begin() as s:
             await self._save_checkpoint(s, f, end, now)
         return added, dupes, refused

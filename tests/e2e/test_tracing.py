@@ -21,7 +21,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from tests.e2e.conftest import Stack, start_stack, stop_stack
+from tests.e2e.conftest import AUTHZ_TRANSPORT, Stack, start_stack, stop_stack
 
 pytestmark = pytest.mark.envoy
 
@@ -88,10 +88,19 @@ def _value(v: Any) -> Any:
     return getattr(v, kind) if kind else None
 
 
-@pytest.fixture(scope="module")
-def traced(tmp_path_factory) -> Iterator[tuple[Stack, Collector]]:
+@pytest.fixture(scope="module", params=["aio", "sync"])
+def traced(request, tmp_path_factory) -> Iterator[tuple[Stack, Collector]]:
+    """A stack exporting to a collector; ext_authz's gRPC Check on grpc.aio, then on grpcio's
+    sync server (TESSERA_GRPC_SERVER=sync), which takes its calls on threads."""
+    if request.param == "sync" and AUTHZ_TRANSPORT != "grpc":
+        pytest.skip("the sync server serves gRPC Check only")
     collector = Collector()
-    stack = start_stack(tmp_path_factory.mktemp("traced"), "--otlp-endpoint", f"127.0.0.1:{collector.port}")
+    stack = start_stack(
+        tmp_path_factory.mktemp("traced"),
+        "--otlp-endpoint",
+        f"127.0.0.1:{collector.port}",
+        env_extra={"TESSERA_GRPC_SERVER": request.param},
+    )
     yield stack, collector
     stop_stack(stack)
     collector.server.stop(0)

@@ -4,14 +4,16 @@ Every file parses and every kustomization reference exists; every ``TESSERA_*`` 
 is a real settings field; no secret value is committed. When ``kubectl`` is on PATH the overlays
 and the examples are also built, every rendered object is validated against the Kubernetes
 OpenAPI schemas (``kubernetes-validate``, offline, strict: an unknown field fails) or, for
-cert-manager's kinds, against a JSON schema of the fields used here; and the rendered objects are
-checked: workload identities (issue 14), probes, the Envoy pod, NetworkPolicies.
+cert-manager's and the Prometheus Operator's kinds, against a JSON schema of the fields used here;
+and the rendered objects are checked: workload identities (issue 14), probes, the Envoy pod,
+NetworkPolicies, what the PodMonitors scrape and the Grafana dashboard (issue 16).
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+import json
 import os
 import re
 import shutil
@@ -512,6 +514,10 @@ def _closed(properties: dict[str, Any], required: tuple[str, ...] = (), **more: 
 
 
 def _cert_manager_kind(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return _crd_kind("cert-manager.io/v1", kind, spec)
+
+
+def _crd_kind(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     metadata = _closed(
         {
             "name": {"type": "string"},
@@ -523,7 +529,7 @@ def _cert_manager_kind(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     )
     return _closed(
         {
-            "apiVersion": {"const": "cert-manager.io/v1"},
+            "apiVersion": {"const": api_version},
             "kind": {"const": kind},
             "metadata": metadata,
             "spec": spec,
@@ -572,14 +578,109 @@ CERT_MANAGER_SCHEMAS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# The Prometheus Operator's kinds (monitoring.coreos.com/v1's CRDs, the same way): the fields used
+# in k8s/components/observability.
+_PROM_DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
+_RELABEL_ACTIONS = [
+    "replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod", "HashMod", "labelmap", "LabelMap",
+    "labeldrop", "LabelDrop", "labelkeep", "LabelKeep", "lowercase", "Lowercase", "uppercase", "Uppercase",
+    "keepequal", "KeepEqual", "dropequal", "DropEqual",
+]  # fmt: skip
+_RELABELINGS = {
+    "type": "array",
+    "items": _closed(
+        {
+            "action": {"enum": _RELABEL_ACTIONS},
+            "sourceLabels": {
+                "type": "array",
+                "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"},
+            },
+            "separator": {"type": "string"},
+            "regex": {"type": "string"},
+            "modulus": {"type": "integer"},
+            "targetLabel": {"type": "string"},
+            "replacement": {"type": "string"},
+        }
+    ),
+}
+MONITORING_SCHEMAS: dict[str, dict[str, Any]] = {
+    "PodMonitor": _crd_kind(
+        "monitoring.coreos.com/v1",
+        "PodMonitor",
+        _closed(
+            {
+                "selector": _closed({"matchLabels": _STRING_MAP}),
+                "namespaceSelector": _closed({"any": {"type": "boolean"}, "matchNames": _NAMES}),
+                "jobLabel": {"type": "string"},
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "items": _closed(
+                        {
+                            "port": {"type": "string", "minLength": 1},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                            "interval": _PROM_DURATION,
+                            "scrapeTimeout": _PROM_DURATION,
+                            "honorLabels": {"type": "boolean"},
+                            "relabelings": _RELABELINGS,
+                            "metricRelabelings": _RELABELINGS,
+                        }
+                    ),
+                },
+            },
+            ("selector",),
+        ),
+    ),
+    "PrometheusRule": _crd_kind(
+        "monitoring.coreos.com/v1",
+        "PrometheusRule",
+        _closed(
+            {
+                "groups": {
+                    "type": "array",
+                    "items": _closed(
+                        {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _PROM_DURATION,
+                            "rules": {
+                                "type": "array",
+                                "items": _closed(
+                                    {
+                                        "alert": {"type": "string", "minLength": 1},
+                                        "record": {"type": "string", "minLength": 1},
+                                        "expr": {"type": ["string", "integer"]},
+                                        "for": _PROM_DURATION,
+                                        "keep_firing_for": _PROM_DURATION,
+                                        "labels": _STRING_MAP,
+                                        "annotations": _STRING_MAP,
+                                    },
+                                    ("expr",),
+                                    # one of record and alert
+                                    oneOf=[{"required": ["alert"]}, {"required": ["record"]}],
+                                ),
+                            },
+                        },
+                        ("name",),
+                    ),
+                }
+            }
+        ),
+    ),
+}
+CRD_SCHEMAS = {"cert-manager.io": CERT_MANAGER_SCHEMAS, "monitoring.coreos.com": MONITORING_SCHEMAS}
+
 
 def schema_errors(doc: dict[str, Any]) -> list[str]:
     """Why ``doc`` does not match its kind's schema; empty when it does."""
     where = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
-    if str(doc.get("apiVersion", "")).startswith("cert-manager.io/"):
-        schema = CERT_MANAGER_SCHEMAS.get(str(doc.get("kind")))
+    group = str(doc.get("apiVersion", "")).partition("/")[0]
+    if group in CRD_SCHEMAS:
+        schema = CRD_SCHEMAS[group].get(str(doc.get("kind")))
         if schema is None:
-            return [f"{where}: no schema for this cert-manager kind (add one to CERT_MANAGER_SCHEMAS)"]
+            return [f"{where}: no schema for this {group} kind (add one to CRD_SCHEMAS)"]
         found = jsonschema.Draft202012Validator(schema).iter_errors(doc)
         return [f"{where}: {'.'.join(map(str, e.absolute_path)) or '(object)'}: {e.message}" for e in found]
     try:
@@ -601,6 +702,11 @@ def test_cert_manager_schemas_are_schemas():
         jsonschema.Draft202012Validator.check_schema(schema)
 
 
+def test_monitoring_schemas_are_schemas():
+    for schema in MONITORING_SCHEMAS.values():
+        jsonschema.Draft202012Validator.check_schema(schema)
+
+
 def _doc(path: str, kind: str, name: str | None = None) -> dict[str, Any]:
     return next(d for d in load(K8S / path) if d["kind"] == kind and name in (None, d["metadata"]["name"]))
 
@@ -618,6 +724,8 @@ SERVICE = ("base/envoy-service.yaml", "Service", None)
 POLICY = ("base/network-policies.yaml", "NetworkPolicy", None)
 CERTIFICATE = ("components/cert-manager/identities.yaml", "Certificate", None)
 CA_ISSUER = ("components/cert-manager/issuers.yaml", "Issuer", "tessera-ca")
+POD_MONITOR = ("components/observability/pod-monitors.yaml", "PodMonitor", "tessera-meter")
+RULE = ("components/observability/prometheus-rule.yaml", "PrometheusRule", None)
 
 
 # (source file, kind, name or None for the first) and how it is broken
@@ -643,6 +751,25 @@ CA_ISSUER = ("components/cert-manager/issuers.yaml", "Issuer", "tessera-ca")
         pytest.param(CA_ISSUER, lambda d: d["spec"].update(selfSigned={}), id="two-issuer-types"),
         pytest.param(
             SERVICE, lambda d: d.update(apiVersion="example.com/v1", kind="Widget"), id="unknown-kind"
+        ),
+        pytest.param(
+            POD_MONITOR,
+            lambda d: _rename(d["spec"], "podMetricsEndpoints", "podMetricEndpoints"),
+            id="podMetric",
+        ),
+        pytest.param(
+            POD_MONITOR, lambda d: d["spec"]["podMetricsEndpoints"][0].update(port=9090), id="port-as-number"
+        ),
+        pytest.param(
+            RULE, lambda d: d["spec"]["groups"][0]["rules"][0].update(record="x"), id="alert-and-record"
+        ),
+        pytest.param(
+            RULE, lambda d: d["spec"]["groups"][0]["rules"][0].update({"for": "5 min"}), id="for-5-min"
+        ),
+        pytest.param(
+            RULE,
+            lambda d: d.update(apiVersion="monitoring.coreos.com/v1", kind="AlertRule"),
+            id="unknown-crd-kind",
         ),
     ],
 )
@@ -1031,3 +1158,117 @@ def test_the_usage_backstop_bills_under_the_node_the_meter_reads_or_is_off(built
             assert env_of(meter)["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     if not metered:
         assert config.get("TESSERA_BACKSTOP_ENABLED") == "false"
+
+
+# --- observability (issue 16) -----------------------------------------------------------------
+
+OBSERVABILITY = K8S / "components" / "observability"
+DASHBOARD = OBSERVABILITY / "dashboards" / "tessera.json"
+DASHBOARD_CONFIG_MAP = "tessera-grafana-dashboard"
+# What each process serves its metrics on; every one is scraped under job tessera-<process>.
+METRICS_PATHS = {
+    "control-plane": "/metrics",
+    "ext-authz": "/metrics",
+    "ratelimit": "/metrics",
+    "meter": "/metrics",
+    "envoy": "/stats/prometheus",
+}
+PROMETHEUS_DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def _job(endpoint: dict[str, Any]) -> str:
+    (job,) = [r["replacement"] for r in endpoint.get("relabelings", []) if r.get("targetLabel") == "job"]
+    return str(job)
+
+
+def test_every_process_is_scraped_once_on_its_metrics_port(built):
+    """Each PodMonitor endpoint names a port, in the pods it selects, of the process its job names,
+    and that process's metrics path; every process that runs is scraped by exactly one. A
+    PodMonitor finds nothing only where its process does not run (the meter under sqlite)."""
+    deployments = [o for o in built if o["kind"] == "Deployment"]
+    running = {runs_as(c) for o in deployments for c in containers(o["spec"]["template"]["spec"])}
+    scraped: dict[str, int] = dict.fromkeys(METRICS_PATHS.keys() & running, 0)
+    errors = []
+    for monitor in (o for o in built if o["kind"] == "PodMonitor"):
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            process = _job(endpoint).removeprefix("tessera-")
+            where = f"PodMonitor/{monitor['metadata']['name']} port {endpoint['port']}"
+            found = {
+                runs_as(c)
+                for o in deployments
+                if selector.items() <= o["spec"]["template"]["metadata"]["labels"].items()
+                for c in containers(o["spec"]["template"]["spec"])
+                if endpoint["port"] in {p["name"] for p in c.get("ports", [])}
+            }
+            if found - {process} or (not found and process in running):
+                errors.append(f"{where}: scrapes {sorted(map(str, found))}, its job names {process}")
+            if endpoint.get("path") != METRICS_PATHS.get(process):
+                errors.append(
+                    f"{where}: path {endpoint.get('path')}, {process} serves {METRICS_PATHS.get(process)}"
+                )
+            if found == {process}:
+                scraped[process] += 1
+    errors.extend(f"{p} is scraped {n} times" for p, n in scraped.items() if n != 1)
+    assert not errors, "\n".join(errors)
+
+
+def test_pods_carry_prometheus_annotations_naming_a_metrics_port(built):
+    """prometheus.io/* on every pod template: a container's metrics port and its path (in the
+    Envoy pod, Envoy's stats: the meter beside it is found by its PodMonitor only)."""
+    for obj in (o for o in built if o["kind"] == "Deployment"):
+        template = obj["spec"]["template"]
+        annotations = template["metadata"].get("annotations", {})
+        where = f"Deployment/{obj['metadata']['name']}"
+        assert annotations.get("prometheus.io/scrape") == "true", where
+        port = int(annotations["prometheus.io/port"])
+        (c,) = [
+            c
+            for c in containers(template["spec"])
+            if port in {p["containerPort"] for p in c.get("ports", [])}
+        ]
+        assert annotations["prometheus.io/path"] == METRICS_PATHS[str(runs_as(c))], where
+
+
+def test_the_alert_rules_and_dashboard_are_deployed_as_written(built):
+    """The PrometheusRule renders unchanged (no kustomize var touched its templates); the dashboard
+    is one ConfigMap with no hash suffix, labelled for Grafana's sidecar, holding the JSON file."""
+    (source,) = load(OBSERVABILITY / "prometheus-rule.yaml")
+    assert named(built, "PrometheusRule", "tessera")["spec"] == source["spec"]
+    config_map = named(built, "ConfigMap", DASHBOARD_CONFIG_MAP)
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["tessera.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def test_the_dashboard():
+    """Grafana JSON (schema 39): a Prometheus data source variable that every panel and query
+    uses, tenant and model variables from the meter's labels, and rates over $__rate_interval."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["schemaVersion"] == 39
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
+    for name, label in (("tenant", "tenant"), ("model", "gen_ai_request_model")):
+        variable = variables[name]
+        assert variable["type"] == "query"
+        assert variable["datasource"] == PROMETHEUS_DATASOURCE
+        assert variable["definition"] == f"label_values(gen_ai_client_token_usage_count, {label})"
+        assert (variable["includeAll"], variable["allValue"]) == (True, ".*")
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    errors = []
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
+        title = panel["title"]
+        if panel["type"] not in {"timeseries", "stat"} or panel["datasource"] != PROMETHEUS_DATASOURCE:
+            errors.append(f"{title}: a timeseries or stat on the datasource variable")
+        targets = panel.get("targets") or []
+        if not targets or len({t["refId"] for t in targets}) != len(targets):
+            errors.append(f"{title}: targets with distinct refIds")
+        for target in targets:
+            expr = target.get("expr", "")
+            if target.get("datasource") != PROMETHEUS_DATASOURCE or not expr:
+                errors.append(f"{title} [{target['refId']}]: an expr on the datasource variable")
+            if re.search(r"\[\d+[smhdwy]\]", expr):
+                errors.append(f"{title} [{target['refId']}]: a fixed range; use [$__rate_interval]")
+    assert not errors, "\n".join(errors)
