@@ -143,6 +143,7 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
             running.cancel()
             for task in tasks:
                 task.cancel()
+            await asyncio.to_thread(tracing.shutdown)
     finally:
         await engine.dispose()
 

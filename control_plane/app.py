@@ -104,6 +104,7 @@ class App:
         await asyncio.gather(self.admin.stop(grace), self.xds.stop(grace), self.policy.stop(grace))
         await self.http_runner.cleanup()
         self.metrics.shutdown()
+        await asyncio.to_thread(tracing.shutdown)
         await self.engine.dispose()
 
 

@@ -62,6 +62,7 @@ class App:
         """Stop taking calls (health NOT_SERVING, then drain), then leave the policy stream."""
         await self.server.stop(self.grace_seconds)
         self.metrics.shutdown()
+        await asyncio.to_thread(tracing.shutdown)
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:

@@ -77,6 +77,7 @@ class App:
         if self._owns_backend:
             await self._backend.close()
         await asyncio.to_thread(self._metrics.shutdown)  # blocks up to the server's 0.5 s poll
+        await asyncio.to_thread(tracing.shutdown)
 
     async def wait_closed(self) -> None:
         await self.server.server.wait_for_termination()

@@ -50,6 +50,7 @@ QUEUE_MAX: Final = 8192  # spans waiting for export; more are dropped (counted)
 BATCH_MAX: Final = 512
 FLUSH_SECONDS: Final = 1.0
 EXPORT_TIMEOUT_SECONDS: Final = 5.0
+SHUTDOWN_SECONDS: Final = 2.0  # a stopping process waits this long for its last export
 
 EXPORTED = Counter("tessera_trace_spans_exported_total", "Spans a collector accepted")
 DROPPED = Counter("tessera_trace_spans_dropped_total", "Spans lost: queue full or export failed", ["reason"])
@@ -214,7 +215,7 @@ class OtlpExporter:
         """Send what is queued (one last flush), then stop."""
         self._stopped.set()
         self._wake.set()
-        self._thread.join(EXPORT_TIMEOUT_SECONDS + 1)
+        self._thread.join(SHUTDOWN_SECONDS)
         self._channel.close()
 
     def _run(self) -> None:
@@ -297,8 +298,10 @@ def configure(service: str, settings: TracingSettings) -> Tracer:
 
 
 def shutdown() -> None:
-    if TRACER.exporter is not None:
-        TRACER.exporter.shutdown()
+    """Export what is queued (bounded by the export timeout) and stop recording."""
+    exporter, TRACER.exporter = TRACER.exporter, None
+    if exporter is not None:
+        exporter.shutdown()
 
 
 def from_metadata(metadata: Any) -> TraceContext | None:
