@@ -20,7 +20,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.error import URLError
 from urllib.parse import urlencode, urlsplit
@@ -33,45 +32,15 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import free_port
 from tests.e2e.conftest import TESSERA, Stack, start_stack, stop_stack
+from tests.observability import alert_names, dashboard_queries, pod_monitor_jobs, rule_groups
 
 pytestmark = pytest.mark.envoy
 
-ROOT = Path(__file__).resolve().parents[2]
-OBSERVABILITY = ROOT / "k8s" / "components" / "observability"
 PROMETHEUS = shutil.which("prometheus")
-DASHBOARD_VARIABLES = {"$__rate_interval": "1m", "$tenant": ".*", "$model": ".*"}
 DEADLINE = 60.0  # for every panel to have data: scrapes every 1 s, rates need two samples
 PRICE = ("--input", "150000", "--output", "600000")  # micro-units per 1M tokens: spend is not 0
 LIMIT = ("--kind", "requests", "--window", "minute", "--limit", "4")
 USAGE = {"match[]": "gen_ai_client_token_usage_count"}  # what the dashboard's variables list labels of
-
-
-def rule_groups() -> list[dict[str, Any]]:
-    (doc,) = yaml.safe_load_all((OBSERVABILITY / "prometheus-rule.yaml").read_text())
-    return list(doc["spec"]["groups"])
-
-
-def jobs() -> dict[str, str]:
-    """endpoints.json's ``metrics`` key (``ext_authz``) -> the job its PodMonitor sets."""
-    found = {}
-    for monitor in yaml.safe_load_all((OBSERVABILITY / "pod-monitors.yaml").read_text()):
-        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
-        (job,) = [r["replacement"] for r in endpoint["relabelings"] if r.get("targetLabel") == "job"]
-        found[monitor["metadata"]["name"].removeprefix("tessera-").replace("-", "_")] = job
-    return found
-
-
-def panel_queries() -> list[tuple[str, str]]:
-    """(panel title and refId, expression with Grafana's variables stood in for)."""
-    dashboard = json.loads((OBSERVABILITY / "dashboards" / "tessera.json").read_text())
-    queries = []
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", []):
-            expr = target["expr"]
-            for variable, value in DASHBOARD_VARIABLES.items():
-                expr = expr.replace(variable, value)
-            queries.append((f"{panel['title']} [{target['refId']}]", expr))
-    return queries
 
 
 def poll(check: Callable[[], list[str]], timeout: float) -> list[str]:
@@ -116,7 +85,7 @@ def prometheus(obs_stack, tmp_path_factory) -> Iterator[Prometheus]:
     # process under the job its PodMonitor gives it in Kubernetes, which the rules select by
     config = yaml.safe_load((obs_stack.root / "prometheus.yml").read_text())
     scraped = {c["job_name"]: c for c in config["scrape_configs"]}
-    for name, job in jobs().items():
+    for name, job in pod_monitor_jobs().items():
         target = urlsplit(obs_stack.endpoints()["metrics"][name])
         assert scraped[job]["static_configs"] == [{"targets": [target.netloc]}], job
         assert scraped[job]["metrics_path"] == target.path
@@ -214,7 +183,7 @@ def test_every_dashboard_query_returns_data(prometheus, traffic):
     def without_data() -> list[str]:
         return [
             f"{panel}: {expr}"
-            for panel, expr in panel_queries()
+            for panel, expr in dashboard_queries()
             if not any(math.isfinite(float(s["value"][1])) for s in prometheus.query(expr))
         ]
 
@@ -239,7 +208,7 @@ def test_the_dashboard_variables_list_tenants_and_models(prometheus, traffic):
 
 @pytest.mark.timeout(240)
 def test_the_alert_rules_evaluate_and_stay_quiet_on_a_healthy_stack(prometheus, traffic):
-    names = {rule["alert"] for group in rule_groups() for rule in group["rules"] if "alert" in rule}
+    names = set(alert_names())
     flowing = 'sum(rate(envoy_http_ext_authz_ok{job="tessera-envoy"}[1m])) > 0'
     assert not poll(lambda: [] if prometheus.query(flowing) else ["no traffic seen yet"], DEADLINE)
     time.sleep(3.0)  # three evaluations on it

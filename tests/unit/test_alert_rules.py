@@ -11,7 +11,6 @@ stack.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -21,25 +20,15 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-OBSERVABILITY = ROOT / "k8s" / "components" / "observability"
-RULE = OBSERVABILITY / "prometheus-rule.yaml"
-DASHBOARD = OBSERVABILITY / "dashboards" / "tessera.json"
+from tests.observability import ROOT, alert_names, dashboard_queries, rule_groups
+
 FIXTURES = ROOT / "tests" / "fixtures" / "alerts"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
 RUNBOOK_URL = "https://github.com/tessera/tessera/blob/main/docs/runbooks.md#"
 TEST_FILES = sorted(FIXTURES.glob("*.yaml"))
 SEVERITIES = {"critical", "warning", "info"}
 ANNOTATIONS = {"summary", "description", "runbook_url"}
-# How the dashboard's Grafana variables are stood in for outside Grafana.
-DASHBOARD_VARIABLES = {"$__rate_interval": "1m", "$tenant": ".*", "$model": ".*"}
 PROMTOOL = shutil.which("promtool")
-
-
-def rule_groups() -> list[dict[str, Any]]:
-    (doc,) = yaml.safe_load_all(RULE.read_text())
-    assert (doc["apiVersion"], doc["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
-    return list(doc["spec"]["groups"])
 
 
 def alerts() -> dict[str, dict[str, Any]]:
@@ -52,19 +41,6 @@ def github_anchors(markdown: str) -> set[str]:
     prose = re.sub(r"^```.*?^```", "", markdown, flags=re.MULTILINE | re.DOTALL)
     headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", prose, flags=re.MULTILINE)
     return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
-
-
-def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title and refId, expression with the variables stood in for), every panel's."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    queries = []
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", []):
-            expr = target["expr"]
-            for variable, value in DASHBOARD_VARIABLES.items():
-                expr = expr.replace(variable, value)
-            queries.append((f"{panel['title']} [{target['refId']}]", expr))
-    return queries
 
 
 def promtool(*args: str, cwd: Path) -> str:
@@ -115,7 +91,7 @@ def test_every_alert_is_labelled_annotated_and_has_a_runbook_section():
 
 
 def test_alert_names_are_unique():
-    names = [rule["alert"] for group in rule_groups() for rule in group["rules"] if "alert" in rule]
+    names = alert_names()
     assert len(names) == len(set(names))
 
 
