@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create .venv and install Tessera (produces .venv/bin/tessera)
 
 tools:  ## Debian's prometheus: promtool tests the alert rules, a real Prometheus scrapes a stack
-	@command -v promtool >/dev/null || apt-get install -y prometheus || (apt-get update && apt-get install -y prometheus)
+	@command -v promtool >/dev/null || apt-get install -y --no-install-recommends prometheus \
+		|| (apt-get update && apt-get install -y --no-install-recommends prometheus)
 
 run: install $(if $(REAL),llm)  ## the whole stack with the demo upstream on 127.0.0.1:8080 (REAL=1: and a real model)
 	$(BIN)/tessera up --demo-upstream $(if $(REAL),--real-model) $(ARGS)

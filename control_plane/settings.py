@@ -130,7 +130,7 @@ class MeterSettings(BaseModel):
     # Envoy's admin, where /reopen_logs is: its unix socket (unix:/path), or http://host:port
     envoy_admin: str = "unix:/var/run/envoy/admin.sock"
     metric_label_values: int = Field(
-        default=1000,
+        default=100,
         ge=1,
         description="distinct tenants (and models) the GenAI metrics name; the rest: _other",
     )

@@ -58,7 +58,7 @@ from tessera.metrics import set_ready
 from tessera.openai_errors import error_json, status_of
 from tessera.settings import GrpcSettings, IdentitySettings
 from tessera.tls import follow_renewals, peer_spiffe_id, server_context
-from tessera.tracing import SERVER, TRACEPARENT, TRACER, Span, parse_traceparent
+from tessera.tracing import SERVER, TRACEPARENT, TRACER, Span, parse_traceparent, trace_id_of
 
 log = structlog.get_logger("ext_authz")
 
@@ -66,6 +66,7 @@ PATH_PREFIX: Final = "/authz"  # Envoy's http_service.path_prefix (control_plane
 HEALTH_PATH: Final = "/healthz"
 MAX_HEAD_BYTES: Final = 64 * 1024  # request line and headers; Envoy's own default limit is 60 KiB
 MAX_PIPELINE: Final = 256  # answers queued on one connection before it stops reading
+CHECK_SPAN: Final = "ext_authz Check"
 
 _PREFIX: Final = PATH_PREFIX.encode() + b"/"
 _PREFIX_LEN: Final = len(PATH_PREFIX)
@@ -209,20 +210,20 @@ async def _finish(coro: Coroutine[Any, Any, Outcome], waiting: Any) -> Outcome:
 class _Pending:
     """A decision still waiting (for an admission verdict), in its place in the answer order."""
 
-    __slots__ = ("request_id", "span", "strip_body", "task", "trace_id")
+    __slots__ = ("request_id", "span", "strip_body", "task", "traceparent")
 
     def __init__(
         self,
         task: asyncio.Task[Outcome],
         request_id: str,
         strip_body: bool,
-        trace_id: str,
+        traceparent: str | None,
         span: Span | None,
     ) -> None:
         self.task = task
         self.request_id = request_id
         self.strip_body = strip_body
-        self.trace_id = trace_id
+        self.traceparent = traceparent
         self.span = span
 
 
@@ -277,6 +278,7 @@ class _Connection(asyncio.Protocol):
         queue, self._queue = self._queue, deque()
         for item in queue:
             if isinstance(item, _Pending):
+                TRACER.end(item.span, "Cancelled")  # answered to nobody
                 task = item.task
                 if not task.done():
                     # Envoy gave up on this check: the request will not run, and authorize
@@ -343,15 +345,14 @@ class _Connection(asyncio.Protocol):
         headers = self._headers
         request_id = headers.get("x-request-id", "")
         # Envoy's HTTP authz client sets traceparent (its span); the client's own is replaced
-        trace = parse_traceparent(headers.get(TRACEPARENT))
-        trace_id = trace.trace_id if trace is not None else ""
-        span = TRACER.start("ext_authz Check", trace, SERVER)
+        traceparent = headers.get(TRACEPARENT)
+        span = TRACER.start(CHECK_SPAN, parse_traceparent(traceparent), SERVER) if TRACER.enabled else None
         coro = self._authorizer.authorize(headers, path, span.context if span is not None else None)
         try:
             waiting = coro.send(None)
         except StopIteration as done:
             # Decided without waiting (no limit applies, or a denial): answered at once.
-            self._queue.append(self._answer(done.value, request_id, strip_body, trace_id))
+            self._queue.append(self._answer(done.value, request_id, strip_body, traceparent))
             TRACER.end(span)
             return
         except Exception as exc:
@@ -361,11 +362,12 @@ class _Connection(asyncio.Protocol):
             return
         task = asyncio.get_running_loop().create_task(_finish(coro, waiting))
         task.add_done_callback(self._on_decided)
-        self._queue.append(_Pending(task, request_id, strip_body, trace_id, span))
+        self._queue.append(_Pending(task, request_id, strip_body, traceparent, span))
 
-    def _answer(self, outcome: Outcome, request_id: str, strip_body: bool, trace_id: str) -> bytes:
+    def _answer(self, outcome: Outcome, request_id: str, strip_body: bool, traceparent: str | None) -> bytes:
         try:
-            if trace_id and not outcome.decision.allowed:  # its log line names the trace
+            trace_id = None if outcome.decision.allowed else trace_id_of(traceparent)
+            if trace_id:  # a refusal: its log line names the trace
                 with structlog.contextvars.bound_contextvars(trace_id=trace_id):
                     resp = self._responder.respond(outcome, request_id)
             else:
@@ -413,7 +415,7 @@ class _Connection(asyncio.Protocol):
                     out.append(_FAILED)
                     TRACER.end(item.span, type(exc).__name__)
                 else:
-                    out.append(self._answer(outcome, item.request_id, item.strip_body, item.trace_id))
+                    out.append(self._answer(outcome, item.request_id, item.strip_body, item.traceparent))
                     TRACER.end(item.span)
             else:
                 out.append(item)

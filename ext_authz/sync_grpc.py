@@ -25,7 +25,7 @@ from tessera.grpc_server import permitted
 from tessera.metrics import set_ready
 from tessera.settings import GrpcSettings, IdentitySettings
 from tessera.tls import grpc_server_credentials
-from tessera.tracing import SERVER, TRACER, Span, TraceContext, bind_trace, enter, from_metadata, leave
+from tessera.tracing import SERVER, TRACEPARENT, TRACER, Span, enter, leave, parse_traceparent, trace_id_of
 
 log = structlog.get_logger("ext_authz.sync_grpc")
 NO_DEADLINE = 86_400.0  # a deadline further away than this is none
@@ -48,9 +48,11 @@ class _ThreadedCheck(external_auth_pb2_grpc.AuthorizationServicer):  # type: ign
                 context.abort(
                     grpc.StatusCode.PERMISSION_DENIED, f"{peer or 'this caller'} may not call Check"
                 )
-        trace = from_metadata(context.invocation_metadata())
-        span = TRACER.start(CHECK_RPC, trace, SERVER)
-        future = asyncio.run_coroutine_threadsafe(self._check(request, trace, span), self._loop)
+        traceparent = next((v for k, v in context.invocation_metadata() if k == TRACEPARENT), None)
+        span = TRACER.start(CHECK_RPC, parse_traceparent(traceparent), SERVER) if TRACER.enabled else None
+        future = asyncio.run_coroutine_threadsafe(
+            self._check(request, trace_id_of(traceparent), span), self._loop
+        )
         context.add_callback(future.cancel)  # the call ended first (Envoy went away): cancel it
         error = ""
         try:
@@ -70,10 +72,11 @@ class _ThreadedCheck(external_auth_pb2_grpc.AuthorizationServicer):  # type: ign
         finally:
             TRACER.end(span, error)
 
-    async def _check(self, request: Any, trace: TraceContext | None, span: Span | None) -> Any:
+    async def _check(self, request: Any, trace_id: str | None, span: Span | None) -> Any:
         """The decision, on the loop, in its own task: its log lines name the trace, and the
         admission's span is the Check's child."""
-        bind_trace(trace)
+        if trace_id is not None:
+            structlog.contextvars.bind_contextvars(trace_id=trace_id)
         token = enter(span)
         try:
             return await self._servicer.Check(request, None)

@@ -64,8 +64,9 @@ RESERVED = Counter(
 )
 OUTCOMES = Counter(
     "tessera_limit_outcomes",
-    "Limits that refused (over_limit), would have (shadow_over_limit), or were left under 10% of"
-    " their value by an admitted request (near_limit), by tenant and kind",
+    "Limits that refused (over_limit), refused because the counters failed (fail_closed), would"
+    " have refused (shadow_over_limit), or were left under 10% of their value by an admitted"
+    " request (near_limit; enforced limits only), by tenant and kind",
     ["tenant", "kind", "outcome"],
 )
 TENANT_LABELS: Final = LabelCap(1000)  # distinct tenants named in OUTCOMES; the rest: _other
@@ -527,7 +528,8 @@ class RateLimiter:
             _OVER.inc()
             retry = max(o.retry_after for _, o in refusing)
             for hit, o in refusing:
-                OUTCOMES.labels(TENANT_LABELS(hit.tenant_id), o.limit.kind, "over_limit").inc()
+                outcome = "fail_closed" if o.remaining is None else "over_limit"
+                OUTCOMES.labels(TENANT_LABELS(hit.tenant_id), o.limit.kind, outcome).inc()
                 log.info(
                     "ratelimit_over_limit",
                     tenant_id=hit.tenant_id,
@@ -569,7 +571,7 @@ def _outcome(lim: RequestLimit, state: CounterState | None, to_month_end: float)
         reset = float(lim.window_seconds)  # the entry just recorded leaves after one window
     else:  # a bucket is full again once it has refilled what is missing
         reset = (lim.limit - state.remaining) * lim.window_seconds / lim.limit if lim.limit else 0.0
-    if not state.over and lim.limit and state.remaining < lim.limit * NEAR_LIMIT_SHARE:
+    if not state.over and not lim.shadow and lim.limit and state.remaining < lim.limit * NEAR_LIMIT_SHARE:
         OUTCOMES.labels(TENANT_LABELS(lim.tenant_id), lim.kind, "near_limit").inc()
     return LimitOutcome(lim, state.over, state.remaining, state.retry_after, max(0.0, reset))
 

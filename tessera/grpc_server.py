@@ -24,7 +24,7 @@ from tessera.errors import ConfigError, TesseraError
 from tessera.metrics import set_ready
 from tessera.settings import GrpcSettings, IdentitySettings
 from tessera.tls import grpc_server_credentials
-from tessera.tracing import SERVER, TRACEPARENT, TRACER, Span, enter, leave, parse_traceparent
+from tessera.tracing import SERVER, TRACEPARENT, TRACER, Span, enter, leave, parse_traceparent, trace_id_of
 
 log = structlog.get_logger("tessera.grpc")
 
@@ -81,20 +81,23 @@ _ANY_PEER = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME})
 _TRACE_ROOTS = "/tessera.admin."  # calls that start a trace when their caller sent none
 
 
-def _bind(rpc: str, ctx: Any, roots: bool) -> Span | None:
-    """Log context for the call (its request and trace ids) and, when tracing, its span: the
-    child of the caller's ``traceparent``, or a new trace where ``roots`` (admin calls)."""
-    request_id, parent = "", None
+def _bind(rpc: str, ctx: Any, *, roots: bool, span: bool = True) -> Span | None:
+    """Log context for the call (its request and trace ids) and, when tracing and ``span``, its
+    span: the child of the caller's ``traceparent``, or a new trace where ``roots`` (admin)."""
+    request_id, traceparent = "", None
     for key, value in ctx.invocation_metadata() or ():
         if key == "x-request-id":
             request_id = value
         elif key == TRACEPARENT:
-            parent = parse_traceparent(value)
-    if parent is None:
+            traceparent = value
+    trace_id = trace_id_of(traceparent)
+    if trace_id is None:
         structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id)
-        return TRACER.start(rpc, None, SERVER) if roots else None
-    structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id, trace_id=parent.trace_id)
-    return TRACER.start(rpc, parent, SERVER)
+    else:
+        structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id, trace_id=trace_id)
+    if not span or TRACER.exporter is None:
+        return None
+    return TRACER.start(rpc, parse_traceparent(traceparent), SERVER, root=roots)
 
 
 async def _fail(ctx: Any, exc: Exception) -> None:
@@ -123,26 +126,34 @@ async def _refuse_unless(allowed: frozenset[str], rpc: str, ctx: Any) -> None:
         await ctx.abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer or 'this caller'} may not call {rpc}")
 
 
-def _wrap(rpc: str, handler: Any, allowed: frozenset[str] | None = None) -> Any:
+def _single(rpc: str, inner: Any, allowed: frozenset[str] | None) -> Any:
+    """The wrapper of a call with one response: log context, the identity check, its span."""
     roots = rpc.startswith(_TRACE_ROOTS)
+
+    async def single(req: Any, ctx: Any) -> Any:
+        span = _bind(rpc, ctx, roots=roots)
+        token = enter(span)
+        error = ""
+        try:
+            if allowed is not None:  # only under mutual TLS: Check pays nothing otherwise
+                await _refuse_unless(allowed, rpc, ctx)
+            return await inner(req, ctx)
+        except asyncio.CancelledError:
+            error = "Cancelled"  # the caller gave up (Envoy's authz timeout)
+            raise
+        except Exception as exc:
+            error = type(exc).__name__
+            await _fail(ctx, exc)
+        finally:
+            leave(token)
+            TRACER.end(span, error)
+
+    return single
+
+
+def _wrap(rpc: str, handler: Any, allowed: frozenset[str] | None = None) -> Any:
     if handler.unary_unary or handler.stream_unary:  # one response, to one request or a stream
-        inner: Any = handler.unary_unary or handler.stream_unary
-
-        async def single(req: Any, ctx: Any) -> Any:
-            span = _bind(rpc, ctx, roots)
-            token = enter(span)
-            error = ""
-            try:
-                if allowed is not None:  # only under mutual TLS: Check pays nothing otherwise
-                    await _refuse_unless(allowed, rpc, ctx)
-                return await inner(req, ctx)
-            except Exception as exc:
-                error = type(exc).__name__
-                await _fail(ctx, exc)
-            finally:
-                leave(token)
-                TRACER.end(span, error)
-
+        single = _single(rpc, handler.unary_unary or handler.stream_unary, allowed)
         factory = (
             grpc.unary_unary_rpc_method_handler
             if handler.unary_unary
@@ -153,7 +164,7 @@ def _wrap(rpc: str, handler: Any, allowed: frozenset[str] | None = None) -> Any:
         streaming: Any = handler.stream_stream or handler.unary_stream
 
         async def stream(req: Any, ctx: Any) -> AsyncIterator[Any]:
-            _bind(rpc, ctx, roots=False)  # long-lived: its log context only, no span
+            _bind(rpc, ctx, roots=False, span=False)  # long-lived: its log context only
             if allowed is not None:  # only under mutual TLS: Check pays nothing otherwise
                 await _refuse_unless(allowed, rpc, ctx)
             try:

@@ -34,7 +34,7 @@ def note_expiry(cert_pem: bytes) -> None:
         cert = x509.load_pem_x509_certificate(cert_pem)
         uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = uris.get_values_for_type(x509.UniformResourceIdentifier)
-    except (ValueError, x509.ExtensionNotFound):
+    except Exception:
         return
     CERT_EXPIRY.labels(names[0] if names else "").set(cert.not_valid_after_utc.timestamp())
 

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import grpc
 import structlog
@@ -132,12 +132,16 @@ class Tracer:
         parent: TraceContext | None,
         kind: int = INTERNAL,
         attributes: Mapping[str, str | int | bool] | None = None,
+        *,
+        root: bool = False,
     ) -> Span | None:
-        """A recording span, or None: not exporting, or the parent was not sampled."""
+        """A recording span, or None: not exporting, or the parent was not sampled. With no
+        parent, a new trace only where ``root`` (sampled at ``sampling``): a span of a request
+        nobody sampled must not become a trace of its own."""
         if self.exporter is None:
             return None
         if parent is None:
-            if random.random() >= self.sampling:  # noqa: S311 - sampling, not secrecy
+            if not root or random.random() >= self.sampling:  # noqa: S311 - sampling, not secrecy
                 return None
             trace_id, parent_id = _new_id(32), ""
         elif not parent.sampled:
@@ -173,10 +177,12 @@ def leave(token: contextvars.Token[Span | None] | None) -> None:
         _current.reset(token)
 
 
-def bind_trace(ctx: TraceContext | None) -> None:
-    """Put the trace id on every log line of this task."""
-    if ctx is not None:
-        structlog.contextvars.bind_contextvars(trace_id=ctx.trace_id)
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of a ``traceparent`` for log lines, cheaply (no exporter: no span needs the
+    whole context); None for anything that is not shaped like one."""
+    if traceparent is None or len(traceparent) < 55 or traceparent[2] != "-" or traceparent[35] != "-":  # noqa: PLR2004
+        return None
+    return traceparent[3:35]
 
 
 class OtlpExporter:
@@ -235,6 +241,10 @@ class OtlpExporter:
                 code = exc.code().name
                 log.warning("trace_export_failed", endpoint=self.endpoint, code=code, spans=len(batch))
                 return  # the rest waits for the next flush
+            except Exception:  # a span that would not encode: this thread must live on
+                DROPPED.labels("export_failed").inc(len(batch))
+                log.exception("trace_export_failed", endpoint=self.endpoint, spans=len(batch))
+                continue
             EXPORTED.inc(len(batch))
 
     def _request(self, batch: list[Span]) -> trace_service_pb2.ExportTraceServiceRequest:
@@ -302,11 +312,3 @@ def shutdown() -> None:
     exporter, TRACER.exporter = TRACER.exporter, None
     if exporter is not None:
         exporter.shutdown()
-
-
-def from_metadata(metadata: Any) -> TraceContext | None:
-    """The trace context a gRPC call carries (Envoy sets ``traceparent`` as call metadata)."""
-    for key, value in metadata or ():
-        if key == TRACEPARENT:
-            return parse_traceparent(value)
-    return None

@@ -301,6 +301,14 @@ class Stack:
             out["metrics"]["llama_server"] = f"http://{HOST}:{p.llm}/metrics"
         return out
 
+    def _scrape_targets(self) -> dict[str, list[str]]:
+        """Every process's metrics URL by name; each ext_authz replica (one worker each: with
+        more, a worker's port is its own ephemeral one and not listed)."""
+        targets = {name: [url] for name, url in self.endpoints()["metrics"].items()}
+        if self.authz_workers == 1:
+            targets["ext_authz"] = [f"http://{HOST}:{port}/metrics" for port in self.ports.ext_authz_metrics]
+        return targets
+
     # --- children ----------------------------------------------------------------------------
 
     def _child(self, name: str, argv: list[str], env: dict[str, str], ready: Any) -> Child:
@@ -552,7 +560,7 @@ class Stack:
         await self.children["envoy"].start()
         await self.children["envoy"].wait_ready()
         write_json(self.dd.endpoints, self.endpoints())
-        write_json(self.dd.prometheus, prometheus_config(self.endpoints()["metrics"]))  # JSON is YAML
+        write_json(self.dd.prometheus, prometheus_config(self._scrape_targets()))  # JSON is YAML
         return demo_key
 
     def _admin_target(self) -> Any:
@@ -780,18 +788,13 @@ def metrics_job(name: str) -> str:
     return "tessera-" + name.replace("_", "-")
 
 
-def prometheus_config(metrics: dict[str, str]) -> dict[str, Any]:
-    """Scrape every process of the stack (``endpoints.json``'s ``metrics``) every 5 s."""
+def prometheus_config(targets: dict[str, list[str]]) -> dict[str, Any]:
+    """Scrape every process of the stack (by name, its metrics URLs) every 5 s."""
     jobs = []
-    for name, url in sorted(metrics.items()):
-        parts = urlsplit(url)
-        jobs.append(
-            {
-                "job_name": metrics_job(name),
-                "metrics_path": parts.path,
-                "static_configs": [{"targets": [parts.netloc]}],
-            }
-        )
+    for name, urls in sorted(targets.items()):
+        parts = [urlsplit(url) for url in urls]
+        static = [{"targets": [p.netloc for p in parts]}]
+        jobs.append({"job_name": metrics_job(name), "metrics_path": parts[0].path, "static_configs": static})
     return {"global": {"scrape_interval": "5s", "evaluation_interval": "5s"}, "scrape_configs": jobs}
 
 

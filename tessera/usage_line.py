@@ -47,7 +47,8 @@ ENVOY_FORMAT: Final[dict[str, Any]] = {
     "bytes_sent": "%BYTES_SENT%",
     "trace_id": "%TRACE_ID%",  # Envoy's trace of the request (a client's traceparent continued)
     # the context the backend got (the router's span), when the request reached one
-    "traceparent": "%REQ(TRACEPARENT)%",
+    # (a refused request's is the client's own: at most a traceparent's 55 characters)
+    "traceparent": "%REQ(TRACEPARENT):55%",
 }
 
 
@@ -150,13 +151,12 @@ def parse(line: str | bytes, default_node: str = "") -> UsageLine | None:
 
 
 def _trace_id(value: Any) -> str | None:
-    if isinstance(value, str) and len(value) == 32 and value != "0" * 32:  # noqa: PLR2004 - W3C
-        try:
-            int(value, 16)
-        except ValueError:
-            return None
-        return value.lower()
+    if isinstance(value, str) and len(value) == 32 and _HEX.issuperset(value) and value != "0" * 32:  # noqa: PLR2004
+        return value
     return None
+
+
+_HEX: Final = frozenset("0123456789abcdef")
 
 
 # --- estimates: what a request is assumed to use before (or without) its real usage ----------

@@ -141,7 +141,10 @@ class Meter:
         inserted = 0
         offsets = await self._checkpoints()
         files = log_files(self._log_path)
-        BACKLOG.set(sum(max(0, f.size - offsets.get(f.file_id, 0)) for f in files))
+        backlog = sum(max(0, f.size - offsets.get(f.file_id, 0)) for f in files)
+        BACKLOG.set(backlog)
+        if backlog == 0:
+            LAG.set(0)  # caught up: no line waits (else an idle meter would show its last lag forever)
         for f in files:
             offset = offsets.get(f.file_id, 0)
             if f.size < offset:
@@ -271,6 +274,7 @@ class Meter:
                 added, dupes = added + len(rows), dupes + d
                 self._close([ln])
                 self._metrics.observe(rows)
+                trace_ingestion([ln], rows, time.time_ns())
             except (DataError, IntegrityError):
                 refused += 1
                 log.exception(

@@ -23,7 +23,7 @@ DURATION_BUCKETS: Final = tuple(round(0.01 * 2**i, 2) for i in range(14))  # 0.0
 TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
 TPOT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 LABELS: Final = ("gen_ai_request_model", "tenant")
-DEFAULT_LABEL_VALUES: Final = 1000  # distinct tenants, and models, each metric names
+DEFAULT_LABEL_VALUES: Final = 100  # distinct tenants, and models, each metric names
 
 TOKENS = Histogram(
     "gen_ai_client_token_usage",
@@ -51,8 +51,8 @@ TPOT = Histogram(
 )
 SPEND = Counter(
     "tessera_spend_micros",
-    "Spend in micro-units of the price's currency, by model and tenant",
-    LABELS,
+    "Spend in micro-units of its currency, by model and tenant: what the ledger bills",
+    [*LABELS, "currency"],
 )
 HTTP_ERROR: Final = 400
 
@@ -74,13 +74,13 @@ class RequestMetrics:
             failed = status >= HTTP_ERROR or status == 0
             duration = row["duration_ms"] / 1000
             DURATION.labels(*labels, str(status) if failed else "").observe(duration)
+            if row["cost_picos"] > 0:  # whatever the status: as billed
+                SPEND.labels(*labels, row["currency"] or "").inc(row["cost_picos"] / 1_000_000)
             if failed:
                 continue
             if not row["usage_estimated"]:
                 TOKENS.labels("input", *labels).observe(row["prompt_tokens"])
                 TOKENS.labels("output", *labels).observe(row["completion_tokens"])
-            if row["cost_picos"] > 0:
-                SPEND.labels(*labels).inc(row["cost_picos"] / 1_000_000)
             ttfb = row["ttfb_ms"]
             if row["streamed"] and ttfb is not None:
                 TTFT.labels(*labels).observe(ttfb / 1000)
@@ -96,8 +96,10 @@ def trace_ingestion(lines: Sequence[UsageLine], rows: Iterable[Mapping[str, Any]
         return
     new = {(r["node"], r["request_id"]) for r in rows}
     for line in lines:
+        if line.backend is None or (line.node, line.request_id) not in new:
+            continue  # a request no backend saw: its traceparent is the client's, not Envoy's
         parent = parse_traceparent(line.traceparent)
-        if parent is None or parent.trace_id != line.trace_id or (line.node, line.request_id) not in new:
+        if parent is None or parent.trace_id != line.trace_id:
             continue
         span = TRACER.start("meter ingest", parent, CONSUMER, {"tessera.request_id": line.request_id})
         if span is not None:

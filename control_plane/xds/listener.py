@@ -426,6 +426,8 @@ def tracing(cfg: GatewayConfig) -> dict[str, Any]:
     sampling = cfg.trace_sampling_percent if cfg.otlp_endpoint else 0.0
     return {
         "random_sampling": {"value": sampling},
+        # a client's x-client-trace-id would force its request sampled: recording is ours to pick
+        "client_sampling": {"value": 0},
         # the backend-facing span: the router's call to the model server, the backend's parent
         "spawn_upstream_span": True,
         "custom_tags": [

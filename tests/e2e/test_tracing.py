@@ -244,7 +244,7 @@ def test_one_trace_per_request_with_every_span_parented(traced, stream):
     assert (meter.service, meter.parent_id) == ("tessera-meter", backend_parent)
     assert meter.attributes["tessera.request_id"] == request_id
     assert _ledger_trace_id(stack, request_id) == trace_id
-    # one trace per request: nothing of it in any other trace, no span twice
+    # no span twice
     assert len(by_id) == len(spans)
 
 

@@ -116,9 +116,11 @@ def test_a_root_span_is_sampled_at_the_configured_share():
     exporter = OtlpExporter(f"127.0.0.1:{receiver.port}", "tessera-test")
     try:
         never = Tracer("t", exporter, sampling_percent=0)
-        assert all(never.start("admin", None) is None for _ in range(200))
+        assert all(never.start("admin", None, root=True) is None for _ in range(200))
         always = Tracer("t", exporter, sampling_percent=100)
-        root = always.start("admin", None)
+        # a span of something nobody sampled never becomes a trace of its own
+        assert always.start("admission", None) is None
+        root = always.start("admin", None, root=True)
         assert root is not None
         assert root.parent_id == ""
         assert len(root.trace_id) == 32

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.observability import ROOT, alert_names, dashboard_queries, rule_groups
+from tessera.up import metrics_job, prometheus_config
+from tests.observability import ROOT, alert_names, dashboard_queries, pod_monitor_jobs, rule_groups
 
 FIXTURES = ROOT / "tests" / "fixtures" / "alerts"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
@@ -130,3 +131,16 @@ def test_every_dashboard_query_parses(rules_dir):
 def test_github_anchors(heading, anchor):
     markdown = f"# Runbooks\n\n```sh\n# not a heading\n```\n\n## {heading}\n"
     assert github_anchors(markdown) == {"runbooks", anchor}
+
+
+def test_the_local_scrape_config_names_each_process_as_its_pod_monitor_does():
+    """`tessera up` writes prometheus.yml for the README's local Prometheus: the rules and the
+    dashboard select by job, so its jobs are the PodMonitors' (every ext_authz replica too)."""
+    targets = {name: [f"http://127.0.0.1:{9000 + i}/metrics"] for i, name in enumerate(pod_monitor_jobs())}
+    targets["ext_authz"] = ["http://127.0.0.1:9100/metrics", "http://127.0.0.1:9101/metrics"]
+    targets["envoy"] = ["http://127.0.0.1:9102/stats/prometheus"]
+    jobs = {c["job_name"]: c for c in prometheus_config(targets)["scrape_configs"]}
+    for name, job in pod_monitor_jobs().items():
+        assert metrics_job(name) == job
+        assert jobs[job]["static_configs"] == [{"targets": [u.split("/")[2] for u in targets[name]]}]
+    assert jobs["tessera-envoy"]["metrics_path"] == "/stats/prometheus"

@@ -74,9 +74,11 @@ def test_failures_count_only_their_duration_by_error_type_and_estimates_no_token
 def test_requests_without_a_model_are_not_inference_and_not_observed():
     tenant = f"t{secrets.token_hex(4)}"
     RequestMetrics(100, 100).observe([_row(tenant, model=None, status="401")])
-    assert (
-        _sample("gen_ai_server_request_duration_seconds_count", gen_ai_request_model="", tenant=tenant) == 0
-    )
+    labels = {"gen_ai_request_model": "", "tenant": tenant, "error_type": "401"}
+    assert _sample("gen_ai_server_request_duration_seconds_count", **labels) == 0
+    RequestMetrics(100, 100).observe([_row(tenant, status="401")])  # the same with a model: observed
+    labels["gen_ai_request_model"] = "m1"
+    assert _sample("gen_ai_server_request_duration_seconds_count", **labels) == 1
 
 
 def test_tenants_beyond_the_cap_share_one_label():
@@ -99,5 +101,17 @@ def test_tenants_beyond_the_cap_share_one_label():
 def test_the_usage_line_carries_the_trace_and_refuses_a_malformed_id():
     row = _row("t1")
     assert row["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
-    for bad in ("zz" * 16, "0" * 32, "abc", 7, None):
+    trace = row["trace_id"]
+    forms = ("0x" + trace[2:], " " + trace[1:], "+" + trace[1:], trace.upper())  # int() would take them
+    for bad in ("zz" * 16, "0" * 32, "abc", 7, None, *forms):
         assert _row("t1", trace_id=bad)["trace_id"] is None
+
+
+def test_spend_is_counted_as_billed_in_its_currency_failures_included():
+    tenant = f"t{secrets.token_hex(4)}"
+    rows = [_row(tenant, status="500"), _row(tenant)]
+    for row in rows:
+        row.update(cost_picos=2_500_000, currency="EUR")  # 2.5 micro-units each, as the ledger billed
+    RequestMetrics(100, 100).observe(rows)
+    labels = {"gen_ai_request_model": "m1", "tenant": tenant, "currency": "EUR"}
+    assert _sample("tessera_spend_micros_total", **labels) == 5.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from prometheus_client import REGISTRY
 
 from ratelimit.backends import MemoryCounterBackend
 from ratelimit.limiter import Hit, RateLimiter, Usage
@@ -324,3 +325,24 @@ async def test_a_fail_closed_limit_refuses_during_an_outage_and_counts_nothing_l
     backend.down = False
     x, y, z = await rl.admit([hit("x"), hit("y"), hit("z")])
     assert [v.allowed for v in (x, y, z)] == [True, True, False]  # the refused one took nothing
+
+
+def _outcomes(outcome: str) -> float:
+    labels = {"tenant": "t1", "kind": "requests", "outcome": outcome}
+    return REGISTRY.get_sample_value("tessera_limit_outcomes_total", labels) or 0.0
+
+
+async def test_limit_outcomes_tell_a_refusal_from_an_outage_and_ignore_a_shadow_limits_near_miss():
+    """What the budget alert reads: a counter outage under a fail-closed limit is not the
+    tenant running out, and a shadow limit's near miss is nobody's problem yet."""
+    names = ("over_limit", "fail_closed", "near_limit", "shadow_over_limit")
+    before = {name: _outcomes(name) for name in names}
+    rl, backend = counted(FakeClock(), lim(policy_pb2.Limit.REQUESTS, 2, 60, fail_closed=True))
+    backend.down = True
+    await rl.admit([hit("a")])
+    backend.down = False
+    await rl.admit([hit("x"), hit("y"), hit("z")])  # y leaves 0 of 2 (near); z is refused
+    shadow, _ = counted(FakeClock(), lim(policy_pb2.Limit.REQUESTS, 2, 60, shadow=True))
+    await shadow.admit([hit("p"), hit("q"), hit("r")])
+    delta = {name: _outcomes(name) - before[name] for name in names}
+    assert delta == {"over_limit": 1, "fail_closed": 1, "near_limit": 1, "shadow_over_limit": 1}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tessera.tracing import TRACEPARENT, TraceContext, Tracer, from_metadata, parse_traceparent
+from tessera.tracing import TraceContext, Tracer, parse_traceparent, trace_id_of
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"
@@ -48,11 +48,10 @@ def test_the_context_round_trips_as_a_header():
     assert parse_traceparent(ctx.traceparent) == ctx
 
 
-def test_grpc_metadata_carries_the_context_envoy_set():
-    metadata = (("x-request-id", "r1"), (TRACEPARENT, f"00-{TRACE}-{SPAN}-01"))
-    assert from_metadata(metadata) == TraceContext(TRACE, SPAN, sampled=True)
-    assert from_metadata((("x-request-id", "r1"),)) is None
-    assert from_metadata(None) is None
+def test_log_lines_take_the_trace_id_of_a_traceparent_shaped_value_only():
+    assert trace_id_of(f"00-{TRACE}-{SPAN}-01") == TRACE
+    for value in (None, "", "00-zz", f"00_{TRACE}_{SPAN}_01", "x" * 54):
+        assert trace_id_of(value) is None
 
 
 def test_a_tracer_without_a_collector_records_nothing():

@@ -396,3 +396,40 @@ def test_envoy_reaches_the_control_plane_over_mutual_tls_pinning_its_identity():
         }
         assert tls["sni"] == "control-plane.prod.tessera.local"
     assert "transport_socket" not in resources_from_state(State(), CFG).clusters["tessera_admin_api"]
+
+
+def _tracing(cfg: GatewayConfig) -> tuple[dict, dict]:
+    res = resources_from_state(State(), cfg)
+    hcm = res.listeners["tessera_gateway"]["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm["tracing"], res.clusters["tessera_otlp"]
+
+
+def test_without_a_collector_the_tracer_continues_traces_and_samples_nothing():
+    tracing, cluster = _tracing(CFG)
+    assert tracing["random_sampling"] == {"value": 0.0}
+    assert tracing["client_sampling"] == {"value": 0}  # x-client-trace-id cannot force a span
+    assert tracing["spawn_upstream_span"] is True  # the backend's parent: the gateway's call to it
+    assert "endpoints" not in cluster["load_assignment"]
+    # the client's traceparent is read on the way in and never forwarded as it came
+    assert resources_from_state(State(), CFG).routes["tessera_routes"]["request_headers_to_remove"] == [
+        "traceparent"
+    ]
+
+
+def test_with_a_collector_envoy_exports_to_it_at_the_configured_share():
+    tracing, cluster = _tracing(
+        replace(CFG, otlp_endpoint="otel-collector.monitoring:4317", trace_sampling_percent=5)
+    )
+    assert tracing["random_sampling"] == {"value": 5}
+    assert tracing["client_sampling"] == {"value": 0}
+    assert tracing["provider"]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "tessera_otlp"
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"]["socket_address"] == {
+        "address": "otel-collector.monitoring",
+        "port_value": 4317,
+    }
+    assert cluster["type"] == "STRICT_DNS"
+    # the admin REST listener's calls are traced the same way
+    internal = resources_from_state(State(), replace(CFG, admin_rest="internal", otlp_endpoint="c:4317"))
+    rest = internal.listeners["tessera_admin_rest"]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert rest["tracing"]["provider"]["name"] == "envoy.tracers.opentelemetry"
