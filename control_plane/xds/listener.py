@@ -421,31 +421,14 @@ def listener(cfg: GatewayConfig) -> dict[str, Any]:
 def tracing(cfg: GatewayConfig) -> dict[str, Any]:
     """Envoy's OpenTelemetry tracer. Always on: each request continues the client's W3C trace
     context (or starts one), and ext_authz and the backend get a ``traceparent`` whose parent is
-    the gateway's span. Spans are recorded and exported only with a collector; without one
-    nothing is sampled (the cluster has no endpoint), so a request pays for ids, not spans."""
-    sampling = cfg.trace_sampling_percent if cfg.otlp_endpoint else 0.0
-    return {
-        "random_sampling": {"value": sampling},
+    the gateway's span. Without a collector nothing is sampled (the cluster has no endpoint) and
+    nothing that only an exported span would show is configured: a request pays for ids and a
+    header. With one, the backend's parent is a span of its own (the router's call to the model
+    server), and the request's span names the tenant and the model."""
+    config: dict[str, Any] = {
+        "random_sampling": {"value": cfg.trace_sampling_percent if cfg.otlp_endpoint else 0.0},
         # a client's x-client-trace-id would force its request sampled: recording is ours to pick
         "client_sampling": {"value": 0},
-        # the backend-facing span: the router's call to the model server, the backend's parent
-        "spawn_upstream_span": True,
-        "custom_tags": [
-            {
-                "tag": "tessera.tenant_id",
-                "metadata": {
-                    "kind": {"request": {}},
-                    "metadata_key": {"key": AUTHZ_NS, "path": [{"key": "tenant_id"}]},
-                },
-            },
-            {
-                "tag": "gen_ai.request.model",
-                "metadata": {
-                    "kind": {"route": {}},
-                    "metadata_key": {"key": ROUTE_NS, "path": [{"key": "model"}]},
-                },
-            },
-        ],
         "provider": {
             "name": "envoy.tracers.opentelemetry",
             "typed_config": {
@@ -454,6 +437,20 @@ def tracing(cfg: GatewayConfig) -> dict[str, Any]:
                 "service_name": "tessera-gateway",
             },
         },
+    }
+    if cfg.otlp_endpoint:
+        config["spawn_upstream_span"] = True
+        config["custom_tags"] = [
+            _metadata_tag("tessera.tenant_id", "request", AUTHZ_NS, "tenant_id"),
+            _metadata_tag("gen_ai.request.model", "route", ROUTE_NS, "model"),
+        ]
+    return config
+
+
+def _metadata_tag(tag: str, kind: str, namespace: str, key: str) -> dict[str, Any]:
+    return {
+        "tag": tag,
+        "metadata": {"kind": {kind: {}}, "metadata_key": {"key": namespace, "path": [{"key": key}]}},
     }
 
 

@@ -123,9 +123,16 @@ def _traceparent() -> tuple[str, str, str]:
     return trace_id, parent, f"00-{trace_id}-{parent}-01"
 
 
-def _chat(stack: Stack, key: str, traceparent: str | None, *, stream: bool = False) -> str:
+def _chat(
+    stack: Stack,
+    key: str,
+    traceparent: str | None,
+    *,
+    stream: bool = False,
+    headers: dict[str, str] | None = None,
+) -> str:
     """One chat completion; returns the request id the gateway answered with."""
-    headers = {"traceparent": traceparent} if traceparent else {}
+    headers = dict(headers or {}) | ({"traceparent": traceparent} if traceparent else {})
     client = stack.client(key).with_options(default_headers=headers)
     raw = client.chat.completions.with_raw_response.create(
         model="demo",
@@ -178,6 +185,10 @@ def test_without_a_collector_the_backend_continues_the_clients_trace_from_the_ga
     assert (version, got_trace) == ("00", trace_id)  # the client's trace, kept
     assert got_parent not in (parent, "0" * 16)  # the gateway's span is the backend's parent
     assert _ledger_trace_id(stack, request_id) == trace_id
+
+    # nor can a client force its request recorded (x-client-trace-id is Envoy's way to ask)
+    request_id = _chat(stack, stack.demo_key, traceparent, headers={"x-client-trace-id": "force-me"})
+    assert _upstream_traceparent(stack, request_id).endswith("-00")
 
     # a client that sends none still gets a trace: the backend and the ledger row name it
     request_id = _chat(stack, stack.demo_key, None)
@@ -248,15 +259,19 @@ def test_one_trace_per_request_with_every_span_parented(traced, stream):
     assert len(by_id) == len(spans)
 
 
-def test_an_unsampled_client_trace_records_nothing(traced):
-    """A client that says it does not sample (flags 00) is followed: no span is recorded."""
+def test_an_unsampled_client_trace_records_nothing_anywhere(traced):
+    """A client that says it does not sample (flags 00) is followed: no span is recorded, in its
+    trace or as a trace of its own (its Check, its admission, its billing)."""
     stack, collector = traced
+    key = _limited_key(stack)
+    time.sleep(6)  # the admin calls' spans (Envoy exports every 5 s) are in
+    before = len(collector.spans)
     trace_id, _, _ = _traceparent()
-    request_id = _chat(stack, _limited_key(stack), f"00-{trace_id}-{secrets.token_hex(8)}-00")
+    request_id = _chat(stack, key, f"00-{trace_id}-{secrets.token_hex(8)}-00")
     assert _upstream_traceparent(stack, request_id).endswith("-00")
     assert _ledger_trace_id(stack, request_id) == trace_id
-    time.sleep(3)  # exports run every second (Envoy's: every 5 s)
-    assert collector.trace(trace_id) == []
+    time.sleep(6)
+    assert collector.spans[before:] == []
 
 
 def test_admin_calls_start_traces_of_their_own(traced):

@@ -408,7 +408,8 @@ def test_without_a_collector_the_tracer_continues_traces_and_samples_nothing():
     tracing, cluster = _tracing(CFG)
     assert tracing["random_sampling"] == {"value": 0.0}
     assert tracing["client_sampling"] == {"value": 0}  # x-client-trace-id cannot force a span
-    assert tracing["spawn_upstream_span"] is True  # the backend's parent: the gateway's call to it
+    assert "spawn_upstream_span" not in tracing  # no span that nobody will see
+    assert "custom_tags" not in tracing
     assert "endpoints" not in cluster["load_assignment"]
     # the client's traceparent is read on the way in and never forwarded as it came
     assert resources_from_state(State(), CFG).routes["tessera_routes"]["request_headers_to_remove"] == [
@@ -422,6 +423,8 @@ def test_with_a_collector_envoy_exports_to_it_at_the_configured_share():
     )
     assert tracing["random_sampling"] == {"value": 5}
     assert tracing["client_sampling"] == {"value": 0}
+    assert tracing["spawn_upstream_span"] is True  # the backend's parent: the gateway's call to it
+    assert {t["tag"] for t in tracing["custom_tags"]} == {"tessera.tenant_id", "gen_ai.request.model"}
     assert tracing["provider"]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "tessera_otlp"
     (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert endpoint["endpoint"]["address"]["socket_address"] == {
