@@ -532,6 +532,7 @@ class RateLimiter:
                 OUTCOMES.labels(TENANT_LABELS(hit.tenant_id), o.limit.kind, outcome).inc()
                 log.info(
                     "ratelimit_over_limit",
+                    request_id=hit.request_id,  # the ledger row's key: its trace id is there
                     tenant_id=hit.tenant_id,
                     key_id=hit.key_id,
                     model=hit.model,
@@ -547,6 +548,7 @@ class RateLimiter:
                 OUTCOMES.labels(TENANT_LABELS(hit.tenant_id), o.limit.kind, "shadow_over_limit").inc()
                 log.info(
                     "ratelimit_shadow_over_limit",
+                    request_id=hit.request_id,
                     tenant_id=hit.tenant_id,
                     key_id=hit.key_id,
                     model=hit.model,

@@ -40,6 +40,7 @@ PROMETHEUS = shutil.which("prometheus")
 DEADLINE = 60.0  # for every panel to have data: scrapes every 1 s, rates need two samples
 PRICE = ("--input", "150000", "--output", "600000")  # micro-units per 1M tokens: spend is not 0
 LIMIT = ("--kind", "requests", "--window", "minute", "--limit", "4")
+ROOMY_LIMIT = ("--kind", "requests", "--window", "minute", "--limit", "100000")
 USAGE = {"match[]": "gen_ai_client_token_usage_count"}  # what the dashboard's variables list labels of
 
 
@@ -149,7 +150,12 @@ def traffic(obs_stack) -> Iterator[None]:
     obs_stack.cli("tenants", "create", tenant)
     limited = obs_stack.client(obs_stack.new_key(tenant))
     obs_stack.cli("limits", "create", "--tenant", tenant, *LIMIT)
-    steady = obs_stack.client(obs_stack.new_key())
+    # the steady traffic's tenant has a limit it never reaches: its requests keep the counters
+    # (and the ratelimit backend's latency panel) moving however long the tests take
+    steady_tenant = f"obs-steady{time.monotonic_ns()}"
+    obs_stack.cli("tenants", "create", steady_tenant)
+    steady = obs_stack.client(obs_stack.new_key(steady_tenant))
+    obs_stack.cli("limits", "create", "--tenant", steady_tenant, *ROOMY_LIMIT)
     time.sleep(1.0)  # keys, limits and prices are live everywhere within 1 s
     for _ in range(2):
         chat(limited)

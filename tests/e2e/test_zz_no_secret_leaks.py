@@ -270,6 +270,8 @@ def test_no_secret_leaks_anywhere(stack):
 
     _flush_access_log(stack, found)
     found["Envoy config_dump"] = _http("GET", f"{stack.endpoints()['envoy_admin']}/config_dump?include_eds")
+    for name, url in stack.endpoints()["metrics"].items():  # every process's Prometheus page
+        found[f"{name} metrics"] = _http("GET", url)
     found["`tessera up` output"] = "".join(
         line for line in stack.output if not line.startswith(("Demo key (shown once):", "curl "))
     )
@@ -279,6 +281,7 @@ def test_no_secret_leaks_anywhere(stack):
 
     assert all(m.watched.values())
     assert {"logs/access.log", "logs/control-plane.log", "tessera.db", "run/envoy.yaml"} <= set(found)
+    assert "gen_ai_client_token_usage_bucket" in found["meter metrics"]  # the pages really were read
     assert '"configs"' in found["Envoy config_dump"], found["Envoy config_dump"][:300]
     leaks = [
         f"{name} in {where}"
