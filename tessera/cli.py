@@ -14,6 +14,8 @@ also documents how list commands page: every page is collected, ``audit list`` s
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -43,6 +45,7 @@ def _global_flags(defaults: bool, *, long_output: bool = True) -> argparse.Argum
 
 def build_parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="tessera", parents=[_global_flags(defaults=True)])
+    top.add_argument("--version", action="version", version=f"tessera {_version()}")
     g = _global_flags(defaults=False)
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -258,7 +261,26 @@ def _run_entry_point(name: str, argv: list[str]) -> int:
     return main(argv)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tessera")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``tessera``; output cut short by its reader (``tessera … | head``) ends it quietly."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Python's advice: point stdout at /dev/null so the interpreter's own flush at exit
+        # does not raise again; 141 is what a command killed by SIGPIPE returns in a shell
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Service commands own their flags: hand everything after the name to them.
     for i, word in enumerate(argv):

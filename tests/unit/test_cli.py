@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 
@@ -107,3 +109,39 @@ def test_envoy_bootstrap_renders_given_addresses(tmp_path):
     assert secret["tls_certificate"]["watched_directory"] == {"path": str(tmp_path / "identity")}
     assert str(tmp_path / "identity-sds.json") in text
     assert oct((tmp_path / "identity-sds.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_version_names_the_installed_release(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tessera {importlib.metadata.version('tessera')}"
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """`tessera … | head`: the reader goes away; no traceback, the exit status a shell expects
+    of a command its pipe closed (141, as if SIGPIPE had ended it)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tessera.cli",
+                "envoy-bootstrap",
+                "--out",
+                "-",
+                "--identity-sds",
+                str(tmp_path / "sds.yaml"),
+            ],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == 141
