@@ -31,9 +31,10 @@ import statistics
 import subprocess
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from bench import envoy_configs
 from bench.load import _WRK_LUA, REQUEST_BODY, REQUEST_PATH, LoadResult, run_wrk
@@ -165,6 +166,38 @@ def start_envoy(name: str, config: dict[str, Any], port: int, workdir: Path, bas
         stop(envoy.proc)
         raise
     return envoy
+
+
+class Fleet:
+    """Envoys started side by side in one temporary directory, all stopped on exit."""
+
+    def __init__(self, prefix: str, base_id: int) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        self.workdir = Path(self._tmp.name)
+        self._base_id = base_id
+        self.envoys: list[Envoy] = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for envoy in reversed(self.envoys):
+            stop(envoy.proc)
+        self._tmp.cleanup()
+
+    def start(self, name: str, config: Callable[[int], dict[str, Any]]) -> Envoy:
+        """An Envoy named ``name`` on a free port, configured by ``config(port)``."""
+        port = free_port()
+        envoy = start_envoy(name, config(port), port, self.workdir, self._base_id + len(self.envoys))
+        self.envoys.append(envoy)
+        return envoy
+
+    def measure(self, fronts: list[Envoy], bodies: list[Body], args: argparse.Namespace) -> Samples:
+        """``measure`` with the bodies' wrk scripts and the command line's seconds, rounds, connections."""
+        scripts = {b.name: wrk_body_script(self.workdir / f"wrk-{b.name}.lua", b) for b in bodies}
+        return measure(
+            fronts, bodies, scripts, rounds=args.rounds, seconds=args.seconds, conns=args.connections
+        )
 
 
 def _post(url: str, body: Body) -> tuple[int, bytes]:
@@ -300,27 +333,15 @@ def main() -> None:
     args = parser.parse_args()
     sources = _lua_sources(args.lua)
     bodies = [b for b in BODIES if not args.body or b.name in args.body]
-    with tempfile.TemporaryDirectory(prefix="tessera-lua-cost-") as tmp:
-        workdir = Path(tmp)
-        envoys: list[Envoy] = []
-        try:
-            up_port = free_port()
-            envoys.append(start_envoy("upstream", upstream_config(up_port), up_port, workdir, 9201))
-            fronts: list[Envoy] = []
-            for i, (name, source) in enumerate([("plain", None), *sources.items()]):
-                port = free_port()
-                front = start_envoy(name, front_config(port, up_port, source), port, workdir, 9202 + i)
-                envoys.append(front)
-                if not args.no_check:
-                    check(front, lua=source is not None)
-                fronts.append(front)
-            scripts = {b.name: wrk_body_script(workdir / f"wrk-{b.name}.lua", b) for b in BODIES}
-            samples = measure(
-                fronts, bodies, scripts, rounds=args.rounds, seconds=args.seconds, conns=args.connections
-            )
-        finally:
-            for envoy in reversed(envoys):
-                stop(envoy.proc)
+    with Fleet("tessera-lua-cost-", 9201) as fleet:
+        upstream = fleet.start("upstream", upstream_config)
+        fronts: list[Envoy] = []
+        for name, source in [("plain", None), *sources.items()]:
+            front = fleet.start(name, lambda port, src=source: front_config(port, upstream.port, src))
+            if not args.no_check:
+                check(front, lua=source is not None)
+            fronts.append(front)
+        samples = fleet.measure(fronts, bodies, args)
     print(
         f"\nFront Envoy CPU per request (utime+stime / responses), --concurrency 1, "
         f"wrk -t2 -c{args.connections} {args.seconds} s, median of {args.rounds}:\n"

@@ -26,13 +26,11 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench import envoy_configs
-from bench.lua_cost import BODIES, Envoy, measure, start_envoy, upstream_config, wrk_body_script
-from bench.procs import free_port, stop
+from bench.lua_cost import BODIES, Fleet, upstream_config
 from control_plane.xds.config import GatewayConfig
 from control_plane.xds.listener import tracing
 from control_plane.xds.translate import otlp_cluster
@@ -95,31 +93,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     bodies = [b for b in BODIES if b.name in ("chat", "stream")]
-    with tempfile.TemporaryDirectory(prefix="tessera-tracing-cost-") as tmp:
-        workdir = Path(tmp)
-        envoys: list[Envoy] = []
-        try:
-            up_port, sink_port = free_port(), free_port()
-            envoys.append(start_envoy("upstream", upstream_config(up_port), up_port, workdir, 9301))
-            envoys.append(start_envoy("collector", collector_config(sink_port), sink_port, workdir, 9302))
-            variants = {
-                "plain": None,
-                "no-collector": _gateway("", 100.0),
-                "sampled": _gateway(f"{envoy_configs.HOST}:{sink_port}", 100.0),
-            }
-            fronts = []
-            for i, (name, gateway) in enumerate(variants.items()):
-                port = free_port()
-                front = start_envoy(name, front_config(port, up_port, gateway), port, workdir, 9303 + i)
-                envoys.append(front)
-                fronts.append(front)
-            scripts = {b.name: wrk_body_script(workdir / f"wrk-{b.name}.lua", b) for b in bodies}
-            samples = measure(
-                fronts, bodies, scripts, rounds=args.rounds, seconds=args.seconds, conns=args.connections
-            )
-        finally:
-            for envoy in reversed(envoys):
-                stop(envoy.proc)
+    with Fleet("tessera-tracing-cost-", 9301) as fleet:
+        upstream = fleet.start("upstream", upstream_config)
+        collector = fleet.start("collector", collector_config)
+        variants = {
+            "plain": None,
+            "no-collector": _gateway("", 100.0),
+            "sampled": _gateway(f"{envoy_configs.HOST}:{collector.port}", 100.0),
+        }
+        fronts = [
+            fleet.start(name, lambda port, gw=gateway: front_config(port, upstream.port, gw))
+            for name, gateway in variants.items()
+        ]
+        samples = fleet.measure(fronts, bodies, args)
     print(
         f"\nTracing: front Envoy CPU per request (utime+stime / responses), --concurrency 1, "
         f"wrk -t2 -c{args.connections} {args.seconds} s, median of {args.rounds}:\n"

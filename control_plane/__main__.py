@@ -119,7 +119,7 @@ async def _meter(settings: ControlPlaneSettings, log_path: Path, node: str) -> N
             rotate_bytes=settings.meter.rotate_bytes,
             envoy_admin=http_base(settings.meter.envoy_admin),
             settler=settler,
-            metrics=RequestMetrics(settings.meter.metric_label_values, settings.meter.metric_label_values),
+            metrics=RequestMetrics(settings.meter.metric_label_values),
         )
         log.info("meter_started", log=str(log_path), node=node, metrics_port=metrics.port)
         set_ready(True)  # its /healthz: the store answered and the log is being read

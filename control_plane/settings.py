@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings
 
+from control_plane.usage.telemetry import DEFAULT_LABEL_VALUES
 from tessera.settings import (
     SETTINGS_CONFIG,
     AdmissionSettings,
@@ -130,7 +131,7 @@ class MeterSettings(BaseModel):
     # Envoy's admin, where /reopen_logs is: its unix socket (unix:/path), or http://host:port
     envoy_admin: str = "unix:/var/run/envoy/admin.sock"
     metric_label_values: int = Field(
-        default=100,
+        default=DEFAULT_LABEL_VALUES,
         ge=1,
         description="distinct tenants (and models) the GenAI metrics name; the rest: _other",
     )

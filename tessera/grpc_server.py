@@ -95,7 +95,7 @@ def _bind(rpc: str, ctx: Any, *, roots: bool, span: bool = True) -> Span | None:
         structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id)
     else:
         structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id, trace_id=trace_id)
-    if not span or TRACER.exporter is None:
+    if not span or not TRACER.enabled:
         return None
     return TRACER.start(rpc, parse_traceparent(traceparent), SERVER, root=roots)
 

@@ -115,10 +115,7 @@ def _new_id(digits: int) -> str:
 class Tracer:
     """Starts and ends this process's spans. Disabled (no exporter) it records nothing."""
 
-    def __init__(
-        self, service: str = "", exporter: OtlpExporter | None = None, sampling_percent: float = 100.0
-    ) -> None:
-        self.service = service
+    def __init__(self, exporter: OtlpExporter | None = None, sampling_percent: float = 100.0) -> None:
         self.exporter = exporter
         self.sampling = sampling_percent / 100
 
@@ -297,7 +294,6 @@ TRACER = Tracer()
 def configure(service: str, settings: TracingSettings) -> Tracer:
     """Set up this process's ``TRACER`` (once, in a service's main)."""
     exporter = OtlpExporter(settings.otlp_endpoint, service) if settings.otlp_endpoint else None
-    TRACER.service = service
     TRACER.exporter = exporter
     TRACER.sampling = settings.sampling_percent / 100
     if exporter is not None:

@@ -31,7 +31,7 @@ from control_plane.db.models import MeterCheckpoint, UsageRecord
 from control_plane.db.repositories import insert_stmt
 from control_plane.usage import ledger
 from control_plane.usage.settler import Settler
-from control_plane.usage.telemetry import DEFAULT_LABEL_VALUES, RequestMetrics, trace_ingestion
+from control_plane.usage.telemetry import RequestMetrics, trace_ingestion
 from tessera import usage_line
 from tessera.probe import http_post
 
@@ -120,7 +120,7 @@ class Meter:
         self._rotate_bytes = rotate_bytes  # 0: someone else rotates (logrotate + /reopen_logs)
         self._envoy_admin = envoy_admin
         self._settler = settler
-        self._metrics = metrics or RequestMetrics(DEFAULT_LABEL_VALUES, DEFAULT_LABEL_VALUES)
+        self._metrics = metrics or RequestMetrics()
         self._offsets: dict[str, int] | None = None  # this meter is its node's only writer
         self._settle_offsets: dict[str, int] = {}  # file id -> read for settlement up to here
         self._parsed: dict[tuple[str, int], _Chunk] = {}  # (file id, offset) -> parsed by the settle pass

@@ -60,9 +60,9 @@ HTTP_ERROR: Final = 400
 class RequestMetrics:
     """Observes ledger rows (``ledger.record_values``) into the GenAI metrics."""
 
-    def __init__(self, max_tenants: int, max_models: int) -> None:
-        self._tenant = LabelCap(max_tenants)
-        self._model = LabelCap(max_models)
+    def __init__(self, max_label_values: int = DEFAULT_LABEL_VALUES) -> None:
+        self._tenant = LabelCap(max_label_values)
+        self._model = LabelCap(max_label_values)
 
     def observe(self, rows: Iterable[Mapping[str, Any]]) -> None:
         for row in rows:

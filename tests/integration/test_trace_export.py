@@ -67,7 +67,7 @@ def _wait(fn: Any, timeout: float = 5.0) -> Any:
 def test_spans_reach_the_collector_with_their_parents_and_attributes():
     receiver = Receiver()
     exporter = OtlpExporter(f"127.0.0.1:{receiver.port}", "tessera-test")
-    tracer = Tracer("tessera-test", exporter)
+    tracer = Tracer(exporter)
     try:
         parent = TraceContext(TRACE, PARENT, sampled=True)
         outer = tracer.start("Check", parent, SERVER, {"tessera.tenant_id": "t1"})
@@ -100,7 +100,7 @@ def _export_failures() -> float:
 def test_a_collector_that_is_down_loses_spans_counted_and_blocks_nobody():
     before = _export_failures()
     exporter = OtlpExporter(f"127.0.0.1:{free_port()}", "tessera-test")  # nothing listens there
-    tracer = Tracer("tessera-test", exporter)
+    tracer = Tracer(exporter)
     started = time.monotonic()
     for _ in range(100):
         tracer.end(tracer.start("op", TraceContext(TRACE, PARENT, sampled=True)))
@@ -115,9 +115,9 @@ def test_a_root_span_is_sampled_at_the_configured_share():
     receiver = Receiver()
     exporter = OtlpExporter(f"127.0.0.1:{receiver.port}", "tessera-test")
     try:
-        never = Tracer("t", exporter, sampling_percent=0)
+        never = Tracer(exporter, sampling_percent=0)
         assert all(never.start("admin", None, root=True) is None for _ in range(200))
-        always = Tracer("t", exporter, sampling_percent=100)
+        always = Tracer(exporter, sampling_percent=100)
         # a span of something nobody sampled never becomes a trace of its own
         assert always.start("admission", None) is None
         root = always.start("admin", None, root=True)

@@ -46,7 +46,7 @@ def _sample(name: str, **labels: str) -> float:
 
 def test_a_stream_is_observed_as_tokens_duration_ttft_and_time_per_token():
     tenant = f"t{secrets.token_hex(4)}"
-    RequestMetrics(100, 100).observe([_row(tenant)])
+    RequestMetrics().observe([_row(tenant)])
     labels = {"gen_ai_request_model": "m1", "tenant": tenant}
     assert _sample("gen_ai_client_token_usage_sum", gen_ai_token_type="input", **labels) == 12
     assert _sample("gen_ai_client_token_usage_sum", gen_ai_token_type="output", **labels) == 41
@@ -58,7 +58,7 @@ def test_a_stream_is_observed_as_tokens_duration_ttft_and_time_per_token():
 
 def test_failures_count_only_their_duration_by_error_type_and_estimates_no_tokens():
     tenant = f"t{secrets.token_hex(4)}"
-    m = RequestMetrics(100, 100)
+    m = RequestMetrics()
     m.observe([_row(tenant, status="503", content_type="application/json")])
     cut = _row(tenant, prompt_tokens=None, completion_tokens=None, max_tokens="64")  # no usage: estimated
     assert cut["usage_estimated"]
@@ -73,16 +73,16 @@ def test_failures_count_only_their_duration_by_error_type_and_estimates_no_token
 
 def test_requests_without_a_model_are_not_inference_and_not_observed():
     tenant = f"t{secrets.token_hex(4)}"
-    RequestMetrics(100, 100).observe([_row(tenant, model=None, status="401")])
+    RequestMetrics().observe([_row(tenant, model=None, status="401")])
     labels = {"gen_ai_request_model": "", "tenant": tenant, "error_type": "401"}
     assert _sample("gen_ai_server_request_duration_seconds_count", **labels) == 0
-    RequestMetrics(100, 100).observe([_row(tenant, status="401")])  # the same with a model: observed
+    RequestMetrics().observe([_row(tenant, status="401")])  # the same with a model: observed
     labels["gen_ai_request_model"] = "m1"
     assert _sample("gen_ai_server_request_duration_seconds_count", **labels) == 1
 
 
 def test_tenants_beyond_the_cap_share_one_label():
-    m = RequestMetrics(max_tenants=2, max_models=10)
+    m = RequestMetrics(max_label_values=2)
     tenants = [f"t{secrets.token_hex(4)}" for _ in range(5)]
     m.observe([_row(t) for t in tenants])
 
@@ -112,6 +112,6 @@ def test_spend_is_counted_as_billed_in_its_currency_failures_included():
     rows = [_row(tenant, status="500"), _row(tenant)]
     for row in rows:
         row.update(cost_picos=2_500_000, currency="EUR")  # 2.5 micro-units each, as the ledger billed
-    RequestMetrics(100, 100).observe(rows)
+    RequestMetrics().observe(rows)
     labels = {"gen_ai_request_model": "m1", "tenant": tenant, "currency": "EUR"}
     assert _sample("tessera_spend_micros_total", **labels) == 5.0

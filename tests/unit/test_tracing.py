@@ -55,7 +55,7 @@ def test_log_lines_take_the_trace_id_of_a_traceparent_shaped_value_only():
 
 
 def test_a_tracer_without_a_collector_records_nothing():
-    tracer = Tracer("svc")
+    tracer = Tracer()
     assert tracer.start("op", TraceContext(TRACE, SPAN, sampled=True)) is None
     assert tracer.start("op", None) is None
     tracer.end(None)  # ending nothing is fine
