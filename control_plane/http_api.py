@@ -1,4 +1,5 @@
-"""HTTP handlers Envoy routes to: ``GET /v1/models`` and ``POST /oauth/token``.
+"""HTTP handlers Envoy routes to: ``GET /v1/models``, ``POST /oauth/token`` and
+``GET /admin/v1/openapi.json``.
 
 ``/v1/models``: ext_authz has authenticated the caller and set ``x-tenant-id`` and
 ``x-key-id`` (overwriting anything the client sent); the list is filtered by entitlements.
@@ -8,6 +9,9 @@
 Basic). The answer is a short-lived ES256 JWT (tenant, key id, allowed models, ``exp``,
 ``aud``, ``iss``, ``kid``) that Envoy's jwt_authn verifies locally. Both read the in-memory
 state only: no SQL per request. This port is reachable only by Envoy.
+
+``/admin/v1/openapi.json``: the admin REST API's OpenAPI document, generated from the protos
+(``tessera/openapi.py``) and shipped in the package; no credential (``docs/security.md``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import binascii
 import hmac
 import secrets
 import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
@@ -25,7 +31,7 @@ from aiohttp import web
 
 from control_plane.jwt_keys import ALGORITHM, JwtPolicy
 from control_plane.state import KeyState, State, TenantState
-from tessera import keys
+from tessera import keys, openapi
 
 MAX_FORM_BYTES = 8192
 
@@ -181,10 +187,21 @@ class _Handlers:
         return web.Response(status=200 if self.source.state is not None else 503)
 
 
+def _openapi_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The committed document (shipped in the package), read once: the same bytes for everyone."""
+    document = (resources.files("tessera.admin.v1") / "openapi.json").read_bytes()
+
+    async def serve(_request: web.Request) -> web.Response:
+        return web.Response(body=document, content_type="application/json", charset="utf-8")
+
+    return serve
+
+
 def build_http_app(source: StateSource, pepper: bytes) -> web.Application:
     handlers = _Handlers(source, pepper)
     app = web.Application(client_max_size=MAX_FORM_BYTES)
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_post("/oauth/token", handlers.token)
     app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get(openapi.PATH, _openapi_handler(), allow_head=False)
     return app

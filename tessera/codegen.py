@@ -1,4 +1,5 @@
-"""Regenerate (or, with --check, verify) the protobuf code in tessera/<api>/v1/.
+"""Regenerate (or, with --check, verify) the protobuf code in tessera/<api>/v1/, and the admin
+REST API's OpenAPI document (tessera/openapi.py) beside the admin descriptor set.
 
 Dev-only: needs grpcio-tools and mypy-protobuf from the dev dependency group.
 """
@@ -12,9 +13,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tessera import openapi
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 DESCRIPTOR_SET = Path("tessera/admin/v1/admin_descriptor.pb")
+OPENAPI = Path("tessera/admin/v1/openapi.json")
 
 
 def _generate(out: Path) -> None:
@@ -47,19 +51,16 @@ def _generate(out: Path) -> None:
     if protoc.main(args) != 0:
         msg = "protoc failed"
         raise SystemExit(msg)
-    # The admin API's descriptor set (with imports), for Envoy's grpc_json_transcoder.
-    sets = [
-        "protoc",
-        f"-I{PROTO_ROOT}",
-        f"-I{include}",
-        f"-I{googleapis}",
-        "--include_imports",
-        f"--descriptor_set_out={out / DESCRIPTOR_SET}",
-        *admin,
-    ]
-    if protoc.main(sets) != 0:
-        msg = "protoc failed (descriptor set)"
-        raise SystemExit(msg)
+    # The admin API's descriptor set (with imports), for Envoy's grpc_json_transcoder, and the
+    # same with the protos' comments, for the OpenAPI document's descriptions (Envoy needs none).
+    includes = [f"-I{PROTO_ROOT}", f"-I{include}", f"-I{googleapis}"]
+    commented = out / "admin_commented.pb"
+    for dest, extra in ((out / DESCRIPTOR_SET, []), (commented, ["--include_source_info"])):
+        sets = ["protoc", *includes, "--include_imports", *extra, f"--descriptor_set_out={dest}", *admin]
+        if protoc.main(sets) != 0:
+            msg = "protoc failed (descriptor set)"
+            raise SystemExit(msg)
+    (out / OPENAPI).write_text(openapi.render(commented.read_bytes()), encoding="utf-8")
     for proto in protos:
         pkg = out / Path(proto).parent
         while pkg != out:
@@ -72,7 +73,7 @@ def _generated(base: Path) -> list[Path]:
         p.relative_to(base)
         for sub in ("admin", "admission", "policy")
         for p in (base / "tessera" / sub).rglob("*")
-        if p.is_file() and p.suffix in {".py", ".pyi", ".pb"}
+        if p.is_file() and p.suffix in {".py", ".pyi", ".pb", ".json"}
     )
 
 

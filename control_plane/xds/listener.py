@@ -478,9 +478,11 @@ def _listener(name: str, host: str, port: int, hcm: dict[str, Any], *, tls: bool
     }
 
 
-def admin_rest_listener(cfg: GatewayConfig, route: dict[str, Any]) -> dict[str, Any]:
+def admin_rest_listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dict[str, Any]:
     """``admin_rest="internal"``: the admin REST API on a listener of its own (not the public
-    one), with the gateway's TLS when it has it. The control plane authenticates each call."""
+    one), with the gateway's TLS when it has it. The control plane authenticates each call.
+    ``routes`` are the gateway's admin routes: of their filter switches only the transcoder's
+    applies here (it is the one filter before the router)."""
     transcoder = {"name": TRANSCODER, "typed_config": transcoder_config(cfg.admin_descriptor)}
     hcm = {
         "@type": HCM,
@@ -493,7 +495,14 @@ def admin_rest_listener(cfg: GatewayConfig, route: dict[str, Any]) -> dict[str, 
                 {
                     "name": "admin",
                     "domains": ["*"],
-                    "routes": [{"match": route["match"], "route": route["route"]}],
+                    "routes": [
+                        {
+                            "match": r["match"],
+                            "route": r["route"],
+                            "typed_per_filter_config": {TRANSCODER: r["typed_per_filter_config"][TRANSCODER]},
+                        }
+                        for r in routes
+                    ],
                 }
             ],
         },

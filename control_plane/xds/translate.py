@@ -46,6 +46,7 @@ from control_plane.xds.config import (
 from control_plane.xds.listener import admin_rest_listener, jwt_authn_config, listener, transcoder_config
 from tessera.envoy_tls import internal_tls
 from tessera.openai_errors import error_json
+from tessera.openapi import PATH as OPENAPI_PATH
 from tessera.usage_line import token_terms
 
 __all__ = ["GatewayConfig", "XdsResources", "cluster_name", "resources_from_state"]
@@ -92,8 +93,26 @@ SELF_AUTHENTICATED: Final = {
 }
 
 
-def admin_rest_route(cfg: GatewayConfig) -> dict[str, Any]:
-    """The admin API as REST/JSON. The control plane authenticates these callers itself."""
+def admin_rest_routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
+    """The admin API as REST/JSON, its OpenAPI document first (``/admin/`` would take it)."""
+    return [_admin_openapi_route(), _admin_api_route(cfg)]
+
+
+def _admin_openapi_route() -> dict[str, Any]:
+    """``GET /admin/v1/openapi.json`` to the control plane's HTTP handlers, with no credential
+    (docs/security.md says why). That exact path and method only: anything else under /admin/
+    is the API's, which authenticates every call."""
+    return {
+        "name": "admin_openapi",
+        "match": {"path": OPENAPI_PATH, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        "route": {"cluster": CP_HTTP_CLUSTER, "timeout": "5s"},
+        # No RPC to transcode (on the admin REST listener the transcoder would answer 404).
+        "typed_per_filter_config": {**SELF_AUTHENTICATED, TRANSCODER: DISABLED},
+    }
+
+
+def _admin_api_route(cfg: GatewayConfig) -> dict[str, Any]:
+    """The control plane authenticates these callers itself."""
     return {
         "name": "admin_api",
         "match": {"prefix": "/admin/"},
@@ -108,7 +127,7 @@ def admin_rest_route(cfg: GatewayConfig) -> dict[str, Any]:
 
 def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
     # The admin REST API on the public listener only with admin_rest="public".
-    admin = [admin_rest_route(cfg)] if cfg.admin_rest == "public" else []
+    admin = admin_rest_routes(cfg) if cfg.admin_rest == "public" else []
     routes: list[dict[str, Any]] = [
         *admin,
         {
@@ -632,7 +651,7 @@ def resources_from_state(
             endpoints[cla["cluster_name"]] = cla
     listeners = {LISTENER_NAME: listener(cfg)}
     if cfg.admin_rest == "internal":
-        listeners[ADMIN_REST_LISTENER] = admin_rest_listener(cfg, admin_rest_route(cfg))
+        listeners[ADMIN_REST_LISTENER] = admin_rest_listener(cfg, admin_rest_routes(cfg))
     secrets = _secrets(state)
     if cfg.tls:
         if gateway_cert is None:

@@ -108,6 +108,19 @@ def test_the_admin_rest_api_is_off_the_public_listener(tls_stack: Stack):
         assert http.get(f"{tls_stack.endpoints()['admin_rest']}/admin/v1/tenants").status_code == 401
 
 
+def test_the_openapi_document_is_on_the_admin_rest_listener_only(tls_stack: Stack):
+    path = "/admin/v1/openapi.json"
+    with httpx2.Client(verify=ssl.create_default_context(cafile=tls_stack.gateway_ca)) as http:
+        internal = http.get(f"{tls_stack.endpoints()['admin_rest']}{path}")
+        assert internal.status_code == 200
+        assert internal.json()["paths"]["/admin/v1/tenants"]["get"]["operationId"] == "ListTenants"
+        # anything else there is still the API's: no RPC, or a credential wanted
+        assert http.get(f"{tls_stack.endpoints()['admin_rest']}{path}x").status_code == 404
+        assert http.post(f"{tls_stack.endpoints()['admin_rest']}{path}").status_code == 404
+        # the public listener has no admin route at all: ext_authz wants an API key
+        assert http.get(f"{tls_stack.gateway}{path}").status_code == 401
+
+
 async def _load(stack: Stack) -> tuple[int, list[str]]:
     """RATE requests a second for SECONDS (alternately JSON and streams, over HTTP/2 and
     HTTP/1.1); the supervisor gets SIGUSR1 at ROTATIONS_AT. (requests made, failures)."""

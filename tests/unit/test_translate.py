@@ -39,6 +39,13 @@ def test_each_model_routes_by_body_model_and_nothing_routes_by_default():
     # plane, never to a backend.
     others = [r for r in routed if "dynamic_metadata" not in r["match"]]
     assert [(r["match"], r["route"]["cluster"]) for r in others] == [
+        (
+            {
+                "path": "/admin/v1/openapi.json",
+                "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+            },
+            "tessera_control_plane_http",
+        ),
         ({"prefix": "/admin/"}, "tessera_admin_api"),
         ({"path": "/oauth/token"}, "tessera_control_plane_http"),
         ({"path": "/v1/models"}, "tessera_control_plane_http"),
@@ -371,7 +378,8 @@ def test_the_admin_rest_api_is_public_internal_or_nowhere():
     own = internal.listeners["tessera_admin_rest"]
     assert own["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 8081}
     hcm = own["filter_chains"][0]["filters"][0]["typed_config"]
-    (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    openapi_route, route = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert openapi_route["route"]["cluster"] == "tessera_control_plane_http"
     assert route["route"]["cluster"] == "tessera_admin_api"
 
     off = resources_from_state(State(), replace(CFG, admin_rest="off"))
