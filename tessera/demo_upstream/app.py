@@ -1,12 +1,27 @@
-"""The demo upstream's aiohttp app: vLLM's OpenAI-compatible routes, answered without a model.
+"""The demo upstream's aiohttp app: vLLM's OpenAI-compatible server, answered without a model.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
-``GET /v1/models``, ``GET /health`` and ``GET /metrics`` (vLLM metric names).
+Routes, as vLLM serves them:
 
-Because this is a test stand-in, it also records, for every inference request it receives, the
-path, the lower-cased request headers and the model, in a ring buffer of the last 200:
-``GET /debug/requests`` returns them (newest last) and ``DELETE /debug/requests`` clears them.
-Tests use it to check which headers the gateway lets through to the upstream.
+- OpenAI: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
+  ``POST /v1/responses`` (responses.py), ``POST /v1/audio/transcriptions`` and
+  ``POST /v1/audio/translations`` (audio.py), ``GET /v1/models``, ``GET /v1/realtime``
+  (a WebSocket);
+- Anthropic: ``POST /v1/messages`` and ``POST /v1/messages/count_tokens`` (anthropic.py);
+- vLLM's own (extras.py): ``POST /v1/rerank`` (also ``/rerank``, ``/v2/rerank``),
+  ``POST /v1/score`` (also ``/score``), ``POST /tokenize``, ``POST /detokenize``, and the admin
+  routes a gateway must never let a tenant reach: ``POST /v1/load_lora_adapter``,
+  ``POST /v1/unload_lora_adapter``, ``POST /reset_prefix_cache``, ``POST /sleep``;
+- ``GET /health`` and ``GET /metrics`` (vLLM metric names).
+
+Because this is a test stand-in, it records every request that reaches it (whatever its path or
+method, unknown ones included, which answer aiohttp's 404), except ``/debug/*``, ``/health`` and
+``/metrics``, in a ring buffer of the last 200: ``GET /debug/requests`` returns them (newest
+last) and ``DELETE /debug/requests`` clears them. An entry is ``{path, query, method, headers,
+model, body}``: ``path`` as received (``raw_path`` less its query: dot segments and escapes
+kept), the lower-cased headers, the model and the body when the route reads them (``null``
+otherwise), and ``usage``, the usage object as the answer carried it, once it was sent (a stream
+cut before its usage has none). Tests use it to check what the gateway lets through, and that
+some requests never reach the backend.
 
 A request header ``x-demo-delay-ms`` adds that many milliseconds per generated token, so tests
 can hold requests in flight or disconnect mid-stream. Every response carries
@@ -18,15 +33,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from tessera.demo_upstream import anthropic, audio, extras, responses
 from tessera.demo_upstream.metrics import UpstreamMetrics
 from tessera.demo_upstream.schema import (
     ApiError,
@@ -35,28 +49,25 @@ from tessera.demo_upstream.schema import (
     parse_completion,
     parse_embedding,
 )
+from tessera.demo_upstream.state import (
+    ENTRY,
+    NAME_HEADER,
+    STATE,
+    State,
+    check_model,
+    delay_seconds,
+    event_stream,
+    note,
+    read_json,
+    reported,
+    state_of,
+)
 from tessera.demo_upstream.stream import new_id, stream, usage_of
 from tessera.demo_upstream.tokens import embedding, generated_words, to_base64
 
-RECORDED_REQUESTS = 200
-DELAY_HEADER = "x-demo-delay-ms"
-SPLIT_HEADER = "x-demo-split-events"  # "1": every SSE event in two writes (as TCP may deliver it)
-MAX_DELAY_MS = 10_000
-NAME_HEADER = "x-demo-upstream"
-
-
-@dataclass
-class _State:
-    name: str
-    models: tuple[str, ...]
-    metrics: UpstreamMetrics
-    fail_status: int = 0
-    created: int = field(default_factory=lambda: int(time.time()))
-    seen: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECORDED_REQUESTS))
-
-
-_STATE = web.AppKey("demo_upstream_state", _State)
-_ENTRY = web.RequestKey("demo_upstream_entry", dict)  # the request's /debug/requests entry
+# Large enough for an audio file (vLLM takes up to 25 MB); aiohttp's default is 1 MiB.
+MAX_BODY_BYTES = 32 * 1024 * 1024
+_UNRECORDED = ("/health", "/metrics")
 
 
 def build_app(
@@ -65,23 +76,60 @@ def build_app(
     """``fail_status`` (e.g. 500): a broken server that answers every request, /health included,
     with that status, as a GPU server with a dead engine would."""
     models = tuple(models)
-    app = web.Application(middlewares=[_errors])
-    app[_STATE] = _State(name=name, models=models, metrics=UpstreamMetrics(models), fail_status=fail_status)
-    app.router.add_post("/v1/chat/completions", _chat)
-    app.router.add_post("/v1/completions", _completions)
-    app.router.add_post("/v1/embeddings", _embeddings)
+    app = web.Application(middlewares=[_record, _errors], client_max_size=MAX_BODY_BYTES)
+    app[STATE] = State(name=name, models=models, metrics=UpstreamMetrics(models), fail_status=fail_status)
+    for path, handler in (
+        ("/v1/chat/completions", _chat),
+        ("/v1/completions", _completions),
+        ("/v1/embeddings", _embeddings),
+        ("/v1/responses", responses.create_response),
+        ("/v1/messages", anthropic.create_message),
+        ("/v1/messages/count_tokens", anthropic.count_tokens),
+        ("/v1/audio/transcriptions", audio.transcriptions),
+        ("/v1/audio/translations", audio.translations),
+        ("/v1/rerank", extras.rerank),
+        ("/rerank", extras.rerank),
+        ("/v2/rerank", extras.rerank),
+        ("/v1/score", extras.score),
+        ("/score", extras.score),
+        ("/tokenize", extras.tokenize),
+        ("/detokenize", extras.detokenize),
+        ("/v1/load_lora_adapter", extras.load_lora_adapter),
+        ("/v1/unload_lora_adapter", extras.unload_lora_adapter),
+        ("/reset_prefix_cache", extras.no_content),
+        ("/sleep", extras.no_content),
+        ("/debug/load", _debug_load),
+    ):
+        app.router.add_post(path, handler)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/realtime", _realtime)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/debug/requests", _debug_list)
     app.router.add_delete("/debug/requests", _debug_clear)
-    app.router.add_post("/debug/load", _debug_load)
     return app
 
 
+@web.middleware
+async def _record(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Record the request for /debug/requests before routing (so unknown paths are too)."""
+    path, _, query = request.raw_path.partition("?")
+    if path not in _UNRECORDED and not path.startswith("/debug/"):
+        entry: dict[str, Any] = {
+            "path": path,
+            "query": query,
+            "method": request.method,
+            "headers": {key.lower(): value for key, value in request.headers.items()},
+            "model": None,
+            "body": None,
+        }
+        state_of(request).seen.append(entry)
+        request[ENTRY] = entry
+    return await handler(request)
+
+
 def _fail_if_broken(request: web.Request) -> None:
-    fail = request.app[_STATE].fail_status
+    fail = state_of(request).fail_status
     if fail and not request.path.startswith("/debug/"):
         raise ApiError(fail, "This demo upstream is set to fail.", kind="InternalServerError")
 
@@ -92,53 +140,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         _fail_if_broken(request)
         response = await handler(request)
     except ApiError as exc:
-        response = web.json_response(exc.body(), status=exc.status)
+        body = anthropic.error_body(exc) if anthropic.is_anthropic(request.path) else exc.body()
+        response = web.json_response(body, status=exc.status)
     if not response.prepared:
-        response.headers[NAME_HEADER] = request.app[_STATE].name
+        response.headers[NAME_HEADER] = state_of(request).name
     return response
-
-
-async def _read(request: web.Request) -> dict[str, Any]:
-    """Record the request (headers and JSON body) for /debug/requests, then parse its body."""
-    state = request.app[_STATE]
-    entry: dict[str, Any] = {
-        "path": request.path,
-        "headers": {key.lower(): value for key, value in request.headers.items()},
-        "model": None,
-    }
-    state.seen.append(entry)
-    request[_ENTRY] = entry
-    body = parse_body(await request.read())
-    entry["body"] = body
-    model = body.get("model")
-    entry["model"] = model if isinstance(model, str) else None
-    return body
-
-
-def _reported(request: web.Request, usage: dict[str, int]) -> None:
-    """Note on this request's /debug/requests entry the usage it was sent (what a meter must
-    count: a stream cut before its usage chunk has none)."""
-    entry = request.get(_ENTRY)
-    if entry is not None:
-        entry["usage"] = usage
-
-
-def _check_model(request: web.Request, model: str) -> None:
-    if model not in request.app[_STATE].models:
-        raise ApiError(404, f"The model `{model}` does not exist.", kind="NotFoundError", param="model")
-
-
-def _delay_seconds(request: web.Request) -> float:
-    raw = request.headers.get(DELAY_HEADER, "0")
-    try:
-        delay = int(raw)
-    except ValueError:
-        delay = -1
-    if not 0 <= delay <= MAX_DELAY_MS:
-        raise ApiError(
-            400, f"`{DELAY_HEADER}` must be an integer from 0 to {MAX_DELAY_MS}.", param=DELAY_HEADER
-        )
-    return delay / 1000
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
@@ -150,24 +156,21 @@ async def _completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
-    body = await _read(request)
+    body = await read_json(request)
     gen = parse_chat(body) if chat else parse_completion(body)
-    _check_model(request, gen.model)
-    delay = _delay_seconds(request)
-    metrics = request.app[_STATE].metrics
+    check_model(request, gen.model)
+    delay = delay_seconds(request)
+    metrics = state_of(request).metrics
     metrics.prompt_tokens.labels(model_name=gen.model).inc(gen.prompt_tokens)
     with metrics.track(gen.model):
         if gen.stream:
-            state = request.app[_STATE]
             return await stream(
-                request,
+                event_stream(request),
                 gen,
                 chat=chat,
                 delay=delay,
-                headers={NAME_HEADER: state.name},
                 on_tokens=metrics.generation_tokens.labels(model_name=gen.model).inc,
-                on_usage=lambda usage: _reported(request, usage),
-                split=request.headers.get(SPLIT_HEADER) == "1",
+                on_usage=lambda usage: reported(request, usage),
             )
         if delay:
             await asyncio.sleep(delay * gen.completion_tokens)
@@ -181,7 +184,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
         ]
         for choice in choices:
             choice.update(finish_reason=gen.finish_reason, logprobs=None)
-        _reported(request, usage_of(gen))
+        reported(request, usage_of(gen))
         return web.json_response(
             {
                 "id": new_id(chat),
@@ -195,10 +198,9 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
 
 
 async def _embeddings(request: web.Request) -> web.StreamResponse:
-    body = await _read(request)
-    req = parse_embedding(body)
-    _check_model(request, req.model)
-    metrics = request.app[_STATE].metrics
+    req = parse_embedding(await read_json(request))
+    check_model(request, req.model)
+    metrics = state_of(request).metrics
     metrics.prompt_tokens.labels(model_name=req.model).inc(req.tokens)
     with metrics.track(req.model):
         data = []
@@ -206,6 +208,8 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
             vector = embedding(key, req.dimensions)
             encoded: list[float] | str = to_base64(vector) if req.base64 else vector
             data.append({"object": "embedding", "index": index, "embedding": encoded})
+        usage = {"prompt_tokens": req.tokens, "total_tokens": req.tokens}
+        reported(request, usage)
         return web.json_response(
             {
                 "id": f"embd-{uuid.uuid4().hex}",
@@ -213,13 +217,13 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
                 "created": int(time.time()),
                 "model": req.model,
                 "data": data,
-                "usage": {"prompt_tokens": req.tokens, "total_tokens": req.tokens},
+                "usage": usage,
             }
         )
 
 
 async def _models(request: web.Request) -> web.StreamResponse:
-    state = request.app[_STATE]
+    state = state_of(request)
     data = [
         {"id": model, "object": "model", "created": state.created, "owned_by": state.name, "root": model}
         for model in state.models
@@ -229,19 +233,12 @@ async def _models(request: web.Request) -> web.StreamResponse:
 
 async def _realtime(request: web.Request) -> web.StreamResponse:
     """A WebSocket like vLLM's realtime endpoint, reduced to what a gateway test needs: it
-    records the upgrade request, announces the session with its model (``?model=``), then
+    notes the model of the upgrade request (``?model=``), announces the session with it, then
     answers each text message with a ``response.done`` event that echoes it."""
-    state = request.app[_STATE]
+    state = state_of(request)
     model = request.query.get("model", "")
-    state.seen.append(
-        {
-            "path": request.path,
-            "headers": {key.lower(): value for key, value in request.headers.items()},
-            "model": model,
-            "body": None,
-        }
-    )
-    _check_model(request, model)
+    note(request, model=model)
+    check_model(request, model)
     ws = web.WebSocketResponse()
     await ws.prepare(request)
     await ws.send_json({"type": "session.created", "session": {"model": model}, "upstream": state.name})
@@ -256,7 +253,7 @@ async def _health(_request: web.Request) -> web.StreamResponse:
 
 
 async def _metrics(request: web.Request) -> web.StreamResponse:
-    metrics = request.app[_STATE].metrics
+    metrics = state_of(request).metrics
     if metrics.broken:
         return web.Response(status=500, text="metrics are broken on purpose")
     return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -266,7 +263,7 @@ async def _debug_load(request: web.Request) -> web.StreamResponse:
     """``{"waiting": N, "broken": bool}``: pretend N requests are queued (a loaded GPU), or make
     ``/metrics`` fail. Tests use it to drive the gateway's load-aware weights."""
     body = parse_body(await request.read())
-    state = request.app[_STATE]
+    state = state_of(request)
     waiting = body.get("waiting", 0)
     if not isinstance(waiting, int) or waiting < 0:
         raise ApiError(400, "`waiting` must be a non-negative integer.", param="waiting")
@@ -276,9 +273,9 @@ async def _debug_load(request: web.Request) -> web.StreamResponse:
 
 
 async def _debug_list(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"requests": list(request.app[_STATE].seen)})
+    return web.json_response({"requests": list(state_of(request).seen)})
 
 
 async def _debug_clear(request: web.Request) -> web.StreamResponse:
-    request.app[_STATE].seen.clear()
+    state_of(request).seen.clear()
     return web.Response(status=204)

@@ -40,7 +40,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def _bad(param: str, message: str) -> ApiError:
+def bad(param: str, message: str) -> ApiError:
     return ApiError(400, message, param=param)
 
 
@@ -87,88 +87,99 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 def model_of(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise _bad("model", "`model` must be a non-empty string.")
+        raise bad("model", "`model` must be a non-empty string.")
     return model
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _positive_int(body: dict[str, Any], name: str) -> int | None:
+def positive_int(body: dict[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if not _is_int(value) or value < 1:
-        raise _bad(name, f"`{name}` must be a positive integer.")
+    if not is_int(value) or value < 1:
+        raise bad(name, f"`{name}` must be a positive integer.")
     return int(value)
 
 
-def _optional_bool(body: dict[str, Any], name: str) -> bool:
+def optional_bool(body: dict[str, Any], name: str) -> bool:
     value = body.get(name)
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise _bad(name, f"`{name}` must be a boolean.")
+        raise bad(name, f"`{name}` must be a boolean.")
     return value
 
 
 def _common(body: dict[str, Any], max_token_fields: tuple[str, ...]) -> tuple[int | None, bool, bool]:
     """max_tokens (capped), stream, include_usage; also checks n and the sampling numbers."""
-    limits = [_positive_int(body, name) for name in max_token_fields]
+    limits = [positive_int(body, name) for name in max_token_fields]
     chosen = next((limit for limit in limits if limit is not None), None)
     n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
-        raise _bad("n", "Only `n=1` is supported by the demo upstream.")
+    if n is not None and (not is_int(n) or n != 1):
+        raise bad("n", "Only `n=1` is supported by the demo upstream.")
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         value = body.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise _bad(name, f"`{name}` must be a number.")
-    stream = _optional_bool(body, "stream")
+            raise bad(name, f"`{name}` must be a number.")
+    stream = optional_bool(body, "stream")
     options = body.get("stream_options")
     include_usage = False
     if options is not None:
         if not stream:
-            raise _bad("stream_options", "Stream options can only be defined when `stream=True`.")
+            raise bad("stream_options", "Stream options can only be defined when `stream=True`.")
         if not isinstance(options, dict):
-            raise _bad("stream_options", "`stream_options` must be an object.")
-        include_usage = _optional_bool(options, "include_usage")
+            raise bad("stream_options", "`stream_options` must be an object.")
+        include_usage = optional_bool(options, "include_usage")
     return (None if chosen is None else min(chosen, MAX_TOKENS_CAP)), stream, include_usage
 
 
-def _content_words(index: int, content: object) -> int:
-    where = f"messages[{index}].content"
+# Content parts that carry text: chat's "text", the Responses API's "input_text"/"output_text".
+TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
+
+
+def content_words(content: object, param: str, where: str) -> int:
+    """Words in a message's content: a string, or a list of typed parts (text parts counted)."""
     if content is None:
         return 0
     if isinstance(content, str):
         return count_words(content)
     if not isinstance(content, list):
-        raise _bad("messages", f"`{where}` must be a string or a list of content parts.")
+        raise bad(param, f"`{where}` must be a string or a list of content parts.")
     words = 0
     for part in content:
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise _bad("messages", f"Each part of `{where}` must be an object with a `type`.")
-        if part["type"] == "text":
+            raise bad(param, f"Each part of `{where}` must be an object with a `type`.")
+        if part["type"] in TEXT_PARTS:
             text = part.get("text")
             if not isinstance(text, str):
-                raise _bad("messages", f"A text part of `{where}` must have a string `text`.")
+                raise bad(param, f"A text part of `{where}` must have a string `text`.")
             words += count_words(text)
     return words
 
 
-def parse_chat(body: dict[str, Any]) -> GenerateRequest:
-    model = model_of(body)
-    messages = body.get("messages")
+def message_tokens(messages: object, param: str) -> int:
+    """Prompt tokens of a list of ``{role, content}`` messages: content words plus a few per
+    message for its role."""
     if not isinstance(messages, list) or not messages:
-        raise _bad("messages", "`messages` must be a non-empty list.")
-    prompt_tokens = 0
+        raise bad(param, f"`{param}` must be a non-empty list.")
+    tokens = 0
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise _bad("messages", f"`messages[{index}]` must be an object.")
+            raise bad(param, f"`{param}[{index}]` must be an object.")
         role = message.get("role")
         if not isinstance(role, str) or not role:
-            raise _bad("messages", f"`messages[{index}].role` must be a non-empty string.")
-        prompt_tokens += _content_words(index, message.get("content")) + ROLE_OVERHEAD_TOKENS
+            raise bad(param, f"`{param}[{index}].role` must be a non-empty string.")
+        where = f"{param}[{index}].content"
+        tokens += content_words(message.get("content"), param, where) + ROLE_OVERHEAD_TOKENS
+    return tokens
+
+
+def parse_chat(body: dict[str, Any]) -> GenerateRequest:
+    model = model_of(body)
+    prompt_tokens = message_tokens(body.get("messages"), "messages")
     max_tokens, stream, include_usage = _common(body, ("max_completion_tokens", "max_tokens"))
     return GenerateRequest(model, prompt_tokens, 1, max_tokens, stream, include_usage)
 
@@ -181,13 +192,13 @@ def _inputs(value: object, param: str) -> list[tuple[str, int]]:
     if isinstance(value, str):
         return [(f"s:{value}", count_words(value))]
     if isinstance(value, list) and value:
-        if all(_is_int(item) for item in value):
+        if all(is_int(item) for item in value):
             return [(f"t:{value}", len(value))]
         if all(isinstance(item, str) for item in value):
             return [(f"s:{item}", count_words(item)) for item in value]
-        if all(isinstance(item, list) and item and all(_is_int(t) for t in item) for item in value):
+        if all(isinstance(item, list) and item and all(is_int(t) for t in item) for item in value):
             return [(f"t:{item}", len(item)) for item in value]
-    raise _bad(param, f"`{param}` must be a string, a non-empty list of strings, or token lists.")
+    raise bad(param, f"`{param}` must be a string, a non-empty list of strings, or token lists.")
 
 
 def parse_completion(body: dict[str, Any]) -> GenerateRequest:
@@ -201,12 +212,12 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
 def parse_embedding(body: dict[str, Any]) -> EmbeddingRequest:
     model = model_of(body)
     inputs = _inputs(body.get("input"), "input")
-    dimensions = _positive_int(body, "dimensions") or DEFAULT_DIMENSIONS
+    dimensions = positive_int(body, "dimensions") or DEFAULT_DIMENSIONS
     if dimensions > MAX_DIMENSIONS:
-        raise _bad("dimensions", f"`dimensions` must be at most {MAX_DIMENSIONS}.")
+        raise bad("dimensions", f"`dimensions` must be at most {MAX_DIMENSIONS}.")
     encoding = body.get("encoding_format")
     if encoding not in (None, "float", "base64"):
-        raise _bad("encoding_format", "`encoding_format` must be 'float' or 'base64'.")
+        raise bad("encoding_format", "`encoding_format` must be 'float' or 'base64'.")
     keys = tuple(key for key, _tokens in inputs)
     tokens = sum(tokens for _key, tokens in inputs)
     return EmbeddingRequest(model, keys, tokens, dimensions, encoding == "base64")

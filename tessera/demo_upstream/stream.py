@@ -1,4 +1,5 @@
-"""Server-sent-event streaming of chat and text completions, shaped like vLLM's."""
+"""Server-sent-event streaming: the writer every streaming route uses, and chat and text
+completion streams shaped like vLLM's."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -26,6 +28,62 @@ def usage_of(gen: GenerateRequest) -> dict[str, int]:
         "completion_tokens": completion,
         "total_tokens": gen.prompt_tokens + completion,
     }
+
+
+class ClientGoneError(Exception):
+    """The client closed the connection mid-stream."""
+
+
+class EventStream:
+    """An SSE response written one event per write, so the client sees tokens as they come.
+
+    ``async with EventStream(...) as sse``: leaving the block ends the body; a client that
+    leaves mid-stream ends the block early and quietly (nothing more is generated or sent).
+    ``split``: every event in two writes, a moment apart (as TCP may deliver it).
+    """
+
+    def __init__(self, request: web.Request, *, headers: dict[str, str], split: bool = False) -> None:
+        self.request = request
+        self.response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+        )
+        self.response.enable_chunked_encoding()
+        self._split = split
+
+    async def __aenter__(self) -> Self:
+        await self.response.prepare(self.request)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None
+    ) -> bool:
+        if kind is None:
+            await self.response.write_eof()
+            return False
+        return issubclass(kind, ClientGoneError | ConnectionResetError)
+
+    async def write(self, event: bytes) -> None:
+        if self._split:
+            half = len(event) // 2
+            await self.response.write(event[:half])
+            await asyncio.sleep(0.005)
+            event = event[half:]
+        await self.response.write(event)
+
+    async def send(self, payload: dict[str, Any], *, event: str | None = None) -> None:
+        """``data: <json>``, after ``event: <name>`` when named."""
+        head = f"event: {event}\n" if event else ""
+        await self.write(f"{head}data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode())
+
+    async def pieces(self, count: int, delay: float) -> AsyncIterator[str]:
+        """The generated text one token at a time (``tok0``, `` tok1``, …), ``delay`` seconds
+        apart; raises ClientGoneError once the client has left."""
+        for position, word in enumerate(generated_words(count)):
+            if delay:
+                await asyncio.sleep(delay)
+            if self.request.transport is None or self.request.transport.is_closing():
+                raise ClientGoneError
+            yield word if position == 0 else f" {word}"
 
 
 class _Chunks:
@@ -61,57 +119,28 @@ class _Chunks:
         return {**self.base, "choices": [], "usage": usage}
 
 
-async def _write_event(response: web.StreamResponse, event: bytes, *, split: bool) -> None:
-    if split:  # the first half now, the rest a moment later: a proxy sees two reads
-        half = len(event) // 2
-        await response.write(event[:half])
-        await asyncio.sleep(0.005)
-        event = event[half:]
-    await response.write(event)
-
-
 async def stream(
-    request: web.Request,
+    sse: EventStream,
     gen: GenerateRequest,
     *,
     chat: bool,
     delay: float,
-    headers: dict[str, str],
     on_tokens: Callable[[int], None],
     on_usage: Callable[[dict[str, int]], None] = lambda _usage: None,
-    split: bool = False,
 ) -> web.StreamResponse:
-    """One write per chunk (so the client sees tokens as they come); stops if the client leaves."""
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
-    )
-    response.enable_chunked_encoding()
-    await response.prepare(request)
+    """A chat or text completion stream, ending with ``data: [DONE]``."""
     chunks = _Chunks(gen, chat)
-
-    async def send(payload: dict[str, Any]) -> None:
-        await _write_event(
-            response, b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n", split=split
-        )
-
-    try:
+    async with sse:
         if chat:
-            await send(chunks.role())
-        for position, word in enumerate(generated_words(gen.completion_tokens)):
-            if delay:
-                await asyncio.sleep(delay)
-            if request.transport is None or request.transport.is_closing():
-                return response
+            await sse.send(chunks.role())
+        async for piece in sse.pieces(gen.completion_tokens, delay):
             for index in range(gen.n_prompts):
-                await send(chunks.piece(index, word if position == 0 else f" {word}"))
+                await sse.send(chunks.piece(index, piece))
             on_tokens(gen.n_prompts)
         for index in range(gen.n_prompts):
-            await send(chunks.piece(index, "", gen.finish_reason))
+            await sse.send(chunks.piece(index, "", gen.finish_reason))
         if gen.include_usage:
-            await send(chunks.usage(usage_of(gen)))
+            await sse.send(chunks.usage(usage_of(gen)))
             on_usage(usage_of(gen))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-    except ConnectionResetError:
-        pass  # the client disconnected mid-stream: stop generating
-    return response
+        await sse.response.write(b"data: [DONE]\n\n")
+    return sse.response

@@ -36,3 +36,20 @@ def embedding(key: str, dimensions: int) -> list[float]:
 def to_base64(vector: list[float]) -> str:
     """OpenAI's ``encoding_format="base64"``: little-endian float32 bytes, base64-encoded."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+VOCABULARY = 32_000
+
+
+def token_ids(key: str, count: int) -> list[int]:
+    """``count`` token ids below ``VOCABULARY``, derived from a hash of ``key``."""
+    return [
+        int.from_bytes(hashlib.blake2b(f"{i}:{key}".encode(), digest_size=4).digest(), "little") % VOCABULARY
+        for i in range(count)
+    ]
+
+
+def relevance(query: str, document: str) -> float:
+    """A score in [0, 1] for a pair of texts: the cosine of their embeddings, rescaled."""
+    a, b = embedding(f"s:{query}", 8), embedding(f"s:{document}", 8)
+    return (1.0 + sum(x * y for x, y in zip(a, b, strict=True))) / 2

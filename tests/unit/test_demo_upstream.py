@@ -9,6 +9,8 @@ import math
 import struct
 from typing import Any
 
+import aiohttp
+import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -362,13 +364,20 @@ async def test_debug_requests_records_headers(client):
     )
     await client.post("/v1/embeddings", json={"model": "other", "input": "x"})
     await client.post(CHAT, data=b"{bad")
-    await client.get("/v1/models")  # not an inference request: not recorded
+    await client.get("/v1/models")
+    await client.get("/health")  # probes and /debug are not recorded
+    await client.get("/metrics")
     recorded = (await (await client.get("/debug/requests")).json())["requests"]
-    assert [(entry["path"], entry["model"]) for entry in recorded] == [
-        (CHAT, "demo"),
-        ("/v1/embeddings", "other"),
-        (CHAT, None),
+    assert [(entry["method"], entry["path"], entry["model"]) for entry in recorded] == [
+        ("POST", CHAT, "demo"),
+        ("POST", "/v1/embeddings", "other"),
+        ("POST", CHAT, None),
+        ("GET", "/v1/models", None),
     ]
+    assert recorded[0]["body"] == _chat_body(max_tokens=1)
+    assert recorded[0]["usage"] == {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    assert recorded[2]["body"] is None
+    assert "usage" not in recorded[2]
     assert recorded[0]["headers"]["x-tenant-id"] == "t1"
     assert recorded[0]["headers"]["authorization"] == "Bearer k"
     assert "x-tenant-id" not in recorded[1]["headers"]
@@ -384,3 +393,451 @@ async def test_debug_requests_keeps_the_last_200(client):
     assert len(recorded) == 200
     assert recorded[0]["headers"]["x-n"] == "5"
     assert recorded[-1]["headers"]["x-n"] == "204"
+
+
+async def _recorded(client) -> list[dict[str, Any]]:
+    return (await (await client.get("/debug/requests")).json())["requests"]
+
+
+async def test_every_request_is_recorded_as_received_before_routing(client):
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"DELETE /v1/../admin/%2e%2e/x?y=1 HTTP/1.1\r\nHost: up\r\nConnection: close\r\n\r\n")
+    raw = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert raw.startswith(b"HTTP/1.1 404 ")
+    assert b"Content-Type: text/plain" in raw
+    assert raw.endswith(b"\r\n\r\n404: Not Found")  # aiohttp's own 404, as for any unknown path
+    resp = await client.get(CHAT)  # a known path, the wrong method
+    assert resp.status == 405
+    [unknown, wrong_method] = await _recorded(client)
+    assert unknown == {
+        "path": "/v1/../admin/%2e%2e/x",  # dot segments and escapes as the backend received them
+        "query": "y=1",
+        "method": "DELETE",
+        "headers": {"host": "up", "connection": "close"},
+        "model": None,
+        "body": None,
+    }
+    assert (wrong_method["method"], wrong_method["path"]) == ("GET", CHAT)
+
+
+async def test_a_broken_upstream_still_records_what_reached_it():
+    async with TestClient(TestServer(build_app(fail_status=503))) as broken:
+        assert (await broken.post(CHAT, json=_chat_body())).status == 503
+        [entry] = await _recorded(broken)
+        assert (entry["method"], entry["path"]) == ("POST", CHAT)
+
+
+# --- vLLM's admin routes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "text"),
+    [
+        ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "/x"}, "Success: LoRA adapter 'a' added"),
+        ("/v1/unload_lora_adapter", {"lora_name": "a"}, "Success: LoRA adapter 'a' removed"),
+        ("/reset_prefix_cache", None, ""),
+        ("/sleep?level=1", None, ""),
+    ],
+)
+async def test_admin_routes_answer_200_and_are_recorded(client, path, payload, text):
+    resp = await client.post(path, json=payload, headers={"Authorization": "Bearer tenant"})
+    assert resp.status == 200
+    assert (await resp.text()).startswith(text)
+    [entry] = await _recorded(client)
+    assert (entry["method"], entry["path"]) == ("POST", path.partition("?")[0])
+    assert entry["headers"]["authorization"] == "Bearer tenant"
+    assert entry["body"] == payload
+
+
+# --- Responses API ------------------------------------------------------------------------------
+
+RESPONSES = "/v1/responses"
+RESPONSES_USAGE = {
+    "input_tokens": 3,
+    "input_tokens_details": {"cached_tokens": 0},
+    "output_tokens": 4,
+    "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 7,
+}
+
+
+def _named_events(raw: str) -> list[tuple[str, dict[str, Any]]]:
+    """An SSE body of named events (``event:`` then ``data:``), as (name, data) pairs."""
+    assert raw.endswith("\n\n")
+    assert "[DONE]" not in raw
+    events = []
+    for block in raw.split("\n\n")[:-1]:
+        event, data = block.split("\n")
+        assert event.startswith("event: ")
+        assert data.startswith("data: ")
+        payload = json.loads(data.removeprefix("data: "))
+        assert payload["type"] == event.removeprefix("event: ")
+        events.append((payload["type"], payload))
+    return events
+
+
+async def test_responses_json(client):
+    payload = {"model": "demo", "input": "one two three", "max_output_tokens": 4}
+    resp = await client.post(RESPONSES, json=payload)
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["id"].startswith("resp_")
+    assert (body["object"], body["status"], body["model"]) == ("response", "completed", "demo")
+    assert isinstance(body["created_at"], int)
+    [message] = body["output"]
+    assert message["id"].startswith("msg_")
+    assert (message["type"], message["status"], message["role"]) == ("message", "completed", "assistant")
+    assert message["content"] == [{"type": "output_text", "text": "tok0 tok1 tok2 tok3", "annotations": []}]
+    assert body["usage"] == RESPONSES_USAGE
+    [entry] = await _recorded(client)
+    assert (entry["path"], entry["model"], entry["body"]) == (RESPONSES, "demo", payload)
+    assert entry["usage"] == RESPONSES_USAGE
+
+
+async def test_responses_count_input_items_and_instructions(client):
+    items = [
+        {"role": "user", "content": "a b"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "c d e"}]},
+    ]
+    payload = {"model": "demo", "input": items, "instructions": "be brief"}
+    body = await (await client.post(RESPONSES, json=payload)).json()
+    assert body["usage"]["input_tokens"] == (2 + 3) + (3 + 3) + (2 + 3)
+    assert body["usage"]["output_tokens"] == 16  # the default length without max_output_tokens
+    assert body["instructions"] == "be brief"
+
+
+async def test_responses_stream_events(client):
+    payload = {"model": "demo", "input": "one two three", "max_output_tokens": 4, "stream": True}
+    resp = await client.post(RESPONSES, json=payload)
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert resp.headers["x-demo-upstream"] == "up-a"
+    events = _named_events(await resp.text())
+    names = [name for name, _ in events]
+    assert names == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * 4,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    by_name = dict(events)
+    for early in ("response.created", "response.in_progress"):
+        assert by_name[early]["response"]["usage"] is None
+        assert by_name[early]["response"]["status"] == "in_progress"
+    deltas = [data["delta"] for name, data in events if name == "response.output_text.delta"]
+    assert "".join(deltas) == by_name["response.output_text.done"]["text"] == "tok0 tok1 tok2 tok3"
+    item_id = by_name["response.output_item.added"]["item"]["id"]
+    assert all(data["item_id"] == item_id for name, data in events if "output_text" in name)
+    final = by_name["response.completed"]["response"]
+    assert final["status"] == "completed"
+    assert final["usage"] == RESPONSES_USAGE
+    assert final["output"] == [by_name["response.output_item.done"]["item"]]
+    [entry] = await _recorded(client)
+    assert entry["usage"] == RESPONSES_USAGE
+
+
+async def test_responses_through_the_openai_client(client):
+    oai = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
+    answer = await oai.responses.create(model="demo", input="one two three", max_output_tokens=4)
+    assert answer.output_text == "tok0 tok1 tok2 tok3"
+    assert answer.usage is not None
+    assert answer.usage.model_dump(exclude_none=True) == RESPONSES_USAGE
+    stream = await oai.responses.create(model="demo", input="one two three", max_output_tokens=4, stream=True)
+    events = [event async for event in stream]
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.usage is not None
+    assert events[-1].response.usage.total_tokens == 7
+    assert events[-1].response.output_text == "tok0 tok1 tok2 tok3"
+    await oai.close()
+
+
+# --- Anthropic Messages API ---------------------------------------------------------------------
+
+MESSAGES = "/v1/messages"
+ANTHROPIC_HEADERS = {"x-api-key": "sk-ant-x", "anthropic-version": "2023-06-01"}
+
+
+def _messages_body(max_tokens: int | None = 5, **extra: Any) -> dict[str, Any]:
+    body = {"model": "demo", "system": "be brief", "messages": [{"role": "user", "content": "one two"}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return {**body, **extra}
+
+
+async def test_messages_json(client):
+    resp = await client.post(MESSAGES, json=_messages_body(), headers=ANTHROPIC_HEADERS)
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["id"].startswith("msg_")
+    assert body == {
+        "id": body["id"],
+        "type": "message",
+        "role": "assistant",
+        "model": "demo",
+        "content": [{"type": "text", "text": "tok0 tok1 tok2 tok3 tok4"}],
+        "stop_reason": "max_tokens",  # the demo's answer is 16 words: 5 cut it
+        "stop_sequence": None,
+        "usage": {"input_tokens": (2 + 3) + (2 + 3), "output_tokens": 5},
+    }
+    [entry] = await _recorded(client)
+    assert entry["usage"] == body["usage"]
+    assert entry["headers"]["x-api-key"] == "sk-ant-x"
+    assert entry["headers"]["anthropic-version"] == "2023-06-01"
+    ended = await (await client.post(MESSAGES, json=_messages_body(max_tokens=100))).json()
+    assert ended["stop_reason"] == "end_turn"
+    assert ended["usage"]["output_tokens"] == 16
+
+
+async def test_messages_stream_events(client):
+    resp = await client.post(MESSAGES, json=_messages_body(max_tokens=3, stream=True))
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    events = _named_events(await resp.text())
+    assert [name for name, _ in events] == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        *["content_block_delta"] * 3,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    start = events[0][1]["message"]
+    assert start["id"].startswith("msg_")
+    assert (start["content"], start["stop_reason"]) == ([], None)
+    assert start["usage"] == {"input_tokens": 10, "output_tokens": 1}
+    assert events[1][1] == {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    deltas = [data["delta"] for name, data in events if name == "content_block_delta"]
+    assert all(delta["type"] == "text_delta" for delta in deltas)
+    assert "".join(delta["text"] for delta in deltas) == "tok0 tok1 tok2"
+    assert events[-2][1] == {
+        "type": "message_delta",
+        "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+        "usage": {"output_tokens": 3},
+    }
+    [entry] = await _recorded(client)
+    assert entry["usage"] == {"input_tokens": 10, "output_tokens": 3}
+
+
+async def test_messages_through_the_anthropic_client(client):
+    anthropic = pytest.importorskip("anthropic")
+    claude = anthropic.AsyncAnthropic(base_url=str(client.make_url("")), api_key="sk-ant-x", max_retries=0)
+    kwargs = {"model": "demo", "system": "be brief", "messages": [{"role": "user", "content": "one two"}]}
+    message = await claude.messages.create(max_tokens=5, **kwargs)
+    assert message.content[0].text == "tok0 tok1 tok2 tok3 tok4"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (10, 5)
+    events = [event async for event in await claude.messages.create(max_tokens=5, stream=True, **kwargs)]
+    assert [event.type for event in events][-2:] == ["message_delta", "message_stop"]
+    async with claude.messages.stream(max_tokens=50, **kwargs) as stream:
+        final = await stream.get_final_message()
+    assert final.stop_reason == "end_turn"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (10, 16)
+    with pytest.raises(anthropic.NotFoundError):
+        await claude.messages.create(max_tokens=5, **{**kwargs, "model": "nope"})
+    with pytest.raises(anthropic.BadRequestError):
+        await claude.messages.create(max_tokens=0, **kwargs)
+    await claude.close()
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "kind"),
+    [
+        (_messages_body(max_tokens=None), 400, "invalid_request_error"),
+        (_messages_body(max_tokens=0), 400, "invalid_request_error"),
+        (_messages_body(messages=[]), 400, "invalid_request_error"),
+        (_messages_body(model="nope"), 404, "not_found_error"),
+        (b"{not json", 400, "invalid_request_error"),
+    ],
+)
+async def test_messages_errors_have_anthropics_shape(client, payload, status, kind):
+    if isinstance(payload, bytes):
+        resp = await client.post(MESSAGES, data=payload, headers={"Content-Type": "application/json"})
+    else:
+        resp = await client.post(MESSAGES, json=payload)
+    assert resp.status == status
+    body = await resp.json()
+    assert set(body) == {"type", "error"}
+    assert body["type"] == "error"
+    assert set(body["error"]) == {"type", "message"}
+    assert body["error"]["type"] == kind
+    assert body["error"]["message"]
+
+
+async def test_messages_missing_max_tokens_says_so(client):
+    body = await (await client.post(MESSAGES, json=_messages_body(max_tokens=None))).json()
+    assert body["error"]["message"] == "max_tokens: Field required"
+
+
+async def test_a_broken_upstream_answers_messages_in_anthropics_shape():
+    async with TestClient(TestServer(build_app(fail_status=500))) as broken:
+        resp = await broken.post(MESSAGES, json=_messages_body())
+        assert resp.status == 500
+        assert (await resp.json())["error"]["type"] == "api_error"
+
+
+async def test_messages_count_tokens(client):
+    payload = _messages_body(max_tokens=None)
+    resp = await client.post(f"{MESSAGES}/count_tokens", json=payload)
+    assert await resp.json() == {"input_tokens": 10}
+
+
+# --- streams cut early --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [
+        (RESPONSES, {"model": "demo", "input": "x", "max_output_tokens": 1000, "stream": True}),
+        (MESSAGES, _messages_body(max_tokens=1000, stream=True)),
+    ],
+)
+async def test_a_stream_cut_early_reports_no_usage(client, path, payload):
+    resp = await client.post(path, json=payload, headers={"x-demo-delay-ms": "200"})
+    await resp.content.readuntil(b"\n\n")  # the first event; the words come 200 ms apart
+    resp.close()
+    for _ in range(100):
+        if await _metric(client, "vllm:num_requests_running") == 0:
+            break
+        await asyncio.sleep(0.02)
+    [entry] = await _recorded(client)
+    assert "usage" not in entry
+
+
+# --- audio --------------------------------------------------------------------------------------
+
+
+def _form(size: int = 1000, **fields: str) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("file", b"\0" * size, filename="a.wav", content_type="audio/wav")
+    for name, value in {"model": "demo", **fields}.items():
+        form.add_field(name, value)
+    return form
+
+
+@pytest.mark.parametrize("path", ["/v1/audio/transcriptions", "/v1/audio/translations"])
+async def test_audio_json_with_usage(client, path):
+    resp = await client.post(path, data=_form(1000, language="en", prompt="names"))
+    assert resp.status == 200
+    body = await resp.json()
+    usage = {"type": "tokens", "input_tokens": 4, "output_tokens": 4, "total_tokens": 8}  # ceil(1000/320)
+    assert body == {"text": "tok0 tok1 tok2 tok3", "usage": usage}
+    [entry] = await _recorded(client)
+    assert (entry["path"], entry["model"], entry["usage"]) == (path, "demo", usage)
+    assert entry["body"] == {
+        "model": "demo",
+        "language": "en",
+        "prompt": "names",
+        "file": {"filename": "a.wav", "bytes": 1000},
+    }
+
+
+async def test_audio_text_and_no_usage(client):
+    path = "/v1/audio/transcriptions"
+    resp = await client.post(path, data=_form(100_000, response_format="text"))
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    assert len((await resp.text()).split()) == 16
+    resp = await client.post(path, data=_form(), headers={"x-demo-no-usage": "1"})
+    assert await resp.json() == {"text": "tok0 tok1 tok2 tok3"}
+    assert all("usage" not in entry for entry in await _recorded(client))
+
+
+async def test_audio_verbose_json(client):
+    resp = await client.post("/v1/audio/transcriptions", data=_form(64_000, response_format="verbose_json"))
+    body = await resp.json()
+    assert (body["task"], body["language"], body["duration"]) == ("transcribe", "en", 2.0)
+    assert body["segments"][0]["text"] == body["text"]
+    assert body["usage"]["input_tokens"] == 200
+
+
+async def test_audio_through_the_openai_client(client):
+    oai = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
+    answer = await oai.audio.transcriptions.create(model="demo", file=("a.wav", b"\0" * 640))
+    assert answer.text == "tok0 tok1"
+    assert answer.usage is not None
+    assert answer.usage.type == "tokens"
+    assert answer.usage.total_tokens == 4
+    await oai.close()
+
+
+@pytest.mark.parametrize(
+    ("form", "status", "param"),
+    [
+        (_form(0), 400, "file"),
+        (_form(response_format="srt"), 400, "response_format"),
+        (_form(model="nope"), 404, "model"),
+    ],
+)
+async def test_audio_errors(client, form, status, param):
+    resp = await client.post("/v1/audio/transcriptions", data=form)
+    assert resp.status == status
+    _assert_error(await resp.json(), param)
+
+
+async def test_audio_without_a_form_is_400(client):
+    resp = await client.post("/v1/audio/transcriptions", json={"model": "demo"})
+    assert resp.status == 400
+    _assert_error(await resp.json(), "model")
+
+
+# --- rerank, score, tokenize --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank"])
+async def test_rerank(client, path):
+    documents = ["a cat", {"text": "a dog sat"}, "fish"]
+    payload = {"model": "demo", "query": "cat", "documents": documents, "top_n": 2}
+    body = await (await client.post(path, json=payload)).json()
+    assert body["id"].startswith("rerank-")
+    assert body["model"] == "demo"
+    assert body["usage"] == {"total_tokens": (1 + 2) + (1 + 3) + (1 + 1)}
+    results = body["results"]
+    assert len(results) == 2
+    scores = [result["relevance_score"] for result in results]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0 <= score <= 1 for score in scores)
+    texts = ["a cat", "a dog sat", "fish"]
+    assert all(result["document"]["text"] == texts[result["index"]] for result in results)
+    again = await (await client.post(path, json=payload)).json()
+    assert again["results"] == results  # deterministic
+    [entry, _] = await _recorded(client)
+    assert entry["usage"] == body["usage"]
+
+
+async def test_score(client):
+    payload = {"model": "demo", "text_1": "cat", "text_2": ["a cat", "a dog"]}
+    body = await (await client.post("/v1/score", json=payload)).json()
+    assert body["id"].startswith("score-")
+    assert (body["object"], body["model"]) == ("list", "demo")
+    assert [(item["index"], item["object"]) for item in body["data"]] == [(0, "score"), (1, "score")]
+    assert body["usage"] == {"prompt_tokens": 6, "total_tokens": 6, "completion_tokens": 0}
+    pairs = {"model": "demo", "text_1": ["cat", "dog"], "text_2": ["a cat", "a dog"]}
+    assert len((await (await client.post("/score", json=pairs)).json())["data"]) == 2
+    mismatched = {"model": "demo", "text_1": ["a", "b"], "text_2": ["c", "d", "e"]}
+    resp = await client.post("/v1/score", json=mismatched)
+    assert resp.status == 400
+    _assert_error(await resp.json(), "text_2")
+
+
+async def test_tokenize_and_detokenize(client):
+    body = await (await client.post("/tokenize", json={"model": "demo", "prompt": "one two three"})).json()
+    assert body["count"] == len(body["tokens"]) == 3
+    assert body["max_model_len"] == 8192
+    assert all(isinstance(token, int) for token in body["tokens"])
+    chat = {"model": "demo", "messages": [{"role": "user", "content": "one two"}]}
+    assert (await (await client.post("/tokenize", json=chat)).json())["count"] == 2 + 3
+    back = await (await client.post("/detokenize", json={"model": "demo", "tokens": [7, 9]})).json()
+    assert back == {"prompt": "tok7 tok9"}
+    resp = await client.post("/detokenize", json={"model": "demo", "tokens": ["x"]})
+    _assert_error(await resp.json(), "tokens")
