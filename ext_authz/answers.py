@@ -20,9 +20,10 @@ from ext_authz.authorize import Authorizer, Outcome
 from ext_authz.key_index import KeyIndex
 from ext_authz.pipeline import SUSPENDED_MESSAGE, Decision
 from tessera import gateway_headers
+from tessera.client_errors import ERRORS, status_of
 from tessera.clock import Clock
+from tessera.endpoints import Dialect
 from tessera.log_sampling import LogSampler
-from tessera.openai_errors import ERRORS, status_of
 
 log = structlog.get_logger("ext_authz")
 
@@ -53,7 +54,7 @@ def names_tenant(decision: Decision) -> bool:
 
 
 class Answers(Generic[A, D]):
-    """``allow(tenant_id, key_id, priority)`` and ``deny(code, message)`` build a transport's
+    """``allow(tenant_id, key_id, priority)`` and ``deny(code, message, dialect)`` build a transport's
     message; the results of both are kept where they can be (see the module docstring)."""
 
     def __init__(
@@ -62,11 +63,15 @@ class Answers(Generic[A, D]):
         clock: Clock,
         *,
         allow: Callable[[str, str, int], A],
-        deny: Callable[[str, str | None], D],
+        deny: Callable[[str, str | None, Dialect], D],
     ) -> None:
         self._authorizer = authorizer
         self._build_allow = allow
-        self._fixed = {(code, message): deny(code, message) for code, message in FIXED_DENIALS}
+        self._fixed = {
+            (code, message, dialect): deny(code, message, dialect)
+            for code, message in FIXED_DENIALS
+            for dialect in Dialect
+        }
         self._allow_cache: dict[tuple[str, str, int], A] = {}
         self._cached_index: KeyIndex | None = None
         self._log_sampler = LogSampler(clock=clock)
@@ -102,4 +107,4 @@ class Answers(Generic[A, D]):
             )
         if outcome.response_headers or names_tenant(decision):
             return None
-        return self._fixed.get((decision.code, decision.message))
+        return self._fixed.get((decision.code, decision.message, outcome.dialect))

@@ -26,6 +26,7 @@ from ext_authz.request_facts import BadParam, request_cost
 from tessera import gateway_headers as gh
 from tessera.admission.v1 import admission_pb2
 from tessera.clock import Clock
+from tessera.endpoints import Dialect, dialect_of
 from tessera.tracing import TRACER, TraceContext, current_context
 
 DEGRADED = Counter(
@@ -47,6 +48,12 @@ class Outcome:
     response_headers: tuple[tuple[str, str], ...] = ()  # x-ratelimit-*, retry-after
     reserved: bool = False  # admitted by counters: the meter settles it when it ends
     admitted: admission_pb2.Admission | None = field(default=None, compare=False)
+    dialect: Dialect = Dialect.OPENAI  # a denial's body is in the shape of the endpoint's API
+
+
+def refusal(decision: Decision, path: str, response_headers: tuple[tuple[str, str], ...] = ()) -> Outcome:
+    """A denial, answered in the error shape of the API ``path`` speaks."""
+    return Outcome(decision, response_headers, dialect=dialect_of(path))
 
 
 NOT_READY = Counter(
@@ -111,11 +118,11 @@ class Authorizer:
             now=self._clock.now(),
             jwt_key_id=jwt_key_id(headers.get(gh.JWT_PAYLOAD)),
         )
-        if not decision.allowed or model is None:
-            return Outcome(decision)  # no model: not an inference route, nothing to admit
+        if not decision.allowed or model is None:  # no model: not an inference route, nothing to admit
+            return Outcome(decision) if decision.allowed else refusal(decision, path)
         cost = request_cost(headers, path, index.model_tokens.get(model))
         if isinstance(cost, BadParam):
-            return Outcome(_bad_param(decision, cost))
+            return refusal(_bad_param(decision, cost), path)
         if self._admitter is None:
             return Outcome(decision)
         scopes = index.limits_for(decision.tenant_id, decision.key_id, model)
@@ -142,17 +149,17 @@ class Authorizer:
             self._admitter.abandon(admission)
             raise
         if verdict is None:
-            return self._degraded(decision, scopes, admission)
+            return self._degraded(decision, scopes, admission, path)
         headers_out = tuple((h.key, h.value) for h in verdict.headers)
         if not verdict.allowed:
-            refusal = Decision(
+            refused = Decision(
                 code=verdict.code or "rate_limit_exceeded",
                 tenant_id=decision.tenant_id,
                 key_id=decision.key_id,
                 key_prefix=decision.key_prefix,
             )
             retry = ("retry-after", str(max(1, verdict.retry_after_seconds)))
-            return Outcome(refusal, (*headers_out, retry))
+            return refusal(refused, path, (*headers_out, retry))
         return Outcome(decision, headers_out, reserved=verdict.reserved, admitted=admission)
 
     async def _admit(
@@ -179,20 +186,24 @@ class Authorizer:
         return verdict
 
     def _degraded(
-        self, decision: Decision, scopes: tuple[LimitScope, ...], admission: admission_pb2.Admission
+        self,
+        decision: Decision,
+        scopes: tuple[LimitScope, ...],
+        admission: admission_pb2.Admission,
+        path: str,
     ) -> Outcome:
         """No verdict in time: a fail-closed limit refuses; else admitted, and counted later."""
         assert self._admitter is not None  # noqa: S101 - only called with an admitter
         if any(s.fail_closed and not s.shadow for s in scopes):
             REFUSED_DEGRADED.inc()
             self._admitter.abandon(admission)  # in case its admission lands late
-            refusal = Decision(
+            refused = Decision(
                 code="rate_limit_exceeded",
                 tenant_id=decision.tenant_id,
                 key_id=decision.key_id,
                 key_prefix=decision.key_prefix,
             )
-            return Outcome(refusal, (("retry-after", str(FAIL_CLOSED_RETRY_SECONDS)),))
+            return refusal(refused, path, (("retry-after", str(FAIL_CLOSED_RETRY_SECONDS)),))
         DEGRADED.inc()
         self._admitter.force(admission)
         return Outcome(decision, reserved=True, admitted=admission)

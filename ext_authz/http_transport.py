@@ -51,11 +51,12 @@ from ext_authz.answers import (
     names_tenant,
 )
 from ext_authz.authorize import Authorizer, Outcome
+from tessera.client_errors import error_json, status_of
 from tessera.clock import Clock
+from tessera.endpoints import Dialect
 from tessera.errors import ConfigError
 from tessera.grpc_server import permitted
 from tessera.metrics import set_ready
-from tessera.openai_errors import error_json, status_of
 from tessera.settings import GrpcSettings, IdentitySettings
 from tessera.tls import follow_renewals, peer_spiffe_id, server_context
 from tessera.tracing import SERVER, TRACEPARENT, TRACER, Span, parse_traceparent, trace_id_of
@@ -115,6 +116,7 @@ def allow_head(tenant_id: str, key_id: str, priority: int = 0) -> bytes:
 def deny_response(
     code: str,
     message: str | None = None,
+    dialect: Dialect = Dialect.OPENAI,
     param: str | None = None,
     extra: tuple[tuple[str, str], ...] = (),
 ) -> bytes:
@@ -123,7 +125,7 @@ def deny_response(
     if http_status == 401:  # noqa: PLR2004
         headers.append(("www-authenticate", "Bearer"))
     headers.extend(extra)
-    return _framed(_head(http_status, headers), error_json(code, message, param).encode())
+    return _framed(_head(http_status, headers), error_json(code, message, param, dialect).encode())
 
 
 _HEALTHY: Final = _framed(_head(200, [("content-type", "text/plain")]), b"serving\n")
@@ -173,7 +175,7 @@ class Responder:
         extra = outcome.response_headers
         if names_tenant(decision):  # an authenticated tenant's refusal: its usage line says so
             extra = (*extra, ("tenant_id", decision.tenant_id), ("key_id", decision.key_id))
-        return deny_response(decision.code, decision.message, decision.param, extra)
+        return deny_response(decision.code, decision.message, outcome.dialect, decision.param, extra)
 
 
 async def _finish(coro: Coroutine[Any, Any, Outcome], waiting: Any) -> Outcome:

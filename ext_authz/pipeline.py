@@ -18,7 +18,7 @@ SUSPENDED_MESSAGE = "This API key's tenant is suspended."
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """``code`` is "" for an allow, else an error code of ``tessera.openai_errors``."""
+    """``code`` is "" for an allow, else an error code of ``tessera.client_errors``."""
 
     code: str = ""
     message: str | None = None  # None: the code's default message

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from ext_authz.key_index import ModelTokens
+from tessera import endpoints
 from tessera import gateway_headers as gh
 from tessera.usage_line import token_terms
 
 MAX_CHOICES: Final = 128  # OpenAI's bound on n
 MAX_PROMPTS: Final = 2048  # prompts batched in one completions body
-NOT_GENERATING: Final = ("/v1/embeddings",)  # no completion tokens to reserve
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +102,9 @@ def request_cost(headers: Mapping[str, str], path: str, tokens: ModelTokens | No
     *asked_limits, n, best_of, prompts = limits
     given = [t for t in asked_limits if t is not None]
     # Whichever limit the backend honours, the largest. None given: the gateway writes the
-    # default into every body of an endpoint that generates and names none, so this is another
-    # endpoint: embeddings generate nothing; anything else may generate up to the model's cap.
-    asked = max(given) if given else (0 if path.startswith(NOT_GENERATING) else cap)
+    # default into every JSON body of an endpoint that generates and names none, so this is another
+    # endpoint: embeddings, rerank, … generate nothing; anything else (audio transcriptions, a
+    # realtime session) may generate up to the model's cap.
+    asked = max(given) if given else (cap if endpoints.generates(path) else 0)
     choices = max(n or 1, best_of or 1) * (prompts or 1)
     return Cost(body_bytes=body_bytes, max_completion_tokens=asked * choices)

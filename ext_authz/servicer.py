@@ -24,8 +24,9 @@ from ext_authz.answers import (
     names_tenant,
 )
 from ext_authz.authorize import Authorizer, Outcome
+from tessera.client_errors import error_json, status_of
 from tessera.clock import Clock
-from tessera.openai_errors import error_json, status_of
+from tessera.endpoints import Dialect
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # google.rpc.Code values
@@ -72,13 +73,15 @@ def allow_response(tenant_id: str, key_id: str, priority: int = 0) -> Any:
     return resp
 
 
-def deny_response(code: str, message: str | None = None, param: str | None = None) -> Any:
+def deny_response(
+    code: str, message: str | None = None, dialect: Dialect = Dialect.OPENAI, param: str | None = None
+) -> Any:
     http_status = status_of(code)
     resp = external_auth_pb2.CheckResponse()
     resp.status.code = _RPC_CODES.get(http_status, _RPC_NOT_FOUND)
     denied = resp.denied_response
     denied.status.code = http_status  # envoy.type.v3.StatusCode values are the HTTP codes
-    denied.body = error_json(code, message, param)
+    denied.body = error_json(code, message, param, dialect)
     denied.headers.append(_header("content-type", "application/json"))
     if http_status == 401:  # noqa: PLR2004
         denied.headers.append(_header("www-authenticate", "Bearer"))
@@ -118,7 +121,7 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
         if resp is not None:
             return resp
         decision = outcome.decision
-        resp = deny_response(decision.code, decision.message, decision.param)
+        resp = deny_response(decision.code, decision.message, outcome.dialect, decision.param)
         resp.denied_response.headers.extend(_header(k, v) for k, v in outcome.response_headers)
         if names_tenant(decision):  # an authenticated tenant's refusal: its usage line says so
             fields = resp.dynamic_metadata.fields

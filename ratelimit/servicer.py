@@ -26,7 +26,7 @@ from prometheus_client import Counter
 
 from ratelimit.limiter import Hit, LimitOutcome, RateLimiter, Usage, Verdict
 from ratelimit.verdicts import limit_headers, most_restrictive, refusal_code, retry_after_seconds
-from tessera.openai_errors import error_body
+from tessera.client_errors import error_body
 
 DOMAIN = "tessera"
 SERVICE_NAME: str = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name

@@ -37,6 +37,9 @@ ENVOY_FORMAT: Final[dict[str, Any]] = {
     "prompt_tokens": "%DYNAMIC_METADATA(ai.gw.usage:prompt_tokens)%",
     "completion_tokens": "%DYNAMIC_METADATA(ai.gw.usage:completion_tokens)%",
     "cached_tokens": "%DYNAMIC_METADATA(ai.gw.usage:cached_tokens)%",
+    # Anthropic's: input read from / written to its prompt cache, reported beside input_tokens
+    "cache_read_tokens": "%DYNAMIC_METADATA(ai.gw.usage:cache_read_tokens)%",
+    "cache_write_tokens": "%DYNAMIC_METADATA(ai.gw.usage:cache_write_tokens)%",
     "max_tokens": "%DYNAMIC_METADATA(ai.gw:max_tokens)%",
     "max_completion_tokens": "%DYNAMIC_METADATA(ai.gw:max_completion_tokens)%",
     "chunks": "%DYNAMIC_METADATA(ai.gw:chunks)%",  # SSE events sent (the Lua filter counts)
@@ -121,6 +124,7 @@ def parse(line: str | bytes, default_node: str = "") -> UsageLine | None:
         return None
     key_id = _str(raw.get("key_id"), 32)
     max_tokens = _int(raw.get("max_completion_tokens"))
+    prompt, cached = _prompt_and_cached(raw)
     return UsageLine(
         node=node,
         request_id=request_id,
@@ -134,9 +138,9 @@ def parse(line: str | bytes, default_node: str = "") -> UsageLine | None:
         model=_str(raw.get("model"), 128),
         backend=_str(raw.get("backend")),
         status=_int(raw.get("status")) or 0,
-        prompt_tokens=_int(raw.get("prompt_tokens")),
+        prompt_tokens=prompt,
         completion_tokens=_int(raw.get("completion_tokens")),
-        cached_tokens=_int(raw.get("cached_tokens")) or 0,
+        cached_tokens=cached,
         max_tokens=max_tokens if max_tokens is not None else _int(raw.get("max_tokens")),
         chunks=_int(raw.get("chunks")) or 0,
         streamed=(_str(raw.get("content_type")) or "").startswith("text/event-stream"),
@@ -148,6 +152,17 @@ def parse(line: str | bytes, default_node: str = "") -> UsageLine | None:
         trace_id=_trace_id(raw.get("trace_id")),
         traceparent=_str(raw.get("traceparent"), 64),
     )
+
+
+def _prompt_and_cached(raw: dict[str, Any]) -> tuple[int | None, int]:
+    """The prompt's tokens and how many of them were cached. OpenAI's prompt counts cached tokens
+    in; Anthropic's input_tokens leaves cache reads and writes out, so they are added here."""
+    prompt, cached = _int(raw.get("prompt_tokens")), _int(raw.get("cached_tokens")) or 0
+    read, write = _int(raw.get("cache_read_tokens")) or 0, _int(raw.get("cache_write_tokens")) or 0
+    if read or write:
+        prompt = min((prompt or 0) + read + write, MAX_COUNT)
+        cached = min(cached + read, prompt)
+    return prompt, cached
 
 
 def _trace_id(value: Any) -> str | None:

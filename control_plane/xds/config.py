@@ -39,6 +39,9 @@ HCM = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConne
 ADS = {"ads": {}, "resource_api_version": "V3"}
 # Inference calls are POSTs; a GET to an unknown path is a plain 404, whatever its body.
 POST = [{"name": ":method", "string_match": {"exact": "POST"}}]
+# A path no route serves: Envoy's direct answer, which its local reply config turns into a 404
+# not_found (a plain 404 with a model named is the unknown-model reply). Never sent to a client.
+NOT_FOUND_STATUS = 410
 MODEL_NAMED = {"string_match": {"safe_regex": {"regex": "^[^:].*"}}}  # a name, not a sentinel
 JSON_CT = {"header": {"key": "content-type", "value": "application/json"}}
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from control_plane.state import State
 from control_plane.xds.config import (
@@ -36,6 +36,7 @@ from control_plane.xds.config import (
     MISSING,
     MODEL_NAMED,
     MODEL_NS,
+    NOT_FOUND_STATUS,
     OTLP_CLUSTER,
     ROUTE_NS,
     ROUTES_NAME,
@@ -45,14 +46,16 @@ from control_plane.xds.config import (
     T,
 )
 from tessera import gateway_headers, usage_line
+from tessera.client_errors import body_in
+from tessera.endpoints import ALL, Dialect, path_regex
 from tessera.envoy_tls import DOWNSTREAM_TLS
-from tessera.openai_errors import error_body
 
 ROUTER = "envoy.extensions.filters.http.router.v3.Router"
 USAGE_NS = "ai.gw.usage"
 JSON_CONTENT = {"regex": "^application/json(;.*)?$"}  # aiohttp and others add "; charset=utf-8"
 REALTIME_OFF = "Realtime is not enabled for this model, or you do not have access to it."
 PER_IP_STATUS = 423  # the per-IP guard's refusal (Envoy never sends it otherwise), rewritten to 429
+ANTHROPIC_PATHS = path_regex(tuple(e for e in ALL if e.dialect is Dialect.ANTHROPIC))
 USAGE_LUA = (Path(__file__).parent / "usage.lua").read_text()
 
 
@@ -72,7 +75,33 @@ def _mapper(flt: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _local_reply_config() -> dict[str, Any]:
-    """Envoy's own replies (no route, 413, 429, 503, 504) in OpenAI's error shape."""
+    """Envoy's own replies (no route, 413, 429, 503, 504) in the error shape of the endpoint's API:
+    Anthropic's on its endpoints, OpenAI's everywhere else."""
+    anthropic = {
+        "header_filter": {
+            "header": {
+                "name": ":path",
+                "string_match": {"safe_regex": {"regex": f"{ANTHROPIC_PATHS}(?:\\?.*)?"}},
+            }
+        }
+    }
+    mappers = []
+    for dialect, only in ((Dialect.ANTHROPIC, [anthropic]), (Dialect.OPENAI, [])):
+        mappers += [_with(only, m) for m in _mappers(dialect)]
+    return {"mappers": mappers}
+
+
+def _with(extra: list[dict[str, Any]], mapper: dict[str, Any]) -> dict[str, Any]:
+    """``mapper`` applying only where every filter in ``extra`` also matches."""
+    if not extra:
+        return mapper
+    return {**mapper, "filter": {"and_filter": {"filters": [mapper["filter"], *extra]}}}
+
+
+def _mappers(dialect: Dialect) -> list[dict[str, Any]]:
+    def body(code: str, message: str | None = None, param: str | None = None) -> dict[str, Any]:
+        return body_in(dialect, code, message, param)
+
     model_known = {
         "metadata_filter": {
             "matcher": {
@@ -82,48 +111,45 @@ def _local_reply_config() -> dict[str, Any]:
             }
         }
     }
-    unknown_model = error_body(
+    unknown_model = body(
         "model_not_found",
         message="The model `%DYNAMIC_METADATA(ai.gw:model)%` does not exist or you do not have access to it.",
         param="model",
     )
-    return {
-        "mappers": [
-            _mapper({"and_filter": {"filters": [_status_filter(404), model_known]}}, unknown_model),
-            _mapper(_status_filter(404), error_body("not_found")),
-            # Envoy refuses a WebSocket upgrade on a route that does not enable it (a model
-            # without realtime, or no such model) with a bare 403.
-            {
-                **_mapper(
-                    {
-                        "and_filter": {
-                            "filters": [
-                                _status_filter(403),
-                                {"header_filter": {"header": {"name": "upgrade", "present_match": True}}},
-                            ]
-                        }
-                    },
-                    error_body("model_not_found", message=REALTIME_OFF, param="model"),
-                ),
-                "status_code": 404,
-            },
-            _mapper(_status_filter(413), error_body("request_too_large")),
-            # The per-IP guard answers 423 so that it can be told apart here (a mapper cannot
-            # see headers added to a local reply); the ratelimit service's own 429s keep the
-            # OpenAI body it wrote (rate_limit_exceeded or insufficient_quota).
-            {**_mapper(_status_filter(PER_IP_STATUS), error_body("rate_limit_exceeded")), "status_code": 429},
-            _mapper(
+    return [
+        _mapper({"and_filter": {"filters": [_status_filter(404), model_known]}}, unknown_model),
+        _mapper(_status_filter(404), body("not_found")),
+        # A path no route serves (translate.NOT_FOUND_STATUS, so that a model named in its body
+        # does not make it the unknown-model reply above).
+        {**_mapper(_status_filter(NOT_FOUND_STATUS), body("not_found")), "status_code": 404},
+        # Envoy refuses a WebSocket upgrade on a route that does not enable it (a model
+        # without realtime, or no such model) with a bare 403.
+        {
+            **_mapper(
                 {
                     "and_filter": {
-                        "filters": [_status_filter(503), {"response_flag_filter": {"flags": ["UAEX"]}}]
+                        "filters": [
+                            _status_filter(403),
+                            {"header_filter": {"header": {"name": "upgrade", "present_match": True}}},
+                        ]
                     }
                 },
-                error_body("service_unavailable"),
+                body("model_not_found", message=REALTIME_OFF, param="model"),
             ),
-            _mapper(_status_filter(503), error_body("no_healthy_backend")),
-            _mapper(_status_filter(504), error_body("upstream_timeout")),
-        ]
-    }
+            "status_code": 404,
+        },
+        _mapper(_status_filter(413), body("request_too_large")),
+        # The per-IP guard answers 423 so that it can be told apart here (a mapper cannot
+        # see headers added to a local reply); the ratelimit service's own 429s keep the
+        # body it wrote (rate_limit_exceeded or insufficient_quota).
+        {**_mapper(_status_filter(PER_IP_STATUS), body("rate_limit_exceeded")), "status_code": 429},
+        _mapper(
+            {"and_filter": {"filters": [_status_filter(503), {"response_flag_filter": {"flags": ["UAEX"]}}]}},
+            body("service_unavailable"),
+        ),
+        _mapper(_status_filter(503), body("no_healthy_backend")),
+        _mapper(_status_filter(504), body("upstream_timeout")),
+    ]
 
 
 def _access_log(path: str) -> list[dict[str, Any]]:
@@ -360,20 +386,47 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     ]
 
 
+# Where each API puts its usage (JSON answers, and the SSE events that carry it), → ai.gw.usage.
+# No answer has two of these, and an event whose usage is null writes nothing. Anthropic counts
+# cache reads and writes beside input_tokens, not in it: the meter adds them to the prompt.
+USAGE_PATHS: Final[dict[str, tuple[tuple[str, ...], ...]]] = {
+    "prompt_tokens": (
+        ("usage", "prompt_tokens"),  # chat, completions, embeddings
+        ("usage", "input_tokens"),  # responses, messages, audio
+        ("response", "usage", "input_tokens"),  # responses: the response.completed event
+        ("message", "usage", "input_tokens"),  # messages: the message_start event
+    ),
+    "completion_tokens": (
+        ("usage", "completion_tokens"),
+        ("usage", "output_tokens"),  # responses, messages (JSON; a stream's message_delta: the total)
+        ("response", "usage", "output_tokens"),
+        ("message", "usage", "output_tokens"),  # message_start's (message_delta's comes later)
+    ),
+    "cached_tokens": (
+        ("usage", "prompt_tokens_details", "cached_tokens"),
+        ("usage", "input_tokens_details", "cached_tokens"),
+        ("response", "usage", "input_tokens_details", "cached_tokens"),
+    ),
+    "cache_read_tokens": (
+        ("usage", "cache_read_input_tokens"),
+        ("message", "usage", "cache_read_input_tokens"),
+    ),
+    "cache_write_tokens": (
+        ("usage", "cache_creation_input_tokens"),
+        ("message", "usage", "cache_creation_input_tokens"),
+    ),
+}
+
+
 def _usage_rules() -> list[dict[str, Any]]:
-    """usage.{prompt,completion}_tokens and prompt_tokens_details.cached_tokens → ai.gw.usage,
-    as strings (the access log, the usage record, reads them)."""
-    paths = {
-        "prompt_tokens": ["usage", "prompt_tokens"],
-        "completion_tokens": ["usage", "completion_tokens"],
-        "cached_tokens": ["usage", "prompt_tokens_details", "cached_tokens"],
-    }
+    """``USAGE_PATHS`` as json_to_metadata rules, the values as strings (the usage line reads them)."""
     return [
         {
             "selectors": [{"key": k} for k in path],
             "on_present": {"metadata_namespace": USAGE_NS, "key": key, "type": "STRING"},
         }
-        for key, path in paths.items()
+        for key, paths in USAGE_PATHS.items()
+        for path in paths
     ]
 
 
@@ -384,6 +437,12 @@ def listener(cfg: GatewayConfig) -> dict[str, Any]:
         "codec_type": "AUTO",
         # The client address is the peer, or X-Forwarded-For only from configured trusted hops.
         "use_remote_address": True,
+        # Routes match the path a backend will read, and only an exact endpoint path
+        # (tessera/endpoints.py) reaches one: escaped slashes (%2F, %5C) decoded, dot-segments
+        # resolved (RFC 3986), slashes merged, then matched; the backend gets that path.
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD",
         "xff_num_trusted_hops": cfg.xff_trusted_hops,
         # Envoy mints every request id: a client-sent x-request-id is dropped before
         # the connection manager looks at it, so nobody can pick a ledger row's id. The

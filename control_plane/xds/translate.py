@@ -32,6 +32,7 @@ from control_plane.xds.config import (
     MISSING,
     MODEL_NAMED,
     MODEL_NS,
+    NOT_FOUND_STATUS,
     OTLP_CLUSTER,
     POST,
     ROUTE_NS,
@@ -44,8 +45,10 @@ from control_plane.xds.config import (
     T,
 )
 from control_plane.xds.listener import admin_rest_listener, jwt_authn_config, listener, transcoder_config
+from tessera import endpoints
+from tessera.client_errors import error_json, status_of
+from tessera.endpoints import Dialect, Endpoint, path_regex
 from tessera.envoy_tls import internal_tls
-from tessera.openai_errors import error_json
 from tessera.openapi import PATH as OPENAPI_PATH
 from tessera.usage_line import token_terms
 
@@ -72,15 +75,27 @@ def _meta_match(value: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"filter": MODEL_NS, "path": [{"key": "model"}], "value": value}]
 
 
-def _direct(name: str, match: dict[str, Any], code: str) -> dict[str, Any]:
-    from tessera.openai_errors import status_of  # noqa: PLC0415 - keep the module header short
-
+def _direct(name: str, match: dict[str, Any], code: str, dialect: Dialect = Dialect.OPENAI) -> dict[str, Any]:
     return {
         "name": name,
         "match": match,
-        "direct_response": {"status": status_of(code), "body": {"inline_string": error_json(code)}},
+        "direct_response": {
+            "status": status_of(code),
+            "body": {"inline_string": error_json(code, dialect=dialect)},
+        },
         "response_headers_to_add": [{**JSON_CT, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
     }
+
+
+def _paths(endpoints: tuple[Endpoint, ...]) -> dict[str, Any]:
+    return {"safe_regex": {"regex": path_regex(endpoints)}}
+
+
+def _not_found(name: str, match: dict[str, Any]) -> dict[str, Any]:
+    """404 not_found, answered by Envoy (``NOT_FOUND_STATUS``, which the local reply config
+    turns into a 404 in the endpoint's dialect: a plain 404 with a model named in the body is
+    the unknown-model reply)."""
+    return {"name": name, "match": match, "direct_response": {"status": NOT_FOUND_STATUS}}
 
 
 # Per-route filter switches: a route that is not inference skips the usage filters; one the
@@ -126,6 +141,9 @@ def _admin_api_route(cfg: GatewayConfig) -> dict[str, Any]:
 
 
 def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
+    """Only the endpoints of ``tessera.endpoints`` reach a backend, each only for the models whose
+    kinds serve it (``POST``, the exact path after Envoy's normalisation). Everything else is a
+    404 answered by Envoy, counted against no limit (no model route, so ext_authz admits nothing)."""
     # The admin REST API on the public listener only with admin_rest="public".
     admin = admin_rest_routes(cfg) if cfg.admin_rest == "public" else []
     routes: list[dict[str, Any]] = [
@@ -143,43 +161,50 @@ def route_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
             "route": {"cluster": CP_HTTP_CLUSTER, "timeout": "5s"},
             "typed_per_filter_config": NOT_INFERENCE,
         },
-        _direct(
-            "invalid_json",
-            {
-                "prefix": "/v1/",
-                "headers": POST,
-                "dynamic_metadata": _meta_match({"string_match": {"exact": INVALID}}),
-            },
-            "invalid_json",
-        ),
-        _direct(
-            "missing_model",
-            {
-                "prefix": "/v1/",
-                "headers": POST,
-                "dynamic_metadata": _meta_match({"string_match": {"exact": MISSING}}),
-            },
-            "missing_model",
-        ),
     ]
+    by_dialect = {d: tuple(e for e in endpoints.ALL if e.dialect is d) for d in Dialect}
+    for dialect, served_here in by_dialect.items():
+        for sentinel, code in ((INVALID, "invalid_json"), (MISSING, "missing_model")):
+            match = {
+                **_paths(served_here),
+                "headers": POST,
+                "dynamic_metadata": _meta_match({"string_match": {"exact": sentinel}}),
+            }
+            routes.append(_direct(f"{code}:{dialect.value}", match, code, dialect))
     served = [m for m in state.models if m.backends]
     # WebSocket upgrades first: GET /v1/realtime?model=NAME has no body to route on.
     routes.extend(_realtime_route(m, name) for m in served if m.realtime for name in (m.name, *m.aliases))
     routes.append(_direct("realtime_off", {"path": "/v1/realtime"}, "model_not_found"))
     routes.extend(_model_route(m, name) for m in served for name in (m.name, *m.aliases))
-    routes.extend(
-        [
-            # A model that is not registered: Envoy answers 404 model_not_found itself.
-            {
-                "name": "unknown_model",
-                "match": {"prefix": "/v1/", "dynamic_metadata": _meta_match(MODEL_NAMED)},
-                "direct_response": {"status": 404},
-            },
-            # Not a JSON body at all: there is no model to route on.
-            _direct("no_model", {"prefix": "/v1/", "headers": POST}, "missing_model"),
-            {"name": "not_found", "match": {"prefix": "/"}, "direct_response": {"status": 404}},
-        ]
+    names = [{"string_match": {"exact": n}} for m in served for n in (m.name, *m.aliases)]
+    if names:  # (an or_match takes two or more)
+        any_name = names[0] if len(names) == 1 else {"or_match": {"value_matchers": names}}
+        # A model that is served, asked for an endpoint its backends do not serve.
+        routes.append(
+            _not_found(
+                "endpoint_not_served",
+                {"prefix": "/", "dynamic_metadata": _meta_match(any_name)},
+            )
+        )
+    routes.append(
+        # A model that is not registered: Envoy answers 404 model_not_found itself.
+        {
+            "name": "unknown_model",
+            "match": {**_paths(endpoints.ALL), "headers": POST, "dynamic_metadata": _meta_match(MODEL_NAMED)},
+            "direct_response": {"status": 404},
+        }
     )
+    for dialect, served_here in by_dialect.items():
+        # Not a JSON body at all: there is no model to route on.
+        routes.append(
+            _direct(
+                f"no_model:{dialect.value}",
+                {**_paths(served_here), "headers": POST},
+                "missing_model",
+                dialect,
+            )
+        )
+    routes.append(_not_found("not_found", {"prefix": "/"}))
     return {
         "name": ROUTES_NAME,
         # The client's own traceparent was read when the request came in (its trace continues);
@@ -222,9 +247,14 @@ def _route_meta(m: ModelState, name: str) -> dict[str, Any]:
 
 
 def _model_route(m: ModelState, name: str) -> dict[str, Any]:
+    """The model's endpoints (those every one of its backends' kinds serves) to its cluster."""
     return {
         "name": f"model:{name}",
-        "match": {"prefix": "/v1/", "dynamic_metadata": _meta_match({"string_match": {"exact": name}})},
+        "match": {
+            **_paths(endpoints.served({b.kind for b in m.backends})),
+            "headers": POST,
+            "dynamic_metadata": _meta_match({"string_match": {"exact": name}}),
+        },
         "metadata": _route_meta(m, name),
         "route": {"cluster": cluster_name(m.name), **_timeouts(m), "retry_policy": RETRY_POLICY},
     }

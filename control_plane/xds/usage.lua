@@ -140,7 +140,13 @@ local GENERATES = {
   ["/v1/chat/completions"] = "max_tokens",
   ["/v1/completions"] = "max_tokens",
   ["/v1/responses"] = "max_output_tokens",
+  ["/v1/messages"] = "max_tokens",
 }
+-- streams that carry usage only when asked (stream_options.include_usage); the Responses and
+-- Messages APIs always send it (response.completed, message_start / message_delta)
+local ASKS_USAGE = {["/v1/chat/completions"] = true, ["/v1/completions"] = true}
+-- endpoints that answer errors in Anthropic's shape (tessera/endpoints.py)
+local ANTHROPIC = {["/v1/messages"] = true}
 
 local function fact(v)
   -- a value as written, if it can be one (a number, null, a short literal); else a word that
@@ -189,10 +195,21 @@ local function decoded_path(path)
   end))
 end
 
-local function refuse_unreadable(h)
-  h:respond({[":status"] = "400", ["content-type"] = "application/json"},
-    '{"error":{"message":"The request body is not a JSON object the gateway can read.",'
-    .. '"type":"invalid_request_error","code":"invalid_json","param":null}}')
+local function refuse(h, path, code, message, param)
+  -- a 400 in the endpoint's API's shape (tessera/client_errors.py); message and param are JSON
+  -- string contents, already safe
+  local body
+  if ANTHROPIC[path] then
+    body = '{"type":"error","error":{"type":"invalid_request_error","message":"' .. message .. '"}}'
+  else
+    body = '{"error":{"message":"' .. message .. '","type":"invalid_request_error","code":"' .. code
+      .. '","param":' .. (param and ('"' .. param .. '"') or "null") .. '}}'
+  end
+  h:respond({[":status"] = "400", ["content-type"] = "application/json"}, body)
+end
+
+local function refuse_unreadable(h, path)
+  refuse(h, path, "invalid_json", "The request body is not a JSON object the gateway can read.")
 end
 
 local function stream_usage(s, keys, close, edits, appends)
@@ -240,12 +257,66 @@ local function spliced(s, close, edits, appends)
   return s
 end
 
-local function refuse_duplicate(h, key)
-  local named = string.match(key, "^[%w_]+$") and (" '" .. key .. "'") or ""
-  h:respond({[":status"] = "400", ["content-type"] = "application/json"},
-    '{"error":{"message":"The request body names the key' .. named .. ' more than once.",'
-    .. '"type":"invalid_request_error","code":"duplicate_key","param":'
-    .. (named ~= "" and ('"' .. key .. '"') or "null") .. '}}')
+local function refuse_duplicate(h, path, key)
+  local plain = string.match(key, "^[%w_]+$")
+  local named = plain and (" '" .. key .. "'") or ""
+  refuse(h, path, "duplicate_key", "The request body names the key" .. named .. " more than once.", plain and key)
+end
+
+-- endpoints whose body is multipart/form-data, the model a form field (tessera/endpoints.py)
+local FORM = {["/v1/audio/transcriptions"] = true, ["/v1/audio/translations"] = true}
+
+local function form_model(s, boundary)
+  -- the span {first, last} of the value of the form field "model"; nil if none, false if the
+  -- form names it twice. A file part's bytes are skipped by a plain search for the next boundary.
+  local delim = "--" .. boundary
+  local found, at = nil, 1
+  while true do
+    local _, b = string.find(s, delim, at, true)
+    if not b then return found end
+    local head_end = string.find(s, "\r\n\r\n", b, true)
+    if not head_end then return found end
+    local head = string.sub(s, b + 1, head_end)
+    local named = false
+    for line in string.gmatch(head, "[^\r\n]+") do
+      if string.lower(string.sub(line, 1, 20)) == "content-disposition:"
+        and string.find(line, '[;%s]name="model"') then named = true end
+    end
+    local value_end = string.find(s, "\r\n" .. delim, head_end + 4, true)
+    if not value_end then return found end
+    if named then
+      if found then return false end
+      found = {head_end + 4, value_end - 1}
+    end
+    at = value_end + 2
+  end
+end
+
+local function route_form(h, body, n, ct, path)
+  -- a multipart request: its "model" field routes it (json_to_metadata read nothing), as the
+  -- body's model routes a JSON request; the route's facts then go to ext_authz as for JSON
+  local boundary = string.match(ct, 'boundary="([^"]+)"') or string.match(ct, "boundary=([^;%s]+)")
+  if not boundary then return end -- the no_model route answers 400 missing_model
+  local s = body:getBytes(0, n)
+  local span = form_model(s, boundary)
+  if span == false then return refuse_duplicate(h, path, "model") end
+  if not span then return end
+  local name = string.sub(s, span[1], span[2])
+  if name == "" or #name > 256 or string.find(name, "%c") then return end
+  h:streamInfo():dynamicMetadata():set("ai.gw", "model", name)
+  h:clearRouteCache()
+  local route = h:metadata()
+  local model = route:get("model")
+  if not model then return end -- not a model that serves this endpoint: Envoy answers 404
+  local hd = h:headers()
+  hd:replace(H_MODEL, model)
+  if NODE and NODE ~= "" then hd:replace(H_NODE, NODE) end
+  local served = route:get("served_model") -- an alias: the backend is asked for its own name
+  if served then
+    local nb = string.sub(s, 1, span[1] - 1) .. served .. string.sub(s, span[2] + 1)
+    body:setBytes(nb)
+    if hd:get("content-length") then hd:replace("content-length", tostring(#nb)) end
+  end
 end
 
 function envoy_on_request(h)
@@ -262,7 +333,11 @@ function envoy_on_request(h)
   hd, route = h:headers(), h:metadata()
   local n = body and body:length() or 0
   hd:replace(H_BODY, tostring(n)) -- as received: chunked bodies have no content-length
-  if n == 0 or not string.find(hd:get("content-type") or "", "application/json", 1, true) then return end
+  local ct, path = hd:get("content-type") or "", decoded_path(hd:get(":path") or "")
+  if n > 0 and not model and FORM[path] and string.find(ct, "multipart/form-data", 1, true) then
+    return route_form(h, body, n, ct, path)
+  end
+  if n == 0 or not string.find(ct, "application/json", 1, true) then return end
   local s = body:getBytes(0, n)
   local first = string.find(s, "[^ \t\r\n]")
   local keys, close, twice
@@ -270,10 +345,10 @@ function envoy_on_request(h)
   if not keys then
     -- Not JSON to us. Envoy's parser routed it by model, so it is JSON to Envoy (a BOM,
     -- something Envoy's parser forgives): the backend may read facts we could not. Refuse.
-    if model then return refuse_unreadable(h) end
+    if model then return refuse_unreadable(h, path) end
     return -- not JSON at all: json_to_metadata routes it to invalid_json
   end
-  if twice then return refuse_duplicate(h, twice) end
+  if twice then return refuse_duplicate(h, path, twice) end
   if first ~= 1 then s, close = string.sub(s, first), close - first + 1; keys, close = top_level(s, 1) end
   local function value(k)
     local v = keys[k]
@@ -292,7 +367,7 @@ function envoy_on_request(h)
     local at = string.find(s, "[^ \t\r\n]", prompt[1])
     if at and string.byte(s, at) == 91 then hd:replace(H_PROMPTS, tostring(elements(s, at) or "invalid")) end
   end
-  local field = GENERATES[decoded_path(hd:get(":path") or "")]
+  local field = GENERATES[path]
   local mt, mct = value("max_tokens"), value("max_completion_tokens")
   local limit = value("max_output_tokens") or mct or mt
   local own = field and value(field)
@@ -311,7 +386,9 @@ function envoy_on_request(h)
     end
   end
   if limit then meta:set("ai.gw", "max_tokens", limit) end -- the usage line's estimate
-  if stream_usage(s, keys, close, edits, appends) then meta:set("ai.gw.inject", "injected", true) end
+  if ASKS_USAGE[path] and stream_usage(s, keys, close, edits, appends) then
+    meta:set("ai.gw.inject", "injected", true)
+  end
   if #edits == 0 and #appends == 0 then return end
   local nb = spliced(s, close, edits, appends)
   body:setBytes(nb)

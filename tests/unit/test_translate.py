@@ -64,16 +64,20 @@ def test_models_without_backends_get_no_route():
     assert not [r for r in routes(State(models=(model("ghost"),))) if r["name"] == "model:ghost"]
 
 
-def test_error_routes_answer_openai_shaped_json():
+def test_error_routes_answer_in_the_shape_of_the_endpoints_api():
     rs = {r["name"]: r for r in routes(State())}
     for name, code in [
         ("invalid_json", "invalid_json"),
         ("missing_model", "missing_model"),
         ("no_model", "missing_model"),
     ]:
-        body = json.loads(rs[name]["direct_response"]["body"]["inline_string"])
+        body = json.loads(rs[f"{name}:openai"]["direct_response"]["body"]["inline_string"])
         assert body["error"]["code"] == code
-        assert rs[name]["direct_response"]["status"] == 400
+        assert rs[f"{name}:openai"]["direct_response"]["status"] == 400
+        anthropic = json.loads(rs[f"{name}:anthropic"]["direct_response"]["body"]["inline_string"])
+        assert anthropic["type"] == "error"
+        assert anthropic["error"]["type"] == "invalid_request_error"
+        assert rs[f"{name}:anthropic"]["match"]["safe_regex"]["regex"] == "(?:/v1/messages)"
 
 
 def test_priorities_are_dense_and_weights_kept():
@@ -306,10 +310,8 @@ def test_local_replies_cover_the_documented_statuses():
     hcm = resources_from_state(State(), CFG).listeners["tessera_gateway"]["filter_chains"][0]["filters"][0][
         "typed_config"
     ]
-    codes = {
-        m["body_format_override"]["json_format"]["error"]["code"]
-        for m in hcm["local_reply_config"]["mappers"]
-    }
+    mappers = hcm["local_reply_config"]["mappers"]
+    codes = {m["body_format_override"]["json_format"]["error"].get("code") for m in mappers}
     assert {
         "model_not_found",
         "request_too_large",
@@ -317,6 +319,10 @@ def test_local_replies_cover_the_documented_statuses():
         "no_healthy_backend",
         "upstream_timeout",
     } <= codes
+    # Anthropic's endpoints get every one of them in Anthropic's shape, first
+    anthropic = [m for m in mappers if m["body_format_override"]["json_format"].get("type") == "error"]
+    assert len(anthropic) == len(mappers) // 2
+    assert mappers[: len(anthropic)] == anthropic
     assert hcm["use_remote_address"] is True
     ext_authz = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")
     assert ext_authz["typed_config"]["failure_mode_allow"] is False

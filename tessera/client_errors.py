@@ -1,9 +1,14 @@
-"""OpenAI-shaped error bodies (ARCHITECTURE §10), defined once for every producer."""
+"""The error bodies clients get, defined once for every producer (Envoy's own replies, the Lua
+filter, ext_authz, the ratelimit service): OpenAI's shape, and Anthropic's on the endpoints that
+speak Anthropic's API (``/v1/messages``: ``{"type": "error", "error": {"type", "message"}}``).
+The status is the same in both."""
 
 from __future__ import annotations
 
 import json
 from typing import Final
+
+from tessera.endpoints import Dialect
 
 # code -> (HTTP status, OpenAI error type, default message)
 ERRORS: Final[dict[str, tuple[int, str, str]]] = {
@@ -20,7 +25,7 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
         "invalid_request_error",
         "The model does not exist or you do not have access to it.",
     ),
-    "not_found": (404, "invalid_request_error", "Unknown request URL."),
+    "not_found": (404, "invalid_request_error", "Unknown request URL: the gateway serves no such endpoint."),
     "invalid_json": (400, "invalid_request_error", "The request body is not valid JSON."),
     "missing_model": (
         400,
@@ -48,8 +53,39 @@ def error_body(code: str, message: str | None = None, param: str | None = None) 
     return {"error": {"message": message or default, "type": kind, "code": code, "param": param}}
 
 
-def error_json(code: str, message: str | None = None, param: str | None = None) -> str:
-    return json.dumps(error_body(code, message, param), separators=(",", ":"))
+# HTTP status -> Anthropic's error type (https://docs.anthropic.com/en/api/errors)
+ANTHROPIC_TYPES: Final[dict[int, str]] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_body(code: str, message: str | None = None) -> dict[str, object]:
+    status, _kind, default = ERRORS[code]
+    return {
+        "type": "error",
+        "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": message or default},
+    }
+
+
+def body_in(
+    dialect: Dialect, code: str, message: str | None = None, param: str | None = None
+) -> dict[str, object]:
+    """The error body in ``dialect``'s shape."""
+    if dialect is Dialect.ANTHROPIC:
+        return anthropic_body(code, message)
+    return error_body(code, message, param)
+
+
+def error_json(
+    code: str, message: str | None = None, param: str | None = None, dialect: Dialect = Dialect.OPENAI
+) -> str:
+    return json.dumps(body_in(dialect, code, message, param), separators=(",", ":"))
 
 
 def status_of(code: str) -> int:
