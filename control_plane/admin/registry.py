@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +15,8 @@ from control_plane import validation as v
 from control_plane.admin.base import AdminServicerBase
 from control_plane.admin.convert import aware, limit_pb, model_pb, rfc3339
 from control_plane.db.models import Backend, Limit, Model, ModelPrice, Tenant
-from control_plane.db.repositories import ModelRepository, attach_backend
+from control_plane.db.repositories import ModelRepository, as_utc, attach_backend
+from control_plane.usage import ledger
 from tessera import keys
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.admin.v1 import admin_pb2_grpc
@@ -98,6 +100,43 @@ def _backend_changes(request: pb.UpdateBackendRequest, pepper: bytes) -> dict[st
     }
     column = {"credential": "credential_sealed"}
     return {column.get(f, f): parse[f]() for f in sorted(mask)}
+
+
+def _repriced_usage(
+    model: str, currency: str, changes: list[ledger.Repriced]
+) -> dict[str, tuple[pb.UsageRow, pb.UsageRow]]:
+    """Per tenant, its re-priced usage at the prices it had and at the new one (the audit
+    record's before and after; each cost rounded once)."""
+    by_tenant: dict[str, list[ledger.Repriced]] = defaultdict(list)
+    for c in changes:
+        by_tenant[c.tenant_id].append(c)
+
+    def row(cs: list[ledger.Repriced], picos: int, currency: str, unpriced: int) -> pb.UsageRow:
+        prompt, completion = sum(c.prompt_tokens for c in cs), sum(c.completion_tokens for c in cs)
+        return pb.UsageRow(
+            model=model,
+            requests=sum(c.requests for c in cs),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            cached_tokens=sum(c.cached_tokens for c in cs),
+            cost_micros=ledger.picos_to_micros(picos),
+            currency=currency,
+            unpriced_requests=unpriced,
+        )
+
+    return {
+        tenant: (
+            row(
+                cs,
+                sum(c.previous_picos for c in cs),
+                next((c.previous_currency for c in cs if c.previous_currency), ""),
+                sum(c.requests for c in cs if not c.previous_currency),
+            ),
+            row(cs, sum(c.picos for c in cs), currency, 0),
+        )
+        for tenant, cs in by_tenant.items()
+    }
 
 
 class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceServicer):
@@ -244,6 +283,9 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
         return pb.UpdateModelResponse(model=reply)
 
     async def SetModelPrice(self, request: pb.SetModelPriceRequest, context: Any) -> pb.SetModelPriceResponse:
+        """Add a price; one whose ``from`` is earlier than usage already metered re-prices the
+        rows it is in effect for that no closed invoice holds, in the same transaction
+        (``ledger.reprice``), audited per tenant as ``usage.reprice``."""
         input_micros = v.micros(request.input_micros, "input_micros")
         output_micros = v.micros(request.output_micros, "output_micros")
         cached = (
@@ -252,24 +294,25 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
             else input_micros
         )
         currency = v.currency(request.currency)
-        effective = v.effective_time(request.effective_time, datetime.now(UTC))
+        now = datetime.now(UTC)
+        effective = v.effective_time(request.effective_time, now)
         async with self.tx(context) as (s, caller):
             caller.require_platform("pricing a model")
+            await ledger.lock_prices(s, exclusive=True)  # the meters wait; then the prices are read
             model = await self._model(s, request.name)
             before = model_pb(model)
             if any(aware(p.effective_at) == effective for p in model.prices):
                 raise AlreadyExistsError(
                     f"model {model.name!r} already has a price from {rfc3339(effective)}"
                 )
-            model.prices.append(
-                ModelPrice(
-                    effective_at=effective,
-                    input_micros=input_micros,
-                    output_micros=output_micros,
-                    cached_micros=cached,
-                    currency=currency,
-                )
+            row = ModelPrice(
+                effective_at=effective,
+                input_micros=input_micros,
+                output_micros=output_micros,
+                cached_micros=cached,
+                currency=currency,
             )
+            model.prices.append(row)
             await s.flush()
             await s.refresh(model, ["prices"])
             reply = model_pb(model)
@@ -277,6 +320,14 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
                 s, context, caller, "model.price", target_type="model", target_id=model.name,
                 tenant_id=None, before=before, after=reply,
             )  # fmt: skip
+            price = ledger.Price(row.id, effective, input_micros, output_micros, cached, currency)
+            later = [as_utc(p.effective_at) for p in model.prices if as_utc(p.effective_at) > effective]
+            _, changes = await ledger.reprice(s, model.name, price, min(later, default=None), now)
+            for tenant, (was, now_is) in _repriced_usage(model.name, currency, changes).items():
+                self.audit(
+                    s, context, caller, "usage.reprice", target_type="model", target_id=model.name,
+                    tenant_id=tenant, before=was, after=now_is,
+                )  # fmt: skip
         await self.publish()
         return pb.SetModelPriceResponse(model=reply)
 

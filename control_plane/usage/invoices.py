@@ -4,7 +4,8 @@ Closing a tenant's month claims its ledger rows (``invoice_id``) and sums them i
 per model and price in effect (a price change mid-month makes two lines, each at its own price).
 Rows that arrive after their month closed are claimed by the tenant's next invoice, as
 adjustment lines for the month they belong to. Claim first, then sum what was claimed: a row
-the meter commits meanwhile is on this invoice or the next, never on both, never on none.
+the meter commits meanwhile is on this invoice or the next, never on both, never on none. A
+price added with an earlier ``from`` re-prices only rows no invoice holds yet (``ledger.reprice``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from control_plane.admin.convert import rfc3339
 from control_plane.db.models import Invoice, InvoiceLine, ModelPrice, OutboxEvent, UsageRecord
 from control_plane.db.repositories import as_utc, insert_stmt
-from control_plane.usage.ledger import picos_to_micros
+from control_plane.usage.ledger import lock_prices, picos_to_micros
 from tessera import keys
 
 log = structlog.get_logger("control_plane.usage.invoices")
@@ -244,6 +245,7 @@ async def close_due(s: AsyncSession, now: datetime, grace: timedelta) -> list[In
                 .where(r.tenant_id == tenant, r.invoice_id.is_(None), r.time < next_month(month))
             )
             if unclaimed and month not in existing:
+                await lock_prices(s, exclusive=True)  # no new price re-prices rows while they are claimed
                 closed.extend(await _close_month(s, tenant, month, now))
             month = next_month(month)
     return closed

@@ -3,6 +3,11 @@ caller's transaction (the meter's, with its checkpoint): a line counts exactly o
 
 Money: ``cost_picos`` = tokens x price in micros per 1M tokens (1e-12 of the currency unit), an
 exact integer; sums are rounded to micros once (``picos_to_micros``). No floats.
+
+A row takes the price in effect at its request's start. A price added later with an earlier
+``from`` re-prices the rows it is in effect for that no closed invoice holds (``reprice``, in
+the price's transaction); ``lock_prices`` keeps the meter from pricing rows meanwhile with the
+prices that held before it.
 """
 
 from __future__ import annotations
@@ -10,18 +15,20 @@ from __future__ import annotations
 import bisect
 import functools
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, delete, false, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.admin.convert import rfc3339
 from control_plane.db.models import Limit, Model, ModelPrice, OutboxEvent, UsageRecord, UsageRollup
 from control_plane.db.repositories import as_utc, insert_many_new, insert_stmt
 from tessera.clock import calendar_month
+from tessera.errors import InvalidArgumentError
 from tessera.usage_line import UsageLine, reserved_tokens
 
 PICOS_PER_MICRO = 1_000_000
@@ -58,8 +65,28 @@ class ModelTerms:
         return self.prices[i - 1] if i else None
 
 
+PRICES_LOCK = "tessera.model_prices"
+
+
+async def lock_prices(s: AsyncSession, *, exclusive: bool) -> None:
+    """Prices and the rows priced with them change together. Whoever prices rows (the meter, the
+    usage backstop: ``load_terms``) holds this lock shared from reading the prices until its
+    rows commit; a new price (``reprice``) and an invoice's close hold it exclusively. So a
+    re-price sees every row priced before it, and no row is priced after it with the prices it
+    replaced. PostgreSQL: a transaction-level advisory lock. SQLite has one writer at a time:
+    its write lock, taken now by a write that changes nothing, serves for both kinds."""
+    if s.get_bind().dialect.name == "postgresql":
+        take = func.pg_advisory_xact_lock if exclusive else func.pg_advisory_xact_lock_shared
+        await s.execute(select(take(func.hashtext(PRICES_LOCK))))
+    else:
+        nothing = update(ModelPrice).where(false()).values(id=ModelPrice.id)
+        await s.execute(nothing.execution_options(synchronize_session=False))
+
+
 async def load_terms(s: AsyncSession) -> dict[str, ModelTerms]:
-    """Every model's prices and token terms (two plain queries: read once per meter batch)."""
+    """Every model's prices and token terms (two plain queries: read once per meter batch),
+    under the prices lock (shared) until the caller's transaction ends."""
+    await lock_prices(s, exclusive=False)
     m, p = Model.__table__.c, ModelPrice.__table__.c
     prices: dict[int, list[Price]] = {}
     rows = await s.execute(
@@ -250,6 +277,8 @@ def bucket(period: str, when: datetime) -> datetime:
 
 _ROLLUP_SUMS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_picos",
                 "unpriced_requests")  # fmt: skip
+# (period, bucket, tenant, key id or "", model or "", currency or "") -> the sums, in that order
+_RollupSums = dict[tuple[str, datetime, str, str, str, str], list[int]]
 
 
 async def _add_rollups(s: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
@@ -271,13 +300,18 @@ async def _add_rollups(s: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
             acc[3] += r["cached_tokens"]
             acc[4] += r["cost_picos"]
             acc[5] += r["unpriced"]
-    sums: dict[tuple[str, datetime, str, str, str, str], list[int]] = {}
+    sums: _RollupSums = {}
     for (hour, tenant, key_id, model, currency), acc in hours.items():
         sums[("hour", as_utc(hour), tenant, key_id, model, currency)] = acc
         day_group = ("day", bucket("day", hour), tenant, key_id, model, currency)
         day = sums.setdefault(day_group, [0] * len(_ROLLUP_SUMS))
         for i, v in enumerate(acc):
             day[i] += v
+    await _apply_rollups(s, sums)
+
+
+async def _apply_rollups(s: AsyncSession, sums: _RollupSums) -> None:
+    """Add ``sums`` (negative ones subtract) to the rollups."""
     table = UsageRollup.__table__.c
     for (period, start, tenant, key_id, model, currency), acc in sorted(sums.items()):
         stmt = insert_stmt(s, UsageRollup).values(
@@ -415,3 +449,137 @@ async def bill_overdue(
     rows = [v for v in values if (v["node"], v["request_id"]) in inserted]
     await _follow(s, rows, now)
     return [r["request_id"] for r in rows]
+
+
+# --- re-pricing: a price added with an earlier ``from`` ---------------------------------------
+
+MAX_PICOS = 2**63 - 1  # a row's cost is a 64-bit integer
+
+
+@dataclass(slots=True)
+class Repriced:
+    """A tenant's usage of one month, priced before in one currency ("" = unpriced), that a new
+    price re-priced: one ``usage.repriced`` event."""
+
+    tenant_id: str
+    usage_month: datetime
+    previous_currency: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    previous_picos: int = 0
+    picos: int = 0
+
+    def add(self, requests: int, tokens: tuple[int, int, int], previous_picos: int, picos: int) -> None:
+        self.requests += requests
+        self.prompt_tokens += tokens[0]
+        self.completion_tokens += tokens[1]
+        self.cached_tokens += tokens[2]
+        self.previous_picos += previous_picos
+        self.picos += picos
+
+
+def _hour(s: AsyncSession, column: Any) -> Any:
+    """A time column's UTC hour, in SQL (rollups are hourly)."""
+    if s.get_bind().dialect.name == "postgresql":
+        return func.date_trunc("hour", func.timezone("UTC", column))
+    return func.strftime("%Y-%m-%d %H:00:00", column)
+
+
+def repriced_event(model: str, price: Price, r: Repriced, now: datetime) -> dict[str, Any]:
+    """The ``usage.repriced`` outbox event: the rows' new cost beside what their
+    ``usage.recorded`` events said, each sum rounded once."""
+    month = r.usage_month.strftime("%Y-%m")
+    return {
+        "id": f"repriced:{price.id}:{r.tenant_id}:{month}:{r.previous_currency or '-'}",
+        "kind": "usage.repriced",
+        "tenant_id": r.tenant_id,
+        "payload": {
+            "tenant_id": r.tenant_id,
+            "model": model,
+            "usage_month": month,
+            "requests": r.requests,
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "cached_tokens": r.cached_tokens,
+            "price_from": rfc3339(price.effective_at),
+            "input_micros": price.input_micros,
+            "output_micros": price.output_micros,
+            "cached_micros": price.cached_micros,
+            "currency": price.currency,
+            "cost_micros": picos_to_micros(r.picos),
+            "previous_currency": r.previous_currency or None,
+            "previous_cost_micros": picos_to_micros(r.previous_picos),
+        },
+        "created_at": now,
+    }
+
+
+async def reprice(
+    s: AsyncSession, model: str, price: Price, until: datetime | None, now: datetime
+) -> tuple[int, list[Repriced]]:
+    """Price with ``price`` the rows of ``model`` it is in effect for (requests from its
+    ``effective_at`` until ``until``, the next later price's) that no closed invoice holds; and
+    what follows: the rollups, a ``usage.repriced`` event per tenant, month and previous
+    currency, and the budget thresholds the new costs cross. The caller holds
+    ``lock_prices(exclusive=True)``. Returns (rows re-priced, the tenants' changes)."""
+    r = UsageRecord
+    scope = [r.model == model, r.time >= price.effective_at, r.invoice_id.is_(None)]
+    if until is not None:
+        scope.append(r.time < until)
+    hour = _hour(s, r.time)
+    groups = (
+        await s.execute(
+            select(hour, r.tenant_id, r.key_id, r.currency, func.count(), func.sum(r.prompt_tokens),
+                   func.sum(r.completion_tokens), func.sum(r.cached_tokens), func.sum(r.cost_picos),
+                   func.sum(case((r.unpriced, 1), else_=0)), func.max(r.prompt_tokens),
+                   func.max(r.completion_tokens))
+            .where(*scope)
+            .group_by(hour, r.tenant_id, r.key_id, r.currency)
+        )
+    ).all()  # fmt: skip
+    if not groups:
+        return 0, []
+    # Each row's cost is computed in SQL: it must fit in 64 bits (SQLite would go to floating point).
+    if _cost(price, max(g[10] for g in groups), max(g[11] for g in groups), 0) > MAX_PICOS:
+        raise InvalidArgumentError("input_micros", "too high for the token counts of the usage it re-prices")
+    cost = ((r.prompt_tokens - r.cached_tokens) * price.input_micros + r.cached_tokens * price.cached_micros
+            + r.completion_tokens * price.output_micros)  # fmt: skip
+    done = await s.execute(
+        update(r)
+        .where(*scope)
+        .values(price_id=price.id, cost_picos=cost, currency=price.currency, unpriced=False)
+        .execution_options(synchronize_session=False)
+    )
+    rollups: _RollupSums = defaultdict(lambda: [0] * len(_ROLLUP_SUMS))
+    changed: dict[tuple[str, datetime, str], Repriced] = {}
+    spent: list[dict[str, Any]] = []
+    for when, tenant, key_id, currency, *amounts in groups:
+        if tenant is None:
+            continue  # billed to no one: in no rollup, no event
+        n, prompt, completion, cached, picos, unpriced = (int(a or 0) for a in amounts[:6])
+        new = _cost(price, prompt, completion, cached)  # exact: the cost is linear in the tokens
+        start = as_utc(when if isinstance(when, datetime) else datetime.fromisoformat(when))
+        for period, at in (("hour", start), ("day", bucket("day", start))):
+            group = (period, at, tenant, key_id or "", model)
+            _add(rollups[(*group, currency or "")], (n, prompt, completion, cached, picos, unpriced), -1)
+            _add(rollups[(*group, price.currency)], (n, prompt, completion, cached, new, 0), 1)
+        month = bucket("day", start).replace(day=1)
+        c = changed.setdefault((tenant, month, currency or ""), Repriced(tenant, month, currency or ""))
+        c.add(n, (prompt, completion, cached), picos, new)
+        spent.append({"tenant_id": tenant, "time": start, "cost_picos": new})
+    await _apply_rollups(s, {k: v for k, v in rollups.items() if any(v)})
+    # a rollup whose every request moved to the new price's currency is gone, not a row of zeros
+    await s.execute(delete(UsageRollup).where(UsageRollup.model == model, UsageRollup.requests == 0))
+    repriced = [c for _, c in sorted(changed.items())]
+    await insert_many_new(
+        s, OutboxEvent.__table__, [repriced_event(model, price, c, now) for c in repriced], ["id"]
+    )
+    await _budget_events(s, spent, now)
+    return int(getattr(done, "rowcount", 0) or 0), repriced
+
+
+def _add(acc: list[int], values: Sequence[int], sign: int) -> None:
+    for i, v in enumerate(values):
+        acc[i] += sign * v
