@@ -26,11 +26,11 @@ from tessera.cli_admin import UsageError, add_admin_commands, build_request, fet
 # Commands served by the services' entry points (group ``tessera.commands``); ``admin``
 # (``tessera admin bootstrap``) talks to the store directly, so it lives in the control plane.
 SERVICE_COMMANDS = ("control-plane", "ext-authz", "ratelimit", "admin", "meter")
+_GLOBAL_VALUE_FLAGS = frozenset({"--data-dir", "--admin-url", "--token", "--output", "-o"})
 
 
-def _global_flags(defaults: bool, *, long_output: bool = True) -> argparse.ArgumentParser:
-    """Flags valid anywhere; on subparsers they default to SUPPRESS so they don't clobber.
-    ``long_output=False``: only ``-o`` (for a command with its own ``--output`` flag)."""
+def _global_flags(defaults: bool) -> argparse.ArgumentParser:
+    """Flags valid anywhere; on subparsers they default to SUPPRESS so they don't clobber."""
     p = argparse.ArgumentParser(add_help=False)
     d = (lambda v: v) if defaults else (lambda _v: argparse.SUPPRESS)
     p.add_argument(
@@ -38,8 +38,13 @@ def _global_flags(defaults: bool, *, long_output: bool = True) -> argparse.Argum
     )
     p.add_argument("--admin-url", default=d(None), help="admin API host:port (default from admin.json)")
     p.add_argument("--token", default=d(None), help="admin bearer token (default from admin.json)")
-    names = ("--output", "-o") if long_output else ("-o",)
-    p.add_argument(*names, dest="output", choices=("table", "json", "csv"), default=d("table"))
+    p.add_argument(
+        "--output",
+        "-o",
+        choices=("table", "json", "csv"),
+        default=d("table"),
+        help="output format (default table; json: one document on stdout)",
+    )
     return p
 
 
@@ -138,10 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--hours", type=float, default=24.0, help="certificate lifetime (run again before half of it)"
     )
 
-    add_admin_commands(sub, g, _global_flags(defaults=False, long_output=False))
+    add_admin_commands(sub, g)
+    admin = sub.add_parser("admin", parents=[g], help="the first platform admin; the local admin token")
+    admin_sub = admin.add_subparsers(dest="admin_action", metavar="ACTION", required=True)
+    admin_sub.add_parser(
+        "bootstrap",
+        add_help=False,  # run by the control plane's entry point: `tessera admin bootstrap --help`
+        help="create a deployment's first platform admin in the database and print its admin key once",
+    )
+    admin_sub.add_parser(
+        "token",
+        parents=[g],
+        help="print the platform-admin token `tessera up` keeps in <data-dir>/admin.json "
+        "(the admin REST API's bearer token; a new one each start)",
+    )
     for name in SERVICE_COMMANDS:
-        what = "bootstrap the first platform admin" if name == "admin" else f"run the {name} service"
-        sub.add_parser(name, add_help=False, help=what)
+        if name != "admin":
+            sub.add_parser(name, add_help=False, help=f"run the {name} service")
     sub.add_parser("demo-upstream", add_help=False, help="run the demo upstream (a vLLM stand-in)")
     return top
 
@@ -280,32 +298,69 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
+def _admin_token(args: argparse.Namespace) -> int:
+    """``tessera admin token``: the local platform-admin token, on stdout only (never in argv or
+    a log); ``export TESSERA_ADMIN_TOKEN=$(tessera admin token)``."""
+    from tessera.datadir import DataDir, read_json, resolve_data_dir  # noqa: PLC0415
+
+    if args.admin_action != "token":  # `admin FLAGS bootstrap`: the entry point takes only its own
+        print("tessera: flags of `tessera admin bootstrap` go after `bootstrap`", file=sys.stderr)
+        return 2
+    path = DataDir(resolve_data_dir(args.data_dir)).admin
+    try:
+        token = str(read_json(path).get("token") or "")
+    except (OSError, ValueError):
+        token = ""
+    if not token:
+        print(f"tessera: no admin token in {path}: start the stack with `tessera up`", file=sys.stderr)
+        return 2
+    if args.output == "json":
+        import json  # noqa: PLC0415
+
+        print(json.dumps({"token": token}))
+    else:
+        print(token)
+    return 0
+
+
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Service commands own their flags: hand everything after the name to them.
+    # Service commands own their flags: hand everything after the name to them (``admin``: its
+    # ``bootstrap``; ``admin token`` and ``admin --help`` are this parser's). Global flags before
+    # the name are skipped, with their values.
+    value = False
     for i, word in enumerate(argv):
+        if value:
+            value = False
+            continue
         if word in (*SERVICE_COMMANDS, "demo-upstream"):
-            return _run_entry_point(word, argv[i + 1 :])
+            if word != "admin" or argv[i + 1 : i + 2] == ["bootstrap"]:
+                return _run_entry_point(word, argv[i + 1 :])
+            break
         if not word.startswith("-"):
             break
+        value = word in _GLOBAL_VALUE_FLAGS
     args = build_parser().parse_args(argv)
     if args.command is None:
         build_parser().print_help(sys.stderr)
         return 2
-    if args.command == "envoy-bootstrap":
-        return _envoy_bootstrap(args)
-    if args.command == "identity":
-        from tessera.datadir import resolve_data_dir  # noqa: PLC0415
-        from tessera.k8s_secrets import write_secrets  # noqa: PLC0415
+    run = {"envoy-bootstrap": _envoy_bootstrap, "identity": _identity, "up": _up, "admin": _admin_token}
+    return run.get(args.command, run_admin)(args)
 
-        write_secrets(resolve_data_dir(args.data_dir), args.namespace, args.out, args.hours)
-        print(f"tessera: wrote {args.out}: apply it with kubectl apply -f {args.out}", file=sys.stderr)
-        return 0
-    if args.command == "up":
-        from tessera.up import run_up  # noqa: PLC0415
 
-        return run_up(args)
-    return run_admin(args)
+def _identity(args: argparse.Namespace) -> int:
+    from tessera.datadir import resolve_data_dir  # noqa: PLC0415
+    from tessera.k8s_secrets import write_secrets  # noqa: PLC0415
+
+    write_secrets(resolve_data_dir(args.data_dir), args.namespace, args.out, args.hours)
+    print(f"tessera: wrote {args.out}: apply it with kubectl apply -f {args.out}", file=sys.stderr)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from tessera.up import run_up  # noqa: PLC0415
+
+    return run_up(args)
 
 
 if __name__ == "__main__":

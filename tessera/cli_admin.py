@@ -137,8 +137,6 @@ class Command:
     args: tuple[Arg | OneOf, ...] = ()
     paged: bool = False  # a list RPC: follow next_page_token (see the module docstring)
     note: Callable[[Any], str] | None = None  # a remark for stderr about the response, "" = none
-    # The command has its own --output (a price): the output format is then -o, or before the command.
-    own_output_flag: bool = False
 
 
 # --- builders that need more than one line ----------------------------------------------------
@@ -308,9 +306,9 @@ def _update_model(a: argparse.Namespace, pb: Any) -> Any:
 def _price_model(a: argparse.Namespace, pb: Any) -> Any:
     return pb.SetModelPriceRequest(
         name=a.name,
-        input_micros=a.input,
-        output_micros=a.output_micros,
-        **({} if a.cached is None else {"cached_micros": a.cached}),
+        input_micros=a.input_price,
+        output_micros=a.output_price,
+        **({} if a.cached_price is None else {"cached_micros": a.cached_price}),
         currency=a.currency,
         effective_time=a.effective or "",
     )
@@ -439,8 +437,8 @@ _CONNECTION_ARGS = (
 )
 _BACKEND_ARGS = (
     arg("--backend", required=True, metavar="URL", help="scheme://host:port"),
-    arg("--kind", choices=BACKEND_KINDS, default="openai-compatible"),
-    arg("--weight", type=count, default=1),
+    arg("--kind", choices=BACKEND_KINDS, default="openai-compatible", help="the server's API dialect"),
+    arg("--weight", type=count, default=1, help="share of traffic among backends of one priority"),
     arg("--priority", type=count, default=0, help="0 first; higher = fallback"),
     arg("--max-concurrency", type=count, default=0, help="requests in flight it takes (0 = no limit)"),
     arg("--credential-file", metavar="FILE", help=_CREDENTIAL_HELP),
@@ -567,6 +565,14 @@ _TENANT = arg("tenant", help="tenant name or id")
 _PLAN = arg("plan", help="plan name")
 _PRINCIPAL = arg("principal", help="principal name or id")
 _KEY_ID = arg("id", help="API key id")
+_LIMIT_ID = arg("id", help="limit id")
+_MODEL = arg("name", help="model name")
+_VISIBILITY = arg(
+    "--visibility",
+    choices=("public", "restricted"),
+    default="public",
+    help="restricted: only tenants that allow it by name see and call it",
+)
 _ALLOW = arg(
     "--allow-model",
     action="append",
@@ -577,7 +583,10 @@ _ALLOW = arg(
 _PLAN_LIMIT = arg(
     "--limit", action="append", type=plan_limit, dest="limits", metavar="KIND:WINDOW:N", help="(repeatable)"
 )
-_BIND = (arg("--role", required=True, choices=ROLES), arg("--tenant", default="", help="tenant id"))
+_BIND = (
+    arg("--role", required=True, choices=ROLES, help="the role"),
+    arg("--tenant", default="", help="tenant id (tenant roles)"),
+)
 
 
 def _page(message: str, **filters: str) -> Callable[[argparse.Namespace, Any], Any]:
@@ -597,7 +606,7 @@ COMMANDS: tuple[Command, ...] = (
         "CreateTenant",
         lambda a, pb: pb.CreateTenantRequest(name=a.name, plan=a.plan, allowed_models=a.allowed_models or []),
         lambda r: _tenants([r.tenant]),
-        (arg("name"), arg("--plan", default="", help="plan name"), _ALLOW),
+        (arg("name", help="tenant name (unique)"), arg("--plan", default="", help="plan name"), _ALLOW),
     ),
     Command(
         ("tenants", "get"),
@@ -613,7 +622,10 @@ COMMANDS: tuple[Command, ...] = (
         "ListTenants",
         _page("ListTenantsRequest", status="status", plan="plan"),
         lambda r: _tenants(r.items),
-        (arg("--status", choices=("active", "suspended", "deleted")), arg("--plan", help="plan name")),
+        (
+            arg("--status", choices=("active", "suspended", "deleted"), help="only tenants in this state"),
+            arg("--plan", help="plan name"),
+        ),
         paged=True,
     ),
     Command(
@@ -634,7 +646,7 @@ COMMANDS: tuple[Command, ...] = (
         "SuspendTenant",
         lambda a, pb: pb.SuspendTenantRequest(tenant=a.tenant, reason=a.reason),
         lambda r: _tenants([r.tenant]),
-        (_TENANT, arg("--reason", default="")),
+        (_TENANT, arg("--reason", default="", help="why (kept in the audit log)")),
     ),
     Command(
         ("tenants", "resume"),
@@ -660,7 +672,11 @@ COMMANDS: tuple[Command, ...] = (
             name=a.name, priority=a.priority, limits=_plan_limits(pb, a.limits)
         ),
         lambda r: _plans([r.plan]),
-        (arg("name"), arg("--priority", type=int, default=0, help="higher = sooner"), _PLAN_LIMIT),
+        (
+            arg("name", help="plan name"),
+            arg("--priority", type=int, default=0, help="higher = sooner"),
+            _PLAN_LIMIT,
+        ),
     ),
     Command(
         ("plans", "get"),
@@ -701,8 +717,8 @@ COMMANDS: tuple[Command, ...] = (
         ),
         _created_principal,
         (
-            arg("name"),
-            arg("--kind", choices=PRINCIPAL_KINDS, default="human"),
+            arg("name", help="principal name, e.g. an e-mail address"),
+            arg("--kind", choices=PRINCIPAL_KINDS, default="human", help="a person or a service account"),
             arg(
                 "--role",
                 action="append",
@@ -769,7 +785,7 @@ COMMANDS: tuple[Command, ...] = (
         _created_key,
         (
             arg("--tenant", required=True, help="tenant name or id"),
-            arg("--name", default=""),
+            arg("--name", default="", help="a label for the key"),
             OneOf(
                 (
                     arg("--ttl", type=duration, metavar="DUR", help="lifetime, e.g. 24h"),
@@ -795,7 +811,7 @@ COMMANDS: tuple[Command, ...] = (
         lambda r: _keys(r.items),
         (
             arg("--tenant", help="tenant name or id"),
-            arg("--status", choices=("active", "revoked", "expired")),
+            arg("--status", choices=("active", "revoked", "expired"), help="only keys in this state"),
         ),
         paged=True,
     ),
@@ -854,9 +870,9 @@ COMMANDS: tuple[Command, ...] = (
         _add_model,
         lambda r: _models([r.model]),
         (
-            arg("name"),
+            _MODEL,
             *_BACKEND_ARGS,
-            arg("--visibility", choices=("public", "restricted"), default="public"),
+            _VISIBILITY,
             arg("--replace", action="store_true", help="replace the model's backends with this one"),
         ),
     ),
@@ -874,7 +890,7 @@ COMMANDS: tuple[Command, ...] = (
         "GetModel",
         lambda a, pb: pb.GetModelRequest(name=a.name),
         lambda r: _models([r.model]),
-        (arg("name"),),
+        (_MODEL,),
     ),
     Command(
         ("models", "add-backend"),
@@ -882,7 +898,7 @@ COMMANDS: tuple[Command, ...] = (
         "AddBackend",
         lambda a, pb: pb.AddBackendRequest(name=a.name, backend=_backend_pb(a, pb)),
         lambda r: _models([r.model]),
-        (arg("name"), *_BACKEND_ARGS),
+        (_MODEL, *_BACKEND_ARGS),
     ),
     Command(
         ("models", "update-backend"),
@@ -891,11 +907,11 @@ COMMANDS: tuple[Command, ...] = (
         _update_backend,
         lambda r: _models([r.model]),
         (
-            arg("name"),
+            _MODEL,
             arg("--backend", required=True, metavar="URL", help="which backend"),
-            arg("--weight", type=count),
-            arg("--priority", type=count),
-            arg("--kind", choices=BACKEND_KINDS),
+            arg("--weight", type=count, help="share of traffic among backends of one priority"),
+            arg("--priority", type=count, help="0 first; higher = fallback"),
+            arg("--kind", choices=BACKEND_KINDS, help="the server's API dialect"),
             arg("--max-concurrency", type=count, help="0 = no limit"),
             OneOf(
                 (
@@ -912,7 +928,7 @@ COMMANDS: tuple[Command, ...] = (
         "RemoveBackend",
         lambda a, pb: pb.RemoveBackendRequest(name=a.name, url=a.backend),
         lambda r: _models([r.model]),
-        (arg("name"), arg("--backend", required=True, metavar="URL")),
+        (_MODEL, arg("--backend", required=True, metavar="URL", help="which backend")),
     ),
     Command(
         ("models", "remove"),
@@ -920,7 +936,7 @@ COMMANDS: tuple[Command, ...] = (
         "RemoveModel",
         lambda a, pb: pb.RemoveModelRequest(name=a.name),
         lambda _r: [["REMOVED"], ["yes"]],
-        (arg("name"),),
+        (_MODEL,),
     ),
     Command(
         ("models", "update"),
@@ -929,7 +945,7 @@ COMMANDS: tuple[Command, ...] = (
         _update_model,
         lambda r: _models([r.model]),
         (
-            arg("name"),
+            _MODEL,
             arg("--default-max-tokens", type=count, help="used when a request names none (0 = unset)"),
             arg("--max-tokens", type=count, help="cap on a request's max_tokens (0 = unset)"),
             OneOf(
@@ -945,7 +961,7 @@ COMMANDS: tuple[Command, ...] = (
                 )
             ),
             arg("--realtime", choices=("on", "off"), help="let /v1/realtime WebSockets through"),
-            arg("--visibility", choices=("public", "restricted")),
+            arg("--visibility", choices=("public", "restricted"), help=_VISIBILITY.kwargs["help"]),
         ),
     ),
     Command(
@@ -955,28 +971,26 @@ COMMANDS: tuple[Command, ...] = (
         _price_model,
         lambda r: _models([r.model]),
         (
-            arg("name"),
-            arg("--input", type=count, required=True, metavar="MICROS", help="per 1M prompt tokens"),
+            _MODEL,
+            arg("--input-price", type=count, required=True, metavar="MICROS", help="per 1M prompt tokens"),
             arg(
-                "--output",
-                dest="output_micros",
-                type=count,
-                required=True,
-                metavar="MICROS",
-                help="per 1M completion tokens",
+                "--output-price", type=count, required=True, metavar="MICROS", help="per 1M completion tokens"
             ),
             arg(
-                "--cached",
+                "--cached-price",
                 type=count,
                 metavar="MICROS",
-                help="per 1M cached prompt tokens (default: --input)",
+                help="per 1M cached prompt tokens (default: --input-price)",
             ),
             arg("--currency", default="USD", help="ISO 4217 code (default USD)"),
             arg(
-                "--from", dest="effective", metavar="DATE", help="YYYY-MM-DD or RFC 3339, UTC (default: now)"
+                "--from",
+                dest="effective",
+                metavar="DATE",
+                help="YYYY-MM-DD or RFC 3339, UTC (default: now); usage already metered from then on "
+                "is re-priced unless a closed invoice holds it",
             ),
         ),
-        own_output_flag=True,
     ),
     Command(
         ("limits", "create"),
@@ -988,7 +1002,7 @@ COMMANDS: tuple[Command, ...] = (
             arg("--tenant", required=True, help="tenant name or id"),
             arg("--key", default="", help="logical key id (default: the whole tenant)"),
             arg("--model", default="", help="(default: every model)"),
-            arg("--kind", choices=LIMIT_KINDS, required=True),
+            arg("--kind", choices=LIMIT_KINDS, required=True, help="what the limit counts"),
             arg(
                 "--window",
                 choices=LIMIT_WINDOWS,
@@ -1026,8 +1040,8 @@ COMMANDS: tuple[Command, ...] = (
         _update_limit,
         lambda r: _limits([r.limit]),
         (
-            arg("id"),
-            arg("--limit", type=positive_int),
+            _LIMIT_ID,
+            arg("--limit", type=positive_int, help="the new value (the count carries over)"),
             OneOf(
                 (
                     arg("--shadow", action="store_const", const=True, help="count and log, never refuse"),
@@ -1040,7 +1054,7 @@ COMMANDS: tuple[Command, ...] = (
                     ),
                 )
             ),
-            arg("--fail", choices=("open", "closed")),
+            arg("--fail", choices=("open", "closed"), help="when counters are unreachable"),
         ),
     ),
     Command(
@@ -1049,7 +1063,7 @@ COMMANDS: tuple[Command, ...] = (
         "DeleteLimit",
         lambda a, pb: pb.DeleteLimitRequest(id=a.id),
         lambda _r: [["DELETED"], ["yes"]],
-        (arg("id"),),
+        (_LIMIT_ID,),
     ),
     Command(
         ("limits", "list"),
@@ -1077,7 +1091,12 @@ COMMANDS: tuple[Command, ...] = (
                 help="YYYY-MM-DD or RFC 3339, UTC (default: month start)",
             ),
             arg("--to", metavar="TIME", help="exclusive (default: next month's start)"),
-            arg("--group-by", choices=("model", "key", "day"), default="model"),
+            arg(
+                "--group-by",
+                choices=("model", "key", "day"),
+                default="model",
+                help="one row per (default model)",
+            ),
         ),
     ),
     Command(
@@ -1118,11 +1137,8 @@ COMMANDS: tuple[Command, ...] = (
 # --- wiring -----------------------------------------------------------------------------------
 
 
-def add_admin_commands(
-    sub: Any, common: argparse.ArgumentParser, common_short: argparse.ArgumentParser
-) -> None:
-    """Add every command to ``sub`` (the top-level subparsers); ``common`` holds the global flags,
-    ``common_short`` the same with only ``-o`` for the output format."""
+def add_admin_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add every command to ``sub`` (the top-level subparsers); ``common`` holds the global flags."""
     groups: dict[str, Any] = {}
     for cmd in COMMANDS:
         parent = sub
@@ -1134,7 +1150,7 @@ def add_admin_commands(
             parent = groups[group]
         p = parent.add_parser(
             cmd.path[-1],
-            parents=[common_short if cmd.own_output_flag else common],
+            parents=[common],
             help=cmd.help,
             description=cmd.help,
         )

@@ -31,14 +31,14 @@ import yaml
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import free_port
-from tests.e2e.conftest import TESSERA, Stack, start_stack, stop_stack
+from tests.e2e.conftest import Stack, start_stack, stop_stack
 from tests.observability import alert_names, dashboard_queries, pod_monitor_jobs, rule_groups
 
 pytestmark = pytest.mark.envoy
 
 PROMETHEUS = shutil.which("prometheus")
 DEADLINE = 60.0  # for every panel to have data: scrapes every 1 s, rates need two samples
-PRICE = ("--input", "150000", "--output", "600000")  # micro-units per 1M tokens: spend is not 0
+PRICE = ("--input-price", "150000", "--output-price", "600000")  # micro-units per 1M tokens: spend is not 0
 LIMIT = ("--kind", "requests", "--window", "minute", "--limit", "4")
 ROOMY_LIMIT = ("--kind", "requests", "--window", "minute", "--limit", "100000")
 USAGE = {"match[]": "gen_ai_client_token_usage_count"}  # what the dashboard's variables list labels of
@@ -141,11 +141,7 @@ def traffic(obs_stack) -> Iterator[None]:
     """A tenant's rate limit refusing (429) and a bad key (401); then JSON and streamed
     completions several times a second while the module's tests run: a rate needs new samples,
     and a histogram's series appears only with its first observation."""
-    # Not Stack.cli: `models price` has an --output of its own (the price), which its trailing
-    # `--output json` would set.
-    subprocess.run(
-        [TESSERA, "models", "price", "demo", *PRICE, "--data-dir", str(obs_stack.root)], check=True
-    )
+    obs_stack.cli("models", "price", "demo", *PRICE)
     tenant = f"obs{time.monotonic_ns()}"
     obs_stack.cli("tenants", "create", tenant)
     limited = obs_stack.client(obs_stack.new_key(tenant))

@@ -84,7 +84,7 @@ def test_output_json_before_or_after_every_command(path):
         ("models", "update-backend"): ["m", "--backend", "http://h:1", "--weight", "2"],
         ("models", "remove-backend"): ["m", "--backend", "http://h:1"],
         ("models", "remove"): ["m"],
-        ("models", "price"): ["m", "--input", "1", "--output", "2"],
+        ("models", "price"): ["m", "--input-price", "1", "--output-price", "2"],
         ("limits", "create"): ["--tenant", "t", "--kind", "requests", "--window", "day", "--limit", "1"],
         ("limits", "update"): ["l", "--limit", "2"],
         ("limits", "delete"): ["l"],
@@ -93,11 +93,8 @@ def test_output_json_before_or_after_every_command(path):
         ("invoices", "show"): ["inv_x"],
         ("invoices", "preview"): ["--tenant", "t"],
     }.get(tuple(path), [])
-    own_output = tuple(path) == ("models", "price")  # its --output is a price: the format is -o
     before = build_parser().parse_args(["-o", "json", "--token", "x", *path, *required])
-    after = build_parser().parse_args(
-        [*path, *required, "-o" if own_output else "--output", "json", "--token", "x"]
-    )
+    after = build_parser().parse_args([*path, *required, "--output", "json", "--token", "x"])
     default = build_parser().parse_args([*path, *required])
     assert (before.output, before.token) == (after.output, after.token) == ("json", "x")
     assert (default.output, default.token) == ("table", None)
@@ -524,17 +521,23 @@ def test_models_update_and_price():
             max_max_tokens=4096,
         ),
     )
-    _, msg = req("models", "price", "m", "--input", "150000", "--output", "600000", "--from", "2026-12-01")
+    _, msg = req(
+        "models", "price", "m", "--input-price", "150000", "--output-price", "600000", "--from", "2026-12-01"
+    )
     assert msg == pb.SetModelPriceRequest(
         name="m", input_micros=150000, output_micros=600000, currency="USD", effective_time="2026-12-01"
     )
-    _, free_cache = req("models", "price", "m", "--input", "5", "--output", "9", "--cached", "0")
+    _, free_cache = req(
+        "models", "price", "m", "--input-price", "5", "--output-price", "9", "--cached-price", "0"
+    )
     assert free_cache.HasField("cached_micros")  # cached tokens free: 0 is sent, not "unset"
     assert free_cache.cached_micros == 0
     assert not msg.HasField("cached_micros")  # not given: the server uses the input price
-    # the price's --output is not the output format; -o still is
-    args = build_parser().parse_args(["models", "price", "m", "--input", "1", "--output", "2", "-o", "json"])
-    assert (args.output, args.output_micros) == ("json", 2)
+    # --output is the output format here as everywhere (the prices are --*-price)
+    args = build_parser().parse_args(
+        ["models", "price", "m", "--input-price", "1", "--output-price", "2", "--output", "json"]
+    )
+    assert (args.output, args.output_price) == ("json", 2)
 
 
 def test_limits_of_every_kind_update_and_delete(capsys):
