@@ -473,7 +473,7 @@ class Stack:
 
             with AdminClient(self._admin_target()) as c:
                 if self.args.demo_upstream:
-                    backend = pb.Backend(url=f"http://{HOST}:{self.ports.demo}")
+                    backend = pb.Backend(url=f"http://{HOST}:{self.ports.demo}", kind="vllm")
                     c.call(
                         "AddModel", pb.AddModelRequest(name="demo", backend=backend, replace_backends=True)
                     )

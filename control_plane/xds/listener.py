@@ -108,7 +108,8 @@ def _mappers(dialect: Dialect) -> list[dict[str, Any]]:
                 "filter": MODEL_NS,
                 "path": [{"key": "model"}],
                 "value": MODEL_NAMED,
-            }
+            },
+            "match_if_key_not_found": False,  # (Envoy's default matches a request with no model)
         }
     }
     unknown_model = body(

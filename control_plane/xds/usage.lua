@@ -11,10 +11,14 @@
 --           completions body without max_tokens (or with null) gets the model's default
 --           written in (route metadata default_max_tokens; max_completion_tokens' value when
 --           only that is given), so the backend cannot generate more than was admitted. On an
---           alias route, the top-level "model" becomes the served model's name. A top-level
+--           alias route, the top-level "model" becomes the served model's name. On chat and
+--           completions (the APIs that report a stream's usage only when asked), a top-level
 --           "stream": true without stream_options.include_usage: true (absent, false, null,
 --           {}) gets include_usage set. Every change splices the body text (never
---           re-serialising it); ai.gw.inject:injected marks the stream.
+--           re-serialising it); ai.gw.inject:injected marks the stream. A multipart audio
+--           request is routed by its form's "model" field (json_to_metadata reads only JSON):
+--           set as ai.gw:model, then the route is chosen again. Refusals come in the error
+--           shape of the endpoint's API (Anthropic's on /v1/messages, else OpenAI's).
 -- response: records ai.gw:status (a string, for the ratelimit stream-done descriptor); counts
 --           an SSE stream's data events into ai.gw:chunks (the usage line's estimate for a
 --           stream cut before its usage); on an injected SSE stream drops the one event with
@@ -296,13 +300,13 @@ local function route_form(h, body, n, ct, path)
   -- a multipart request: its "model" field routes it (json_to_metadata read nothing), as the
   -- body's model routes a JSON request; the route's facts then go to ext_authz as for JSON
   local boundary = string.match(ct, 'boundary="([^"]+)"') or string.match(ct, "boundary=([^;%s]+)")
-  if not boundary then return end -- the no_model route answers 400 missing_model
   local s = body:getBytes(0, n)
-  local span = form_model(s, boundary)
+  local span = boundary and form_model(s, boundary)
   if span == false then return refuse_duplicate(h, path, "model") end
-  if not span then return end
-  local name = string.sub(s, span[1], span[2])
-  if name == "" or #name > 256 or string.find(name, "%c") then return end
+  local name = span and string.sub(s, span[1], span[2]) or ""
+  if name == "" or #name > 256 or string.find(name, "%c") then
+    name = ":missing" -- (json_to_metadata called the form invalid JSON): 400 missing_model
+  end
   h:streamInfo():dynamicMetadata():set("ai.gw", "model", name)
   h:clearRouteCache()
   local route = h:metadata()

@@ -8,6 +8,7 @@ import os
 import queue
 import re
 import signal
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -101,6 +102,25 @@ class Stack:
         return openai.OpenAI(
             base_url=f"{self.gateway}/v1", api_key=key, max_retries=0, timeout=30, http_client=http_client
         )
+
+    def ledger_row(self, request_id: str, timeout: float = 15) -> dict[str, Any]:
+        """The request's one ledger row, read from the stack's SQLite file once the meter wrote it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            db = sqlite3.connect(f"file:{self.root / 'tessera.db'}?mode=ro", uri=True)
+            db.row_factory = sqlite3.Row
+            try:
+                found = db.execute(
+                    "SELECT * FROM usage_records WHERE request_id = ?", (request_id,)
+                ).fetchall()
+            finally:
+                db.close()
+            if found:
+                assert len(found) == 1, f"{len(found)} ledger rows for {request_id}"
+                return dict(found[0])
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no ledger row for {request_id} within {timeout} s")
+            time.sleep(0.2)
 
     def new_key(self, tenant: str | None = None) -> str:
         name = tenant or f"t{time.monotonic_ns()}"

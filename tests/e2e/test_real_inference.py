@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 import subprocess
 import threading
 import time
@@ -18,8 +17,8 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -48,20 +47,6 @@ def real(tmp_path_factory) -> Iterator[Stack]:
     stop_stack(s)
 
 
-def _ledger_row(stack: Stack, request_id: str) -> dict[str, Any]:
-    def row() -> dict[str, Any]:
-        db = sqlite3.connect(f"file:{stack.root / 'tessera.db'}?mode=ro", uri=True)
-        db.row_factory = sqlite3.Row
-        try:
-            found = db.execute("SELECT * FROM usage_records WHERE request_id = ?", (request_id,)).fetchall()
-        finally:
-            db.close()
-        assert len(found) == 1
-        return dict(found[0])
-
-    return eventually(row, timeout=15, interval=0.3)
-
-
 def _metric(url: str, name: str) -> float:
     text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()  # noqa: S310
     for line in text.splitlines():
@@ -77,7 +62,7 @@ def test_chat_completions_and_embeddings_are_metered_as_llama_server_reported(re
     assert chat.choices[0].message.role == "assistant"
     assert chat.usage is not None
     assert chat.usage.prompt_tokens > 5
-    row = _ledger_row(real, raw.headers["x-request-id"])
+    row = real.ledger_row(raw.headers["x-request-id"])
     assert (row["prompt_tokens"], row["completion_tokens"]) == (
         chat.usage.prompt_tokens,
         chat.usage.completion_tokens,
@@ -101,7 +86,7 @@ def test_streams_with_and_without_usage_are_metered_exactly(real):
     usage = chunks[-1].usage
     assert usage is not None
     assert chunks[-1].choices == []
-    row = _ledger_row(real, raw.headers["x-request-id"])
+    row = real.ledger_row(raw.headers["x-request-id"])
     assert (row["prompt_tokens"], row["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
     assert row["streamed"] == 1
 
@@ -112,10 +97,53 @@ def test_streams_with_and_without_usage_are_metered_exactly(real):
     chunks = list(raw.parse())
     assert all(c.usage is None for c in chunks)
     assert chunks[-1].choices  # the last chunk the client sees is the model's own
-    row = _ledger_row(real, raw.headers["x-request-id"])
+    row = real.ledger_row(raw.headers["x-request-id"])
     assert row["usage_estimated"] == 0
     assert row["completion_tokens"] == usage.completion_tokens  # same prompt, same budget
     assert row["prompt_tokens"] == usage.prompt_tokens
+
+
+def test_responses_and_messages_are_metered_as_llama_server_reported(real):
+    """llama-server serves the Responses API and Anthropic's Messages API: JSON and streams, each
+    billed at the usage its answer reported."""
+    client = real.client(real.demo_key)
+    raw = client.responses.with_raw_response.create(model=MODEL, input="The sea is", max_output_tokens=8)
+    usage = raw.parse().usage
+    assert usage is not None
+    row = real.ledger_row(raw.headers["x-request-id"])
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_estimated"]) == (
+        usage.input_tokens,
+        usage.output_tokens,
+        0,
+    )
+    raw = client.responses.with_raw_response.create(
+        model=MODEL, input="The sea is", max_output_tokens=8, stream=True
+    )
+    completed = [e for e in raw.parse() if e.type == "response.completed"]
+    assert len(completed) == 1
+    usage = completed[0].response.usage
+    assert usage is not None
+    row = real.ledger_row(raw.headers["x-request-id"])
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (usage.input_tokens, usage.output_tokens)
+
+    claude = anthropic.Anthropic(base_url=real.gateway, api_key=real.demo_key, max_retries=0, timeout=60)
+    raw_msg = claude.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=HI)  # type: ignore[arg-type]
+    message = raw_msg.parse()
+    row = real.ledger_row(raw_msg.headers["x-request-id"])
+    cache_read = message.usage.cache_read_input_tokens or 0  # Anthropic counts it beside input_tokens
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_estimated"]) == (
+        message.usage.input_tokens + cache_read,
+        message.usage.output_tokens,
+        0,
+    )
+    raw_msg = claude.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=HI, stream=True)  # type: ignore[arg-type]
+    events = list(raw_msg.parse())
+    (start,) = [e for e in events if e.type == "message_start"]
+    deltas = [e for e in events if e.type == "message_delta"]
+    row = real.ledger_row(raw_msg.headers["x-request-id"])
+    assert row["completion_tokens"] == deltas[-1].usage.output_tokens
+    assert row["prompt_tokens"] >= start.message.usage.input_tokens
+    assert row["usage_estimated"] == 0
 
 
 def test_a_token_limit_reserves_then_settles_real_counts(real):
@@ -264,7 +292,7 @@ def test_traffic_moves_off_a_busy_llama_server(real):
                 t.start()
             for t in wave:
                 t.join()
-        served = Counter(_ledger_row(real, rid)["backend"] for rid in ids)
+        served = Counter(real.ledger_row(rid)["backend"] for rid in ids)
         assert sum(served.values()) == 18
         assert served[f"127.0.0.1:{idle_port}"] >= 2 * served[f"127.0.0.1:{busy_port}"], served
     finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import sqlite3
 import threading
 import time
 import urllib.request
@@ -160,22 +159,6 @@ def _upstream_traceparent(stack: Stack, request_id: str) -> str:
         time.sleep(0.1)
 
 
-def _ledger_trace_id(stack: Stack, request_id: str) -> str | None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        db = sqlite3.connect(f"file:{stack.root / 'tessera.db'}?mode=ro", uri=True)
-        try:
-            row = db.execute(
-                "SELECT trace_id FROM usage_records WHERE request_id = ?", (request_id,)
-            ).fetchone()
-        finally:
-            db.close()
-        if row is not None:
-            return row[0]
-        time.sleep(0.2)
-    raise AssertionError(f"no ledger row for {request_id}")
-
-
 def test_without_a_collector_the_backend_continues_the_clients_trace_from_the_gateways_span(stack):
     """The session stack has no collector: nothing is recorded, and still the trace goes on."""
     trace_id, parent, traceparent = _traceparent()
@@ -184,7 +167,7 @@ def test_without_a_collector_the_backend_continues_the_clients_trace_from_the_ga
     version, got_trace, got_parent, _flags = upstream.split("-")
     assert (version, got_trace) == ("00", trace_id)  # the client's trace, kept
     assert got_parent not in (parent, "0" * 16)  # the gateway's span is the backend's parent
-    assert _ledger_trace_id(stack, request_id) == trace_id
+    assert stack.ledger_row(request_id)["trace_id"] == trace_id
 
     # nor can a client force its request recorded (x-client-trace-id is Envoy's way to ask)
     request_id = _chat(stack, stack.demo_key, traceparent, headers={"x-client-trace-id": "force-me"})
@@ -195,7 +178,7 @@ def test_without_a_collector_the_backend_continues_the_clients_trace_from_the_ga
     _, minted, _, _ = _upstream_traceparent(stack, request_id).split("-")
     assert len(minted) == 32
     assert minted != "0" * 32
-    assert _ledger_trace_id(stack, request_id) == minted
+    assert stack.ledger_row(request_id)["trace_id"] == minted
 
 
 def test_a_malformed_traceparent_fails_nothing_and_never_reaches_the_backend(stack):
@@ -254,7 +237,7 @@ def test_one_trace_per_request_with_every_span_parented(traced, stream):
     meter = next(s for s in spans if s.name == "meter ingest")
     assert (meter.service, meter.parent_id) == ("tessera-meter", backend_parent)
     assert meter.attributes["tessera.request_id"] == request_id
-    assert _ledger_trace_id(stack, request_id) == trace_id
+    assert stack.ledger_row(request_id)["trace_id"] == trace_id
     # no span twice
     assert len(by_id) == len(spans)
 
@@ -269,7 +252,7 @@ def test_an_unsampled_client_trace_records_nothing_anywhere(traced):
     trace_id, _, _ = _traceparent()
     request_id = _chat(stack, key, f"00-{trace_id}-{secrets.token_hex(8)}-00")
     assert _upstream_traceparent(stack, request_id).endswith("-00")
-    assert _ledger_trace_id(stack, request_id) == trace_id
+    assert stack.ledger_row(request_id)["trace_id"] == trace_id
     time.sleep(6)
     assert collector.spans[before:] == []
 
