@@ -368,7 +368,8 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
             "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
                 "response_rules": {
-                    "max_event_size": 65536,
+                    # a Responses stream's response.completed repeats the whole output: 32k tokens fit
+                    "max_event_size": 1 << 20,
                     "content_parser": {
                         "name": "envoy.content_parsers.json",
                         "typed_config": {

@@ -315,3 +315,21 @@ def test_a_form_that_names_no_model_or_two_or_an_unknown_one_is_refused(stack):
     # a field whose name only contains "model" is not the model
     status, _, answer = raw(stack, "POST", path, form(("xmodel", "demo")), headers)
     assert status == 400
+
+
+def test_a_responses_stream_whose_last_event_is_large_is_still_metered(stack):
+    """response.completed repeats the whole response (instructions and output): a long one must
+    not lose the usage it carries when it arrives in pieces (sse_to_metadata buffers an event up to
+    its limit: 1 MiB; 64 KiB lost it)."""
+    client = stack.client(stack.demo_key)
+    resp = client.responses.with_raw_response.create(
+        model="demo",
+        input="x",
+        instructions="word " * 40_000,
+        max_output_tokens=5,
+        stream=True,
+        extra_headers={"x-demo-split-events": "1"},  # each event in two writes: Envoy buffers it
+    )
+    usage = list(resp.parse())[-1].response.usage
+    assert usage.input_tokens > 40_000
+    assert_metered(stack, resp.headers["x-request-id"], usage.input_tokens, 5)
