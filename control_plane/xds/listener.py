@@ -85,10 +85,23 @@ def _local_reply_config() -> dict[str, Any]:
             }
         }
     }
-    mappers = []
+    admin = {"header_filter": {"header": {"name": ":path", "string_match": {"prefix": "/admin/"}}}}
+    mappers = [_with([admin], m) for m in ADMIN_MAPPERS]
     for dialect, only in ((Dialect.ANTHROPIC, [anthropic]), (Dialect.OPENAI, [])):
         mappers += [_with(only, m) for m in _mappers(dialect)]
     return {"mappers": mappers}
+
+
+# The admin REST API's errors are google.rpc.Status JSON (what the transcoder makes of a gRPC
+# error); its own refusals (a body that is not JSON, a path no method has) and an unreachable
+# admin API come in the same shape, never as text. (gRPC codes: 3 INVALID_ARGUMENT, 5 NOT_FOUND,
+# 14 UNAVAILABLE.)
+ADMIN_MAPPERS: Final = [
+    _mapper(_status_filter(400), {"code": 3, "message": "%LOCAL_REPLY_BODY%"}),
+    _mapper(_status_filter(404), {"code": 5, "message": "%LOCAL_REPLY_BODY%"}),
+    {**_mapper(_status_filter(NOT_FOUND_STATUS), {"code": 5, "message": "Not found."}), "status_code": 404},
+    _mapper(_status_filter(503), {"code": 14, "message": "The admin API is unavailable."}),
+]
 
 
 def _with(extra: list[dict[str, Any]], mapper: dict[str, Any]) -> dict[str, Any]:
@@ -550,6 +563,10 @@ def admin_rest_listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dic
         "stat_prefix": "admin_rest",
         "codec_type": "AUTO",
         "always_set_request_id_in_response": True,
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD",
+        "local_reply_config": {"mappers": ADMIN_MAPPERS},
         "route_config": {
             "name": "tessera_admin_rest",
             "virtual_hosts": [

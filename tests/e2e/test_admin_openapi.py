@@ -98,3 +98,11 @@ def test_the_document_route_opens_nothing_else(stack, method, path):
     assert status < 500
     assert b'"openapi"' not in body
     assert b'"items"' not in body
+
+
+def test_a_path_no_admin_method_has_is_a_json_404_in_the_apis_error_shape(stack):
+    for path in ("/admin/v1/nothing", "/admin/v1/tenants/x/y/z", "/admin/v1/tenants/../nothing"):
+        status, content_type, body = _request(stack.gateway, "GET", path, _admin_token(stack))
+        assert status == 404, path
+        assert content_type == "application/json", path
+        assert json.loads(body)["code"] == 5, path  # google.rpc.Status, as the API's own errors

@@ -310,7 +310,12 @@ def test_local_replies_cover_the_documented_statuses():
     hcm = resources_from_state(State(), CFG).listeners["tessera_gateway"]["filter_chains"][0]["filters"][0][
         "typed_config"
     ]
-    mappers = hcm["local_reply_config"]["mappers"]
+    # the admin REST API's first, in its own (google.rpc.Status) shape
+    admin = [
+        m for m in hcm["local_reply_config"]["mappers"] if "code" in m["body_format_override"]["json_format"]
+    ]
+    assert {m["body_format_override"]["json_format"]["code"] for m in admin} == {3, 5, 14}
+    mappers = hcm["local_reply_config"]["mappers"][len(admin) :]
     codes = {m["body_format_override"]["json_format"]["error"].get("code") for m in mappers}
     assert {
         "model_not_found",
