@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tessera.client_errors import ANTHROPIC_TYPES
 from tessera.demo_upstream.schema import (
     DEFAULT_MAX_TOKENS,
     MAX_TOKENS_CAP,
@@ -43,15 +44,7 @@ from tessera.demo_upstream.state import (
 from tessera.demo_upstream.tokens import generated_words
 
 PATH = "/v1/messages"
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    529: "overloaded_error",
-}
+_ERROR_TYPES = {**ANTHROPIC_TYPES, 529: "overloaded_error"}  # Anthropic's own status for overload
 
 
 def is_anthropic(path: str) -> bool:

@@ -42,7 +42,9 @@ from hypothesis import strategies as st
 from control_plane.app import App, build_app
 from control_plane.db.migrate import upgrade
 from tessera.admin.v1 import admin_pb2
-from tests.integration.test_control_plane import TOKEN, Admin, _settings
+from tests.integration.conftest import ADMIN_TOKEN as TOKEN
+from tests.integration.conftest import control_plane_settings
+from tests.integration.test_control_plane import Admin
 
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 EXAMPLES = 25
@@ -146,7 +148,7 @@ def cp(tmp_path_factory) -> Iterator[ControlPlane]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True)
     thread.start()
-    app = asyncio.run_coroutine_threadsafe(build_app(_settings(url, pepper)), loop).result(60)
+    app = asyncio.run_coroutine_threadsafe(build_app(control_plane_settings(url, pepper)), loop).result(60)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{app.admin_port}") as channel:
             admin = Admin(channel)  # the same stubs work on a sync channel

@@ -23,7 +23,6 @@ from sqlalchemy import inspect, text
 from control_plane.app import App, build_app
 from control_plane.db.engine import make_engine
 from control_plane.db.migrate import alembic_config, upgrade
-from control_plane.settings import ControlPlaneSettings
 from tessera import keys
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
 from tessera.errors import ConfigError
@@ -31,24 +30,11 @@ from tessera.identity import Authority, spiffe_id
 from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
 from tessera.settings import GrpcSettings, IdentitySettings
 from tessera.tls import grpc_channel
+from tests.integration.conftest import ADMIN_TOKEN, control_plane_settings
 
-TOKEN = "test-admin-token"
+TOKEN = ADMIN_TOKEN
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-
-
-def _settings(url: str, pepper: Path) -> ControlPlaneSettings:
-    return ControlPlaneSettings(
-        database={"url": url},
-        pepper={"file": pepper},
-        admin={"port": 0},
-        xds={"port": 0},
-        policy_server={"port": 0},
-        http={"port": 0},
-        metrics={"port": 0},
-        admin_token=TOKEN,
-        gateway={"port": 18080},
-    )
 
 
 @pytest.fixture
@@ -60,7 +46,7 @@ def pepper(tmp_path) -> Path:
 
 @pytest.fixture
 async def app(db_url, pepper) -> AsyncIterator[App]:
-    app = await build_app(_settings(db_url, pepper))
+    app = await build_app(control_plane_settings(db_url, pepper))
     yield app
     await app.stop(0)
 
@@ -110,12 +96,12 @@ def test_models_match_the_migrations(db_url):
 
 async def test_unmigrated_database_is_a_startup_error(tmp_path, pepper):
     with pytest.raises(ConfigError, match="migrate"):
-        await build_app(_settings(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", pepper))
+        await build_app(control_plane_settings(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", pepper))
 
 
 async def test_missing_pepper_is_a_startup_error(tmp_path, db_url):
     with pytest.raises(ConfigError, match="pepper"):
-        await build_app(_settings(db_url, tmp_path / "nope"))
+        await build_app(control_plane_settings(db_url, tmp_path / "nope"))
 
 
 async def test_admin_calls_need_the_admin_token(admin):
@@ -340,7 +326,7 @@ async def test_database_outage_is_unavailable(postgres_url, pepper):
     proxy = TcpProxy(5432)
     port = await proxy.start()
     url = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{port}")
-    app = await build_app(_settings(url, pepper))
+    app = await build_app(control_plane_settings(url, pepper))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as ch:
             admin = Admin(ch)
@@ -639,7 +625,7 @@ async def test_the_policy_stream_under_mutual_tls_serves_each_identity_its_own_v
     def identity(component: str, authority: Authority = ca) -> IdentitySettings:
         return authority.ensure(component, spiffe_id(component))
 
-    settings = _settings(db_url, pepper).model_copy(
+    settings = control_plane_settings(db_url, pepper).model_copy(
         update={"policy_server": GrpcSettings(port=0), "identity": identity("control-plane")}
     )
     app = await build_app(settings)
@@ -697,7 +683,7 @@ async def test_a_write_on_one_replica_reaches_the_other_replicas_subscribers_wit
     """Two control planes on one PostgreSQL, periodic refresh far off (60 s): a key created on
     one is in the other's policy stream within a second (NOTIFY/LISTEN), and revoked likewise."""
     await asyncio.to_thread(upgrade, postgres_url)
-    settings = _settings(postgres_url, pepper).model_copy(update={"refresh_seconds": 60.0})
+    settings = control_plane_settings(postgres_url, pepper).model_copy(update={"refresh_seconds": 60.0})
     a, b = await build_app(settings), await build_app(settings)
     try:
         async with (

@@ -31,16 +31,16 @@ from control_plane.db.models import (
     UsageRollup,
 )
 from control_plane.db.repositories import as_utc
-from control_plane.settings import ControlPlaneSettings
 from control_plane.usage import invoices, ledger
 from control_plane.usage.ledger import bucket, picos_to_micros
 from control_plane.usage.meter import Meter
 from tessera import usage_line
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
+from tests.integration.conftest import ADMIN_TOKEN, control_plane_settings
 
 pytestmark = pytest.mark.asyncio
 
-TOKEN = "test-admin-token"
+TOKEN = ADMIN_TOKEN
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 # micros per 1M tokens: (input, output, cached)
 P0 = (100_000, 300_000, 50_000)  # from 2026-09-01
@@ -53,18 +53,7 @@ async def admin(db_url, tmp_path) -> AsyncIterator[Any]:
     """The admin API of the real control plane on the test's database."""
     pepper = tmp_path / "pepper"
     pepper.write_text(secrets.token_hex(32))
-    settings = ControlPlaneSettings(
-        database={"url": db_url},
-        pepper={"file": pepper},
-        admin={"port": 0},
-        xds={"port": 0},
-        policy_server={"port": 0},
-        http={"port": 0},
-        metrics={"port": 0},
-        admin_token=TOKEN,
-        gateway={"port": 18080},
-    )
-    app: App = await build_app(settings)
+    app: App = await build_app(control_plane_settings(db_url, pepper))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as ch:
         yield (
             admin_pb2_grpc.ModelServiceStub(ch),
