@@ -83,6 +83,9 @@ def request_cost(headers: Mapping[str, str], path: str, tokens: ModelTokens | No
         body_bytes = max(0, int(headers.get(gh.BODY_BYTES) or 0))
     except ValueError:
         body_bytes = 0  # never from a client: the gateway removes client-sent copies
+    endpoint = endpoints.at(path)
+    if endpoint.form:  # an upload's audio: reserved as its tokens can be, not as text bytes
+        body_bytes = -(-body_bytes // endpoints.FORM_BYTES_PER_TOKEN)
     _default, cap = token_terms(tokens.default if tokens else 0, tokens.cap if tokens else 0)
     limits = []
     for header, param, bound in (  # max_completion_tokens first: the gateway copies it into a
@@ -105,6 +108,6 @@ def request_cost(headers: Mapping[str, str], path: str, tokens: ModelTokens | No
     # default into every JSON body of an endpoint that generates and names none, so this is another
     # endpoint: embeddings, rerank, … generate nothing; anything else (audio transcriptions, a
     # realtime session) may generate up to the model's cap.
-    asked = max(given) if given else (cap if endpoints.generates(path) else 0)
+    asked = max(given) if given else (cap if endpoint.generates else 0)
     choices = max(n or 1, best_of or 1) * (prompts or 1)
     return Cost(body_bytes=body_bytes, max_completion_tokens=asked * choices)

@@ -39,6 +39,11 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
         "A parameter of the request is above its maximum.",
     ),
     "duplicate_key": (400, "invalid_request_error", "The request body names a key twice."),
+    "invalid_form": (
+        400,
+        "invalid_request_error",
+        "The multipart form is not one the gateway can read unambiguously.",
+    ),
     "request_too_large": (413, "invalid_request_error", "The request body is too large."),
     "rate_limit_exceeded": (429, "rate_limit_error", "Rate limit reached. Retry later."),
     "insufficient_quota": (429, "insufficient_quota", "You exceeded your current quota."),

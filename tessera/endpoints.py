@@ -24,27 +24,35 @@ class Dialect(Enum):
     ANTHROPIC = "anthropic"
 
 
+class UsageShape(Enum):
+    """Where an endpoint's answers report usage (the usage line keeps each shape's own fields, and
+    the meter reads the endpoint's: one answer cannot bill through another API's field names)."""
+
+    CHAT = "chat"  # usage.prompt_tokens / completion_tokens / prompt_tokens_details.cached_tokens
+    RESPONSES = "responses"  # usage.input_tokens / output_tokens / input_tokens_details.cached_tokens
+    ANTHROPIC = "anthropic"  # usage.input_tokens / output_tokens, cache reads and writes beside them
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     path: str
     generates: bool = True  # reserves completion tokens (embeddings, rerank, … do not)
     dialect: Dialect = Dialect.OPENAI
     form: bool = False  # multipart/form-data: the model is a form field (audio)
+    usage: UsageShape = UsageShape.CHAT
 
 
 CHAT: Final = Endpoint("/v1/chat/completions")
 COMPLETIONS: Final = Endpoint("/v1/completions")
 EMBEDDINGS: Final = Endpoint("/v1/embeddings", generates=False)
-RESPONSES: Final = Endpoint("/v1/responses")
-MESSAGES: Final = Endpoint("/v1/messages", dialect=Dialect.ANTHROPIC)
-TRANSCRIPTIONS: Final = Endpoint("/v1/audio/transcriptions", form=True)
-TRANSLATIONS: Final = Endpoint("/v1/audio/translations", form=True)
+RESPONSES: Final = Endpoint("/v1/responses", usage=UsageShape.RESPONSES)
+MESSAGES: Final = Endpoint("/v1/messages", dialect=Dialect.ANTHROPIC, usage=UsageShape.ANTHROPIC)
+TRANSCRIPTIONS: Final = Endpoint("/v1/audio/transcriptions", form=True, usage=UsageShape.RESPONSES)
+TRANSLATIONS: Final = Endpoint("/v1/audio/translations", form=True, usage=UsageShape.RESPONSES)
 RERANK: Final = Endpoint("/v1/rerank", generates=False)
 SCORE: Final = Endpoint("/v1/score", generates=False)
 TOKENIZE: Final = Endpoint("/tokenize", generates=False)
 DETOKENIZE: Final = Endpoint("/detokenize", generates=False)
-
-METHOD: Final = "POST"  # every endpoint above (GET /v1/models is answered by the control plane)
 
 _OPENAI: Final = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
 BY_KIND: Final[dict[str, tuple[Endpoint, ...]]] = {
@@ -63,16 +71,26 @@ def served(kinds: set[str] | frozenset[str]) -> tuple[Endpoint, ...]:
     return tuple(e for e in ALL if all(e in BY_KIND[k] for k in kinds))
 
 
+# An upload's audio is billed by the tokens its backend reports. Without them (a reservation, an
+# estimate) it counts one token per this many bytes: at 50 audio tokens a second (Whisper's
+# encoder rate, more than OpenAI's audio models), any encoding of 4 kbps or more stays under it.
+FORM_BYTES_PER_TOKEN: Final = 10
+
+_UNLISTED: Final = Endpoint("")  # any other path a model route serves (a realtime session)
+
+
+def at(path: str) -> Endpoint:
+    """The endpoint at ``path`` (its query ignored); for a path not listed, a generating one that
+    speaks OpenAI's API."""
+    return BY_PATH.get(path.partition("?")[0], _UNLISTED)
+
+
 def dialect_of(path: str) -> Dialect:
-    """The dialect of the endpoint at ``path`` (its query ignored); OpenAI's for any other."""
-    endpoint = BY_PATH.get(path.partition("?")[0])
-    return endpoint.dialect if endpoint else Dialect.OPENAI
+    return at(path).dialect
 
 
 def generates(path: str) -> bool:
-    """Whether the endpoint at ``path`` may generate tokens (any path not listed is assumed to)."""
-    endpoint = BY_PATH.get(path.partition("?")[0])
-    return endpoint is None or endpoint.generates
+    return at(path).generates
 
 
 def path_regex(endpoints: tuple[Endpoint, ...]) -> str:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from tessera import endpoints
+from tessera.endpoints import UsageShape
+
 VERSION: Final = 1
 NODE_ENV: Final = "ENVOY_NODE_ID"  # Envoy's environment names its node in every line
 
@@ -34,9 +37,16 @@ ENVOY_FORMAT: Final[dict[str, Any]] = {
     "backend": "%UPSTREAM_HOST%",
     "status": "%RESPONSE_CODE%",
     "flags": "%RESPONSE_FLAGS%",
+    # Usage as the answer reported it, each API's fields apart (tessera.endpoints.UsageShape);
+    # ``parse`` reads those of the request's endpoint. Chat, completions, embeddings, rerank:
     "prompt_tokens": "%DYNAMIC_METADATA(ai.gw.usage:prompt_tokens)%",
     "completion_tokens": "%DYNAMIC_METADATA(ai.gw.usage:completion_tokens)%",
     "cached_tokens": "%DYNAMIC_METADATA(ai.gw.usage:cached_tokens)%",
+    "total_tokens": "%DYNAMIC_METADATA(ai.gw.usage:total_tokens)%",  # rerank reports only this
+    # the Responses API, audio, Anthropic's Messages:
+    "input_tokens": "%DYNAMIC_METADATA(ai.gw.usage:input_tokens)%",
+    "output_tokens": "%DYNAMIC_METADATA(ai.gw.usage:output_tokens)%",
+    "input_cached_tokens": "%DYNAMIC_METADATA(ai.gw.usage:input_cached_tokens)%",
     # Anthropic's: input read from / written to its prompt cache, reported beside input_tokens
     "cache_read_tokens": "%DYNAMIC_METADATA(ai.gw.usage:cache_read_tokens)%",
     "cache_write_tokens": "%DYNAMIC_METADATA(ai.gw.usage:cache_write_tokens)%",
@@ -124,13 +134,14 @@ def parse(line: str | bytes, default_node: str = "") -> UsageLine | None:
         return None
     key_id = _str(raw.get("key_id"), 32)
     max_tokens = _int(raw.get("max_completion_tokens"))
-    prompt, cached = _prompt_and_cached(raw)
+    path = _str(raw.get("path"), 1024) or ""
+    prompt, completion, cached = _usage(raw, endpoints.at(path))
     return UsageLine(
         node=node,
         request_id=request_id,
         start_time=start_time,
         method=_str(raw.get("method"), 16) or "",
-        path=_str(raw.get("path"), 1024) or "",
+        path=path,
         tenant_id=_str(raw.get("tenant_id"), 32),
         key_id=key_id,
         principal=_str(raw.get("jwt_sub")) or key_id,
@@ -139,7 +150,7 @@ def parse(line: str | bytes, default_node: str = "") -> UsageLine | None:
         backend=_str(raw.get("backend")),
         status=_int(raw.get("status")) or 0,
         prompt_tokens=prompt,
-        completion_tokens=_int(raw.get("completion_tokens")),
+        completion_tokens=completion,
         cached_tokens=cached,
         max_tokens=max_tokens if max_tokens is not None else _int(raw.get("max_tokens")),
         chunks=_int(raw.get("chunks")) or 0,
@@ -154,15 +165,28 @@ def parse(line: str | bytes, default_node: str = "") -> UsageLine | None:
     )
 
 
-def _prompt_and_cached(raw: dict[str, Any]) -> tuple[int | None, int]:
-    """The prompt's tokens and how many of them were cached. OpenAI's prompt counts cached tokens
-    in; Anthropic's input_tokens leaves cache reads and writes out, so they are added here."""
-    prompt, cached = _int(raw.get("prompt_tokens")), _int(raw.get("cached_tokens")) or 0
-    read, write = _int(raw.get("cache_read_tokens")) or 0, _int(raw.get("cache_write_tokens")) or 0
-    if read or write:
-        prompt = min((prompt or 0) + read + write, MAX_COUNT)
-        cached = min(cached + read, prompt)
-    return prompt, cached
+def _usage(raw: dict[str, Any], endpoint: endpoints.Endpoint) -> tuple[int | None, int | None, int]:
+    """(prompt, completion, cached) from the fields of the endpoint's usage shape; None: not
+    reported. The prompt counts cached tokens in (OpenAI's way): Anthropic reports cache reads and
+    writes beside input_tokens, so they are added. An endpoint that generates nothing reported
+    no completion because there was none."""
+    shape = endpoint.usage
+    if shape is UsageShape.CHAT:
+        prompt, completion = _int(raw.get("prompt_tokens")), _int(raw.get("completion_tokens"))
+        cached = _int(raw.get("cached_tokens")) or 0
+        if prompt is None and completion is None:
+            prompt = _int(raw.get("total_tokens"))  # rerank: the tokens it read
+    else:
+        prompt, completion = _int(raw.get("input_tokens")), _int(raw.get("output_tokens"))
+        cached = _int(raw.get("input_cached_tokens")) or 0
+    if shape is UsageShape.ANTHROPIC:
+        read, write = _int(raw.get("cache_read_tokens")) or 0, _int(raw.get("cache_write_tokens")) or 0
+        if read or write:
+            prompt = min((prompt or 0) + read + write, MAX_COUNT)
+            cached = read
+    if prompt is not None and completion is None and not endpoint.generates:
+        completion = 0
+    return prompt, completion, min(cached, prompt or 0)
 
 
 def _trace_id(value: Any) -> str | None:

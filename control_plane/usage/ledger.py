@@ -27,9 +27,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.admin.convert import rfc3339
 from control_plane.db.models import Limit, Model, ModelPrice, OutboxEvent, UsageRecord, UsageRollup
 from control_plane.db.repositories import as_utc, insert_many_new, insert_stmt
+from tessera import endpoints
 from tessera.clock import calendar_month
+from tessera.endpoints import FORM_BYTES_PER_TOKEN
 from tessera.errors import InvalidArgumentError
-from tessera.usage_line import UsageLine, reserved_tokens
+from tessera.usage_line import BYTES_PER_TOKEN, UsageLine, reserved_tokens
 
 PICOS_PER_MICRO = 1_000_000
 
@@ -104,22 +106,29 @@ async def load_terms(s: AsyncSession) -> dict[str, ModelTerms]:
 
 
 def _is_inference(line: UsageLine) -> bool:
-    return line.method == "POST" and line.path.startswith("/v1/") and line.model is not None
+    """A request a model route served: only listed endpoints reach one, all by POST."""
+    return line.method == "POST" and line.model is not None
 
 
 def tokens_of(line: UsageLine, terms: ModelTerms | None) -> tuple[int, int, int, bool]:
-    """(prompt, completion, cached, estimated). A successful inference whose answer carried no
-    usage (a stream the client cut, a server that reports none) is charged what was reserved
-    for it, or what was counted going out if that is more, and flagged: never zero."""
-    reported = line.prompt_tokens is not None or line.completion_tokens is not None
-    if reported or not (200 <= line.status < 300 and _is_inference(line)):  # noqa: PLR2004
+    """(prompt, completion, cached, estimated). A successful inference whose answer did not report
+    its completion (a stream the client cut before its last event, a server that reports none)
+    is charged what was reserved for it, or what was counted going out if that is more, and
+    flagged: never zero. A prompt it did report is kept."""
+    if line.completion_tokens is not None or not (200 <= line.status < 300 and _is_inference(line)):  # noqa: PLR2004
         return line.prompt_tokens or 0, line.completion_tokens or 0, line.cached_tokens, False
+    endpoint = endpoints.at(line.path)
     prompt, completion = reserved_tokens(
         line.bytes_received,
         line.max_tokens,
         default_max_tokens=terms.default_max_tokens if terms else 0,
         max_max_tokens=terms.max_max_tokens if terms else 0,
+        bytes_per_token=FORM_BYTES_PER_TOKEN if endpoint.form else BYTES_PER_TOKEN,
     )
+    if not endpoint.generates:
+        completion = 0
+    if line.prompt_tokens is not None:
+        return line.prompt_tokens, max(completion, line.chunks), line.cached_tokens, True
     return prompt, max(completion, line.chunks), 0, True
 
 
@@ -542,7 +551,12 @@ async def reprice(
     if not groups:
         return 0, []
     # Each row's cost is computed in SQL: it must fit in 64 bits (SQLite would go to floating point).
-    if _cost(price, max(g[10] for g in groups), max(g[11] for g in groups), 0) > MAX_PICOS:
+    # (a bound on every row's: its prompt all at the dearer of the input and cached prices)
+    per_prompt_token = max(price.input_micros, price.cached_micros)
+    if (
+        max(g[10] for g in groups) * per_prompt_token + max(g[11] for g in groups) * price.output_micros
+        > MAX_PICOS
+    ):
         raise InvalidArgumentError("input_micros", "too high for the token counts of the usage it re-prices")
     cost = ((r.prompt_tokens - r.cached_tokens) * price.input_micros + r.cached_tokens * price.cached_micros
             + r.completion_tokens * price.output_micros)  # fmt: skip

@@ -264,7 +264,9 @@ def jwt_authn_config(state: State, cfg: GatewayConfig) -> dict[str, Any]:
         "typed_config": {
             "@type": JWT_AUTHN_TYPE,
             "providers": {"tessera": provider},
-            "rules": [{"match": {"prefix": "/v1/"}, "requires": either}],
+            # every path: endpoints are not all under /v1/ (vLLM's /tokenize); a token that is not
+            # one of ours (an admin token) passes untouched
+            "rules": [{"match": {"prefix": "/"}, "requires": either}],
         },
     }
 
@@ -401,24 +403,26 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     ]
 
 
-# Where each API puts its usage (JSON answers, and the SSE events that carry it), → ai.gw.usage.
-# No answer has two of these, and an event whose usage is null writes nothing. Anthropic counts
-# cache reads and writes beside input_tokens, not in it: the meter adds them to the prompt.
+# Where each API puts its usage (JSON answers, and the SSE events that carry it) → ai.gw.usage,
+# each API's fields under keys of their own (the meter reads the request's endpoint's:
+# tessera.usage_line). An event whose usage is null writes nothing; a later event's value
+# replaces an earlier one's (a stream's last word is its total).
 USAGE_PATHS: Final[dict[str, tuple[tuple[str, ...], ...]]] = {
-    "prompt_tokens": (
-        ("usage", "prompt_tokens"),  # chat, completions, embeddings
-        ("usage", "input_tokens"),  # responses, messages, audio
-        ("response", "usage", "input_tokens"),  # responses: the response.completed event
-        ("message", "usage", "input_tokens"),  # messages: the message_start event
+    # chat, completions, embeddings, score; rerank reports only total_tokens
+    "prompt_tokens": (("usage", "prompt_tokens"),),
+    "completion_tokens": (("usage", "completion_tokens"),),
+    "cached_tokens": (("usage", "prompt_tokens_details", "cached_tokens"),),
+    "total_tokens": (("usage", "total_tokens"),),
+    # the Responses API (JSON; a stream's response.completed), audio, Anthropic's Messages (JSON;
+    # a stream's message_start has the input, its message_delta the output: message_start's
+    # output count is not the answer's, so it is not read)
+    "input_tokens": (
+        ("usage", "input_tokens"),
+        ("response", "usage", "input_tokens"),
+        ("message", "usage", "input_tokens"),
     ),
-    "completion_tokens": (
-        ("usage", "completion_tokens"),
-        ("usage", "output_tokens"),  # responses, messages (JSON; a stream's message_delta: the total)
-        ("response", "usage", "output_tokens"),
-        ("message", "usage", "output_tokens"),  # message_start's (message_delta's comes later)
-    ),
-    "cached_tokens": (
-        ("usage", "prompt_tokens_details", "cached_tokens"),
+    "output_tokens": (("usage", "output_tokens"), ("response", "usage", "output_tokens")),
+    "input_cached_tokens": (
         ("usage", "input_tokens_details", "cached_tokens"),
         ("response", "usage", "input_tokens_details", "cached_tokens"),
     ),
@@ -453,11 +457,12 @@ def listener(cfg: GatewayConfig) -> dict[str, Any]:
         # The client address is the peer, or X-Forwarded-For only from configured trusted hops.
         "use_remote_address": True,
         # Routes match the path a backend will read, and only an exact endpoint path
-        # (tessera/endpoints.py) reaches one: escaped slashes (%2F, %5C) decoded, dot-segments
-        # resolved (RFC 3986), slashes merged, then matched; the backend gets that path.
+        # (tessera/endpoints.py) reaches one: dot-segments resolved (RFC 3986) and slashes merged,
+        # then matched; the backend gets that path. An escaped slash (%2F, %5C) is kept as sent
+        # (Envoy's default), so a path with one is no endpoint's, and an admin path may carry a
+        # model name with a slash.
         "normalize_path": True,
         "merge_slashes": True,
-        "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD",
         "xff_num_trusted_hops": cfg.xff_trusted_hops,
         # Envoy mints every request id: a client-sent x-request-id is dropped before
         # the connection manager looks at it, so nobody can pick a ledger row's id. The
@@ -565,7 +570,6 @@ def admin_rest_listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dic
         "always_set_request_id_in_response": True,
         "normalize_path": True,
         "merge_slashes": True,
-        "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD",
         "local_reply_config": {"mappers": ADMIN_MAPPERS},
         "route_config": {
             "name": "tessera_admin_rest",

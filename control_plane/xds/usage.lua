@@ -17,8 +17,11 @@
 --           {}) gets include_usage set. Every change splices the body text (never
 --           re-serialising it); ai.gw.inject:injected marks the stream. A multipart audio
 --           request is routed by its form's "model" field (json_to_metadata reads only JSON):
---           set as ai.gw:model, then the route is chosen again. Refusals come in the error
---           shape of the endpoint's API (Anthropic's on /v1/messages, else OpenAI's).
+--           set as ai.gw:model, then the route is chosen again, before anything asks for the
+--           route's metadata (Envoy's Lua keeps its first answer for the stream). A form the
+--           gateway could read differently from the backend's parser is refused (400
+--           invalid_form; a second model field, in any spelling, duplicate_key). Refusals come
+--           in the error shape of the endpoint's API (Anthropic's on /v1/messages, else OpenAI's).
 -- response: records ai.gw:status (a string, for the ratelimit stream-done descriptor); counts
 --           an SSE stream's data events into ai.gw:chunks (the usage line's estimate for a
 --           stream cut before its usage); on an injected SSE stream drops the one event with
@@ -270,39 +273,83 @@ end
 -- endpoints whose body is multipart/form-data, the model a form field (tessera/endpoints.py)
 local FORM = {["/v1/audio/transcriptions"] = true, ["/v1/audio/translations"] = true}
 
+local function params(value)
+  -- a header value's parameters (after its first ';'): lower-cased name -> list of values. nil
+  -- when one is not name=value, a value a token or a quoted string without escapes, or a name is
+  -- RFC 2231's name*: a form the gateway could read differently from the backend is refused
+  local out = {}
+  local rest = string.match(value, "^[^;]*;(.*)$")
+  if not rest then return out end
+  for item in string.gmatch(rest, "[^;]+") do
+    local name, v = string.match(item, "^%s*([%w%-_%.]+)%s*=%s*(.-)%s*$")
+    if not name then return nil end
+    local q = string.match(v, '^"([^"\\]*)"$')
+    if q then v = q elseif v == "" or string.find(v, '["\\%s]') then return nil end
+    name = string.lower(name)
+    out[name] = out[name] or {}
+    out[name][#out[name] + 1] = v
+  end
+  return out
+end
+
 local function form_model(s, boundary)
-  -- the span {first, last} of the value of the form field "model"; nil if none, false if the
-  -- form names it twice. A file part's bytes are skipped by a plain search for the next boundary.
-  local delim = "--" .. boundary
-  local found, at = nil, 1
+  -- the span {first, last} of the form field "model"'s value; nil if the form has none; false
+  -- (and "twice" when it names it twice) when the form is not one the gateway reads exactly as
+  -- a backend's parser would: it must start with the delimiter, every delimiter is followed by
+  -- CRLF or "--", every part has one Content-Disposition: form-data with one name. A file part's
+  -- bytes are skipped by a plain search for the next delimiter.
+  local delim = "\r\n--" .. boundary
+  if string.sub(s, 1, #delim - 2) ~= string.sub(delim, 3) then return false end
+  local pos, found = #delim - 1, nil
   while true do
-    local _, b = string.find(s, delim, at, true)
-    if not b then return found end
-    local head_end = string.find(s, "\r\n\r\n", b, true)
-    if not head_end then return found end
-    local head = string.sub(s, b + 1, head_end)
-    local named = false
-    for line in string.gmatch(head, "[^\r\n]+") do
-      if string.lower(string.sub(line, 1, 20)) == "content-disposition:"
-        and string.find(line, '[;%s]name="model"') then named = true end
+    if string.sub(s, pos, pos + 1) == "--" then return found end
+    if string.sub(s, pos, pos + 1) ~= "\r\n" then return false end
+    local head_end = string.find(s, "\r\n\r\n", pos, true)
+    if not head_end then return false end
+    local name, dispositions = nil, 0
+    for line in string.gmatch(string.sub(s, pos + 2, head_end + 1), "([^\r\n]*)\r\n") do
+      local header, value = string.match(line, "^([%w%-]+):%s*(.*)$")
+      if not header then return false end
+      if string.lower(header) == "content-disposition" then
+        dispositions = dispositions + 1
+        local p = params(value)
+        if not p or string.lower(string.match(value, "^%s*([^;%s]*)")) ~= "form-data"
+          or not p.name or #p.name ~= 1 then return false end
+        name = p.name[1]
+      end
     end
-    local value_end = string.find(s, "\r\n" .. delim, head_end + 4, true)
-    if not value_end then return found end
-    if named then
-      if found then return false end
-      found = {head_end + 4, value_end - 1}
+    if dispositions ~= 1 then return false end
+    local a, b = string.find(s, delim, head_end + 4, true)
+    if not a then return false end
+    if name == "model" then
+      if found then return false, "twice" end
+      found = {head_end + 4, a - 1}
     end
-    at = value_end + 2
+    pos = b + 1
   end
 end
 
-local function route_form(h, body, n, ct, path)
-  -- a multipart request: its "model" field routes it (json_to_metadata read nothing), as the
-  -- body's model routes a JSON request; the route's facts then go to ext_authz as for JSON
-  local boundary = string.match(ct, 'boundary="([^"]+)"') or string.match(ct, "boundary=([^;%s]+)")
-  local s = body:getBytes(0, n)
-  local span = boundary and form_model(s, boundary)
-  if span == false then return refuse_duplicate(h, path, "model") end
+local function refuse_form(h, path)
+  refuse(h, path, "invalid_form", "The multipart form is not one the gateway can read unambiguously.")
+end
+
+local function route_form(h, ct, path)
+  -- A multipart request: its "model" field routes it (json_to_metadata reads only JSON), as the
+  -- body's model routes a JSON request. Called before anything asks for the route's metadata:
+  -- Envoy keeps the first answer for the stream, which must be the route chosen again here.
+  local body = h:body()
+  local hd = h:headers()
+  local n = body and body:length() or 0
+  hd:replace(H_BODY, tostring(n))
+  local p = params(ct)
+  local boundary = p and p.boundary and #p.boundary == 1 and p.boundary[1]
+  if not boundary or #boundary > 70 then return refuse_form(h, path) end
+  local s = n > 0 and body:getBytes(0, n) or ""
+  local span, twice = form_model(s, boundary)
+  if span == false then
+    if twice then return refuse_duplicate(h, path, "model") end
+    return refuse_form(h, path)
+  end
   local name = span and string.sub(s, span[1], span[2]) or ""
   if name == "" or #name > 256 or string.find(name, "%c") then
     name = ":missing" -- (json_to_metadata called the form invalid JSON): 400 missing_model
@@ -311,8 +358,8 @@ local function route_form(h, body, n, ct, path)
   h:clearRouteCache()
   local route = h:metadata()
   local model = route:get("model")
-  if not model then return end -- not a model that serves this endpoint: Envoy answers 404
-  local hd = h:headers()
+  if not model then return end -- no model, or not one that serves this endpoint: Envoy's 4xx
+  hd = h:headers()
   hd:replace(H_MODEL, model)
   if NODE and NODE ~= "" then hd:replace(H_NODE, NODE) end
   local served = route:get("served_model") -- an alias: the backend is asked for its own name
@@ -323,8 +370,23 @@ local function route_form(h, body, n, ct, path)
   end
 end
 
+local function largest(a, b, c)
+  -- the largest of the numbers given (JSON text), as an integer string; nil if none is one
+  local best
+  for _, v in pairs({a, b, c}) do
+    local x = tonumber(v)
+    if x and x >= 0 and (not best or x > best) then best = x end
+  end
+  return best and string.format("%d", math.min(best, 1e9)) or nil
+end
+
 function envoy_on_request(h)
   local hd = h:headers()
+  local ct = hd:get("content-type") or ""
+  if hd:get(":method") == "POST" and string.find(ct, "multipart/form-data", 1, true) then
+    local path = decoded_path(hd:get(":path") or "")
+    if FORM[path] then return route_form(h, ct, path) end
+  end
   local route = h:metadata() -- this route's metadata for the Lua filter (model routes only)
   local model = route:get("model")
   if model then
@@ -337,11 +399,8 @@ function envoy_on_request(h)
   hd, route = h:headers(), h:metadata()
   local n = body and body:length() or 0
   hd:replace(H_BODY, tostring(n)) -- as received: chunked bodies have no content-length
-  local ct, path = hd:get("content-type") or "", decoded_path(hd:get(":path") or "")
-  if n > 0 and not model and FORM[path] and string.find(ct, "multipart/form-data", 1, true) then
-    return route_form(h, body, n, ct, path)
-  end
-  if n == 0 or not string.find(ct, "application/json", 1, true) then return end
+  local path = decoded_path(hd:get(":path") or "")
+  if n == 0 or not string.find(hd:get("content-type") or "", "application/json", 1, true) then return end
   local s = body:getBytes(0, n)
   local first = string.find(s, "[^ \t\r\n]")
   local keys, close, twice
@@ -373,7 +432,7 @@ function envoy_on_request(h)
   end
   local field = GENERATES[path]
   local mt, mct = value("max_tokens"), value("max_completion_tokens")
-  local limit = value("max_output_tokens") or mct or mt
+  local limit = largest(value("max_output_tokens"), mct, mt) -- whichever the backend honours
   local own = field and value(field)
   if field and (own == nil or own == "null") then
     local default = route:get("default_max_tokens")

@@ -333,3 +333,142 @@ def test_a_responses_stream_whose_last_event_is_large_is_still_metered(stack):
     usage = list(resp.parse())[-1].response.usage
     assert usage.input_tokens > 40_000
     assert_metered(stack, resp.headers["x-request-id"], usage.input_tokens, 5)
+
+
+# --- multipart forms: entitlement, limits, aliases, and a form read as the backend reads it --------
+
+
+def _form(boundary: str, *parts: tuple[str, str], file: bytes = b"\x00" * 640) -> bytes:
+    """A multipart body: each (Content-Disposition parameters, value) part, then a file part."""
+    out = b""
+    for disposition, value in parts:
+        out += f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n\r\n{value}\r\n".encode()
+    out += f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'.encode()
+    return out + file + f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_audio_is_entitled_limited_and_aliased_like_any_request(stack, upstreams):
+    model, alias = f"audio{time.monotonic_ns()}", f"speech{time.monotonic_ns()}"
+    upstream = Upstream(model, "audio-upstream")
+    upstreams.append(upstream)
+    stack.cli(
+        "models", "add", model, "--backend", upstream.url, "--kind", "vllm", "--visibility", "restricted"
+    )
+    stack.cli("models", "update", model, "--alias", alias)
+    entitled, other = f"ent{time.monotonic_ns()}", f"oth{time.monotonic_ns()}"
+    stack.cli("tenants", "create", entitled, "--allow-model", model)
+    stack.cli("tenants", "create", other)
+    key, other_key = stack.new_key(entitled), stack.new_key(other)
+    stack.cli(
+        "limits", "create", "--tenant", entitled, "--kind", "requests", "--window", "minute", "--limit", "2"
+    )
+    wait_routed(stack.client(key), model)  # (one request of the limit's 2)
+    audio = ("a.wav", b"\x00" * 3200)
+    # not entitled: the same answer as an unknown model, and the backend never asked
+    seen = len(upstream.requests())
+    with pytest.raises(openai.NotFoundError) as denied:
+        stack.client(other_key).audio.transcriptions.create(model=model, file=audio)
+    assert denied.value.code == "model_not_found"
+    assert len(upstream.requests()) == seen
+    # entitled, through the alias: the backend is asked for its own name; the limit counts it
+    assert stack.client(key).audio.transcriptions.create(model=alias, file=audio).text
+    assert upstream.requests()[-1]["body"]["model"] == model
+    with pytest.raises(openai.RateLimitError):
+        stack.client(key).audio.transcriptions.create(model=model, file=audio)
+
+
+@pytest.mark.parametrize(
+    ("second", "code"),
+    [
+        ("name=model", "duplicate_key"),  # unquoted
+        ('NAME="model"', "duplicate_key"),  # parameter names are case-insensitive
+        ('name = "model"', "duplicate_key"),  # spaces around '='
+        ("name*=UTF-8''model", "invalid_form"),  # RFC 2231: refused, never guessed
+        ('name="model"; name="x"', "invalid_form"),  # one part, two names
+    ],
+)
+def test_a_form_the_backend_could_read_another_model_from_is_refused(stack, second, code):
+    boundary = "REAL"
+    body = _form(boundary, ('name="model"', "demo"), (second, "SMUGGLED"))
+    headers = {
+        "authorization": f"Bearer {stack.demo_key}",
+        "content-type": f"multipart/form-data; boundary={boundary}",
+        PROBE: uuid.uuid4().hex,
+    }
+    status, _, answer = raw(stack, "POST", "/v1/audio/transcriptions", body, headers)
+    assert (status, json.loads(answer)["error"]["code"]) == (400, code)
+    assert not [r for r in upstream_requests(stack) if r["headers"].get(PROBE) == headers[PROBE]]
+
+
+def test_the_gateway_reads_the_boundary_and_the_model_a_backend_reads_or_refuses_the_form(stack):
+    auth = {"authorization": f"Bearer {stack.demo_key}"}
+    hidden = _form("FAKE", ('name="model"', "demo"))  # a form inside another field's value
+    body = _form("REAL", ('name="x"', hidden.decode("latin-1")), ('name="model"', "SMUGGLED"))
+    path = "/v1/audio/transcriptions"
+    # another parameter ending in "boundary" is not the boundary: the gateway reads the real
+    # form, as the backend would, and its model is not one the caller may use
+    content_type = 'multipart/form-data; xboundary="FAKE"; boundary=REAL'
+    status, _, answer = raw(stack, "POST", path, body, {**auth, "content-type": content_type})
+    assert status == 404
+    assert "SMUGGLED" in json.loads(answer)["error"]["message"]
+    for content_type, sent in (
+        ('multipart/form-data; boundary="FAKE"; boundary=REAL', body),  # which one? refused
+        ("multipart/form-data; boundary=REAL", b"preamble\r\n" + _form("REAL", ('name="model"', "demo"))),
+    ):
+        status, _, answer = raw(stack, "POST", path, sent, {**auth, "content-type": content_type})
+        assert (status, json.loads(answer)["error"]["code"]) == (400, "invalid_form"), content_type
+
+
+# --- what each endpoint is billed ------------------------------------------------------------------
+
+
+def test_an_anthropic_stream_cut_before_its_total_is_billed_the_reservation_not_nothing(stack):
+    body = json.dumps(
+        {"model": "demo", "max_tokens": 500, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    ).encode()
+    url = urlsplit(stack.gateway)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
+    conn.request(
+        "POST",
+        "/v1/messages",
+        body=body,
+        headers={"x-api-key": stack.demo_key, "content-type": "application/json", "x-demo-delay-ms": "50"},
+    )
+    resp = conn.getresponse()
+    request_id = resp.getheader("x-request-id")
+    deltas = 0
+    while deltas < 5:  # read part of the answer, then leave before message_delta
+        deltas += resp.readline().startswith(b"event: content_block_delta")
+    conn.close()
+    row = stack.ledger_row(str(request_id))
+    assert row["usage_estimated"] == 1
+    assert row["completion_tokens"] >= 500  # the reservation, never the 1 of message_start
+    assert 0 < row["prompt_tokens"] < 50  # the input message_start reported, exact
+
+
+def test_rerank_is_billed_its_reported_tokens_and_no_completion(stack):
+    headers = {"authorization": f"Bearer {stack.demo_key}", "content-type": "application/json"}
+    body = json.dumps({"model": "demo", "query": "q", "documents": ["a b", "c"]}).encode()
+    status, got, answer = raw(stack, "POST", "/v1/rerank", body, headers)
+    assert status == 200
+    row = stack.ledger_row(got["x-request-id"])
+    total = json.loads(answer)["usage"]["total_tokens"]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_estimated"]) == (total, 0, 0)
+
+
+def test_a_jwt_reaches_endpoints_outside_v1(stack):
+    key = stack.cli_json("keys", "create", "--tenant", "demo")
+    form = f"grant_type=client_credentials&client_id={key['id']}&client_secret={key['key']}".encode()
+    status, _, answer = raw(
+        stack, "POST", "/oauth/token", form, {"content-type": "application/x-www-form-urlencoded"}
+    )
+    assert status == 200, answer
+    bearer = {
+        "authorization": f"Bearer {json.loads(answer)['access_token']}",
+        "content-type": "application/json",
+    }
+    status, _, answer = raw(
+        stack, "POST", "/tokenize", json.dumps({"model": "demo", "prompt": "a b"}).encode(), bearer
+    )
+    assert status == 200, answer
+    assert json.loads(answer)["count"] == 2
