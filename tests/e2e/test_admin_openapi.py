@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import urllib.parse
+import uuid
 from typing import Any
 
 import jsonschema
@@ -106,3 +107,14 @@ def test_a_path_no_admin_method_has_is_a_json_404_in_the_apis_error_shape(stack)
         assert status == 404, path
         assert content_type == "application/json", path
         assert json.loads(body)["code"] == 5, path  # google.rpc.Status, as the API's own errors
+
+
+def test_a_model_name_with_a_slash_is_addressable_escaped(stack):
+    """Hugging Face names (``org/model``) go in a path escaped (%2F); the gateway keeps an escaped
+    slash as sent, so the admin API's {name} is the whole name."""
+    name = f"org{uuid.uuid4().hex[:6]}/m1"
+    stack.cli("models", "add", name, "--backend", "http://127.0.0.1:9")
+    escaped = urllib.parse.quote(name, safe="")
+    status, _, body = _request(stack.gateway, "GET", f"/admin/v1/models/{escaped}", _admin_token(stack))
+    assert status == 200, body
+    assert json.loads(body)["model"]["name"] == name

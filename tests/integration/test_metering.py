@@ -447,7 +447,7 @@ async def test_the_meter_rotates_a_full_log_once_read_and_removes_it_once_quiet(
     try:
         node = f"node-{uuid.uuid4().hex[:8]}"
         log = tmp_path / "access.log"
-        meter = Meter(sessionmaker, log, node, rotate_bytes=1500, envoy_admin=f"http://127.0.0.1:{port}")
+        meter = Meter(sessionmaker, log, node, rotate_bytes=3000, envoy_admin=f"http://127.0.0.1:{port}")
         _write(log, *(line(f"q{i}", node=node) for i in range(2)))
         await meter.ingest_available()
         await meter.rotate()
