@@ -3,7 +3,8 @@ reads back (ARCHITECTURE §4). Defined once: the control plane puts ``ENVOY_FORM
 listener's file access log, ``tessera meter`` parses lines with ``parse``.
 
 One JSON object per line. Envoy fills each field from a command operator; a value it does not
-have is ``null``. Token counts arrive as strings (they come from dynamic metadata).
+have is left out (``omit_empty_values``; read as ``null``). Token counts arrive as strings (they
+come from dynamic metadata).
 """
 
 from __future__ import annotations

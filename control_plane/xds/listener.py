@@ -174,7 +174,9 @@ def _access_log(path: str) -> list[dict[str, Any]]:
                 "@type": T + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
                 "path": path,
                 # The usage line (tessera/usage_line.py): the billing record the meter ingests.
-                "log_format": {"json_format": usage_line.ENVOY_FORMAT},
+                # A value Envoy does not have is left out (the meter reads it as null): most of a
+                # line's usage fields are another API's.
+                "log_format": {"json_format": usage_line.ENVOY_FORMAT, "omit_empty_values": True},
             },
         }
     ]
