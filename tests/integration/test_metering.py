@@ -40,28 +40,9 @@ from control_plane.usage.settler import Settler
 from tessera import usage_line
 from tessera.admission.v1 import admission_pb2, admission_pb2_grpc
 from tests.conftest import free_port
+from tests.usage_lines import line
 
 pytestmark = pytest.mark.asyncio
-
-
-def line(request_id: str, *, node: str = "", **fields: Any) -> str:
-    """A usage line as Envoy writes it (numbers as numbers, metadata as strings, absent = null)."""
-    doc: dict[str, Any] = dict.fromkeys(usage_line.ENVOY_FORMAT)
-    doc |= {
-        "v": 1,
-        "node": node or None,
-        "request_id": request_id,
-        "start_time": "2026-11-10T10:00:00.000000Z",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "status": 200,
-        "duration_ms": 12,
-        "bytes_received": 400,
-        "bytes_sent": 900,
-        "content_type": "application/json",
-    }
-    doc |= fields
-    return json.dumps(doc)
 
 
 async def _tenant(s: AsyncSession) -> str:

@@ -4,7 +4,6 @@ tenant label cannot grow without bound. Read back from the process's Prometheus 
 
 from __future__ import annotations
 
-import json
 import secrets
 from datetime import UTC, datetime
 from typing import Any
@@ -13,18 +12,12 @@ from prometheus_client import REGISTRY
 
 from control_plane.usage.ledger import record_values
 from control_plane.usage.telemetry import RequestMetrics
-from tessera import usage_line
 from tessera.metrics import LabelCap
+from tests.usage_lines import parsed
 
 
 def _row(tenant: str, **line: Any) -> dict[str, Any]:
-    raw = {
-        "v": 1,
-        "node": "n1",
-        "request_id": secrets.token_hex(8),
-        "start_time": "2026-12-03T10:00:00.000000Z",
-        "method": "POST",
-        "path": "/v1/chat/completions",
+    fields = {
         "tenant_id": tenant,
         "model": "m1",
         "status": "200",
@@ -35,9 +28,7 @@ def _row(tenant: str, **line: Any) -> dict[str, Any]:
         "content_type": "text/event-stream",
         "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
     } | line
-    parsed = usage_line.parse(json.dumps(raw))
-    assert parsed is not None
-    return record_values(parsed, {}, datetime.now(UTC))
+    return record_values(parsed(secrets.token_hex(8), node="n1", **fields), {}, datetime.now(UTC))
 
 
 def _sample(name: str, **labels: str) -> float:

@@ -4,32 +4,29 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 from typing import Any
 
 from control_plane.usage.ledger import ModelTerms, tokens_of
-from tessera import usage_line
 from tessera.endpoints import FORM_BYTES_PER_TOKEN
+from tests.usage_lines import parsed
 
 TERMS = ModelTerms((), default_max_tokens=100, max_max_tokens=1000)
 
 
 def billed(path: str, **fields: Any) -> tuple[int, int, int, bool]:
-    raw = {
-        "v": 1,
-        "node": "n1",
-        "request_id": secrets.token_hex(8),
-        "start_time": "2026-12-03T10:00:00.000000Z",
-        "method": "POST",
-        "path": path,
-        "tenant_id": "t1",
-        "model": "m1",
-        "status": "200",
-        "bytes_received": "400",
-    } | {k: str(v) for k, v in fields.items()}
-    line = usage_line.parse(json.dumps(raw))
-    assert line is not None
+    counts = {k: str(v) for k, v in fields.items() if k not in ("status", "bytes_received")}
+    status, received = fields.get("status", 200), fields.get("bytes_received", 400)
+    line = parsed(
+        secrets.token_hex(8),
+        node="n1",
+        path=path,
+        tenant_id="t1",
+        model="m1",
+        status=status,
+        bytes_received=received,
+        **counts,
+    )
     return tokens_of(line, TERMS)
 
 
