@@ -89,10 +89,6 @@ def dialect_of(path: str) -> Dialect:
     return at(path).dialect
 
 
-def generates(path: str) -> bool:
-    return at(path).generates
-
-
 def path_regex(endpoints: tuple[Endpoint, ...]) -> str:
     """An RE2 that matches exactly these paths (Envoy matches it against the whole path)."""
     return "(?:" + "|".join(e.path.replace(".", "\\.") for e in endpoints) + ")"

@@ -382,8 +382,8 @@ end
 
 function envoy_on_request(h)
   local hd = h:headers()
-  local ct = hd:get("content-type") or ""
-  if hd:get(":method") == "POST" and string.find(ct, "multipart/form-data", 1, true) then
+  local post, ct = hd:get(":method") == "POST", hd:get("content-type") or ""
+  if post and string.find(ct, "multipart/form-data", 1, true) then
     local path = decoded_path(hd:get(":path") or "")
     if FORM[path] then return route_form(h, ct, path) end
   end
@@ -393,14 +393,14 @@ function envoy_on_request(h)
     hd:replace(H_MODEL, model)
     if NODE and NODE ~= "" then hd:replace(H_NODE, NODE) end
   end
-  if hd:get(":method") ~= "POST" then return end
+  if not post then return end
   local body = h:body() -- the whole body (json_to_metadata buffered it); bounded by the size limit
   -- handles taken before the body was read are out of scope now: take them again
   hd, route = h:headers(), h:metadata()
   local n = body and body:length() or 0
   hd:replace(H_BODY, tostring(n)) -- as received: chunked bodies have no content-length
   local path = decoded_path(hd:get(":path") or "")
-  if n == 0 or not string.find(hd:get("content-type") or "", "application/json", 1, true) then return end
+  if n == 0 or not string.find(ct, "application/json", 1, true) then return end
   local s = body:getBytes(0, n)
   local first = string.find(s, "[^ \t\r\n]")
   local keys, close, twice
