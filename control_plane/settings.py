@@ -163,6 +163,10 @@ class ControlPlaneSettings(BaseSettings):
     # Local platform-admin credential (admin.json); principals and roles arrive with the admin issue.
     admin_token: SecretStr = SecretStr("")
     refresh_seconds: float = Field(default=5.0, gt=0, description="periodic re-read of the store")
+    # Declarative resources (Plan, Tenant, Model, Limit, Principal documents) in a directory,
+    # e.g. a mounted ConfigMap: watched, and each change applied atomically (control_plane.resources).
+    config_dir: Path | None = None
+    config_dir_poll_seconds: float = Field(default=0.5, gt=0, description="how often config_dir is read")
     load_scrape_seconds: float = Field(
         default=2.0, ge=0, description="scrape backends' /metrics for load-aware weights (0 = off)"
     )
