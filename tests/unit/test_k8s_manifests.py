@@ -6,7 +6,9 @@ and the examples are also built, every rendered object is validated against the 
 OpenAPI schemas (``kubernetes-validate``, offline, strict: an unknown field fails) or, for
 cert-manager's and the Prometheus Operator's kinds, against a JSON schema of the fields used here;
 and the rendered objects are checked: workload identities (issue 14), probes, the Envoy pod,
-NetworkPolicies, what the PodMonitors scrape and the Grafana dashboard (issue 16).
+NetworkPolicies, what the PodMonitors scrape and the Grafana dashboard (issue 16); the image from
+each overlay's ``images:`` entry, the meter in both overlays (under SQLite, on the control plane's
+volume and node), the HPAs, and the GitOps example's resources ConfigMap (issue 18).
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import jsonschema
-import kubernetes_validate
+import jsonschema  # type: ignore[import-untyped]  # no stubs installed (types-jsonschema)
+import kubernetes_validate  # type: ignore[import-untyped]  # not typed
 import pytest
 import yaml
 from pydantic import BaseModel
@@ -158,7 +161,7 @@ def secret_file_error(file_name: str) -> str | None:
         "TESSERA_WORKERS",
     ],
 )
-def test_real_settings_fields_resolve(name):
+def test_real_settings_fields_resolve(name: str) -> None:
     assert env_name_error(name) is None
 
 
@@ -174,7 +177,7 @@ def test_real_settings_fields_resolve(name):
         "TESSERA_DATA_DIR",  # the CLI's own, no service reads it
     ],
 )
-def test_unknown_names_are_rejected(name):
+def test_unknown_names_are_rejected(name: str) -> None:
     assert env_name_error(name) is not None
 
 
@@ -189,14 +192,14 @@ def test_unknown_names_are_rejected(name):
         ("database", False),
     ],
 )
-def test_secret_file_names(file_name, ok):
+def test_secret_file_names(file_name: str, ok: bool) -> None:
     assert (secret_file_error(file_name) is None) is ok
 
 
 # --- the files --------------------------------------------------------------------------------
 
 
-def test_there_are_manifests():
+def test_there_are_manifests() -> None:
     assert (K8S / "base" / "kustomization.yaml").is_file()
     assert {p.name for p in OVERLAYS} >= {"sqlite", "postgres"}
 
@@ -223,7 +226,7 @@ TRANSFORMER_KEYS = {"varReference", "nameReference", "namespace", "commonLabels"
 
 
 @pytest.mark.parametrize("path", [p for p in YAML_FILES if p.resolve() not in TRANSFORMER_CONFIGS], ids=rel)
-def test_yaml_parses_into_objects(path):
+def test_yaml_parses_into_objects(path: Path) -> None:
     docs = load(path)
     assert docs, f"{rel(path)} is empty"
     for doc in docs:
@@ -232,7 +235,7 @@ def test_yaml_parses_into_objects(path):
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=rel)
-def test_kustomization_references_exist(kustomization):
+def test_kustomization_references_exist(kustomization: Path) -> None:
     """Every reference exists, except a generated file that git ignores (an example's secrets.yaml)."""
     missing = []
     for key, target in referenced_paths(kustomization):
@@ -255,19 +258,19 @@ def is_ignored(path: Path) -> bool:
 
 
 @pytest.mark.parametrize("path", TRANSFORMER_CONFIGS, ids=rel)
-def test_transformer_configurations(path):
+def test_transformer_configurations(path: Path) -> None:
     (doc,) = load(path)
     assert isinstance(doc, dict)
     assert doc.keys() <= TRANSFORMER_KEYS, f"{rel(path)}: {doc.keys() - TRANSFORMER_KEYS}"
 
 
-def test_every_manifest_is_used():
+def test_every_manifest_is_used() -> None:
     used = {target.resolve() for k in KUSTOMIZATIONS for _, target in referenced_paths(k)}
     orphans = [rel(p) for p in YAML_FILES if p.name != "kustomization.yaml" and p.resolve() not in used]
     assert not orphans, f"listed by no kustomization.yaml: {orphans}"
 
 
-def test_base_packs_the_envoy_bootstrap():
+def test_base_packs_the_envoy_bootstrap() -> None:
     (base,) = load(K8S / "base" / "kustomization.yaml")
     assert "../../envoy" in base["resources"]
     (envoy,) = load(ENVOY / "kustomization.yaml")
@@ -276,7 +279,7 @@ def test_base_packs_the_envoy_bootstrap():
     assert gen["files"] == ["bootstrap.yaml"]
 
 
-def test_every_tessera_env_name_is_a_settings_field():
+def test_every_tessera_env_name_is_a_settings_field() -> None:
     errors = sorted(
         {
             f"{rel(path)}: {error}"
@@ -288,7 +291,7 @@ def test_every_tessera_env_name_is_a_settings_field():
     assert not errors, "unknown TESSERA_* settings:\n" + "\n".join(errors)
 
 
-def test_secrets_dir_files_are_settings_fields():
+def test_secrets_dir_files_are_settings_fields() -> None:
     errors = [
         f"{rel(path)}: {error}"
         for path in YAML_FILES
@@ -302,7 +305,7 @@ def test_secrets_dir_files_are_settings_fields():
     assert not errors, "\n".join(errors)
 
 
-def test_no_secret_values_are_committed():
+def test_no_secret_values_are_committed() -> None:
     errors = []
     for path in YAML_FILES:
         for doc in load(path):
@@ -318,7 +321,7 @@ def test_no_secret_values_are_committed():
     assert not errors, "\n".join(errors)
 
 
-def test_dsn_check_can_fail():
+def test_dsn_check_can_fail() -> None:
     assert DSN_WITH_PASSWORD.search("postgresql+psycopg://tessera:hunter2@db:5432/tessera")
     assert DSN_WITH_PASSWORD.search("redis://:hunter2@redis:6379/0")
     assert not DSN_WITH_PASSWORD.search("redis://redis:6379/0")
@@ -326,7 +329,7 @@ def test_dsn_check_can_fail():
     assert not DSN_WITH_PASSWORD.search("http://127.0.0.1:9901/server_info")
 
 
-def test_no_python_files():
+def test_no_python_files() -> None:
     found = [rel(p) for folder in (K8S, ENVOY) for p in folder.rglob("*.py")]
     assert not found, f"no .py files in k8s/ or envoy/ (house style §2.11): {found}"
 
@@ -385,7 +388,7 @@ def kustomize(folder: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda p: p.name)
-def built(request, tmp_path_factory) -> list[dict[str, Any]]:
+def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Every overlay, and every example (a copy of k8s/ with stand-ins for its generated files)."""
     if KUBECTL is None:
         pytest.skip("kubectl is not installed")
@@ -444,7 +447,7 @@ def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in c.get("env", [])}
 
 
-def test_config_maps_referenced_exist(built):
+def test_config_maps_referenced_exist(built: list[dict[str, Any]]) -> None:
     config_maps = {o["metadata"]["name"] for o in built if o["kind"] == "ConfigMap"}
     refs = {
         node[key]["name"]
@@ -459,7 +462,7 @@ def test_config_maps_referenced_exist(built):
     assert any(name.startswith("tessera-envoy-bootstrap-") for name in refs), "hash suffix not applied"
 
 
-def test_every_volume_mount_has_its_volume(built):
+def test_every_volume_mount_has_its_volume(built: list[dict[str, Any]]) -> None:
     for where, spec in pod_specs(built):
         volumes = {v["name"] for v in spec.get("volumes", [])}
         for c in containers(spec):
@@ -467,7 +470,7 @@ def test_every_volume_mount_has_its_volume(built):
             assert not missing, f"{where}/{c['name']}: {missing}"
 
 
-def test_containers_are_locked_down(built):
+def test_containers_are_locked_down(built: list[dict[str, Any]]) -> None:
     errors = []
     for where, spec in pod_specs(built):
         if not spec.get("securityContext", {}).get("runAsNonRoot"):
@@ -692,17 +695,17 @@ def schema_errors(doc: dict[str, Any]) -> list[str]:
     return []
 
 
-def test_every_rendered_object_matches_its_schema(built):
+def test_every_rendered_object_matches_its_schema(built: list[dict[str, Any]]) -> None:
     errors = [error for doc in built for error in schema_errors(doc)]
     assert not errors, "\n".join(errors)
 
 
-def test_cert_manager_schemas_are_schemas():
+def test_cert_manager_schemas_are_schemas() -> None:
     for schema in CERT_MANAGER_SCHEMAS.values():
         jsonschema.Draft202012Validator.check_schema(schema)
 
 
-def test_monitoring_schemas_are_schemas():
+def test_monitoring_schemas_are_schemas() -> None:
     for schema in MONITORING_SCHEMAS.values():
         jsonschema.Draft202012Validator.check_schema(schema)
 
@@ -716,7 +719,8 @@ def _rename(node: dict[str, Any], old: str, new: str) -> None:
 
 
 def _container(doc: dict[str, Any]) -> dict[str, Any]:
-    return doc["spec"]["template"]["spec"]["containers"][0]
+    first: dict[str, Any] = doc["spec"]["template"]["spec"]["containers"][0]
+    return first
 
 
 DEPLOYMENT = ("base/ext-authz-deployment.yaml", "Deployment", None)
@@ -773,7 +777,9 @@ RULE = ("components/observability/prometheus-rule.yaml", "PrometheusRule", None)
         ),
     ],
 )
-def test_schema_validation_rejects_a_broken_object(source, breaks):
+def test_schema_validation_rejects_a_broken_object(
+    source: tuple[str, str, str | None], breaks: Callable[[dict[str, Any]], object]
+) -> None:
     doc = _doc(*source)
     assert not schema_errors(doc), "the unbroken object must pass for the broken one to mean anything"
     broken = copy.deepcopy(doc)
@@ -784,7 +790,7 @@ def test_schema_validation_rejects_a_broken_object(source, breaks):
 # --- workload identities (issue 14) -----------------------------------------------------------
 
 
-def test_every_identity_is_mounted_with_its_settings(built):
+def test_every_identity_is_mounted_with_its_settings(built: list[dict[str, Any]]) -> None:
     """Each service, the meter and Envoy mount their own identity Secret read-only at
     /etc/tessera/identity; the Python ones are told the files and the pod's namespace. No other
     container mounts one, and the shared ConfigMap names none (it reaches every container)."""
@@ -814,7 +820,7 @@ def test_every_identity_is_mounted_with_its_settings(built):
     assert not [k for k in config if k.startswith("TESSERA_IDENTITY__")]
 
 
-def test_every_mounted_certificate_has_a_source(built):
+def test_every_mounted_certificate_has_a_source(built: list[dict[str, Any]]) -> None:
     """cert-manager issues every identity (the operator's too) and the gateway certificate; or,
     without cert-manager, a plain Secret exists for every identity mounted (the gateway's is the
     operator's own: `kubectl create secret tls`)."""
@@ -871,14 +877,14 @@ def check_certificates(objects: list[dict[str, Any]], namespace: str) -> None:
     assert "server auth" in gateway["usages"]
 
 
-def test_certificates(built):
+def test_certificates(built: list[dict[str, Any]]) -> None:
     if not [o for o in built if o["kind"] == "Certificate"]:
         pytest.skip("no cert-manager here (plain Secrets)")
     check_certificates(built, named(built, "ConfigMap", "tessera-config")["metadata"]["namespace"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
-def test_certificates_follow_a_namespace_set_above_the_overlay(overlay, tmp_path):
+def test_certificates_follow_a_namespace_set_above_the_overlay(overlay: Path, tmp_path: Path) -> None:
     """An overlay of the operator's own sets `namespace:`; the SPIFFE IDs and DNS names follow."""
     if KUBECTL is None:
         pytest.skip("kubectl is not installed")
@@ -894,7 +900,7 @@ def test_certificates_follow_a_namespace_set_above_the_overlay(overlay, tmp_path
     assert ".default." not in yaml.safe_dump_all(objects)
 
 
-def test_plain_secrets_command_writes_what_the_pods_mount(tmp_path):
+def test_plain_secrets_command_writes_what_the_pods_mount(tmp_path: Path) -> None:
     """`tessera identity k8s-secrets` (k8s/README.md) writes one kubernetes.io/tls Secret per
     identity, named as the Deployments mount them, with the SPIFFE ID and server name in it."""
     from cryptography import x509  # noqa: PLC0415
@@ -927,7 +933,7 @@ def test_plain_secrets_command_writes_what_the_pods_mount(tmp_path):
         assert server_name(uri) in sans.get_values_for_type(x509.DNSName)
 
 
-def test_no_grpc_probes(built):
+def test_no_grpc_probes(built: list[dict[str, Any]]) -> None:
     """kubelet's gRPC probes cannot present a client certificate, and every gRPC port wants one:
     each service is probed on GET /healthz on its metrics port (plain HTTP) instead."""
     metrics_port = int(named(built, "ConfigMap", "tessera-config")["data"]["TESSERA_METRICS__PORT"])
@@ -951,7 +957,7 @@ def test_no_grpc_probes(built):
     assert probed - {"meter"} == SERVED.keys()
 
 
-def test_envoy_pod(built):
+def test_envoy_pod(built: list[dict[str, Any]]) -> None:
     """The init container renders the bootstrap with the node `gateway`, the pod's namespace, its
     identity directory, the admin socket and the stats listener (no admin port, no ratelimit);
     the bootstrap and its SDS file land where Envoy (and the control plane) look; the admin
@@ -995,13 +1001,13 @@ def test_envoy_pod(built):
     assert annotations["prometheus.io/path"] == "/stats/prometheus"
 
 
-def test_envoy_admin_is_off_the_network(built):
+def test_envoy_admin_is_off_the_network(built: list[dict[str, Any]]) -> None:
     text = yaml.safe_dump_all(built)
     assert "9901" not in text, "Envoy's admin is a unix socket now"
     assert "127.0.0.1:9901" not in text
 
 
-def test_gateway_tls(built):
+def test_gateway_tls(built: list[dict[str, Any]]) -> None:
     """The control plane reads the public listener's certificate from tessera-gateway-tls; the
     Service fronts the HTTPS listener; admin REST stays off the public listener."""
     config = named(built, "ConfigMap", "tessera-config")["data"]
@@ -1021,7 +1027,7 @@ def test_gateway_tls(built):
     assert (port["port"], port["targetPort"]) == (443, "https")
 
 
-def test_secrets_dir_holds_only_settings_files(built):
+def test_secrets_dir_holds_only_settings_files(built: list[dict[str, Any]]) -> None:
     errors = []
     for where, spec in pod_specs(built):
         mounted = {
@@ -1045,7 +1051,7 @@ def test_secrets_dir_holds_only_settings_files(built):
     assert not errors, "\n".join(errors)
 
 
-def test_env_does_not_shadow_secrets(built):
+def test_env_does_not_shadow_secrets(built: list[dict[str, Any]]) -> None:
     """Env beats the secrets dir: a ConfigMap value would silently replace the mounted Secret."""
     config = named(built, "ConfigMap", "tessera-config")["data"]
     for where, spec in pod_specs(built):
@@ -1061,18 +1067,26 @@ def test_env_does_not_shadow_secrets(built):
         assert not shadowed, f"{where}: {shadowed} override the secrets dir"
 
 
-def test_memory_counters_mean_one_ratelimit_replica(built):
+def test_memory_counters_mean_one_ratelimit_replica(built: list[dict[str, Any]]) -> None:
+    """memory:// counters are one process's: one replica, no HPA. Shared (Redis) counters: the
+    base's HPA scales ratelimit, from two replicas."""
     config = named(built, "ConfigMap", "tessera-config")["data"]
     replicas = named(built, "Deployment", "tessera-ratelimit")["spec"].get("replicas", 1)
-    scaled = [o for o in built if o["kind"] == "HorizontalPodAutoscaler"]
+    scaling = [
+        o
+        for o in built
+        if o["kind"] == "HorizontalPodAutoscaler"
+        and o["spec"]["scaleTargetRef"]["name"] == "tessera-ratelimit"
+    ]
     if config["TESSERA_REDIS__URL"].startswith("memory://"):
         assert replicas == 1
-        assert all(o["spec"]["scaleTargetRef"]["name"] != "tessera-ratelimit" for o in scaled)
+        assert not scaling
     else:
-        assert replicas >= 2
+        (hpa,) = scaling
+        assert hpa["spec"]["minReplicas"] >= 2
 
 
-def test_sqlite_means_one_control_plane(built):
+def test_sqlite_means_one_control_plane(built: list[dict[str, Any]]) -> None:
     config = named(built, "ConfigMap", "tessera-config")["data"]
     deployment = named(built, "Deployment", "tessera-control-plane")["spec"]
     if config.get("TESSERA_DATABASE__URL", "").startswith("sqlite"):
@@ -1102,7 +1116,7 @@ def _ingress_sources(policy: dict[str, Any], port: str) -> set[str] | None:
     return sources
 
 
-def test_network_policies_let_only_the_named_callers_in(built):
+def test_network_policies_let_only_the_named_callers_in(built: list[dict[str, Any]]) -> None:
     """Every Tessera pod is selected by a NetworkPolicy; internal ports take only their callers
     (issue 14); every port a policy names is a port of the pods it selects."""
     policies = {_component(o["spec"]["podSelector"]): o for o in built if o["kind"] == "NetworkPolicy"}
@@ -1125,7 +1139,7 @@ def test_network_policies_let_only_the_named_callers_in(built):
     assert _ingress_sources(policies["envoy"], "stats") is None  # scrapers
 
 
-def test_the_meter_is_a_native_sidecar_that_outlives_envoy(built):
+def test_the_meter_is_a_native_sidecar_that_outlives_envoy(built: list[dict[str, Any]]) -> None:
     """Stopped only after Envoy has exited (Kubernetes' sidecar order), so that its SIGTERM
     comes once every usage line is written; it then reads the log to its end and exits."""
     for where, spec in pod_specs(built):
@@ -1135,7 +1149,9 @@ def test_the_meter_is_a_native_sidecar_that_outlives_envoy(built):
             assert meter.get("restartPolicy") == "Always", where
 
 
-def test_the_usage_backstop_bills_under_the_node_the_meter_reads_or_is_off(built):
+def test_the_usage_backstop_bills_under_the_node_the_meter_reads_or_is_off(
+    built: list[dict[str, Any]],
+) -> None:
     """Envoy's lines and its admissions (x-tessera-node, from the same ENVOY_NODE_ID) name its
     pod; the meter beside it must read them under that name, or a line arriving after its
     backstop bill would be billed again. Where no meter runs, nothing would close or bill the
@@ -1181,10 +1197,11 @@ def _job(endpoint: dict[str, Any]) -> str:
     return str(job)
 
 
-def test_every_process_is_scraped_once_on_its_metrics_port(built):
+def test_every_process_is_scraped_once_on_its_metrics_port(built: list[dict[str, Any]]) -> None:
     """Each PodMonitor endpoint names a port, in the pods it selects, of the process its job names,
     and that process's metrics path; every process that runs is scraped by exactly one. A
-    PodMonitor finds nothing only where its process does not run (the meter under sqlite)."""
+    PodMonitor finds nothing only where its process does not run (the meter, without
+    components/meter)."""
     deployments = [o for o in built if o["kind"] == "Deployment"]
     running = {runs_as(c) for o in deployments for c in containers(o["spec"]["template"]["spec"])}
     scraped: dict[str, int] = dict.fromkeys(METRICS_PATHS.keys() & running, 0)
@@ -1213,7 +1230,7 @@ def test_every_process_is_scraped_once_on_its_metrics_port(built):
     assert not errors, "\n".join(errors)
 
 
-def test_pods_carry_prometheus_annotations_naming_a_metrics_port(built):
+def test_pods_carry_prometheus_annotations_naming_a_metrics_port(built: list[dict[str, Any]]) -> None:
     """prometheus.io/* on every pod template: a container's metrics port and its path (in the
     Envoy pod, Envoy's stats: the meter beside it is found by its PodMonitor only)."""
     for obj in (o for o in built if o["kind"] == "Deployment"):
@@ -1230,7 +1247,7 @@ def test_pods_carry_prometheus_annotations_naming_a_metrics_port(built):
         assert annotations["prometheus.io/path"] == METRICS_PATHS[str(runs_as(c))], where
 
 
-def test_the_alert_rules_and_dashboard_are_deployed_as_written(built):
+def test_the_alert_rules_and_dashboard_are_deployed_as_written(built: list[dict[str, Any]]) -> None:
     """The PrometheusRule renders unchanged (no kustomize var touched its templates); the dashboard
     is one ConfigMap with no hash suffix, labelled for Grafana's sidecar, holding the JSON file."""
     (source,) = load(OBSERVABILITY / "prometheus-rule.yaml")
@@ -1240,7 +1257,7 @@ def test_the_alert_rules_and_dashboard_are_deployed_as_written(built):
     assert json.loads(config_map["data"]["tessera.json"]) == json.loads(DASHBOARD.read_text())
 
 
-def test_the_dashboard():
+def test_the_dashboard() -> None:
     """Grafana JSON (schema 39): a Prometheus data source variable that every panel and query
     uses, tenant and model variables from the meter's labels, and rates over $__rate_interval."""
     dashboard = json.loads(DASHBOARD.read_text())
@@ -1272,3 +1289,341 @@ def test_the_dashboard():
             if re.search(r"\[\d+[smhdwy]\]", expr):
                 errors.append(f"{title} [{target['refId']}]: a fixed range; use [$__rate_interval]")
     assert not errors, "\n".join(errors)
+
+
+# --- issue 18: the image, metering everywhere, probes, autoscaling, declarative resources -------
+
+PROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+IMAGE_NAME = "tessera"  # what every manifest says; each overlay's `images:` entry renames it
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+GITOPS = K8S / "examples" / "gitops"
+RESOURCES_DIR = "/etc/tessera/resources"
+RESOURCES_CONFIG_MAP = "tessera-resources"
+RESOURCES_API_VERSION = "tessera.dev/v1alpha1"
+RESOURCE_KINDS = {"Plan", "Model", "Tenant", "Limit", "Principal"}
+SQLITE_URL = re.compile(r"^sqlite(\+\w+)?:///(?P<path>.+)$")
+HOSTNAME = "kubernetes.io/hostname"
+
+
+def rendered_image(folder: Path) -> str:
+    """What the ``images:`` entries along ``folder``'s chain of resources make of ``tessera``."""
+    (doc,) = load(folder / "kustomization.yaml")
+    inner = {rendered_image(folder / r) for r in doc.get("resources") or [] if (folder / r).is_dir()}
+    (image,) = inner or {IMAGE_NAME}
+    name, _, tag = image.partition(":")
+    for entry in doc.get("images") or []:
+        if entry["name"] == name:
+            name, tag = entry.get("newName", name), str(entry.get("newTag", tag))
+    return f"{name}:{tag}" if tag else name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_every_overlay_names_the_image(overlay: Path) -> None:
+    """One `images:` entry for `tessera`, with a registry name and the tag `make image` builds:
+    the project's version."""
+    (doc,) = load(overlay / "kustomization.yaml")
+    (entry,) = [e for e in doc.get("images") or [] if e["name"] == IMAGE_NAME]
+    assert entry.keys() == {"name", "newName", "newTag"}
+    assert "/" in entry["newName"], "a registry (localhost/ for a local build), not a bare name"
+    assert entry["newTag"] == PROJECT_VERSION, "a quoted string, the version in pyproject.toml"
+
+
+def test_every_container_runs_the_image_from_the_images_entry(
+    built: list[dict[str, Any]], request: pytest.FixtureRequest
+) -> None:
+    """Every container (init containers and native sidecars too) runs what the overlay's
+    `images:` entry names: no bare `tessera` is left after the build."""
+    expected = rendered_image(request.node.callspec.params["built"])
+    assert expected.partition(":")[0] != IMAGE_NAME, "no images: entry renames the bare image"
+    wrong = [
+        f"{where}/{c['name']}: {c['image']}"
+        for where, spec in pod_specs(built)
+        for c in containers(spec)
+        if c["image"] != expected
+    ]
+    assert not wrong, f"expected {expected}:\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_an_overlay_on_top_repoints_the_image(overlay: Path, tmp_path: Path) -> None:
+    """k8s/README.md: in an overlay of yours, the name to re-point is the overlay's newName."""
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed")
+    name = rendered_image(overlay).partition(":")[0]
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(overlay, tmp_path)],
+        "images": [{"name": name, "newName": "registry.example.com/team/tessera", "newTag": "1.2.3"}],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    images = {c["image"] for _, spec in pod_specs(kustomize(tmp_path)) for c in containers(spec)}
+    assert images == {"registry.example.com/team/tessera:1.2.3"}
+
+
+def native_sidecars(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in spec.get("initContainers", []) if c.get("restartPolicy") == "Always"]
+
+
+def long_running(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The containers that keep running: native sidecars and the pod's containers."""
+    return [*native_sidecars(spec), *spec["containers"]]
+
+
+def probe_errors(where: str, spec: dict[str, Any], *, served: bool) -> list[str]:
+    """Why the probes of a pod spec fall short (``served``: a Deployment's pod, not a Job's)."""
+    errors = []
+    sidecars = {c["name"] for c in native_sidecars(spec)}
+    for c in containers(spec):
+        name = f"{where}/{c['name']}"
+        probes = {k: c[k] for k in PROBES if k in c}
+        if c in spec.get("initContainers", []) and c["name"] not in sidecars:
+            if probes:  # Kubernetes refuses probes on an init container that runs to completion
+                errors.append(f"{name}: probes on an init container that runs to completion")
+            continue
+        if not served:
+            continue
+        if "livenessProbe" not in probes:
+            errors.append(f"{name}: no liveness probe")
+        # a native sidecar's readiness is its pod's: the meter must not take Envoy out of service
+        if ("readinessProbe" in probes) == (c["name"] in sidecars):
+            errors.append(f"{name}: a readiness probe on every container but the native sidecars")
+        ports = {p["containerPort"] for p in c.get("ports", [])} | {p.get("name") for p in c.get("ports", [])}
+        for kind, probe in probes.items():
+            handlers = [h for h in ("httpGet", "tcpSocket", "grpc", "exec") if h in probe]
+            if len(handlers) != 1:
+                errors.append(f"{name}: {kind} has {handlers or 'no'} handlers")
+            elif handlers[0] != "exec" and probe[handlers[0]]["port"] not in ports:
+                errors.append(
+                    f"{name}: {kind} probes port {probe[handlers[0]]['port']!r}, not one of its ports"
+                )
+    return errors
+
+
+def test_every_long_running_container_is_probed_on_its_own_ports(built: list[dict[str, Any]]) -> None:
+    """Every container of a Deployment and every native sidecar has a liveness probe; every one
+    but the native sidecars (the meter) a readiness probe too; each probe's port is one of that
+    container's own ports (a named port resolves in its container only). Init containers that
+    run to completion have none."""
+    errors = [
+        error
+        for obj in built
+        if obj["kind"] in ("Deployment", "Job")
+        for error in probe_errors(
+            f"{obj['kind']}/{obj['metadata']['name']}",
+            obj["spec"]["template"]["spec"],
+            served=obj["kind"] == "Deployment",
+        )
+    ]
+    assert not errors, "\n".join(errors)
+
+
+def test_the_probe_check_can_fail() -> None:
+    http = {"httpGet": {"path": "/healthz", "port": "metrics"}}
+    ports = [{"name": "metrics", "containerPort": 9090}]
+    ok: dict[str, Any] = {"name": "ok", "ports": ports, "readinessProbe": http, "livenessProbe": http}
+    assert not probe_errors("ok", {"containers": [ok]}, served=True)
+    broken: list[dict[str, Any]] = [
+        {"containers": [{**ok, "livenessProbe": {"httpGet": {"path": "/", "port": "metric"}}}]},
+        {"containers": [{**ok, "readinessProbe": {"tcpSocket": {"port": 9091}}}]},
+        {"containers": [{k: v for k, v in ok.items() if k != "readinessProbe"}]},
+        {"containers": [ok], "initContainers": [{**ok, "name": "sidecar", "restartPolicy": "Always"}]},
+        {"containers": [ok], "initContainers": [{"name": "init", "startupProbe": http}]},
+    ]
+    for spec in broken:
+        assert probe_errors("broken", spec, served=True), spec
+
+
+def test_every_hpa_scales_a_deployment_that_requests_its_resource(built: list[dict[str, Any]]) -> None:
+    """autoscaling/v2; the target is a Deployment of the build that leaves `replicas` to the HPA
+    (every apply would reset it otherwise); a Resource metric is a share of the requests, so
+    every running container of the target (native sidecars too) requests that resource."""
+    deployments = {o["metadata"]["name"]: o for o in built if o["kind"] == "Deployment"}
+    hpas = [o for o in built if o["kind"] == "HorizontalPodAutoscaler"]
+    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas} >= {"tessera-envoy", "tessera-ext-authz"}
+    errors = []
+    for hpa in hpas:
+        where = f"HorizontalPodAutoscaler/{hpa['metadata']['name']}"
+        spec, ref = hpa["spec"], hpa["spec"]["scaleTargetRef"]
+        if hpa["apiVersion"] != "autoscaling/v2" or (ref["apiVersion"], ref["kind"]) != (
+            "apps/v1",
+            "Deployment",
+        ):
+            errors.append(f"{where}: autoscaling/v2 of an apps/v1 Deployment")
+            continue
+        if not 1 <= spec.get("minReplicas", 1) <= spec["maxReplicas"]:
+            errors.append(f"{where}: minReplicas <= maxReplicas")
+        target = deployments.get(ref["name"])
+        if target is None:
+            errors.append(f"{where}: no Deployment {ref['name']} in the build")
+            continue
+        if "replicas" in target["spec"]:
+            errors.append(f"{where}: Deployment/{ref['name']} sets replicas; leave them to the HPA")
+        for metric in spec["metrics"]:
+            if metric["type"] != "Resource":
+                continue
+            resource = metric["resource"]["name"]
+            errors.extend(
+                f"{where}: {ref['name']}/{c['name']} requests no {resource}"
+                for c in long_running(target["spec"]["template"]["spec"])
+                if resource not in c.get("resources", {}).get("requests", {})
+            )
+    assert not errors, "\n".join(errors)
+
+
+def test_base_scales_ratelimit_on_cpu() -> None:
+    (base,) = load(K8S / "base" / "kustomization.yaml")
+    assert "ratelimit-hpa.yaml" in base["resources"]
+    (hpa,) = load(K8S / "base" / "ratelimit-hpa.yaml")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "tessera-ratelimit"
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    (deployment,) = load(K8S / "base" / "ratelimit-deployment.yaml")
+    assert _container(deployment)["resources"]["requests"]["cpu"]
+
+
+def test_every_envoy_is_metered_from_its_usage_log(built: list[dict[str, Any]]) -> None:
+    """The meter runs beside every Envoy in every overlay (the sqlite one too): one native sidecar
+    reading the file Envoy's usage log goes to (TESSERA_GATEWAY__ACCESS_LOG_PATH, sent to Envoy
+    by the control plane) in the emptyDir Envoy writes it in; the usage backstop stays on."""
+    config = named(built, "ConfigMap", "tessera-config")["data"]
+    log_path = PurePosixPath(config["TESSERA_GATEWAY__ACCESS_LOG_PATH"])
+    spec = named(built, "Deployment", "tessera-envoy")["spec"]["template"]["spec"]
+    (meter,) = [c for c in containers(spec) if runs_as(c) == "meter"]
+    assert meter in native_sidecars(spec)
+    assert f"--log={log_path}" in meter["args"]
+    _, volume = mounted(spec, container(spec, "envoy"))[str(log_path.parent)]
+    assert "emptyDir" in volume
+    assert mounted(spec, meter)[str(log_path.parent)][1]["name"] == volume["name"]
+    assert config.get("TESSERA_BACKSTOP_ENABLED", "true") != "false"
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert selector.keys() == {"matchLabels"}, "matchLabels only here"
+    return bool(selector["matchLabels"].items() <= labels.items())
+
+
+def test_the_meter_writes_into_the_control_planes_store(built: list[dict[str, Any]]) -> None:
+    """The ledger is in the control plane's store. PostgreSQL: the meter's secrets dir holds the
+    DSN file from the same Secret as the control plane's. SQLite: the meter mounts the control
+    plane's PVC where the URL's file is. The claim is ReadWriteOnce (one node) and SQLite locks
+    only between processes of one host, so every pod mounting it has a required pod affinity
+    (kubernetes.io/hostname) selecting exactly the pods that mount it, itself included (the first
+    goes anywhere, the rest follow it); no minAvailable budget covers them (draining their node
+    must evict them all before any can start elsewhere)."""
+    config = named(built, "ConfigMap", "tessera-config")["data"]
+    cp_spec = named(built, "Deployment", "tessera-control-plane")["spec"]["template"]["spec"]
+    envoy_spec = named(built, "Deployment", "tessera-envoy")["spec"]["template"]["spec"]
+    cp = container(cp_spec, "control-plane")
+    (meter,) = [c for c in containers(envoy_spec) if runs_as(c) == "meter"]
+    assert "TESSERA_DATABASE__URL" not in env_of(meter), (
+        "the URL comes from tessera-config, as the control plane's"
+    )
+    assert {"configMapRef": {"name": "tessera-config"}} in meter["envFrom"]
+
+    found = SQLITE_URL.match(config.get("TESSERA_DATABASE__URL", ""))
+    if found is None:
+
+        def dsn_source(spec: dict[str, Any], c: dict[str, Any]) -> set[tuple[str, str]]:
+            _, volume = mounted(spec, c)[SECRETS_DIR]
+            return {
+                (s["secret"]["name"], item["key"])
+                for s in volume["projected"]["sources"]
+                for item in s["secret"]["items"]
+                if item["path"] == "tessera_database"
+            }
+
+        assert dsn_source(envoy_spec, meter) == dsn_source(cp_spec, cp) != set()
+        return
+
+    path = PurePosixPath(found["path"])
+    assert path.is_absolute(), "a relative SQLite path is not on the volume"
+    claims = {
+        mounted(spec, c)[str(path.parent)][1]["persistentVolumeClaim"]["claimName"]
+        for spec, c in ((cp_spec, cp), (envoy_spec, meter))
+    }
+    (claim,) = claims
+    assert named(built, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+    templates = {o["metadata"]["name"]: o["spec"]["template"] for o in built if o["kind"] == "Deployment"}
+    sharing = set()
+    for name, template in templates.items():
+        spec = template["spec"]
+        volumes = {
+            v["name"]
+            for v in spec.get("volumes", [])
+            if v.get("persistentVolumeClaim", {}).get("claimName") == claim
+        }
+        users = {
+            c["name"] for c in containers(spec) if {m["name"] for m in c.get("volumeMounts", [])} & volumes
+        }
+        if users:
+            sharing.add(name)
+            assert users <= {"control-plane", "migrate", "meter"}, f"{name}: {users} mount the SQLite volume"
+    assert sharing == {"tessera-control-plane", "tessera-envoy"}
+    for name in sharing:
+        terms = templates[name]["spec"]["affinity"]["podAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert any(
+            term["topologyKey"] == HOSTNAME
+            and {n for n, t in templates.items() if _matches(term["labelSelector"], t["metadata"]["labels"])}
+            == sharing
+            for term in terms
+        ), f"{name}: no required affinity to the pods that share {claim}, on one node"
+    for pdb in (o for o in built if o["kind"] == "PodDisruptionBudget"):
+        if any(_matches(pdb["spec"]["selector"], templates[n]["metadata"]["labels"]) for n in sharing):
+            assert "minAvailable" not in pdb["spec"], f"PodDisruptionBudget/{pdb['metadata']['name']}"
+
+
+def test_no_config_map_or_secret_is_mounted_with_sub_path(built: list[dict[str, Any]]) -> None:
+    """kubelet never updates a subPath mount: a renewed certificate or an edited ConfigMap would
+    never arrive in the container."""
+    errors = []
+    for where, spec in pod_specs(built):
+        for c in containers(spec):
+            for mount, volume in mounted(spec, c).values():
+                refreshed = volume.keys() & {"configMap", "secret", "projected"}
+                if refreshed and mount.keys() & {"subPath", "subPathExpr"}:
+                    errors.append(f"{where}/{c['name']}: {mount['mountPath']}")
+    assert not errors, "\n".join(errors)
+
+
+def test_gitops_example_mounts_the_resources_config_map() -> None:
+    """k8s/examples/gitops: the ConfigMap tessera-resources (generated from resources.yaml, a
+    stable name so that an edit is updated in place, not a rollout) is mounted as a directory,
+    read-only and without subPath, where TESSERA_CONFIG_DIR points, in the control plane only;
+    every document in it is a Tessera resource of one of the five kinds."""
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed")
+    objects = kustomize(GITOPS)
+    spec = named(objects, "Deployment", "tessera-control-plane")["spec"]["template"]["spec"]
+    cp = container(spec, "control-plane")
+    config_dir = env_of(cp)["TESSERA_CONFIG_DIR"]["value"]
+    assert config_dir == RESOURCES_DIR
+    mount, volume = mounted(spec, cp)[config_dir]
+    assert not mount.keys() & {"subPath", "subPathExpr"}
+    assert mount.get("readOnly") is True
+    assert volume["configMap"]["name"] == RESOURCES_CONFIG_MAP
+    assert "items" not in volume["configMap"], "every file of the ConfigMap"
+    assert cp["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "TESSERA_CONFIG_DIR" not in named(objects, "ConfigMap", "tessera-config")["data"]
+    readers = [
+        f"{where}/{c['name']}"
+        for where, s in pod_specs(objects)
+        for c in containers(s)
+        if "TESSERA_CONFIG_DIR" in env_of(c) or RESOURCES_DIR in mounted(s, c)
+    ]
+    assert readers == ["Deployment/tessera-control-plane/control-plane"]
+
+    config_map = named(objects, "ConfigMap", RESOURCES_CONFIG_MAP)
+    assert config_map["data"].keys() == {"resources.yaml"}
+    documents = list(yaml.safe_load_all(config_map["data"]["resources.yaml"]))
+    names = [(doc["kind"], doc["metadata"]["name"]) for doc in documents]
+    for doc in documents:
+        assert isinstance(doc, dict), doc
+        assert doc["apiVersion"] == RESOURCES_API_VERSION
+        assert doc["kind"] in RESOURCE_KINDS
+        assert doc["metadata"]["name"]
+        assert isinstance(doc["spec"], dict)
+    assert len(set(names)) == len(names)
+    assert {kind for kind, _ in names} == RESOURCE_KINDS, "the example shows every kind"
