@@ -27,6 +27,7 @@ from control_plane.admin.auth import Authenticator
 from control_plane.admin.base import AdminContext
 from control_plane.admin.principals import PrincipalServiceServicer
 from control_plane.admin.registry import LimitServiceServicer, ModelServiceServicer
+from control_plane.admin.resources import ResourceServiceServicer
 from control_plane.admin.tenants import PlanServiceServicer, TenantServiceServicer
 from control_plane.admin.usage import InvoiceServiceServicer, UsageServiceServicer
 from control_plane.db.engine import make_engine, make_sessionmaker
@@ -65,6 +66,7 @@ ADMIN_SERVICERS = {
     "LimitService": LimitServiceServicer,
     "UsageService": UsageServiceServicer,
     "InvoiceService": InvoiceServiceServicer,
+    "ResourceService": ResourceServiceServicer,
 }
 POLICY_SERVICE = "tessera.policy.v1.PolicyService"
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"

@@ -707,6 +707,14 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        ("plans", "delete"),
+        "delete a plan no tenant is on",
+        "DeletePlan",
+        lambda a, pb: pb.DeletePlanRequest(plan=a.plan),
+        lambda _r: [["DELETED"], ["yes"]],
+        (_PLAN,),
+    ),
+    Command(
         ("principals", "create"),
         "create a principal; prints its admin key once",
         "CreatePrincipal",

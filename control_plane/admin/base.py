@@ -2,6 +2,11 @@
 
 Each mutating RPC runs ``async with self.tx(context) as (s, caller):`` — one transaction
 holding the row change and its audit record — then ``await self.publish()``.
+
+A declarative apply (``control_plane.resources``) runs many RPCs as one: inside
+:meth:`AdminServicerBase.batch` every ``tx``/``read`` joins the batch's transaction and caller,
+and ``publish`` waits for the batch's end, so the RPCs' own validation, RBAC and audit apply
+and an error anywhere rolls the whole set back.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -42,6 +48,10 @@ class AdminContext:
     announce: Callable[[], Awaitable[None]] | None = None
 
 
+# The batch this task runs in: its session and caller (None outside a batch).
+_BATCH: ContextVar[tuple[AsyncSession, Caller] | None] = ContextVar("admin_batch", default=None)
+
+
 def _metadata(context: Any) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
@@ -64,16 +74,40 @@ class AdminServicerBase:
 
     @asynccontextmanager
     async def read(self, context: Any) -> AsyncIterator[tuple[AsyncSession, Caller]]:
+        if (batch := _BATCH.get()) is not None:
+            yield batch
+            return
         async with self._storage(), self.ctx.sessionmaker() as session:
             yield session, await self._caller(session, context)
 
     @asynccontextmanager
     async def tx(self, context: Any) -> AsyncIterator[tuple[AsyncSession, Caller]]:
         """One transaction: commits on success, rolls back (no partial write) on any error."""
+        if (batch := _BATCH.get()) is not None:
+            yield batch
+            return
         async with self._storage(), self.ctx.sessionmaker.begin() as session:
             yield session, await self._caller(session, context)
 
+    @asynccontextmanager
+    async def batch(
+        self, context: Any, caller: Caller | None = None
+    ) -> AsyncIterator[tuple[AsyncSession, Caller]]:
+        """One transaction for every RPC run inside (see the module docstring); the caller is
+        the context's unless given (the config directory applies as itself)."""
+        if _BATCH.get() is not None:
+            raise RuntimeError("admin batches do not nest")
+        async with self._storage(), self.ctx.sessionmaker.begin() as session:
+            pair = (session, caller or await self._caller(session, context))
+            token = _BATCH.set(pair)
+            try:
+                yield pair
+            finally:
+                _BATCH.reset(token)
+
     async def publish(self) -> None:
+        if _BATCH.get() is not None:  # the batch publishes once, after its commit
+            return
         # The write is committed; if the push fails the periodic refresh publishes it later.
         async with self._storage():
             await self.ctx.publisher.publish()

@@ -106,29 +106,30 @@ def key_pb(secrets: Sequence[db.ApiKey], now: datetime) -> pb.ApiKey:
     return msg
 
 
+def backend_pb(b: db.Backend) -> pb.Backend:
+    return pb.Backend(
+        url=b.url,
+        kind=b.kind,
+        weight=b.weight,
+        priority=b.priority,
+        max_concurrency=b.max_concurrency or 0,
+        # The credential itself is write-only: only whether one is set comes back.
+        has_credential=b.credential_sealed is not None,
+        credential_header=(b.credential_header or "authorization") if b.credential_sealed else "",
+        ca_bundle=b.ca_bundle or "",
+        sni=b.sni or "",
+        health_path=b.health_path or "",
+        timeout_seconds=b.timeout_seconds or 0,
+        idle_timeout_seconds=b.idle_timeout_seconds or 0,
+    )
+
+
 def model_pb(m: db.Model) -> pb.Model:
     return pb.Model(
         name=m.name,
         visibility=m.visibility,
         create_time=rfc3339(m.created_at),
-        backends=[
-            pb.Backend(
-                url=b.url,
-                kind=b.kind,
-                weight=b.weight,
-                priority=b.priority,
-                max_concurrency=b.max_concurrency or 0,
-                # The credential itself is write-only: only whether one is set comes back.
-                has_credential=b.credential_sealed is not None,
-                credential_header=(b.credential_header or "authorization") if b.credential_sealed else "",
-                ca_bundle=b.ca_bundle or "",
-                sni=b.sni or "",
-                health_path=b.health_path or "",
-                timeout_seconds=b.timeout_seconds or 0,
-                idle_timeout_seconds=b.idle_timeout_seconds or 0,
-            )
-            for b in m.backends
-        ],
+        backends=[backend_pb(b) for b in m.backends],
         aliases=[a.alias for a in m.aliases],
         realtime=m.realtime,
         default_max_tokens=m.default_max_tokens or 0,

@@ -29,7 +29,8 @@ def _weight(value: int) -> int:
     return min(value or 1, 10_000)
 
 
-def _backend(msg: pb.Backend, pepper: bytes) -> Backend:
+def backend_row(msg: pb.Backend, pepper: bytes) -> Backend:
+    """The stored form of a backend message (validated; a declarative apply compares with it)."""
     if not msg.url:
         raise InvalidArgumentError("backend.url", "is required")
     b = Backend(
@@ -144,7 +145,7 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
         name = v.model_name(request.name)
         if not request.HasField("backend"):
             raise InvalidArgumentError("backend.url", "is required")
-        backend = _backend(request.backend, self.ctx.pepper)
+        backend = backend_row(request.backend, self.ctx.pepper)
         visibility = v.visibility(request.visibility)
         async with self.tx(context) as (s, caller):
             caller.require_platform("changing the model registry")
@@ -176,7 +177,7 @@ class ModelServiceServicer(AdminServicerBase, admin_pb2_grpc.ModelServiceService
             return pb.GetModelResponse(model=model_pb(model))
 
     async def AddBackend(self, request: pb.AddBackendRequest, context: Any) -> pb.AddBackendResponse:
-        backend = _backend(request.backend, self.ctx.pepper)
+        backend = backend_row(request.backend, self.ctx.pepper)
         return pb.AddBackendResponse(
             model=await self._change(
                 context, request.name, "model.add_backend", lambda m: attach_backend(m, backend)

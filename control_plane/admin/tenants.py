@@ -251,3 +251,21 @@ class PlanServiceServicer(AdminServicerBase, admin_pb2_grpc.PlanServiceServicer)
             )
         await self.publish()
         return pb.UpdatePlanResponse(plan=reply)
+
+    async def DeletePlan(self, request: pb.DeletePlanRequest, context: Any) -> pb.DeletePlanResponse:
+        async with self.tx(context) as (s, caller):
+            caller.require_platform("deleting a plan")
+            plan = await self._get(s, request.plan)
+            users = await s.scalar(
+                select(Tenant.name).where(Tenant.plan == plan.name, Tenant.status != "deleted").limit(1)
+            )
+            if users is not None:
+                raise FailedPreconditionError(f"plan {plan.name!r} is the plan of tenant {users!r}")
+            before = plan_pb(plan)
+            await s.delete(plan)
+            self.audit(
+                s, context, caller, "plan.delete", target_type="plan", target_id=plan.name,
+                tenant_id=None, before=before,
+            )  # fmt: skip
+        await self.publish()
+        return pb.DeletePlanResponse()

@@ -395,3 +395,19 @@ class OutboxDelivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(String(512))
+
+
+class AppliedResource(Base):
+    """Tessera's applied-by marker: a resource a declarative apply created or took over, and
+    which manager applied it (``tessera apply``, the config directory, the Kubernetes
+    controller). Prune deletes only resources listed here under its own manager; imperative
+    ones are never listed. ``target`` is the resource's id in its table (a Limit's id; the
+    name for the other kinds)."""
+
+    __tablename__ = "applied_resources"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    manager: Mapped[str] = mapped_column(String(63))
+    target: Mapped[str] = mapped_column(String(128))
+    applied_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

@@ -43,8 +43,7 @@ from control_plane.app import App, build_app
 from control_plane.db.migrate import upgrade
 from tessera.admin.v1 import admin_pb2
 from tests.integration.conftest import ADMIN_TOKEN as TOKEN
-from tests.integration.conftest import control_plane_settings
-from tests.integration.test_control_plane import Admin
+from tests.integration.conftest import Admin, control_plane_settings
 
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 EXAMPLES = 25

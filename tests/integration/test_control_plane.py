@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import grpc
 import pytest
@@ -20,51 +18,21 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from sqlalchemy import inspect, text
 
-from control_plane.app import App, build_app
+from control_plane.app import build_app
 from control_plane.db.engine import make_engine
 from control_plane.db.migrate import alembic_config, upgrade
 from tessera import keys
-from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
+from tessera.admin.v1 import admin_pb2
 from tessera.errors import ConfigError
 from tessera.identity import Authority, spiffe_id
 from tessera.policy.v1 import policy_pb2, policy_pb2_grpc
 from tessera.settings import GrpcSettings, IdentitySettings
 from tessera.tls import grpc_channel
-from tests.integration.conftest import ADMIN_TOKEN, control_plane_settings
+from tests.integration.conftest import ADMIN_TOKEN, Admin, control_plane_settings
 
 TOKEN = ADMIN_TOKEN
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-
-
-@pytest.fixture
-def pepper(tmp_path) -> Path:
-    path = tmp_path / "pepper"
-    path.write_text(secrets.token_hex(32))
-    return path
-
-
-@pytest.fixture
-async def app(db_url, pepper) -> AsyncIterator[App]:
-    app = await build_app(control_plane_settings(db_url, pepper))
-    yield app
-    await app.stop(0)
-
-
-class Admin:
-    """Every admin RPC by name on one channel (RPC names are unique across the services)."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        for service in admin_pb2.DESCRIPTOR.services_by_name.values():
-            stub = getattr(admin_pb2_grpc, f"{service.name}Stub")(channel)
-            for m in service.methods:
-                setattr(self, m.name, getattr(stub, m.name))
-
-
-@pytest.fixture
-async def admin(app) -> AsyncIterator[Admin]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as ch:
-        yield Admin(ch)
 
 
 AUTH = (("authorization", f"Bearer {TOKEN}"),)

@@ -626,6 +626,40 @@ class UpdatePlanResponse(_message.Message):
 Global___UpdatePlanResponse: _TypeAlias = UpdatePlanResponse  # noqa: Y015
 
 @_typing.final
+class DeletePlanRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    plan: _builtins.str
+    def __init__(
+        self,
+        *,
+        plan: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeletePlanRequest: _TypeAlias = DeletePlanRequest  # noqa: Y015
+
+@_typing.final
+class DeletePlanResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeletePlanResponse: _TypeAlias = DeletePlanResponse  # noqa: Y015
+
+@_typing.final
 class RoleBinding(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -2688,3 +2722,400 @@ class CloseDueInvoicesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CloseDueInvoicesResponse: _TypeAlias = CloseDueInvoicesResponse  # noqa: Y015
+
+@_typing.final
+class PlanSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    priority: _builtins.int
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanLimit]: ...
+    def __init__(
+        self,
+        *,
+        priority: _builtins.int = ...,
+        limits: _abc.Iterable[Global___PlanLimit] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "priority", b"priority"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanSpec: _TypeAlias = PlanSpec  # noqa: Y015
+
+@_typing.final
+class DeclaredKey(_message.Message):
+    """An API key a tenant is expected to have (keys are secrets: apply reports missing ones)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ALLOWED_MODELS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def allowed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """empty = the tenant's models"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        allowed_models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclaredKey: _TypeAlias = DeclaredKey  # noqa: Y015
+
+@_typing.final
+class TenantSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    ALLOWED_MODELS_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    plan: _builtins.str
+    @_builtins.property
+    def allowed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeclaredKey]: ...
+    def __init__(
+        self,
+        *,
+        plan: _builtins.str = ...,
+        allowed_models: _abc.Iterable[_builtins.str] | None = ...,
+        keys: _abc.Iterable[Global___DeclaredKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "keys", b"keys", "plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantSpec: _TypeAlias = TenantSpec  # noqa: Y015
+
+@_typing.final
+class ModelSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VISIBILITY_FIELD_NUMBER: _builtins.int
+    BACKENDS_FIELD_NUMBER: _builtins.int
+    PRICES_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    DEFAULT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    REALTIME_FIELD_NUMBER: _builtins.int
+    visibility: _builtins.str
+    """default public"""
+    default_max_tokens: _builtins.int
+    max_max_tokens: _builtins.int
+    realtime: _builtins.bool
+    @_builtins.property
+    def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___Backend]:
+        """at least one; without credential / has_credential"""
+
+    @_builtins.property
+    def prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriceSpec]:
+        """each with its effective_time; prices are never removed"""
+
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        visibility: _builtins.str = ...,
+        backends: _abc.Iterable[Global___Backend] | None = ...,
+        prices: _abc.Iterable[Global___PriceSpec] | None = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+        default_max_tokens: _builtins.int = ...,
+        max_max_tokens: _builtins.int = ...,
+        realtime: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "backends", b"backends", "default_max_tokens", b"default_max_tokens", "max_max_tokens", b"max_max_tokens", "prices", b"prices", "realtime", b"realtime", "visibility", b"visibility"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelSpec: _TypeAlias = ModelSpec  # noqa: Y015
+
+@_typing.final
+class PriceSpec(_message.Message):
+    """SetModelPriceRequest's fields: cached_micros defaults to the input price."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    INPUT_MICROS_FIELD_NUMBER: _builtins.int
+    OUTPUT_MICROS_FIELD_NUMBER: _builtins.int
+    CACHED_MICROS_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    effective_time: _builtins.str
+    """RFC 3339 or YYYY-MM-DD (UTC); required in a document"""
+    input_micros: _builtins.int
+    output_micros: _builtins.int
+    cached_micros: _builtins.int
+    currency: _builtins.str
+    """default USD"""
+    def __init__(
+        self,
+        *,
+        effective_time: _builtins.str = ...,
+        input_micros: _builtins.int = ...,
+        output_micros: _builtins.int = ...,
+        cached_micros: _builtins.int | None = ...,
+        currency: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cached_micros", b"_cached_micros", "cached_micros", b"cached_micros"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cached_micros", b"_cached_micros", "cached_micros", b"cached_micros", "currency", b"currency", "effective_time", b"effective_time", "input_micros", b"input_micros", "output_micros", b"output_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cached_micros: _TypeAlias = _typing.Literal["cached_micros"]  # noqa: Y015
+    _WhichOneofArgType__cached_micros: _TypeAlias = _typing.Literal["_cached_micros", b"_cached_micros"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cached_micros) -> _WhichOneofReturnType__cached_micros | None: ...
+
+Global___PriceSpec: _TypeAlias = PriceSpec  # noqa: Y015
+
+@_typing.final
+class LimitSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    FAIL_MODE_FIELD_NUMBER: _builtins.int
+    PROMPT_WEIGHT_FIELD_NUMBER: _builtins.int
+    COMPLETION_WEIGHT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """name"""
+    key_id: _builtins.str
+    model: _builtins.str
+    kind: _builtins.str
+    window: _builtins.str
+    limit: _builtins.int
+    shadow: _builtins.bool
+    fail_mode: _builtins.str
+    prompt_weight: _builtins.int
+    completion_weight: _builtins.int
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        window: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        shadow: _builtins.bool = ...,
+        fail_mode: _builtins.str = ...,
+        prompt_weight: _builtins.int = ...,
+        completion_weight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_weight", b"completion_weight", "fail_mode", b"fail_mode", "key_id", b"key_id", "kind", b"kind", "limit", b"limit", "model", b"model", "prompt_weight", b"prompt_weight", "shadow", b"shadow", "tenant", b"tenant", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LimitSpec: _TypeAlias = LimitSpec  # noqa: Y015
+
+@_typing.final
+class PrincipalSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    BINDINGS_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """default human"""
+    @_builtins.property
+    def bindings(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoleBinding]:
+        """tenant_id: the tenant's name (or id)"""
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        bindings: _abc.Iterable[Global___RoleBinding] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bindings", b"bindings", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrincipalSpec: _TypeAlias = PrincipalSpec  # noqa: Y015
+
+@_typing.final
+class SourceFile(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """for error messages"""
+    content: _builtins.str
+    """YAML (one or more documents) or JSON"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceFile: _TypeAlias = SourceFile  # noqa: Y015
+
+@_typing.final
+class ApplyResourcesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILES_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    PRUNE_FIELD_NUMBER: _builtins.int
+    MANAGER_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    prune: _builtins.bool
+    manager: _builtins.str
+    """Who applies ("tessera-apply" by default; the config directory is "config-dir"): prune
+    deletes only resources this manager applied.
+    """
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___SourceFile]: ...
+    def __init__(
+        self,
+        *,
+        files: _abc.Iterable[Global___SourceFile] | None = ...,
+        dry_run: _builtins.bool = ...,
+        prune: _builtins.bool = ...,
+        manager: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "files", b"files", "manager", b"manager", "prune", b"prune"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyResourcesRequest: _TypeAlias = ApplyResourcesRequest  # noqa: Y015
+
+@_typing.final
+class ResourceChange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    name: _builtins.str
+    action: _builtins.str
+    """created | updated | deleted | unchanged"""
+    key: _builtins.str
+    """a created Principal's admin key, shown once (never on dry_run)"""
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the spec fields that differed"""
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        name: _builtins.str = ...,
+        action: _builtins.str = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "fields", b"fields", "key", b"key", "kind", b"kind", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResourceChange: _TypeAlias = ResourceChange  # noqa: Y015
+
+@_typing.final
+class ApplyResourcesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResourceChange]: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """e.g. a declared API key the tenant does not have"""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___ResourceChange] | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyResourcesResponse: _TypeAlias = ApplyResourcesResponse  # noqa: Y015
+
+@_typing.final
+class ExportResourcesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """empty = every kind"""
+    name: _builtins.str
+    """empty = every resource of the kind"""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportResourcesRequest: _TypeAlias = ExportResourcesRequest  # noqa: Y015
+
+@_typing.final
+class ExportResourcesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    YAML_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    yaml: _builtins.str
+    """the documents, "---"-separated"""
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        yaml: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "yaml", b"yaml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportResourcesResponse: _TypeAlias = ExportResourcesResponse  # noqa: Y015

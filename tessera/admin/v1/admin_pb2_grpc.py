@@ -399,6 +399,11 @@ class PlanServiceStub:
                 request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdatePlanRequest.SerializeToString,
                 response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdatePlanResponse.FromString,
                 _registered_method=True)
+        self.DeletePlan = channel.unary_unary(
+                '/tessera.admin.v1.PlanService/DeletePlan',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DeletePlanRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DeletePlanResponse.FromString,
+                _registered_method=True)
 
 
 class PlanServiceServicer:
@@ -431,6 +436,13 @@ class PlanServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeletePlan(self, request, context):
+        """FAILED_PRECONDITION while a tenant (not deleted) is on the plan.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlanServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -453,6 +465,11 @@ def add_PlanServiceServicer_to_server(servicer, server):
                     servicer.UpdatePlan,
                     request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdatePlanRequest.FromString,
                     response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.UpdatePlanResponse.SerializeToString,
+            ),
+            'DeletePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePlan,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DeletePlanRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.DeletePlanResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -566,6 +583,33 @@ class PlanService:
             '/tessera.admin.v1.PlanService/UpdatePlan',
             tessera_dot_admin_dot_v1_dot_admin__pb2.UpdatePlanRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.UpdatePlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.PlanService/DeletePlan',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.DeletePlanRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.DeletePlanResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -2173,6 +2217,148 @@ class InvoiceService:
             '/tessera.admin.v1.InvoiceService/CloseDueInvoices',
             tessera_dot_admin_dot_v1_dot_admin__pb2.CloseDueInvoicesRequest.SerializeToString,
             tessera_dot_admin_dot_v1_dot_admin__pb2.CloseDueInvoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ResourceServiceStub:
+    """---------------------------------------------------------------------------------------------
+    Declarative resources: documents of apiVersion tessera.dev/v1alpha1, kinds Plan, Tenant,
+    Model, Limit and Principal, each `metadata.name` and a `spec` of the message below (fields in
+    proto-JSON lowerCamelCase). A set is applied in ONE transaction through the RPCs above, so
+    validation, RBAC and audit are exactly theirs; an invalid document applies nothing.
+    Documents hold no secrets: API keys stay imperative, backend credentials are set with
+    UpdateBackend and kept as they are by an apply.
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ApplyResources = channel.unary_unary(
+                '/tessera.admin.v1.ResourceService/ApplyResources',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ApplyResourcesRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ApplyResourcesResponse.FromString,
+                _registered_method=True)
+        self.ExportResources = channel.unary_unary(
+                '/tessera.admin.v1.ResourceService/ExportResources',
+                request_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ExportResourcesRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ExportResourcesResponse.FromString,
+                _registered_method=True)
+
+
+class ResourceServiceServicer:
+    """---------------------------------------------------------------------------------------------
+    Declarative resources: documents of apiVersion tessera.dev/v1alpha1, kinds Plan, Tenant,
+    Model, Limit and Principal, each `metadata.name` and a `spec` of the message below (fields in
+    proto-JSON lowerCamelCase). A set is applied in ONE transaction through the RPCs above, so
+    validation, RBAC and audit are exactly theirs; an invalid document applies nothing.
+    Documents hold no secrets: API keys stay imperative, backend credentials are set with
+    UpdateBackend and kept as they are by an apply.
+
+    """
+
+    def ApplyResources(self, request, context):
+        """Create or update what the documents declare; with prune, delete what this manager applied
+        earlier, of the kinds in the set, that is no longer in it. dry_run commits nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportResources(self, request, context):
+        """The store as documents, in the form ApplyResources takes (applying them changes nothing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ResourceServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ApplyResources': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyResources,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ApplyResourcesRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ApplyResourcesResponse.SerializeToString,
+            ),
+            'ExportResources': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportResources,
+                    request_deserializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ExportResourcesRequest.FromString,
+                    response_serializer=tessera_dot_admin_dot_v1_dot_admin__pb2.ExportResourcesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tessera.admin.v1.ResourceService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tessera.admin.v1.ResourceService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ResourceService:
+    """---------------------------------------------------------------------------------------------
+    Declarative resources: documents of apiVersion tessera.dev/v1alpha1, kinds Plan, Tenant,
+    Model, Limit and Principal, each `metadata.name` and a `spec` of the message below (fields in
+    proto-JSON lowerCamelCase). A set is applied in ONE transaction through the RPCs above, so
+    validation, RBAC and audit are exactly theirs; an invalid document applies nothing.
+    Documents hold no secrets: API keys stay imperative, backend credentials are set with
+    UpdateBackend and kept as they are by an apply.
+
+    """
+
+    @staticmethod
+    def ApplyResources(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.ResourceService/ApplyResources',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ApplyResourcesRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ApplyResourcesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportResources(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.ResourceService/ExportResources',
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ExportResourcesRequest.SerializeToString,
+            tessera_dot_admin_dot_v1_dot_admin__pb2.ExportResourcesResponse.FromString,
             options,
             channel_credentials,
             insecure,

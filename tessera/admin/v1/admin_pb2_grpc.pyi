@@ -144,6 +144,8 @@ class PlanServiceStub:
     GetPlan: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPlanRequest, _admin_pb2.GetPlanResponse]
     ListPlans: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPlansRequest, _admin_pb2.ListPlansResponse]
     UpdatePlan: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdatePlanRequest, _admin_pb2.UpdatePlanResponse]
+    DeletePlan: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeletePlanRequest, _admin_pb2.DeletePlanResponse]
+    """FAILED_PRECONDITION while a tenant (not deleted) is on the plan."""
 
 @_typing.type_check_only
 class PlanServiceAsyncStub(PlanServiceStub):
@@ -156,6 +158,8 @@ class PlanServiceAsyncStub(PlanServiceStub):
     GetPlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPlanRequest, _admin_pb2.GetPlanResponse]  # type: ignore[assignment]
     ListPlans: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPlansRequest, _admin_pb2.ListPlansResponse]  # type: ignore[assignment]
     UpdatePlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdatePlanRequest, _admin_pb2.UpdatePlanResponse]  # type: ignore[assignment]
+    DeletePlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeletePlanRequest, _admin_pb2.DeletePlanResponse]  # type: ignore[assignment]
+    """FAILED_PRECONDITION while a tenant (not deleted) is on the plan."""
 
 class PlanServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -189,6 +193,14 @@ class PlanServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.UpdatePlanRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.UpdatePlanResponse, _abc.Awaitable[_admin_pb2.UpdatePlanResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeletePlan(
+        self,
+        request: _admin_pb2.DeletePlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DeletePlanResponse, _abc.Awaitable[_admin_pb2.DeletePlanResponse]]:
+        """FAILED_PRECONDITION while a tenant (not deleted) is on the plan."""
 
 def add_PlanServiceServicer_to_server(servicer: PlanServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -693,3 +705,73 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_InvoiceServiceServicer_to_server(servicer: InvoiceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ResourceServiceStub:
+    """---------------------------------------------------------------------------------------------
+    Declarative resources: documents of apiVersion tessera.dev/v1alpha1, kinds Plan, Tenant,
+    Model, Limit and Principal, each `metadata.name` and a `spec` of the message below (fields in
+    proto-JSON lowerCamelCase). A set is applied in ONE transaction through the RPCs above, so
+    validation, RBAC and audit are exactly theirs; an invalid document applies nothing.
+    Documents hold no secrets: API keys stay imperative, backend credentials are set with
+    UpdateBackend and kept as they are by an apply.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ResourceServiceAsyncStub: ...
+    ApplyResources: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ApplyResourcesRequest, _admin_pb2.ApplyResourcesResponse]
+    """Create or update what the documents declare; with prune, delete what this manager applied
+    earlier, of the kinds in the set, that is no longer in it. dry_run commits nothing.
+    """
+    ExportResources: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ExportResourcesRequest, _admin_pb2.ExportResourcesResponse]
+    """The store as documents, in the form ApplyResources takes (applying them changes nothing)."""
+
+@_typing.type_check_only
+class ResourceServiceAsyncStub(ResourceServiceStub):
+    """---------------------------------------------------------------------------------------------
+    Declarative resources: documents of apiVersion tessera.dev/v1alpha1, kinds Plan, Tenant,
+    Model, Limit and Principal, each `metadata.name` and a `spec` of the message below (fields in
+    proto-JSON lowerCamelCase). A set is applied in ONE transaction through the RPCs above, so
+    validation, RBAC and audit are exactly theirs; an invalid document applies nothing.
+    Documents hold no secrets: API keys stay imperative, backend credentials are set with
+    UpdateBackend and kept as they are by an apply.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ApplyResources: _aio.UnaryUnaryMultiCallable[_admin_pb2.ApplyResourcesRequest, _admin_pb2.ApplyResourcesResponse]  # type: ignore[assignment]
+    """Create or update what the documents declare; with prune, delete what this manager applied
+    earlier, of the kinds in the set, that is no longer in it. dry_run commits nothing.
+    """
+    ExportResources: _aio.UnaryUnaryMultiCallable[_admin_pb2.ExportResourcesRequest, _admin_pb2.ExportResourcesResponse]  # type: ignore[assignment]
+    """The store as documents, in the form ApplyResources takes (applying them changes nothing)."""
+
+class ResourceServiceServicer(metaclass=_abc_1.ABCMeta):
+    """---------------------------------------------------------------------------------------------
+    Declarative resources: documents of apiVersion tessera.dev/v1alpha1, kinds Plan, Tenant,
+    Model, Limit and Principal, each `metadata.name` and a `spec` of the message below (fields in
+    proto-JSON lowerCamelCase). A set is applied in ONE transaction through the RPCs above, so
+    validation, RBAC and audit are exactly theirs; an invalid document applies nothing.
+    Documents hold no secrets: API keys stay imperative, backend credentials are set with
+    UpdateBackend and kept as they are by an apply.
+    """
+
+    @_abc_1.abstractmethod
+    def ApplyResources(
+        self,
+        request: _admin_pb2.ApplyResourcesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ApplyResourcesResponse, _abc.Awaitable[_admin_pb2.ApplyResourcesResponse]]:
+        """Create or update what the documents declare; with prune, delete what this manager applied
+        earlier, of the kinds in the set, that is no longer in it. dry_run commits nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportResources(
+        self,
+        request: _admin_pb2.ExportResourcesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ExportResourcesResponse, _abc.Awaitable[_admin_pb2.ExportResourcesResponse]]:
+        """The store as documents, in the form ApplyResources takes (applying them changes nothing)."""
+
+def add_ResourceServiceServicer_to_server(servicer: ResourceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
