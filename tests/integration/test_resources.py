@@ -220,19 +220,25 @@ async def test_an_invalid_document_anywhere_applies_nothing_and_names_itself(adm
         ("apiVersion: tessera.dev/v1alpha1\nkind: Tenant\nspec: {}\n", "metadata.name"),
         ("apiVersion: tessera.dev/v1alpha1\nkind: Tenant\nmetadata: {name: a}\nspec: {plan: [1]}\n", "plan"),
         (
-            "apiVersion: tessera.dev/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
-            "spec: {backends: [{url: 'http://h:1', credential: sk-secret-value}]}\n",
+            (
+                "apiVersion: tessera.dev/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
+                "spec: {backends: [{url: 'http://h:1', credential: sk-secret-value}]}\n"
+            ),
             "no secrets",
         ),
         (
-            "apiVersion: tessera.dev/v1alpha1\nkind: Tenant\nmetadata: {name: a}\n---\n"
-            "apiVersion: tessera.dev/v1alpha1\nkind: Tenant\nmetadata: {name: a}\n",
+            (
+                "apiVersion: tessera.dev/v1alpha1\nkind: Tenant\nmetadata: {name: a}\n---\n"
+                "apiVersion: tessera.dev/v1alpha1\nkind: Tenant\nmetadata: {name: a}\n"
+            ),
             "also declared",
         ),
         ("{{{", "not YAML"),
         (
-            "apiVersion: tessera.dev/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
-            "spec: {backends: [{url: 'http://h:1'}], prices: [{inputMicros: 1}]}\n",
+            (
+                "apiVersion: tessera.dev/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
+                "spec: {backends: [{url: 'http://h:1'}], prices: [{inputMicros: 1}]}\n"
+            ),
             "effectiveTime",
         ),
     ],
@@ -252,11 +258,8 @@ async def test_prices_are_history_a_document_cannot_change_or_drop_one(admin):
         await apply(admin, example_files(**{"inputMicros: 150000": "inputMicros: 100000"}))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "never changes" in err.value.details()
-    later = example_files(
-        **{
-            "      currency: USD": '      currency: USD\n    - {effectiveTime: "2027-01-01", inputMicros: 1, outputMicros: 2}'
-        }
-    )
+    new_price = '\n    - {effectiveTime: "2027-01-01", inputMicros: 1, outputMicros: 2}'
+    later = example_files(**{"      currency: USD": "      currency: USD" + new_price})
     resp = await apply(admin, later)
     assert actions(resp)["Model/llama-3-8b"] == "updated"
     with pytest.raises(grpc.aio.AioRpcError) as err:
