@@ -37,6 +37,8 @@ from control_plane.jwt_keys import JwtPolicy
 from control_plane.load import LoadWatcher
 from control_plane.policy_servicer import PolicyCache, PolicyServiceServicer, subscribers
 from control_plane.publisher import Publisher
+from control_plane.resources.apply import Applier
+from control_plane.resources.config_dir import ConfigDirSource
 from control_plane.settings import ControlPlaneSettings
 from control_plane.usage.delivery import OutboxDeliverer, prune_forever
 from control_plane.usage.invoices import close_invoices_forever
@@ -169,7 +171,7 @@ def _registrar(service: str, servicer: object) -> Callable[[grpc.aio.Server], No
     return lambda server: add(servicer, server)
 
 
-async def build_app(settings: ControlPlaneSettings) -> App:
+async def build_app(settings: ControlPlaneSettings) -> App:  # noqa: PLR0915 - the composition root
     url = settings.database.url.get_secret_value()
     engine = make_engine(url)
     try:
@@ -289,6 +291,9 @@ async def build_app(settings: ControlPlaneSettings) -> App:
             publisher.load_targets, publisher.set_load, interval=settings.load_scrape_seconds
         )
         app.tasks.append(asyncio.create_task(watcher.run_forever()))
+    if settings.config_dir is not None:
+        source = ConfigDirSource(settings.config_dir, Applier(ctx), settings.config_dir_poll_seconds)
+        app.tasks.append(asyncio.create_task(source.run_forever()))
     app.tasks.append(asyncio.create_task(close_invoices_forever(sessionmaker, grace)))
     sink_names = [sink.name for sink in settings.billing.sinks]
     keep = timedelta(days=settings.billing.outbox_retention_days)

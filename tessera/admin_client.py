@@ -123,3 +123,15 @@ class AdminClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def describe_error(exc: grpc.RpcError, target: AdminTarget) -> str:
+    """One line for an admin call that failed: unreachable (is the stack up?) or the server's
+    own status and message."""
+    code = exc.code()
+    details = exc.details() or ""
+    # UNAVAILABLE from the transport (nothing listening) vs from the server (e.g. its database).
+    low = details.lower()
+    if code == grpc.StatusCode.UNAVAILABLE and ("failed to connect" in low or "connection refused" in low):
+        return f"cannot reach the admin API at {target.url} (is `tessera up` running?)"
+    return f"{code.name}: {details}"

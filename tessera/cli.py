@@ -22,6 +22,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from tessera.cli_admin import UsageError, add_admin_commands, build_request, fetch
+from tessera.cli_resources import add_resource_commands, run_resources
 
 # Commands served by the services' entry points (group ``tessera.commands``); ``admin``
 # (``tessera admin bootstrap``) talks to the store directly, so it lives in the control plane.
@@ -41,9 +42,9 @@ def _global_flags(defaults: bool) -> argparse.ArgumentParser:
     p.add_argument(
         "--output",
         "-o",
-        choices=("table", "json", "csv"),
+        choices=("table", "json", "yaml", "csv"),
         default=d("table"),
-        help="output format (default table; json: one document on stdout)",
+        help="output format (default table; json or yaml: one document on stdout)",
     )
     return p
 
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--real-model",
         action="store_true",
         help="run llama-server with Gemma 3 270M (built by `make llm`) as model 'gemma-3-270m'",
+    )
+    up.add_argument(
+        "--config-dir",
+        type=Path,
+        help="a directory of resource documents (Plan, Tenant, Model, Limit, Principal) kept "
+        "applied: each change of its files is applied, atomically, with prune",
     )
     up.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
     up.add_argument("--admin-port", type=int, default=50051, help="admin gRPC port (default 50051)")
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the platform-admin token `tessera up` keeps in <data-dir>/admin.json "
         "(the admin REST API's bearer token; a new one each start)",
     )
+    add_resource_commands(sub, g)
     for name in SERVICE_COMMANDS:
         if name != "admin":
             sub.add_parser(name, add_help=False, help=f"run the {name} service")
@@ -184,7 +192,7 @@ def run_admin(args: argparse.Namespace) -> int:
     import grpc  # noqa: PLC0415
     from google.protobuf import json_format  # noqa: PLC0415
 
-    from tessera.admin_client import AdminClient, AdminConfigError, resolve_target  # noqa: PLC0415
+    from tessera.admin_client import AdminClient, AdminConfigError, describe_error, resolve_target  # noqa: PLC0415
     from tessera.datadir import resolve_data_dir  # noqa: PLC0415
 
     command = args.admin_command
@@ -201,20 +209,14 @@ def run_admin(args: argparse.Namespace) -> int:
         with AdminClient(target) as client:
             response = fetch(client.call, command, request, getattr(args, "max_items", None))
     except grpc.RpcError as exc:
-        code = exc.code()
-        # UNAVAILABLE from the transport (nothing listening) vs from the server (e.g. its database).
-        details = (exc.details() or "").lower()
-        if code == grpc.StatusCode.UNAVAILABLE and (
-            "failed to connect" in details or "connection refused" in details
-        ):
-            print(
-                f"tessera: cannot reach the admin API at {target.url} (is `tessera up` running?)",
-                file=sys.stderr,
-            )
-        else:
-            print(f"tessera: {code.name}: {exc.details()}", file=sys.stderr)
+        print(f"tessera: {describe_error(exc, target)}", file=sys.stderr)
         return 1
-    if args.output == "json":
+    if args.output == "yaml":
+        import yaml  # noqa: PLC0415
+
+        data = json_format.MessageToDict(response, preserving_proto_field_name=True)
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    elif args.output == "json":
         print(
             json_format.MessageToJson(
                 response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
@@ -345,6 +347,7 @@ def _main(argv: list[str] | None) -> int:
         build_parser().print_help(sys.stderr)
         return 2
     run = {"envoy-bootstrap": _envoy_bootstrap, "identity": _identity, "up": _up, "admin": _admin_token}
+    run |= dict.fromkeys(("apply", "diff", "get"), run_resources)
     return run.get(args.command, run_admin)(args)
 
 

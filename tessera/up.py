@@ -232,6 +232,11 @@ class Stack:
                 "TESSERA_GATEWAY__ENVOY_CA_FILE": str(self.identities["control-plane"].ca_file),
                 **self._gateway_tls_env(),
                 **self._identity_env("control-plane"),
+                **(
+                    {"TESSERA_CONFIG_DIR": str(Path(self.args.config_dir).resolve())}
+                    if getattr(self.args, "config_dir", None)
+                    else {}
+                ),
             }
         )
 

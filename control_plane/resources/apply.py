@@ -255,7 +255,7 @@ class _Tenants(_Kind):
             if key.name not in have:
                 run.response.warnings.append(
                     f"Tenant/{doc.name}: declares API key {key.name!r}, which it does not have "
-                    f"(create it: tessera keys create {doc.name} --name {key.name})"
+                    f"(create it: tessera keys create --tenant {doc.name} --name {key.name})"
                 )
             elif sorted(key.allowed_models) != have[key.name]:
                 run.response.warnings.append(
