@@ -180,8 +180,9 @@ _CONDITION = {
 }
 
 
-def crd(kind: Kind) -> dict[str, Any]:
-    """The kind's CustomResourceDefinition (apiextensions.k8s.io/v1, namespaced, status subresource)."""
+def crd(kind: Kind, spec: Any = None) -> dict[str, Any]:
+    """The kind's CustomResourceDefinition (apiextensions.k8s.io/v1, namespaced, status
+    subresource); ``spec``: the spec message's descriptor (default the imported one's)."""
     schema = {
         "type": "object",
         "required": ["spec"],
@@ -189,7 +190,7 @@ def crd(kind: Kind) -> dict[str, Any]:
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
-            "spec": schema_of(kind.spec.DESCRIPTOR),
+            "spec": schema_of(spec or kind.spec.DESCRIPTOR),
             "status": {
                 "type": "object",
                 "properties": {
