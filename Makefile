@@ -59,3 +59,7 @@ bench: install  ## load through upstream / plain Envoy / callout floor / Tessera
 	@command -v h2load >/dev/null || apt-get install -y nghttp2-client || (apt-get update && apt-get install -y nghttp2-client)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.tracing_cost
+
+.PHONY: image
+image:  ## the container image localhost/tessera:<version> from Debian packages (debootstrap, podman; root), then a smoke run (docs/image.md)
+	bash image/build.sh
