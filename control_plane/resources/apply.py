@@ -112,21 +112,20 @@ class _Run:
             row.target, row.applied_at = target, self.now
         await self.s.flush()
 
-    async def check_owner(self, doc: Document) -> None:
-        row = await self.marker(doc.kind.name, doc.name)
-        if row is not None and row.manager != self.manager:
-            msg = (
-                f"{doc.ref} is applied by {row.manager!r}, not {self.manager!r}: apply it there, "
-                "or remove it from that set first"
-            )
-            raise FailedPreconditionError(msg)
-
-    # --- documents -----------------------------------------------------------------------------
-
     async def apply(self, doc: Document) -> None:
-        await self.check_owner(doc)
+        """Apply one document. A resource another manager applied may be declared here too,
+        as long as this set changes nothing of it (it stays that manager's)."""
         kind = _KINDS[doc.kind.name]
         target = await kind.apply(self, doc)
+        row = await self.marker(doc.kind.name, doc.name)
+        if row is not None and row.manager != self.manager:
+            if self.response.changes[-1].action != "unchanged":
+                msg = (
+                    f"{doc.ref} is applied by {row.manager!r}, not {self.manager!r}: change it in that "
+                    "set, or remove it from that set first"
+                )
+                raise FailedPreconditionError(msg)
+            return
         await self.mark(doc, target)
 
     async def prune(self, kinds: set[str], keep: set[tuple[str, str]]) -> None:

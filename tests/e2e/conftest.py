@@ -193,7 +193,11 @@ def stop_stack(stack: Stack) -> int:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Iterator[Stack]:
-    s = start_stack(tmp_path_factory.mktemp("stack"))
+    """The session's stack; it keeps ``<root>/resources`` applied (``--config-dir``), empty
+    until a test writes documents there."""
+    root = tmp_path_factory.mktemp("stack")
+    (root / "resources").mkdir()
+    s = start_stack(root, "--config-dir", str(root / "resources"))
     yield s
     stop_stack(s)
 

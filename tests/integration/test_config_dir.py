@@ -5,7 +5,6 @@ kubelet updates a ConfigMap volume: a new ``..<timestamp>`` folder, then an atom
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,36 +16,14 @@ from prometheus_client import REGISTRY
 from control_plane.app import App, build_app
 from control_plane.resources.config_dir import snapshot
 from tessera.admin.v1 import admin_pb2 as pb
+from tests.configmap import example_texts, kubelet_update
 from tests.integration.conftest import ADMIN_TOKEN, Admin, control_plane_settings
-from tests.integration.test_resources import example_files
 
 AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 
-def kubelet_update(directory: Path, files: dict[str, str]) -> None:
-    """What kubelet's AtomicWriter does: write a new version, swap ``..data`` to it in one
-    rename, link each file name through ``..data``, remove what the old version had."""
-    old = (directory / "..data").readlink() if (directory / "..data").is_symlink() else None
-    version = directory / f"..{time.time_ns()}"
-    version.mkdir()
-    for name, content in files.items():
-        (version / name).write_text(content)
-    tmp = directory / "..data_tmp"
-    tmp.symlink_to(version.name)
-    tmp.replace(directory / "..data")
-    for name in files:
-        link = directory / name
-        if not link.is_symlink():
-            link.symlink_to(f"..data/{name}")
-    for entry in directory.iterdir():
-        if entry.is_symlink() and not entry.name.startswith("..") and entry.name not in files:
-            entry.unlink()
-    if old is not None:
-        shutil.rmtree(directory / old)
-
-
 def examples(**replace: str) -> dict[str, str]:
-    return {f.name: f.content for f in example_files(**replace)}
+    return example_texts(**replace)
 
 
 @pytest.fixture

@@ -5,27 +5,20 @@ trip, atomicity, hostile documents and RBAC."""
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import grpc
 import pytest
 import yaml
 
 from tessera.admin.v1 import admin_pb2 as pb
+from tests.configmap import example_texts
 from tests.integration.conftest import ADMIN_TOKEN
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples" / "resources"
 AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 
 def example_files(**replace: str) -> list[pb.SourceFile]:
-    out = []
-    for path in sorted(EXAMPLES.glob("*.yaml")):
-        text = path.read_text()
-        for old, new in replace.items():
-            text = text.replace(old, new)
-        out.append(pb.SourceFile(name=path.name, content=text))
-    return out
+    return [pb.SourceFile(name=n, content=c) for n, c in example_texts(**replace).items()]
 
 
 async def apply(admin, files, **kw) -> pb.ApplyResourcesResponse:
