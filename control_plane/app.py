@@ -39,6 +39,7 @@ from control_plane.policy_servicer import PolicyCache, PolicyServiceServicer, su
 from control_plane.publisher import Publisher
 from control_plane.resources.apply import Applier
 from control_plane.resources.config_dir import ConfigDirSource
+from control_plane.resources.kube import Controller
 from control_plane.settings import ControlPlaneSettings
 from control_plane.usage.delivery import OutboxDeliverer, prune_forever
 from control_plane.usage.invoices import close_invoices_forever
@@ -84,6 +85,7 @@ class App:
     metrics: MetricsServer
     engine: AsyncEngine
     publisher: Publisher
+    applier: Applier  # declarative resources: the config directory's and the controller's core
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -169,6 +171,18 @@ async def _start_http(
 def _registrar(service: str, servicer: object) -> Callable[[grpc.aio.Server], None]:
     add = getattr(admin_pb2_grpc, f"add_{service}Servicer_to_server")
     return lambda server: add(servicer, server)
+
+
+def _resource_sources(settings: ControlPlaneSettings, applier: Applier) -> list[asyncio.Task[None]]:
+    """The declarative sources configured: a watched directory, Kubernetes custom resources."""
+    tasks = []
+    if settings.config_dir is not None:
+        source = ConfigDirSource(settings.config_dir, applier, settings.config_dir_poll_seconds)
+        tasks.append(asyncio.create_task(source.run_forever()))
+    if settings.kube_namespace:
+        controller = Controller(applier, settings.kube_namespace)
+        tasks.append(asyncio.create_task(controller.run_forever()))
+    return tasks
 
 
 async def build_app(settings: ControlPlaneSettings) -> App:  # noqa: PLR0915 - the composition root
@@ -282,7 +296,8 @@ async def build_app(settings: ControlPlaneSettings) -> App:  # noqa: PLR0915 - t
     await admin.set_serving(True)
     await xds.set_serving(True)
     await policy.set_serving(True)
-    app = App(admin, xds, policy, http_runner, http_port, metrics, engine, publisher)
+    applier = Applier(ctx)
+    app = App(admin, xds, policy, http_runner, http_port, metrics, engine, publisher, applier)
     app.tasks.append(asyncio.create_task(publisher.refresh_forever(settings.refresh_seconds)))
     if announce is not None:
         app.tasks.append(asyncio.create_task(changes.follow(engine, origin, publisher.publish)))
@@ -291,9 +306,7 @@ async def build_app(settings: ControlPlaneSettings) -> App:  # noqa: PLR0915 - t
             publisher.load_targets, publisher.set_load, interval=settings.load_scrape_seconds
         )
         app.tasks.append(asyncio.create_task(watcher.run_forever()))
-    if settings.config_dir is not None:
-        source = ConfigDirSource(settings.config_dir, Applier(ctx), settings.config_dir_poll_seconds)
-        app.tasks.append(asyncio.create_task(source.run_forever()))
+    app.tasks.extend(_resource_sources(settings, applier))
     app.tasks.append(asyncio.create_task(close_invoices_forever(sessionmaker, grace)))
     sink_names = [sink.name for sink in settings.billing.sinks]
     keep = timedelta(days=settings.billing.outbox_retention_days)

@@ -167,6 +167,9 @@ class ControlPlaneSettings(BaseSettings):
     # e.g. a mounted ConfigMap: watched, and each change applied atomically (control_plane.resources).
     config_dir: Path | None = None
     config_dir_poll_seconds: float = Field(default=0.5, gt=0, description="how often config_dir is read")
+    # The same documents as custom resources (k8s/crds/) in this namespace, reconciled with
+    # status conditions (control_plane.resources.kube); "" = off. Needs the in-cluster API.
+    kube_namespace: str = ""
     load_scrape_seconds: float = Field(
         default=2.0, ge=0, description="scrape backends' /metrics for load-aware weights (0 = off)"
     )

@@ -672,7 +672,12 @@ class Applier:
         dry_run: bool = False,
         prune: bool = False,
         manager: str = "",
+        keep: frozenset[tuple[str, str]] = frozenset(),
+        whole: bool = False,
     ) -> pb.ApplyResourcesResponse:
+        """Prune considers the kinds in the set, or with ``whole`` every kind (the set is all
+        there is: the Kubernetes controller's objects); ``keep``: (kind, name) of resources prune
+        must leave although no document declares them (objects whose spec is invalid now)."""
         manager = v.short_text(manager, "manager", 63) or DEFAULT_MANAGER
         context = ApplyContext.of(context, manager)
         try:
@@ -684,9 +689,11 @@ class Applier:
                         await run.apply(doc)
                     except TesseraError as exc:
                         exc.args = (f"{doc.source}: {doc.ref}: {exc.args[0] if exc.args else exc}",)
+                        exc.document = (doc.kind.name, doc.name)  # type: ignore[attr-defined]
                         raise
                 if prune:
-                    await run.prune({d.kind.name for d in docs}, {(d.kind.name, d.name) for d in docs})
+                    kinds = set(resources.BY_NAME) if whole else {d.kind.name for d in docs}
+                    await run.prune(kinds, {(d.kind.name, d.name) for d in docs} | keep)
                 if dry_run:
                     raise _DryRun(run.response)  # noqa: TRY301 - unwinds the batch
         except _DryRun as done:
@@ -708,3 +715,9 @@ class Applier:
                     if not name or n == name:
                         docs.append(resources.document(k, n, spec))
         return docs
+
+
+def failed_document(exc: TesseraError) -> tuple[str, str] | None:
+    """The (kind, name) of the document an apply failed at, if it failed at one."""
+    found = getattr(exc, "document", None)
+    return found if isinstance(found, tuple) else None

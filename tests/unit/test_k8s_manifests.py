@@ -39,6 +39,7 @@ from ext_authz.settings import ExtAuthzSettings
 from ratelimit.settings import RatelimitSettings
 from tessera.identity import server_name, spiffe_id
 from tessera.k8s_secrets import K8S_IDENTITIES, secret_name
+from tests.resource_schemas import crd_schemas
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -673,7 +674,11 @@ MONITORING_SCHEMAS: dict[str, dict[str, Any]] = {
         ),
     ),
 }
-CRD_SCHEMAS = {"cert-manager.io": CERT_MANAGER_SCHEMAS, "monitoring.coreos.com": MONITORING_SCHEMAS}
+CRD_SCHEMAS = {
+    "cert-manager.io": CERT_MANAGER_SCHEMAS,
+    "monitoring.coreos.com": MONITORING_SCHEMAS,
+    "tessera.dev": crd_schemas(),  # Tessera's own kinds: the committed CRDs' schemas, closed
+}
 
 
 def schema_errors(doc: dict[str, Any]) -> list[str]:
