@@ -9,7 +9,10 @@ from string import Template
 
 from tessera.envoy_tls import internal_tls
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "envoy" / "bootstrap.yaml"
+# The source tree's envoy/bootstrap.yaml; an installed wheel carries it as tessera/envoy-bootstrap.yaml
+# (pyproject's force-include), so `tessera up` works from any install.
+_SOURCE = Path(__file__).resolve().parent.parent / "envoy" / "bootstrap.yaml"
+TEMPLATE = _SOURCE if _SOURCE.exists() else Path(__file__).resolve().parent / "envoy-bootstrap.yaml"
 
 
 @dataclass(frozen=True, slots=True)
