@@ -19,6 +19,7 @@ from typing import Any
 SUFFIXES = (".yaml", ".yml", ".json")
 EXIT_DIFFERENT = 1
 EXIT_ERROR = 2
+RPCS = ("ApplyResources", "ExportResources")  # what apply/diff and get call (no admin command)
 
 
 def add_resource_commands(sub: Any, common: argparse.ArgumentParser) -> None:
