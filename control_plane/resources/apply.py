@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import select
@@ -35,6 +35,7 @@ from tessera import resources
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.errors import FailedPreconditionError, InvalidArgumentError, TesseraError
 
+M = TypeVar("M", bound=Message)
 DEFAULT_MANAGER = "tessera-apply"
 LIMIT_IN_PLACE = frozenset({"limit", "shadow", "fail_mode"})  # UpdateLimit's mask; the rest: replace
 
@@ -75,6 +76,14 @@ def _differing(want: Message, have: Message) -> list[str]:
         if getattr(want, f.name) != getattr(have, f.name)
         or (f.has_presence and want.HasField(f.name) != have.HasField(f.name))
     ]
+
+
+def _same_fields(src: Message, into: type[M], **given: Any) -> M:
+    """A message of type ``into`` holding each field ``src`` has under the same name (a spec's
+    fields into its create or update request), then ``given``."""
+    names = {f.name for f in src.DESCRIPTOR.fields}
+    values = {f.name: getattr(src, f.name) for f in into.DESCRIPTOR.fields if f.name in names}
+    return into(**(values | given))
 
 
 def _camel(spec: Message, fields: Iterable[str]) -> list[str]:
@@ -284,16 +293,6 @@ class _Tenants(_Kind):
         return out
 
 
-def _price(p: pb.ModelPrice) -> pb.PriceSpec:
-    return pb.PriceSpec(
-        effective_time=p.effective_time,
-        input_micros=p.input_micros,
-        output_micros=p.output_micros,
-        cached_micros=p.cached_micros,
-        currency=p.currency,
-    )
-
-
 def _document_backend(b: pb.Backend) -> pb.Backend:
     out = pb.Backend()
     out.CopyFrom(b)
@@ -309,7 +308,7 @@ class _Models(_Kind):
         return pb.ModelSpec(
             visibility=m.visibility,
             backends=sorted((_document_backend(b) for b in m.backends), key=lambda b: b.url),
-            prices=[_price(p) for p in m.prices],
+            prices=[_same_fields(p, pb.PriceSpec) for p in m.prices],
             aliases=sorted(m.aliases),
             default_max_tokens=m.default_max_tokens,
             max_max_tokens=m.max_max_tokens,
@@ -374,16 +373,7 @@ class _Models(_Kind):
         mask = [f for f in fields if f not in {"backends", "prices"}]
         if mask:
             await svc.UpdateModel(
-                pb.UpdateModelRequest(
-                    name=doc.name,
-                    update_mask=mask,
-                    default_max_tokens=want.default_max_tokens,
-                    max_max_tokens=want.max_max_tokens,
-                    aliases=want.aliases,
-                    realtime=want.realtime,
-                    visibility=want.visibility,
-                ),
-                ctx,
+                _same_fields(want, pb.UpdateModelRequest, name=doc.name, update_mask=mask), ctx
             )
         if created:
             run.change("Model", doc.name, "created")
@@ -401,22 +391,7 @@ class _Models(_Kind):
                 await svc.AddBackend(pb.AddBackendRequest(name=name, backend=b), ctx)
             elif fields := _differing(b, current[url]):
                 await svc.UpdateBackend(
-                    pb.UpdateBackendRequest(
-                        name=name,
-                        url=url,
-                        update_mask=fields,
-                        weight=b.weight,
-                        priority=b.priority,
-                        kind=b.kind,
-                        max_concurrency=b.max_concurrency,
-                        credential_header=b.credential_header,
-                        ca_bundle=b.ca_bundle,
-                        sni=b.sni,
-                        health_path=b.health_path,
-                        timeout_seconds=b.timeout_seconds,
-                        idle_timeout_seconds=b.idle_timeout_seconds,
-                    ),
-                    ctx,
+                    _same_fields(b, pb.UpdateBackendRequest, name=name, update_mask=fields), ctx
                 )
         for url in current.keys() - wanted.keys():
             await svc.RemoveBackend(pb.RemoveBackendRequest(name=name, url=url), ctx)
@@ -442,15 +417,7 @@ class _Models(_Kind):
                 raise FailedPreconditionError(msg)
             if when not in current:
                 await run.applier.models.SetModelPrice(
-                    pb.SetModelPriceRequest(
-                        name=name,
-                        input_micros=p.input_micros,
-                        output_micros=p.output_micros,
-                        cached_micros=p.cached_micros,
-                        currency=p.currency,
-                        effective_time=when,
-                    ),
-                    run.context,
+                    _same_fields(p, pb.SetModelPriceRequest, name=name), run.context
                 )
 
     async def delete(self, run: _Run, target: str) -> bool:
@@ -476,18 +443,7 @@ class _Limits(_Kind):
     async def spec_of(s: AsyncSession, row: db.Limit) -> pb.LimitSpec:
         x = limit_pb(row)
         tenant = await s.get(db.Tenant, row.tenant_id)
-        return pb.LimitSpec(
-            tenant=tenant.name if tenant else row.tenant_id,
-            key_id=x.key_id,
-            model=x.model,
-            kind=x.kind,
-            window=x.window,
-            limit=x.limit,
-            shadow=x.shadow,
-            fail_mode=x.fail_mode,
-            prompt_weight=x.prompt_weight,
-            completion_weight=x.completion_weight,
-        )
+        return _same_fields(x, pb.LimitSpec, tenant=tenant.name if tenant else row.tenant_id)
 
     @staticmethod
     async def wanted(s: AsyncSession, spec: pb.LimitSpec) -> pb.LimitSpec:
@@ -513,21 +469,7 @@ class _Limits(_Kind):
         return await run.s.get(db.Limit, mark.target if mark else name)
 
     async def _create(self, run: _Run, want: pb.LimitSpec) -> str:
-        reply = await run.applier.limits.CreateLimit(
-            pb.CreateLimitRequest(
-                tenant=want.tenant,
-                key_id=want.key_id,
-                model=want.model,
-                kind=want.kind,
-                window=want.window,
-                limit=want.limit,
-                shadow=want.shadow,
-                fail_mode=want.fail_mode,
-                prompt_weight=want.prompt_weight,
-                completion_weight=want.completion_weight,
-            ),
-            run.context,
-        )
+        reply = await run.applier.limits.CreateLimit(_same_fields(want, pb.CreateLimitRequest), run.context)
         return str(reply.limit.id)
 
     async def apply(self, run: _Run, doc: Document) -> str:
