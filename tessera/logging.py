@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 import structlog
+import structlog.tracebacks
 
 from tessera.settings import LogSettings
 
@@ -28,11 +29,16 @@ def configure_logging(settings: LogSettings, *, service: str, stream: Any = None
     out = stream or sys.stdout
     use_json = settings.format == "json" or (settings.format == "auto" and not out.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
     )
     final: list[Any] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
     if use_json:
-        final.append(structlog.processors.dict_tracebacks)
+        # Tracebacks without local variables: a frame's locals can hold a bearer token, a
+        # request body or a file's contents, and a log is no place for them.
+        no_locals = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        final.append(structlog.processors.ExceptionRenderer(no_locals))
     final.append(renderer)
     logging.config.dictConfig(
         {

@@ -12,6 +12,7 @@ only the generated messages.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,9 +82,26 @@ def _forbidden(data: Any, desc: Any, path: str) -> str | None:
             items = value if field.is_repeated and isinstance(value, list) else [value]
             for i, item in enumerate(items):
                 sub = f"{where}[{i}]" if field.is_repeated else where
+                if not isinstance(item, dict):  # nothing but a mapping can hide a field
+                    raise SpecError(f"{sub}: must be a mapping")
                 if found := _forbidden(item, field.message_type, sub):
                     return found
     return None
+
+
+_FAILED_FIELD = re.compile(r"Failed to parse (\w+) field")
+_NO_FIELD = re.compile(r'has no field named "([^"]{1,64})"')
+
+
+def _parse_problem(exc: json_format.ParseError) -> str:
+    """protobuf's message names the field, then echoes the value: keep the field only (a value
+    may be a secret)."""
+    text = str(exc)
+    if m := _NO_FIELD.search(text):
+        return f"unknown field {m.group(1)!r}"
+    if names := _FAILED_FIELD.findall(text):
+        return f"field {'.'.join(names)!r}: wrong type or value"
+    return "does not parse"
 
 
 def parse_spec(kind: Kind, data: Any) -> Message:
@@ -98,7 +116,7 @@ def parse_spec(kind: Kind, data: Any) -> Message:
     try:
         return json_format.ParseDict(data, kind.new_spec())
     except json_format.ParseError as exc:
-        raise SpecError(f"spec: {exc}") from exc
+        raise SpecError(f"spec: {_parse_problem(exc)}") from None
 
 
 def _ints(value: Any, desc: Any) -> Any:

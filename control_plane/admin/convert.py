@@ -22,7 +22,10 @@ def aware(dt: datetime | None) -> datetime | None:
 
 def rfc3339(dt: datetime | None) -> str:
     dt = aware(dt)
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if dt else ""
+    if dt is None:
+        return ""
+    utc = dt.astimezone(UTC)  # the year by hand: strftime's %Y does not pad years before 1000
+    return f"{utc.year:04d}" + utc.strftime("-%m-%dT%H:%M:%SZ")
 
 
 def as_json(msg: Message | None) -> str:

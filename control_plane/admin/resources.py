@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import yaml
 
 from control_plane.admin.base import AdminContext, AdminServicerBase
-from control_plane.resources.apply import Applier
+from control_plane.resources.apply import RESERVED_MANAGERS, Applier
 from control_plane.resources.documents import parse_files
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.admin.v1 import admin_pb2_grpc
+from tessera.errors import InvalidArgumentError
 
 
 class ResourceServiceServicer(AdminServicerBase, admin_pb2_grpc.ResourceServiceServicer):
@@ -21,7 +23,15 @@ class ResourceServiceServicer(AdminServicerBase, admin_pb2_grpc.ResourceServiceS
     async def ApplyResources(
         self, request: pb.ApplyResourcesRequest, context: Any
     ) -> pb.ApplyResourcesResponse:
-        docs = parse_files([(f.name, f.content) for f in request.files])
+        # Who asks first: parsing is CPU work, and nobody else's to cause.
+        async with self.read(context) as (_s, caller):
+            caller.require_platform("applying resources")
+        if request.manager in RESERVED_MANAGERS:
+            raise InvalidArgumentError(
+                "manager", f"{request.manager!r} is reserved for Tessera's own sources"
+            )
+        files = [(f.name, f.content) for f in request.files]
+        docs = await asyncio.to_thread(parse_files, files)  # off the event loop
         return await self.applier.apply(
             docs, context, dry_run=request.dry_run, prune=request.prune, manager=request.manager
         )

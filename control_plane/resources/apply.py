@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import structlog
 from google.protobuf.message import Message
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -24,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane import validation as v
 from control_plane.admin.auth import Caller
 from control_plane.admin.base import AdminContext
-from control_plane.admin.convert import backend_pb, limit_pb, model_pb, plan_pb, rfc3339
+from control_plane.admin.convert import aware, backend_pb, limit_pb, model_pb, plan_pb, rfc3339
 from control_plane.admin.principals import PrincipalServiceServicer
 from control_plane.admin.registry import LimitServiceServicer, ModelServiceServicer, backend_row
 from control_plane.admin.tenants import PlanServiceServicer, TenantServiceServicer
@@ -37,13 +38,16 @@ from tessera.errors import FailedPreconditionError, InvalidArgumentError, Tesser
 
 M = TypeVar("M", bound=Message)
 DEFAULT_MANAGER = "tessera-apply"
+CONFIG_DIR = "config-dir"  # the watched directory's manager
+KUBERNETES = "kubernetes"  # the controller's
+RESERVED_MANAGERS = frozenset({CONFIG_DIR, KUBERNETES})  # not for ApplyResources callers
 LIMIT_IN_PLACE = frozenset({"limit", "shadow", "fail_mode"})  # UpdateLimit's mask; the rest: replace
 
 
 @dataclass(frozen=True, slots=True)
 class ApplyContext:
-    """What the RPCs read of their gRPC context: the metadata, with one request id for every
-    audit record of the apply."""
+    """What the RPCs read of their gRPC context: only the request id, one for every audit record
+    of the apply (the caller is the batch's; its credential goes no further)."""
 
     metadata: tuple[tuple[str, str], ...]
 
@@ -54,9 +58,8 @@ class ApplyContext:
             for k, v in ((context.invocation_metadata() or ()) if context else ())
             if isinstance(v, str)
         )
-        if not any(k == "x-request-id" for k, _ in pairs):
-            pairs += (("x-request-id", f"{origin}-{uuid.uuid4()}"),)
-        return cls(pairs)
+        request_id = next((v for k, v in pairs if k == "x-request-id" and v), f"{origin}-{uuid.uuid4()}")
+        return cls((("x-request-id", request_id),))
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self.metadata
@@ -125,7 +128,7 @@ class _Run:
         """Apply one document. A resource another manager applied may be declared here too,
         as long as this set changes nothing of it (it stays that manager's)."""
         kind = _KINDS[doc.kind.name]
-        target = await kind.apply(self, doc)
+        target = await kind.ident(self.s, doc.name, await kind.apply(self, doc))
         row = await self.marker(doc.kind.name, doc.name)
         if row is not None and row.manager != self.manager:
             if self.response.changes[-1].action != "unchanged":
@@ -135,7 +138,8 @@ class _Run:
                 )
                 raise FailedPreconditionError(msg)
             return
-        await self.mark(doc, target)
+        if target is not None:
+            await self.mark(doc, target)
 
     async def prune(self, kinds: set[str], keep: set[tuple[str, str]]) -> None:
         rows = (
@@ -147,7 +151,11 @@ class _Run:
         ).all()
         doomed = [r for r in rows if (r.kind, r.name) not in keep]
         for row in sorted(doomed, key=lambda r: (-resources.ORDER[r.kind], r.name)):
-            if await _KINDS[row.kind].delete(self, row.target):
+            kind = _KINDS[row.kind]
+            # Only the very resource that was applied: one deleted and made again imperatively
+            # since has another id, and is not this manager's to delete (the marker is stale).
+            if await kind.ident(self.s, row.name, row.target) == row.target:
+                await kind.delete(self, row.name, row.target)
                 self.change(row.kind, row.name, "deleted")
             await self.s.delete(row)
         await self.s.flush()
@@ -161,13 +169,25 @@ class _Kind:
         """Create or update the resource; returns its target (see ``AppliedResource``)."""
         raise NotImplementedError
 
-    async def delete(self, run: _Run, target: str) -> bool:
-        """Delete it if it still exists."""
+    async def ident(self, s: AsyncSession, name: str, applied: str) -> str | None:
+        """The id of the live resource ``name`` (what a marker holds), None when there is none;
+        ``applied``: what ``apply`` returned."""
+        raise NotImplementedError
+
+    async def delete(self, run: _Run, name: str, target: str) -> None:
         raise NotImplementedError
 
     async def export(self, s: AsyncSession) -> list[tuple[str, Message]]:
         """Every resource of the kind as ``(name, spec)``."""
         raise NotImplementedError
+
+
+def _row_ident(row: Any) -> str | None:
+    """An integer id with its creation time: SQLite may give a new row the id of a deleted one."""
+    if row is None:
+        return None
+    created = aware(row[1])
+    return f"{row[0]}@{created.timestamp() if created else 0}"
 
 
 class _Plans(_Kind):
@@ -199,11 +219,13 @@ class _Plans(_Kind):
             run.change("Plan", doc.name, "unchanged")
         return doc.name
 
-    async def delete(self, run: _Run, target: str) -> bool:
-        if await run.s.scalar(select(db.Plan.id).where(db.Plan.name == target)) is None:
-            return False
-        await run.applier.plans.DeletePlan(pb.DeletePlanRequest(plan=target), run.context)
-        return True
+    async def ident(self, s: AsyncSession, name: str, applied: str) -> str | None:
+        return _row_ident(
+            (await s.execute(select(db.Plan.id, db.Plan.created_at).where(db.Plan.name == name))).first()
+        )
+
+    async def delete(self, run: _Run, name: str, target: str) -> None:
+        await run.applier.plans.DeletePlan(pb.DeletePlanRequest(plan=name), run.context)
 
     async def export(self, s: AsyncSession) -> list[tuple[str, Message]]:
         rows = (await s.scalars(select(db.Plan).order_by(db.Plan.name))).all()
@@ -272,12 +294,14 @@ class _Tenants(_Kind):
                 )
         return doc.name
 
-    async def delete(self, run: _Run, target: str) -> bool:
-        row = await run.s.scalar(select(db.Tenant).where(db.Tenant.name == target))
-        if row is None or row.status == "deleted":
-            return False
+    async def ident(self, s: AsyncSession, name: str, applied: str) -> str | None:
+        found = await s.scalar(
+            select(db.Tenant.id).where(db.Tenant.name == name, db.Tenant.status != "deleted")
+        )
+        return None if found is None else str(found)
+
+    async def delete(self, run: _Run, name: str, target: str) -> None:
         await run.applier.tenants.DeleteTenant(pb.DeleteTenantRequest(tenant=target), run.context)
-        return True
 
     async def export(self, s: AsyncSession) -> list[tuple[str, Message]]:
         rows = (
@@ -321,15 +345,21 @@ class _Models(_Kind):
             raise InvalidArgumentError("spec.backends", "a model needs at least one backend")
         sealed = {b.url: b.credential_sealed for b in row.backends} if row is not None else {}
         backends = []
-        for b in spec.backends:
+        urls: set[str] = set()
+        for i, b in enumerate(spec.backends):
             stored = backend_row(b, run.applier.pepper)
+            if stored.url in urls:
+                raise InvalidArgumentError(f"spec.backends[{i}].url", f"{stored.url} is listed twice")
+            urls.add(stored.url)
             stored.credential_sealed = sealed.get(stored.url)
             backends.append(_document_backend(backend_pb(stored)))
-        prices = []
+        prices: list[pb.PriceSpec] = []
         for i, p in enumerate(spec.prices):
             if not p.effective_time:
                 raise InvalidArgumentError(f"spec.prices[{i}].effectiveTime", "is required in a document")
             effective = v.effective_time(p.effective_time, run.now)
+            if any(q.effective_time == rfc3339(effective) for q in prices):
+                raise InvalidArgumentError(f"spec.prices[{i}].effectiveTime", "two prices from the same time")
             input_micros = v.micros(p.input_micros, "inputMicros")
             prices.append(
                 pb.PriceSpec(
@@ -420,11 +450,13 @@ class _Models(_Kind):
                     _same_fields(p, pb.SetModelPriceRequest, name=name), run.context
                 )
 
-    async def delete(self, run: _Run, target: str) -> bool:
-        if await ModelRepository(run.s).get(target) is None:
-            return False
-        await run.applier.models.RemoveModel(pb.RemoveModelRequest(name=target), run.context)
-        return True
+    async def ident(self, s: AsyncSession, name: str, applied: str) -> str | None:
+        return _row_ident(
+            (await s.execute(select(db.Model.id, db.Model.created_at).where(db.Model.name == name))).first()
+        )
+
+    async def delete(self, run: _Run, name: str, target: str) -> None:
+        await run.applier.models.RemoveModel(pb.RemoveModelRequest(name=name), run.context)
 
     async def export(self, s: AsyncSession) -> list[tuple[str, Message]]:
         rows = list(await ModelRepository(s).list(after="", limit=1_000_000))
@@ -466,7 +498,14 @@ class _Limits(_Kind):
         """The limit a document names: the one it was applied as, else one whose id is the name
         (an exported imperative limit)."""
         mark = await run.marker("Limit", name)
-        return await run.s.get(db.Limit, mark.target if mark else name)
+        if mark is not None:
+            return await run.s.get(db.Limit, mark.target)
+        claimed = await run.s.scalar(
+            select(db.AppliedResource.name).where(
+                db.AppliedResource.kind == "Limit", db.AppliedResource.target == name
+            )
+        )
+        return None if claimed is not None else await run.s.get(db.Limit, name)
 
     async def _create(self, run: _Run, want: pb.LimitSpec) -> str:
         reply = await run.applier.limits.CreateLimit(_same_fields(want, pb.CreateLimitRequest), run.context)
@@ -499,18 +538,21 @@ class _Limits(_Kind):
         await run.applier.limits.DeleteLimit(pb.DeleteLimitRequest(id=row.id), run.context)
         return await self._create(run, want)
 
-    async def delete(self, run: _Run, target: str) -> bool:
-        if await run.s.get(db.Limit, target) is None:
-            return False
+    async def ident(self, s: AsyncSession, name: str, applied: str) -> str | None:
+        return applied if await s.get(db.Limit, applied) is not None else None
+
+    async def delete(self, run: _Run, name: str, target: str) -> None:
         await run.applier.limits.DeleteLimit(pb.DeleteLimitRequest(id=target), run.context)
-        return True
 
     async def export(self, s: AsyncSession) -> list[tuple[str, Message]]:
         names = {
             m.target: m.name
             for m in (await s.scalars(select(db.AppliedResource).where(db.AppliedResource.kind == "Limit")))
         }
-        rows = (await s.scalars(select(db.Limit).order_by(db.Limit.id))).all()
+        live = select(db.Tenant.id).where(db.Tenant.status != "deleted")
+        rows = (
+            await s.scalars(select(db.Limit).where(db.Limit.tenant_id.in_(live)).order_by(db.Limit.id))
+        ).all()
         out = [(names.get(r.id, r.id), await self.spec_of(s, r)) for r in rows]
         return sorted(out, key=lambda x: x[0])
 
@@ -521,6 +563,8 @@ class _Principals(_Kind):
         bindings = []
         for b in row.bindings:
             tenant = await s.get(db.Tenant, b.tenant_id) if b.tenant_id else None
+            if b.tenant_id and (tenant is None or tenant.status == "deleted"):
+                continue  # a deleted tenant's role is no role (and could not be applied back)
             bindings.append(pb.RoleBinding(role=b.role, tenant_id=tenant.name if tenant else ""))
         return pb.PrincipalSpec(kind=row.kind, bindings=sorted(bindings, key=lambda b: (b.role, b.tenant_id)))
 
@@ -535,6 +579,8 @@ class _Principals(_Kind):
             )
             for i, b in enumerate(spec.bindings)
         ]
+        if len({(b.role, b.tenant_id) for b in bindings}) != len(bindings):
+            raise InvalidArgumentError("spec.bindings", "a binding is listed twice")
         want = pb.PrincipalSpec(
             kind=v.principal_kind(spec.kind), bindings=sorted(bindings, key=lambda b: (b.role, b.tenant_id))
         )
@@ -567,14 +613,16 @@ class _Principals(_Kind):
         run.change("Principal", doc.name, "updated" if fields else "unchanged", _camel(want, fields))
         return doc.name
 
-    async def delete(self, run: _Run, target: str) -> bool:
-        row = await run.s.scalar(select(db.Principal).where(db.Principal.name == target))
-        if row is None or row.status != "active":
-            return False
+    async def ident(self, s: AsyncSession, name: str, applied: str) -> str | None:
+        found = await s.scalar(
+            select(db.Principal.id).where(db.Principal.name == name, db.Principal.status == "active")
+        )
+        return None if found is None else str(found)
+
+    async def delete(self, run: _Run, name: str, target: str) -> None:
         await run.applier.principals.DisablePrincipal(
             pb.DisablePrincipalRequest(principal=target), run.context
         )
-        return True
 
     async def export(self, s: AsyncSession) -> list[tuple[str, Message]]:
         rows = (
@@ -621,23 +669,26 @@ class Applier:
         there is: the Kubernetes controller's objects); ``keep``: (kind, name) of resources prune
         must leave although no document declares them (objects whose spec is invalid now)."""
         manager = v.short_text(manager, "manager", 63) or DEFAULT_MANAGER
-        context = ApplyContext.of(context, manager)
+        inner = ApplyContext.of(context, manager)  # what the RPCs see: one request id, no credential
         try:
-            async with self.tenants.batch(context, caller) as (s, who):
-                who.require_platform("applying resources")
-                run = _Run(self, s, context, manager, dry_run)
-                for doc in sorted(docs, key=lambda d: resources.ORDER[d.kind.name]):
-                    try:
-                        await run.apply(doc)
-                    except TesseraError as exc:
-                        exc.args = (f"{doc.source}: {doc.ref}: {exc.args[0] if exc.args else exc}",)
-                        exc.document = (doc.kind.name, doc.name)  # type: ignore[attr-defined]
-                        raise
-                if prune:
-                    kinds = set(resources.BY_NAME) if whole else {d.kind.name for d in docs}
-                    await run.prune(kinds, {(d.kind.name, d.name) for d in docs} | keep)
-                if dry_run:
-                    raise _DryRun(run.response)  # noqa: TRY301 - unwinds the batch
+            # a dry run's audit log lines say so: they record RPCs whose transaction rolls back
+            tag = {"dry_run": True} if dry_run else {}
+            with structlog.contextvars.bound_contextvars(**tag):
+                async with self.tenants.batch(context, caller) as (s, who):
+                    who.require_platform("applying resources")
+                    run = _Run(self, s, inner, manager, dry_run)
+                    for doc in sorted(docs, key=lambda d: resources.ORDER[d.kind.name]):
+                        try:
+                            await run.apply(doc)
+                        except TesseraError as exc:
+                            exc.args = (f"{doc.source}: {doc.ref}: {exc.args[0] if exc.args else exc}",)
+                            exc.document = (doc.kind.name, doc.name)  # type: ignore[attr-defined]
+                            raise
+                    if prune:
+                        kinds = set(resources.BY_NAME) if whole else {d.kind.name for d in docs}
+                        await run.prune(kinds, {(d.kind.name, d.name) for d in docs} | keep)
+                    if dry_run:
+                        raise _DryRun(run.response)  # noqa: TRY301 - unwinds the batch
         except _DryRun as done:
             return done.response
         if any(c.action != "unchanged" for c in run.response.changes):

@@ -21,13 +21,13 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from control_plane.admin.auth import Caller
-from control_plane.resources.apply import Applier
+from control_plane.resources.apply import CONFIG_DIR, Applier
 from control_plane.resources.documents import parse_files
 from tessera.errors import StorageError, TesseraError
 from tessera.resources import MAX_NAME
 
 log = structlog.get_logger("control_plane.config_dir")
-MANAGER = "config-dir"
+MANAGER = CONFIG_DIR
 CALLER = Caller(MANAGER, MANAGER, platform_admin=True)
 SUFFIXES = (".yaml", ".yml", ".json")
 APPLIES = Counter(
@@ -38,15 +38,24 @@ APPLIES = Counter(
 HEALTHY = Gauge("tessera_config_dir_in_sync", "1 when the config directory's current files are applied")
 
 
+class SwappedError(OSError):
+    """``..data`` moved while the files were read: read again at the next poll."""
+
+
 def snapshot(directory: Path) -> list[tuple[str, str]]:
-    """``(name, content)`` of the directory's documents, read from one version of it."""
+    """``(name, content)`` of the directory's documents, read from one version of it: under
+    kubelet's layout ``..data`` is resolved before and checked after reading (kubelet removes
+    the old version right after the swap, so a read that spans a swap may be incomplete)."""
     data = directory / "..data"
-    base = directory / data.readlink() if data.is_symlink() else directory
+    version = data.readlink() if data.is_symlink() else None
+    base = directory / version if version is not None else directory
     files = []
     for entry in sorted(base.iterdir()):
         if entry.name.startswith(".") or entry.suffix not in SUFFIXES or not entry.is_file():
             continue
         files.append((entry.name[:MAX_NAME], entry.read_text(encoding="utf-8", errors="replace")))
+    if version is not None and (not data.is_symlink() or data.readlink() != version):
+        raise SwappedError(f"{data} changed while it was read")
     return files
 
 
@@ -64,6 +73,7 @@ class ConfigDirSource:
         self.applier = applier
         self.poll_seconds = poll_seconds
         self.done: str | None = None  # digest of the last set applied or rejected
+        self.seen: str | None = None  # digest of the previous poll's read
 
     async def sync(self) -> None:
         """Apply the directory if its files changed since the last try that was not transient."""
@@ -72,11 +82,16 @@ class ConfigDirSource:
         except OSError as exc:  # a swap in progress, or the mount not there yet: next poll
             log.warning("config_dir_unreadable", directory=str(self.directory), error=str(exc))
             return
-        current = digest(files)
+        current, previous = digest(files), self.seen
+        self.seen = current
         if current == self.done:
             return
+        if not (self.directory / "..data").is_symlink() and current != previous:
+            # A plain directory has no atomic swap: a file may be half written. Apply a version
+            # only once two polls in a row read the same (prune must not see a cut-off file).
+            return
         try:
-            docs = parse_files(files)
+            docs = await asyncio.to_thread(parse_files, files)  # CPU work, off the event loop
             response = await self.applier.apply(docs, None, caller=CALLER, prune=True, manager=MANAGER)
         except StorageError as exc:
             APPLIES.labels("failed").inc()
@@ -84,11 +99,12 @@ class ConfigDirSource:
             log.warning("config_dir_apply_failed", error=str(exc), retry=exc.transient)
             if exc.transient:
                 return
-        except TesseraError as exc:
+        except Exception as exc:  # anything else: rejected, not retried until the files change
             APPLIES.labels("rejected").inc()
             HEALTHY.set(0)
-            log.error(  # noqa: TRY400 - the reason is the message; no traceback for bad input
-                "config_dir_rejected", directory=str(self.directory), digest=current[:12], error=str(exc)
+            reason = str(exc) if isinstance(exc, TesseraError) else f"{type(exc).__name__} (nothing applied)"
+            log.error(  # noqa: TRY400 - the reason is the message; a traceback could quote the files
+                "config_dir_rejected", directory=str(self.directory), digest=current[:12], error=reason
             )
         else:
             APPLIES.labels("applied").inc()

@@ -23,13 +23,13 @@ import structlog
 import yaml
 
 from control_plane.admin.auth import Caller
-from control_plane.resources.apply import Applier, failed_document
+from control_plane.resources.apply import KUBERNETES, Applier, failed_document
 from control_plane.resources.documents import Document, parse_files
 from tessera import resources
 from tessera.errors import StorageError, TesseraError
 
 log = structlog.get_logger("control_plane.kube")
-MANAGER = "kubernetes"
+MANAGER = KUBERNETES
 CALLER = Caller(MANAGER, MANAGER, platform_admin=True)
 DEBOUNCE_SECONDS = 0.2
 
@@ -88,7 +88,7 @@ async def reconcile(applier: Applier, objects: list[dict[str, Any]]) -> dict[Key
     """Apply the namespace's objects; the condition of each. An object the apply fails at is
     reported (``Rejected``), left as it was, and the rest applied without it. Raises
     StorageError when the store is unavailable (the caller retries)."""
-    docs, conditions = plan(objects)
+    docs, conditions = await asyncio.to_thread(plan, objects)  # parsing: off the event loop
     while True:
         try:
             response = await applier.apply(

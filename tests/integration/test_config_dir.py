@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from control_plane.app import App, build_app
-from control_plane.resources.config_dir import snapshot
+from control_plane.resources.config_dir import ConfigDirSource, SwappedError, snapshot
 from tessera.admin.v1 import admin_pb2 as pb
 from tests.configmap import example_texts, kubelet_update
 from tests.integration.conftest import ADMIN_TOKEN, Admin, control_plane_settings
@@ -115,3 +115,41 @@ def test_a_snapshot_reads_one_version_of_the_directory(tmp_path):
     (plain / ".hidden.yaml").write_text("h")
     (plain / "README.md").write_text("r")
     assert snapshot(plain) == [("x.yml", "x")]
+
+
+async def test_a_plain_directory_is_applied_only_once_two_reads_agree(app, admin, tmp_path):
+    """No atomic swap without kubelet: a file caught half written (here: cut before a tenant)
+    must not be applied with prune; the next poll reads it whole."""
+    directory = tmp_path / "plain"
+    directory.mkdir()
+    source = ConfigDirSource(directory, app.applier, poll_seconds=1)
+    full = examples()
+    for name, text in full.items():
+        (directory / name).write_text(text)
+    await source.sync()
+    assert await limit_values(admin) == []  # one read: not yet
+    await source.sync()
+    assert await limit_values(admin) == [5, 100000]
+    cut = full["tenants.yaml"].split("---")[0]  # globex cut off mid-write
+    (directory / "tenants.yaml").write_text(cut)
+    await source.sync()
+    (directory / "tenants.yaml").write_text(full["tenants.yaml"])  # the write completes
+    await source.sync()
+    await source.sync()
+    tenant = await admin.GetTenant(pb.GetTenantRequest(tenant="globex"), metadata=AUTH)
+    assert tenant.tenant.status == "active"
+
+
+def test_a_read_that_spans_a_swap_is_not_used(tmp_path, monkeypatch):
+    kubelet_update(tmp_path, {"a.yaml": "one", "b.yaml": "one"})
+    real_read = Path.read_text
+
+    def read_then_swap(self, *args, **kwargs):
+        text = real_read(self, *args, **kwargs)
+        if self.name == "a.yaml" and "one" in text:
+            kubelet_update(tmp_path, {"a.yaml": "two", "b.yaml": "two"})  # kubelet, mid-read
+        return text
+
+    monkeypatch.setattr(Path, "read_text", read_then_swap)
+    with pytest.raises(SwappedError):
+        snapshot(tmp_path)

@@ -228,6 +228,59 @@ async def test_an_invalid_document_anywhere_applies_nothing_and_names_itself(adm
         ),
         ("{{{", "not YAML"),
         (
+            "a: 1\nb: sk-secret-value: x\n",
+            "not YAML: mapping values are not allowed in this context at line 2",
+        ),
+        ("[" * 100 + "]" * 100, "nested deeper than 64"),
+        ("[" + "1," * 250_000 + "1]", "more than 200000 YAML nodes"),
+        (
+            (
+                "apiVersion: tessera.dev/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
+                "spec: {backends: [[{url: 'http://h:1', credential: sk-secret-value}]]}\n"
+            ),
+            "spec.backends[0]: must be a mapping",
+        ),
+        (
+            (
+                "apiVersion: tessera.dev/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
+                "spec: {backends: [{url: 'http://h:1', weight: sk-secret-value}]}\n"
+            ),
+            "field 'backends.weight': wrong type or value",
+        ),
+        (
+            (
+                "apiVersion: tessera.dev/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
+                "spec: {backends: [{url: 'http://h:1', credential: sk-secret-value}]}\nspec: {}\n"
+            ),
+            "duplicate",
+        ),
+        ("apiVersion: tessera.dev/v1alpha1\nkind: Tenant\nmetadata: {name: a, name: b}\n", "duplicate"),
+        ('apiVersion: tessera.dev/v1alpha1\nkind: Limit\nmetadata: {name: "x\\0y"}\n', "metadata.name"),
+        ('apiVersion: tessera.dev/v1alpha1\nkind: Tenant\nmetadata: {name: "a\\u202eb"}\n', "metadata.name"),
+        (
+            (
+                "apiVersion: tessera.dev/v1alpha1\nkind: Principal\nmetadata: {name: p}\n"
+                "spec: {bindings: [{role: platform-admin}, {role: platform-admin}]}\n"
+            ),
+            "listed twice",
+        ),
+        (
+            (
+                "apiVersion: tessera.dev/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
+                "spec: {backends: [{url: 'http://h:1'}, {url: 'http://h:1/'}]}\n"
+            ),
+            "listed twice",
+        ),
+        (
+            (
+                "apiVersion: tessera.dev/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
+                "spec: {backends: [{url: 'http://h:1'}],"
+                " prices: [{effectiveTime: '2026-01-01', inputMicros: 1},"
+                " {effectiveTime: '2026-01-01', inputMicros: 1}]}\n"
+            ),
+            "same time",
+        ),
+        (
             (
                 "apiVersion: tessera.dev/v1alpha1\nkind: Model\nmetadata: {name: m}\n"
                 "spec: {backends: [{url: 'http://h:1'}], prices: [{inputMicros: 1}]}\n"
@@ -285,11 +338,60 @@ async def test_apply_needs_a_platform_admin(admin):
 
 
 async def test_a_resource_applied_by_one_manager_is_not_taken_by_another(admin):
-    await apply(admin, example_files(), manager="config-dir")
+    await apply(admin, example_files(), manager="team-a")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await apply(admin, [doc("Plan", "starter", {"priority": 2})])
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "config-dir" in err.value.details()
+    assert "team-a" in err.value.details()
     # and a prune by another manager deletes none of it
     resp = await apply(admin, [doc("Plan", "other", {})], prune=True)
     assert "deleted" not in actions(resp).values()
+
+
+async def test_an_unauthenticated_caller_is_refused_before_its_files_are_read(admin):
+    huge = pb.SourceFile(name="x.yaml", content="[" + "1," * 500_000 + "1]")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin.ApplyResources(pb.ApplyResourcesRequest(files=[huge]))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_sources_own_managers_are_reserved(admin):
+    for manager in ("config-dir", "kubernetes"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await apply(admin, example_files(), manager=manager, prune=True)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_limit_named_after_another_managers_limit_id_does_not_take_it(admin):
+    await apply(admin, example_files(), manager="team-a")
+    theirs = (await admin.ListLimits(pb.ListLimitsRequest(tenant="acme"), metadata=AUTH)).items
+    target = next(x for x in theirs if x.limit == 5)
+    spec = {"tenant": "acme", "kind": "requests", "window": "minute", "limit": 999}
+    resp = await apply(admin, [doc("Limit", target.id, spec)], manager="mallory")
+    assert actions(resp) == {f"Limit/{target.id}": "created"}  # a new limit, not theirs
+    await apply(admin, [doc("Plan", "other", {})], manager="mallory", prune=True)
+    after = (await admin.ListLimits(pb.ListLimitsRequest(tenant="acme"), metadata=AUTH)).items
+    assert target.id in [x.id for x in after]
+    assert next(x for x in after if x.id == target.id).limit == 5
+
+
+async def test_prune_leaves_a_resource_deleted_and_made_again_imperatively(admin):
+    await apply(admin, example_files())
+    await admin.RemoveModel(pb.RemoveModelRequest(name="llama-3-8b"), metadata=AUTH)
+    backend = pb.Backend(url="http://127.0.0.1:8001", kind="vllm")
+    await admin.AddModel(pb.AddModelRequest(name="llama-3-8b", backend=backend), metadata=AUTH)
+    files = [f for f in example_files() if f.name != "models.yaml"]
+    files.append(doc("Model", "other", {"backends": [{"url": "http://127.0.0.1:8002"}]}))
+    resp = await apply(admin, files, prune=True)
+    assert "Model/llama-3-8b" not in actions(resp)
+    model = (await admin.GetModel(pb.GetModelRequest(name="llama-3-8b"), metadata=AUTH)).model
+    assert [b.url for b in model.backends] == ["http://127.0.0.1:8001"]
+
+
+async def test_an_export_after_a_tenant_is_deleted_still_applies_back(admin):
+    await apply(admin, example_files())
+    await admin.DeleteTenant(pb.DeleteTenantRequest(tenant="acme"), metadata=AUTH)
+    exported = await admin.ExportResources(pb.ExportResourcesRequest(), metadata=AUTH)
+    assert "acme-requests" not in exported.yaml  # its limits went with it
+    resp = await apply(admin, [pb.SourceFile(name="export.yaml", content=exported.yaml)])
+    assert set(actions(resp).values()) == {"unchanged"}
