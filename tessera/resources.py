@@ -34,9 +34,6 @@ class Kind:
     plural: str  # plans
     spec: type[Message]  # pb.PlanSpec
 
-    def new_spec(self) -> Message:
-        return self.spec()
-
 
 # In dependency order: an apply creates and updates in this order and deletes in reverse.
 KINDS = (
@@ -114,7 +111,7 @@ def parse_spec(kind: Kind, data: Any) -> Message:
         msg = f"{where}: documents hold no secrets or output fields (set credentials imperatively)"
         raise SpecError(msg)
     try:
-        return json_format.ParseDict(data, kind.new_spec())
+        return json_format.ParseDict(data, kind.spec())
     except json_format.ParseError as exc:
         raise SpecError(f"spec: {_parse_problem(exc)}") from None
 

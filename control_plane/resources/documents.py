@@ -96,7 +96,8 @@ def _load(name: str, content: str) -> list[tuple[str, Any]]:
     return [(f"{name}#{i}", d) for i, d in enumerate(docs, 1) if d is not None]
 
 
-def _document(source: str, raw: Any) -> Document:
+def document_of(source: str, raw: Any) -> Document:
+    """One document's mapping → a :class:`Document` (raises ``SpecError`` naming the field)."""
     if not isinstance(raw, dict):
         raise SpecError("a document must be a mapping with apiVersion, kind, metadata and spec")
     unknown = set(raw) - {"apiVersion", "kind", "metadata", "spec", "status"}
@@ -142,7 +143,7 @@ def parse_files(files: Sequence[tuple[str, str]]) -> list[Document]:
             if len(docs) + len(problems) >= MAX_DOCUMENTS:
                 raise InvalidArgumentError("files", f"at most {MAX_DOCUMENTS} documents")
             try:
-                doc = _document(source, raw)
+                doc = document_of(source, raw)
             except SpecError as exc:
                 problems.append(f"{source}: {exc}")
                 continue

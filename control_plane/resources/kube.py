@@ -20,13 +20,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-import yaml
 
 from control_plane.admin.auth import Caller
 from control_plane.resources.apply import KUBERNETES, Applier, failed_document
-from control_plane.resources.documents import Document, parse_files
+from control_plane.resources.documents import Document, document_of
 from tessera import resources
 from tessera.errors import StorageError, TesseraError
+from tessera.resources import SpecError
 
 log = structlog.get_logger("control_plane.kube")
 MANAGER = KUBERNETES
@@ -67,20 +67,18 @@ def plan(objects: list[dict[str, Any]]) -> tuple[list[Document], dict[Key, Condi
     invalid: dict[Key, Condition] = {}
     for obj in objects:
         kind, name = str(obj.get("kind", "")), str(obj.get("metadata", {}).get("name", ""))
-        text = yaml.safe_dump(
-            {
-                "apiVersion": resources.API_VERSION,
-                "kind": kind,
-                "metadata": {"name": name},
-                "spec": obj.get("spec"),
-            }
-        )
+        raw = {
+            "apiVersion": resources.API_VERSION,
+            "kind": kind,
+            "metadata": {"name": name},
+            "spec": obj.get("spec"),
+        }
         try:
-            (doc,) = parse_files([(f"{kind}/{name}", text)])
-        except TesseraError as exc:
-            invalid[(kind, name)] = Condition(ready=False, reason="InvalidSpec", message=str(exc))
-            continue
-        docs.append(doc)
+            docs.append(document_of(f"{kind}/{name}", raw))
+        except SpecError as exc:
+            invalid[(kind, name)] = Condition(
+                ready=False, reason="InvalidSpec", message=f"{kind}/{name}: {exc}"
+            )
     return docs, invalid
 
 

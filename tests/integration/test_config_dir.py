@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from control_plane.app import App, build_app
-from control_plane.resources.config_dir import ConfigDirSource, SwappedError, snapshot
+from control_plane.resources.config_dir import ConfigDirSource
 from tessera.admin.v1 import admin_pb2 as pb
 from tests.configmap import example_texts, kubelet_update
 from tests.integration.conftest import ADMIN_TOKEN, Admin, control_plane_settings
@@ -102,21 +102,6 @@ async def test_a_document_removed_from_the_directory_is_pruned(watched):
     await eventually(lambda: limit_values(admin), lambda v: v == [5])
 
 
-def test_a_snapshot_reads_one_version_of_the_directory(tmp_path):
-    kubelet_update(tmp_path, {"a.yaml": "one", "b.yaml": "one"})
-    first = (tmp_path / "..data").readlink()
-    kubelet_update(tmp_path, {"a.yaml": "two", "c.yaml": "two"})
-    assert snapshot(tmp_path) == [("a.yaml", "two"), ("c.yaml", "two")]
-    assert not (tmp_path / first).exists()
-    # a plain directory (no ..data) works too; hidden and other files are not documents
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    (plain / "x.yml").write_text("x")
-    (plain / ".hidden.yaml").write_text("h")
-    (plain / "README.md").write_text("r")
-    assert snapshot(plain) == [("x.yml", "x")]
-
-
 async def test_a_plain_directory_is_applied_only_once_two_reads_agree(app, admin, tmp_path):
     """No atomic swap without kubelet: a file caught half written (here: cut before a tenant)
     must not be applied with prune; the next poll reads it whole."""
@@ -138,18 +123,3 @@ async def test_a_plain_directory_is_applied_only_once_two_reads_agree(app, admin
     await source.sync()
     tenant = await admin.GetTenant(pb.GetTenantRequest(tenant="globex"), metadata=AUTH)
     assert tenant.tenant.status == "active"
-
-
-def test_a_read_that_spans_a_swap_is_not_used(tmp_path, monkeypatch):
-    kubelet_update(tmp_path, {"a.yaml": "one", "b.yaml": "one"})
-    real_read = Path.read_text
-
-    def read_then_swap(self, *args, **kwargs):
-        text = real_read(self, *args, **kwargs)
-        if self.name == "a.yaml" and "one" in text:
-            kubelet_update(tmp_path, {"a.yaml": "two", "b.yaml": "two"})  # kubelet, mid-read
-        return text
-
-    monkeypatch.setattr(Path, "read_text", read_then_swap)
-    with pytest.raises(SwappedError):
-        snapshot(tmp_path)
